@@ -1,0 +1,225 @@
+"""QANN -> spiking network: a fixed lifecycle of validate, copy, fold, (calibrate,) rewrite.
+
+Rewrite rules (DESIGN §1): ClipQuan -> CIF neuron (one state per call site); ReLU -> IF neuron
+for the baseline; max-pool -> LIPool; conv / linear / unfoldable BatchNorm -> Synapse (bias
+gated by the runtime); modules named in ``analog=[...]`` -> AnalogIsland. Everything else must be
+linear in its input (pass-through), which the validation checks module by module.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .fuse import BATCHNORMS, fold_batchnorm
+from .islands import AnalogIsland
+from .neurons import CIFNeuron, IFNeuron, Neuron
+from .pooling import MAX_POOLS, LIPool
+from .quant import QUANTIZABLE_ACTIVATIONS, ClipQuan, qann_levels, unshare_modules
+from .runtime import SpikingNetwork
+from .state import SimulationState
+from .synapses import SYNAPTIC_LAYERS, Synapse
+
+# Parameter-free leaf modules that are linear in their input: spikes pass through unchanged
+# (they commute with summing over time).
+_LINEAR_LEAVES: list[type[nn.Module]] = [
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
+]
+# Modules that compute something non-linear and cannot spike: refused unless kept analog.
+_NONLINEAR: list[type[nn.Module]] = [
+    nn.Sigmoid, nn.Tanh, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softmax, nn.LogSoftmax,
+    nn.Softmin, nn.MultiheadAttention, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.PReLU,
+    nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
+    nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+]
+
+NEURONS: dict[str, Callable[..., Neuron]] = {"cif": CIFNeuron, "if": IFNeuron}
+
+
+def register_linear_module(module_type: type[nn.Module]) -> None:
+    """Declare a parameter-free module whose output is linear in its inputs (e.g. a concat)."""
+    _LINEAR_LEAVES.append(module_type)
+
+
+def register_nonlinear_module(module_type: type[nn.Module]) -> None:
+    """Declare a module that computes a non-linear function of its input (e.g. an attention block)."""
+    _NONLINEAR.append(module_type)
+
+
+class UnsupportedModuleError(ValueError):
+    """The model holds modules that cannot be turned into spiking ones; lists every one."""
+
+    def __init__(self, problems: list[tuple[str, str, str]], hint: str = ""):
+        self.problems = problems
+        lines = [f"  {path or '<root>'} ({kind}): {why}" for path, kind, why in problems]
+        super().__init__("cannot convert these modules:\n" + "\n".join(lines) + (f"\n{hint}" if hint else ""))
+
+
+def _activation_types(neuron: str | Callable) -> tuple[type[nn.Module], ...]:
+    return (nn.ReLU, ClipQuan) if neuron == "if" else (ClipQuan,)
+
+
+def _module_problems(model: nn.Module, neuron, analog: set[str]) -> list[tuple[str, str, str]]:
+    spiking = _activation_types(neuron)
+    allowed_leaves = (*spiking, *SYNAPTIC_LAYERS, *BATCHNORMS, *MAX_POOLS, *_LINEAR_LEAVES)
+    problems = []
+
+    def visit(module: nn.Module, path: str) -> None:
+        if path in analog:
+            return
+        kind = type(module).__name__
+        if isinstance(module, tuple(_NONLINEAR)):
+            problems.append((path, kind, "non-linear module that cannot spike"))
+        elif isinstance(module, QUANTIZABLE_ACTIVATIONS) and not isinstance(module, spiking):
+            why = ("activation not quantized: run to_qann(model, levels) first" if neuron != "if"
+                   else "the IF baseline converts ReLU networks only")
+            problems.append((path, kind, why))
+        elif isinstance(module, MAX_POOLS) and getattr(module, "return_indices", False):
+            problems.append((path, kind, "max-pool returning indices is not supported"))
+        elif not module._modules and not isinstance(module, allowed_leaves):
+            problems.append((path, kind, "unknown module: not known to be linear (register_linear_module "
+                                         "if it is, or keep it analog)"))
+        for name, child in module.named_children():
+            visit(child, f"{path}.{name}" if path else name)
+
+    visit(model, "")
+    return problems
+
+
+def validate(model: nn.Module, neuron: str | Callable = "cif", analog: Iterable[str] = ()) -> None:
+    """Raise a clear error if ``model`` cannot be converted (every offending module listed)."""
+    analog = set(analog)
+    paths = {p for p, _ in model.named_modules()}
+    unknown = sorted(analog - paths)
+    if unknown:
+        raise ValueError(f"analog=[...] names modules that do not exist: {', '.join(unknown)}")
+    problems = _module_problems(model, neuron, analog)
+    if problems:
+        raise UnsupportedModuleError(
+            problems, "Modules that must stay analog can be kept as analog islands: convert(..., analog=[paths]).")
+    if not any(isinstance(m, _activation_types(neuron)) for m in model.modules()):
+        raise ValueError("the model has no activation to turn into spiking neurons "
+                         "(expected ClipQuan modules from to_qann; ReLU for the IF baseline)")
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, batches: Iterable[torch.Tensor], percentile: float = 99.9,
+                         types: tuple[type[nn.Module], ...] = (nn.ReLU, ClipQuan)) -> dict[str, float]:
+    """Per activation call site, the ``percentile`` of its outputs on ``batches`` (mean over batches).
+
+    Keys are ``path`` for a module's first call in a forward pass and ``path#n`` for its n-th,
+    the names the converted network uses. Run it on a model whose shared activations were
+    unshared (``convert`` does this) so that paths identify call sites.
+    """
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    model.eval()
+    values: dict[str, list[float]] = defaultdict(list)
+    calls: dict[str, int] = defaultdict(int)
+    hooks = []
+
+    def hook_for(path):
+        def hook(module, inputs, output):
+            calls[path] += 1
+            site = path if calls[path] == 1 else f"{path}#{calls[path]}"
+            flat = output.detach().flatten().double()
+            k = max(1, math.ceil(percentile / 100 * flat.numel()))
+            values[site].append(float(flat.kthvalue(k).values))
+        return hook
+
+    for path, module in model.named_modules():
+        if isinstance(module, types):
+            hooks.append(module.register_forward_hook(hook_for(path)))
+    n = 0
+    try:
+        for batch in batches:
+            calls.clear()
+            model(batch)
+            n += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if n == 0:
+        raise ValueError("calibrate_thresholds: no calibration batches given")
+    # A site that never fires (percentile 0) still needs a positive threshold.
+    return {site: max(sum(v) / len(v), 1e-6) for site, v in values.items()}
+
+
+def _rewrite(module: nn.Module, path: str, neuron, thresholds, analog: set[str], done: dict[int, nn.Module]):
+    for name, child in list(module.named_children()):
+        child_path = f"{path}.{name}" if path else name
+        if id(child) in done:  # a shared module stays shared: one object, several call sites
+            setattr(module, name, done[id(child)])
+            continue
+        if child_path in analog:
+            new = AnalogIsland(child)
+        elif isinstance(child, (ClipQuan, nn.ReLU)) and isinstance(child, _activation_types(neuron)):
+            new = _make_neuron(child, child_path, neuron, thresholds)
+        elif isinstance(child, MAX_POOLS):
+            new = LIPool(child)
+        elif isinstance(child, SYNAPTIC_LAYERS):
+            new = Synapse(child)
+        else:
+            _rewrite(child, child_path, neuron, thresholds, analog, done)
+            continue
+        new.site_name = child_path
+        done[id(child)] = new
+        setattr(module, name, new)
+
+
+def _make_neuron(activation: nn.Module, path: str, neuron, thresholds) -> Neuron:
+    if neuron == "if":
+        sites = [thresholds[path]] if path in thresholds else []
+        n = 2
+        while f"{path}#{n}" in thresholds:
+            sites.append(thresholds[f"{path}#{n}"])
+            n += 1
+        if not sites:
+            raise ValueError(f"no IF threshold for activation {path}: pass calibration data or thresholds")
+        return IFNeuron(sites)
+    factory = NEURONS["cif"] if neuron == "cif" else neuron
+    return factory(activation.threshold)
+
+
+def convert(
+    model: nn.Module,
+    neuron: str | Callable[[float], Neuron] = "cif",
+    thresholds: dict[str, float] | None = None,
+    calibration: Iterable[torch.Tensor] | None = None,
+    percentile: float = 99.9,
+    analog: Iterable[str] = (),
+) -> SpikingNetwork:
+    """Convert a QANN (``neuron="cif"``) or a float ReLU ANN (``neuron="if"``) to a SpikingNetwork.
+
+    The input model is not modified: the network works on a deep copy in eval mode, with
+    BatchNorm folded. ``neuron`` may also be a callable ``threshold -> Neuron`` (ablations).
+    For ``"if"`` give per-site ``thresholds`` or ``calibration`` batches (the ``percentile`` of
+    each site's activations becomes its threshold). ``analog`` lists module paths kept as
+    analog islands; every other non-linear module is refused with an error naming it.
+    """
+    if isinstance(neuron, str) and neuron not in NEURONS:
+        raise ValueError(f"unknown neuron {neuron!r}; choose from {sorted(NEURONS)} or pass a callable")
+    analog = set(analog)
+    validate(model, neuron, analog)
+    net = copy.deepcopy(model).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    if neuron == "if":
+        unshare_modules(net, (nn.ReLU, ClipQuan))
+        if thresholds is None:
+            if calibration is None:
+                raise ValueError('convert(neuron="if") needs calibration batches or thresholds')
+            thresholds = calibrate_thresholds(net, calibration, percentile)
+    folded, kept = fold_batchnorm(net)
+    sim = SimulationState()
+    _rewrite(net, "", neuron, thresholds or {}, analog, {})
+    return SpikingNetwork(net, sim, levels=qann_levels(model), neuron=neuron if isinstance(neuron, str) else "custom",
+                          analog=sorted(analog), batchnorm=(folded, kept))

@@ -1,0 +1,119 @@
+"""Spiking neurons: the Consistent IF neuron (CASC) and the plain IF baseline.
+
+Both keep one state per call site (see ``state.CallSiteModule``) and process a stack of time
+steps: the input has ``steps * rows`` rows on its first axis, step-major. They output
+``threshold * s`` where ``s`` is the signed spike count of the element in that step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .state import CallSiteModule
+
+
+class Neuron(CallSiteModule):
+    """Shared machinery: state per call site, the time loop over a stack, spike recording."""
+
+    kind = "neuron"  # subclasses define threshold_at(index) and update(state, current, theta, k, sleep)
+
+    def init_state(self, like: torch.Tensor):
+        return (torch.zeros_like(like), torch.zeros_like(like))  # membrane m, spike count C
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sim = self.sim
+        steps = sim.steps
+        rows = x.shape[0] // steps
+        per_step = x.unflatten(0, (steps, rows))
+        index, state = self.next_state(lambda: self.init_state(per_step[0]))
+        if state[0].shape != per_step.shape[1:]:
+            raise RuntimeError(
+                f"{self.site(index)}: input shape {tuple(per_step.shape[1:])} differs from the state's "
+                f"{tuple(state[0].shape)}; call reset() before running inputs of another size"
+            )
+        theta = self.threshold_at(index)
+        if steps == 1:
+            spikes = self.update(state, per_step[0], theta, sim.wake_counts[0], sim.sleeping).unsqueeze(0)
+        else:
+            spikes = torch.empty_like(per_step)
+            for t in range(steps):
+                spikes[t] = self.update(state, per_step[t], theta, sim.wake_counts[t], sim.sleeping)
+        sim.analog_input = False
+        counts = spikes.abs().flatten(2).sum(2)  # events per (step, sample); a burst of n is n events
+        sim.note_activity((counts > 0).flatten())
+        if sim.record:
+            sim.recorder.record_spikes(self.site(index), counts, per_step.shape[2:].numel())
+        out = spikes if theta == 1.0 else spikes.mul_(theta)
+        return out.flatten(0, 1)
+
+
+class CIFNeuron(Neuron):
+    """Consistent IF neuron (DESIGN §1) with signed, capped spikes.
+
+    Per step: ``m += I``; ``s = floor(m / theta)`` clamped so that ``0 <= C + s <= k`` and
+    ``|s| <= 1`` (``<= burst`` in sleep steps); ``C += s``; ``m -= theta * s``. The two flags
+    exist for ablations: without negative spikes or without the cap the network is no longer
+    exact, which the tests use to tell the method from a near miss.
+    """
+
+    kind = "cif"
+
+    def __init__(self, threshold: float = 1.0, negative_spikes: bool = True, spike_cap: bool = True):
+        super().__init__()
+        if not threshold > 0:
+            raise ValueError(f"neuron threshold must be > 0, got {threshold!r}")
+        self.threshold = float(threshold)
+        self.negative_spikes = negative_spikes
+        self.spike_cap = spike_cap
+
+    def threshold_at(self, index: int) -> float:
+        return self.threshold
+
+    def update(self, state, current, theta, k, sleep):
+        m, count = state
+        m.add_(current)
+        s = torch.floor(m) if theta == 1.0 else torch.floor(m / theta)
+        gamma = self.sim.burst if sleep else 1
+        s.clamp_(max=(k - count).clamp_(max=gamma) if self.spike_cap else gamma)
+        s.clamp_(min=count.neg().clamp_(min=-gamma) if self.negative_spikes else 0)
+        count.add_(s)
+        m.sub_(s, alpha=theta)
+        return s
+
+    def extra_repr(self) -> str:
+        flags = "" if self.negative_spikes and self.spike_cap else (
+            f", negative_spikes={self.negative_spikes}, spike_cap={self.spike_cap}")
+        return f"threshold={self.threshold:g}{flags}"
+
+
+class IFNeuron(Neuron):
+    """Plain integrate-and-fire neuron with soft reset (the usual conversion baseline).
+
+    One threshold per call site (from activation percentiles); one positive spike at most per
+    step; no negative spikes, no cap.
+    """
+
+    kind = "if"
+
+    def __init__(self, thresholds: list[float]):
+        super().__init__()
+        if not thresholds or any(not t > 0 for t in thresholds):
+            raise ValueError(f"IF neuron thresholds must be positive, got {thresholds!r}")
+        self.site_thresholds = [float(t) for t in thresholds]
+
+    def threshold_at(self, index: int) -> float:
+        if index >= len(self.site_thresholds):
+            raise RuntimeError(
+                f"{self.site(index)}: called {index + 1} times per step but calibrated for "
+                f"{len(self.site_thresholds)} call site(s)")
+        return self.site_thresholds[index]
+
+    def update(self, state, current, theta, k, sleep):
+        m, _ = state
+        m.add_(current)
+        s = (m >= theta).to(m.dtype)
+        m.sub_(s, alpha=theta)
+        return s
+
+    def extra_repr(self) -> str:
+        return "thresholds=[" + ", ".join(f"{t:.4g}" for t in self.site_thresholds) + "]"

@@ -1,0 +1,231 @@
+"""The simulator: wake-sleep schedule, step and multistep execution, readouts, step events.
+
+It knows nothing about detection: it runs a rewritten module tree (see ``convert``) and sums
+whatever the tree returns (tensor, tuple, list, dict) over every wake and sleep step, divided by
+the wake count. With ``wake = L`` and ``sleep="auto"`` those readouts equal the QANN's outputs.
+
+``"step"`` mode runs the tree once per time step (and can stream). ``"multistep"`` runs it once
+per stack of steps concatenated on the batch axis, so stateless layers see all steps at once
+and only neurons loop over time; it needs a forward pass that treats batch rows independently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from .energy import RunStats, StatsRecorder
+from .neurons import Neuron
+from .state import CallSiteModule, SimulationState
+from .synapses import Synapse
+
+MODES = ("step", "multistep")
+
+
+def tree_map(fn, tree):
+    """Apply ``fn`` to every tensor of a nested tuple / list / dict, keeping the structure."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple):
+        items = [tree_map(fn, t) for t in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
+    if isinstance(tree, list):
+        return [tree_map(fn, t) for t in tree]
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    return tree
+
+
+def tree_add(a, b):
+    """Elementwise sum of two trees of the same structure (``a`` may be None)."""
+    if a is None:
+        return b
+    if isinstance(a, torch.Tensor):
+        return a + b
+    if isinstance(a, tuple):
+        items = [tree_add(x, y) for x, y in zip(a, b)]
+        return type(a)(*items) if hasattr(a, "_fields") else tuple(items)
+    if isinstance(a, list):
+        return [tree_add(x, y) for x, y in zip(a, b)]
+    if isinstance(a, dict):
+        return {k: tree_add(a[k], b[k]) for k in a}
+    return a
+
+
+@dataclass
+class StepEvent:
+    """One time step of a streamed run."""
+
+    t: int  # total steps so far, wake plus sleep (1-based)
+    phase: str  # "wake" or "sleep"
+    wake: int  # wake steps so far (k)
+    readout: Any  # readouts accumulated so far divided by k: the network's current answer
+    spikes: float | None  # spike events in this step, whole batch (None when not recording)
+    settled: torch.Tensor  # per sample: has a silent sleep step confirmed its fixed point
+
+
+class SpikingNetwork(nn.Module):
+    """A converted network and its simulator. Build it with ``detector.convert``."""
+
+    def __init__(self, model: nn.Module, sim: SimulationState, levels: int | None, neuron: str,
+                 analog: list[str], batchnorm: tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.sim = sim
+        self.levels = levels
+        self.neuron = neuron
+        self.analog = analog
+        self.batchnorm_folded, self.batchnorm_kept = batchnorm
+        self.stateful = [m for m in model.modules() if isinstance(m, CallSiteModule)]
+        for m in model.modules():
+            if isinstance(m, (CallSiteModule, Synapse)):
+                m.sim = sim
+        self.last_stats: RunStats | None = None
+        self.last_steps: torch.Tensor | None = None
+        first = next((m.layer for m in model.modules() if isinstance(m, Synapse)), None)
+        # (rank, channels) the first layer expects, for clear input errors; None: not a conv
+        self._input_spec = (len(first.kernel_size) + 2, first.in_channels) if isinstance(first, _ConvNd) else None
+
+    # --- public API ----------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every membrane, count and accumulator (``run`` and ``stream`` call it first)."""
+        for m in self.stateful:
+            m.reset()
+
+    def neurons(self) -> list[tuple[str, nn.Module]]:
+        """(module path, neuron) for every spiking neuron module."""
+        return [(m.site_name, m) for m in self.stateful if isinstance(m, Neuron)]
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
+            burst: int = 1, max_sleep: int = 256, sleep_chunk: int = 8, record: bool = True):
+        """Run the full schedule on ``x`` and return the readouts (summed, divided by ``wake``).
+
+        ``sleep``: a number of sleep steps, or ``"auto"`` to stop at the first sleep step in which
+        no neuron of a sample fires (each sample's count in ``last_steps``), at most ``max_sleep``.
+        ``burst``: spikes a neuron may emit in one sleep step. ``record``: count spikes, SOPs and
+        MACs into ``last_stats``.
+        """
+        readout = None
+        for readout in self._simulate(x, wake, sleep, mode, burst, max_sleep, sleep_chunk, record, stream=False):
+            pass
+        return readout
+
+    @torch.no_grad()
+    def stream(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", burst: int = 1,
+               max_sleep: int = 256, record: bool = True) -> Iterator[StepEvent]:
+        """Yield a ``StepEvent`` after every time step (step mode); the last one equals ``run``."""
+        yield from self._simulate(x, wake, sleep, "step", burst, max_sleep, 1, record, stream=True)
+
+    def forward(self, x: torch.Tensor, **kwargs):
+        return self.run(x, **kwargs)
+
+    # --- the schedule --------------------------------------------------------------------
+
+    def _check(self, x, wake, sleep, mode, burst, max_sleep, sleep_chunk) -> int:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if self._input_spec is not None:
+            rank, channels = self._input_spec
+            if x.dim() != rank:
+                raise ValueError(f"input must be {rank}-D [batch, channels, *spatial] for this network, "
+                                 f"got shape {tuple(x.shape)}")
+            if x.shape[1] != channels:
+                raise ValueError(f"input has {x.shape[1]} channels, the first layer expects {channels}")
+        elif x.dim() < 2:
+            raise ValueError(f"input must have a batch axis and features, got shape {tuple(x.shape)}")
+        param = next(self.model.parameters(), None)
+        if param is not None and (x.dtype != param.dtype or x.device != param.device):
+            raise ValueError(f"input is {x.dtype} on {x.device} but the network is {param.dtype} on "
+                             f"{param.device}; convert one of them (e.g. snn.to(x.dtype))")
+        if wake is None:
+            if self.levels is None:
+                raise ValueError("wake is required: this network has no single quantization level count")
+            wake = self.levels
+        if isinstance(wake, bool) or not isinstance(wake, int) or wake < 1:
+            raise ValueError(f"wake must be an integer >= 1, got {wake!r}")
+        if sleep != "auto" and (isinstance(sleep, bool) or not isinstance(sleep, int) or sleep < 0):
+            raise ValueError(f'sleep must be an integer >= 0 or "auto", got {sleep!r}')
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for name, value in (("burst", burst), ("max_sleep", max_sleep), ("sleep_chunk", sleep_chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        return wake
+
+    def _forward_stack(self, x: torch.Tensor, sleeping: bool, wake_counts: list[int], batch: int):
+        steps = len(wake_counts)
+        self.sim.begin_stack(sleeping, wake_counts, batch, x.device)
+        for m in self.stateful:
+            m.begin_stack()
+        recorder = self.sim.recorder
+        if recorder is not None:
+            recorder.begin_stack(steps)
+        out = self.model(x)
+        if recorder is not None:
+            recorder.end_stack()
+        return out if steps == 1 else tree_map(lambda t: t.unflatten(0, (steps, -1)).sum(0), out)
+
+    def _simulate(self, x, wake, sleep, mode, burst, max_sleep, sleep_chunk, record, stream):
+        wake = self._check(x, wake, sleep, mode, burst, max_sleep, sleep_chunk)
+        self.reset()
+        batch = x.shape[0]
+        sim = self.sim
+        sim.burst, sim.record = burst, record
+        sim.recorder = StatsRecorder(batch) if record else None
+        total = None
+        t = 0
+
+        def event(phase, k, settled):
+            readout = tree_map(lambda v: v / k, total)
+            if not stream:
+                return readout
+            spikes = float(sim.recorder.spikes_per_step[-1].sum()) if record and sim.recorder.spikes_per_step else (
+                0.0 if record else None)
+            return StepEvent(t=t, phase=phase, wake=k, readout=readout, spikes=spikes, settled=settled.clone())
+
+        settled_at = torch.zeros(batch, dtype=torch.long)  # sleep steps up to the silent one; 0: not yet
+        if mode == "step":
+            for k in range(1, wake + 1):
+                total = tree_add(total, self._forward_stack(x, False, [k], batch))
+                t += 1
+                if stream:
+                    yield event("wake", k, settled_at > 0)
+        else:
+            stacked = x.unsqueeze(0).expand(wake, *x.shape).reshape(wake * batch, *x.shape[1:])
+            total = self._forward_stack(stacked, False, list(range(1, wake + 1)), batch)
+            t = wake
+
+        limit = max_sleep if sleep == "auto" else sleep
+        chunk = 1 if mode == "step" else sleep_chunk
+        zeros = None
+        done = 0
+        while done < limit and not (sleep == "auto" and bool((settled_at > 0).all())):
+            steps = min(chunk, limit - done)
+            if zeros is None or zeros.shape[0] != steps * batch:
+                zeros = x.new_zeros((steps * batch, *x.shape[1:]))
+            total = tree_add(total, self._forward_stack(zeros, True, [wake] * steps, batch))
+            silent = ~sim.activity.cpu()  # [steps, batch]
+            for s in range(steps):
+                newly = silent[s] & (settled_at == 0)
+                settled_at[newly] = done + s + 1
+            done += steps
+            t += steps
+            if stream:
+                yield event("sleep", wake, settled_at > 0)
+
+        if sleep == "auto":
+            used = torch.where(settled_at > 0, settled_at, torch.full_like(settled_at, done))
+        else:
+            used = torch.full((batch,), sleep, dtype=torch.long)
+        self.last_steps = used + wake
+        self.last_settled = settled_at > 0
+        self.last_stats = sim.recorder.summary(wake, self.last_steps) if record else None
+        sim.recorder = None
+        if not stream:
+            yield event("sleep" if done else "wake", wake, settled_at > 0)

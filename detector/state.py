@@ -1,0 +1,82 @@
+"""State shared by the spiking modules of one network, and per-call-site state storage.
+
+The runtime runs the rewritten module tree once per *stack* of time steps: one step in
+``"step"`` mode, several steps concatenated on the batch axis in ``"multistep"`` mode. Every
+spiking module reads the schedule of the current stack from one ``SimulationState``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SimulationState:
+    """The schedule of the stack being run, and what the modules report back."""
+
+    steps: int = 1  # time steps stacked on the batch axis (1 in step mode)
+    sleeping: bool = False  # a stack is all wake steps or all sleep steps
+    wake_counts: list[int] = field(default_factory=lambda: [1])  # wake count k at each stacked step
+    burst: int = 1  # most spikes a neuron may emit in one sleep step
+    batch: int = 1  # samples per step (rows of the network input / steps)
+    record: bool = True  # collect spike / synaptic-op statistics
+    recorder: object | None = None  # energy.StatsRecorder when record is on
+    # Per stack: which (step, sample) saw any neuron or island output; drives sleep="auto".
+    activity: torch.Tensor | None = None
+    # True until a neuron runs in this stack: synapses before it receive analog input (MACs).
+    analog_input: bool = True
+
+    def begin_stack(self, sleeping: bool, wake_counts: list[int], batch: int, device) -> None:
+        self.steps, self.sleeping, self.wake_counts, self.batch = len(wake_counts), sleeping, wake_counts, batch
+        self.activity = torch.zeros(self.steps, batch, dtype=torch.bool, device=device)
+        self.analog_input = True
+
+    def note_activity(self, per_row: torch.Tensor) -> None:
+        """OR a per-row activity flag [steps * rows] into the per-(step, sample) map."""
+        rows = per_row.shape[0] // self.steps
+        per_step = per_row.view(self.steps, rows)
+        if rows == self.batch:
+            self.activity |= per_step
+        else:  # rows are not the network's samples (e.g. regions of interest): attribute to all
+            self.activity |= per_step.any(1, keepdim=True)
+
+
+class CallSiteModule(nn.Module):
+    """A spiking module that keeps one state per call within a time step.
+
+    Detectors call one module several times per forward pass (a shared activation, a head
+    applied to each pyramid level). Calls are numbered in order within each stack; the n-th
+    call always gets the n-th state, because the forward pass is the same every step.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.sim: SimulationState | None = None
+        self.site_name = ""
+        self._states: list = []
+        self._calls = 0
+
+    def begin_stack(self) -> None:
+        self._calls = 0
+
+    def reset(self) -> None:
+        self._states = []
+        self._calls = 0
+
+    @property
+    def call_sites(self) -> int:
+        return len(self._states)
+
+    def site(self, index: int) -> str:
+        return self.site_name if index == 0 else f"{self.site_name}#{index + 1}"
+
+    def next_state(self, init):
+        """(index, state) of this call; ``init()`` creates the state on the first step."""
+        index = self._calls
+        self._calls += 1
+        if index == len(self._states):
+            self._states.append(init())
+        return index, self._states[index]

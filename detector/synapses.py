@@ -1,0 +1,118 @@
+"""Synaptic layers of the spiking network: conv / linear / channel-affine with a gated bias.
+
+Wake steps run the layer with its bias; sleep steps run it without (a flag of the simulation,
+the weights are never swapped). In sleep, rows whose input carries no spike are skipped
+(event-driven): their output is exactly zero. Each layer also counts its work: MACs where its
+input is analog (before any neuron), synaptic operations (input events x real fan-out) otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from .energy import layer_macs
+from .state import SimulationState
+
+
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel (axis 1): a BatchNorm that had no layer to fold into."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(scale.detach().clone())
+        self.bias = nn.Parameter(shift.detach().clone())
+
+    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+    def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        y = x * self._view(self.weight, x)
+        return y + self._view(self.bias, x) if bias else y
+
+
+SYNAPTIC_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, ChannelAffine)
+
+
+class Synapse(nn.Module):
+    """Wraps one conv / linear / affine layer (weights shared with the QANN it came from)."""
+
+    kind = "synapse"
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        if not isinstance(layer, SYNAPTIC_LAYERS):
+            raise TypeError(f"Synapse wraps {', '.join(t.__name__ for t in SYNAPTIC_LAYERS)}, got {type(layer).__name__}")
+        self.layer = layer
+        self.sim: SimulationState | None = None
+        self.site_name = ""
+        self._out_shapes: dict[torch.Size, torch.Size] = {}
+        self._fanouts: dict[tuple, torch.Tensor] = {}
+
+    def apply_layer(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, layer.weight, layer.bias if bias else None)
+        if isinstance(layer, _ConvNd):
+            return layer._conv_forward(x, layer.weight, layer.bias if bias else None)
+        return layer(x, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sim = self.sim
+        if not sim.sleeping:
+            y = self.apply_layer(x, bias=True)
+            self._out_shapes[x.shape[1:]] = y.shape[1:]
+            active = None
+        else:
+            active = x.flatten(1).ne(0).any(1)
+            n_active = int(active.sum())
+            if n_active == x.shape[0]:
+                y = self.apply_layer(x, bias=False)
+            else:
+                y = x.new_zeros((x.shape[0], *self._out_shapes[x.shape[1:]]))
+                if n_active:
+                    index = active.nonzero().squeeze(1)
+                    y.index_copy_(0, index, self.apply_layer(x.index_select(0, index), bias=False))
+        if sim.record:
+            self._record(x, y, active)
+        return y
+
+    # --- work counting -------------------------------------------------------------------
+
+    def _fanout(self, spatial: torch.Size, device, dtype) -> torch.Tensor:
+        """Per input position: how many (output position, kernel tap) pairs read it."""
+        key = (tuple(spatial), device, dtype)
+        if key not in self._fanouts:
+            layer = self.layer
+            dims = len(layer.kernel_size)
+            conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+            with torch.enable_grad():
+                probe = torch.ones((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
+                taps = torch.ones((1, 1, *layer.kernel_size), dtype=torch.float64)
+                conv(probe, taps, None, layer.stride, layer.padding, layer.dilation).sum().backward()
+            self._fanouts[key] = probe.grad[0, 0].to(device=device, dtype=dtype)
+        return self._fanouts[key]
+
+    def synaptic_ops(self, x: torch.Tensor) -> torch.Tensor:
+        """Events arriving in each row times the number of targets each one reaches."""
+        layer = self.layer
+        if isinstance(layer, _ConvNd):
+            per_position = x.ne(0).sum(1, dtype=x.dtype)
+            fanout = self._fanout(x.shape[2:], x.device, x.dtype)
+            return (per_position * fanout).flatten(1).sum(1) * (layer.out_channels // layer.groups)
+        events = x.ne(0).flatten(1).sum(1, dtype=x.dtype)
+        return events * layer.out_features if isinstance(layer, nn.Linear) else events
+
+    def _record(self, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None) -> None:
+        sim = self.sim
+        steps = sim.steps
+        per_row_macs = layer_macs(self.layer, y) // max(y.shape[0], 1)
+        computed = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if active is None else active.to(x.dtype)
+        if sim.analog_input:
+            ops, analog = None, (computed * per_row_macs).view(steps, -1)
+        else:
+            ops, analog = self.synaptic_ops(x).view(steps, -1), None
+        sim.recorder.record_synapse(
+            self.site_name, per_row_macs, ops, analog, skipped_rows=x.shape[0] - computed.sum())
