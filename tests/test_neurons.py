@@ -1,0 +1,95 @@
+"""CIF and IF neurons against hand-worked sequences (threshold 1 unless stated)."""
+
+import pytest
+import torch
+
+from detector.neurons import CIFNeuron, IFNeuron
+from detector.state import SimulationState
+
+
+def drive(neuron, currents, wake, burst=1):
+    """Feed one scalar current per step (wake steps first) and return the signed outputs."""
+    sim = SimulationState(record=False, burst=burst)
+    neuron.sim = sim
+    neuron.reset()
+    outputs = []
+    for t, current in enumerate(currents):
+        sim.begin_stack(sleeping=t >= wake, wake_counts=[min(t + 1, wake)], batch=1, device="cpu")
+        neuron.begin_stack()
+        outputs.append(neuron(torch.tensor([[current]], dtype=torch.float64)).item())
+    return outputs
+
+
+def test_negative_spike_only_while_count_is_positive():
+    # m: 1.2 -> fire (C=1, m=.2); .2-.9=-.7 -> negative spike (C=0, m=.3); sleep: nothing.
+    assert drive(CIFNeuron(), [1.2, -0.9, 0, 0], wake=2) == [1, -1, 0, 0]
+    # With no spike emitted yet, a negative membrane never spikes.
+    assert drive(CIFNeuron(), [-0.5, -2.0, 0, 0], wake=2) == [0, 0, 0, 0]
+
+
+def test_spikes_capped_at_wake_count():
+    # 3.0 would be three spikes, but k allows one in step 1 and two in all.
+    assert drive(CIFNeuron(), [3.0, 0, 0, 0], wake=2) == [1, 1, 0, 0]
+
+
+def test_wake_counter_frozen_during_sleep():
+    # After 1 wake step the cap stays 1: the residual 1.5 may not fire in sleep.
+    assert drive(CIFNeuron(), [2.5, 0, 0], wake=1) == [1, 0, 0]
+    # An under-fired neuron catches up in sleep, up to floor(sum / theta) = 2.
+    assert drive(CIFNeuron(), [0, 0, 2.5, 0, 0], wake=3) == [0, 0, 1, 1, 0]
+
+
+def test_soft_reset_keeps_the_residual():
+    neuron = CIFNeuron(threshold=0.5)
+    assert drive(neuron, [0.8], wake=1) == [0.5]
+    membrane, count = neuron._states[0]
+    assert membrane.item() == pytest.approx(0.3)
+    assert count.item() == 1
+
+
+def test_burst_discharges_residual_in_one_sleep_step():
+    currents = [0, 0, 0, 3.9, 0, 0, 0]
+    assert drive(CIFNeuron(), currents, wake=4, burst=4) == [0, 0, 0, 1, 2, 0, 0]
+    assert drive(CIFNeuron(), currents, wake=4, burst=1) == [0, 0, 0, 1, 1, 1, 0]
+
+
+def test_fixed_point_count_is_clamped_floor_of_total_input():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        wake = int(torch.randint(1, 9, (1,), generator=gen))
+        currents = (torch.randn(wake, generator=gen) * 1.5).tolist() + [0.0] * (3 * wake + 2)
+        out = drive(CIFNeuron(), currents, wake=wake)
+        expected = min(max(int(torch.floor(torch.tensor(sum(currents[:wake]), dtype=torch.float64))), 0), wake)
+        assert sum(out) == expected
+
+
+def test_if_neuron_soft_reset_sequence():
+    # m: .625, 1.25 -> fire (.25), .875, 1.5 -> fire (.5), 1.125 -> fire (exact binary fractions)
+    assert drive(IFNeuron([1.0]), [0.625] * 5, wake=5) == [0, 1, 0, 1, 1]
+
+
+def test_if_neuron_never_spikes_negative_or_past_threshold_once_per_step():
+    assert drive(IFNeuron([1.0]), [3.0, -5.0, 0.0], wake=3) == [1, 0, 0]
+
+
+def test_neuron_keeps_one_state_per_call_site():
+    neuron = CIFNeuron()
+    sim = SimulationState(record=False)
+    neuron.sim = sim
+    sim.begin_stack(sleeping=False, wake_counts=[1], batch=1, device="cpu")
+    neuron.begin_stack()
+    a = neuron(torch.tensor([[0.7]], dtype=torch.float64))
+    b = neuron(torch.tensor([[0.2]], dtype=torch.float64))
+    assert neuron.call_sites == 2
+    sim.begin_stack(sleeping=False, wake_counts=[2], batch=1, device="cpu")
+    neuron.begin_stack()
+    a = neuron(torch.tensor([[0.7]], dtype=torch.float64))  # site 1: 1.4 -> spike
+    b = neuron(torch.tensor([[0.2]], dtype=torch.float64))  # site 2: 0.4 -> none
+    assert (a.item(), b.item()) == (1.0, 0.0)
+
+
+def test_invalid_thresholds_rejected():
+    with pytest.raises(ValueError, match="threshold"):
+        CIFNeuron(threshold=0)
+    with pytest.raises(ValueError, match="thresholds"):
+        IFNeuron([1.0, -2.0])
