@@ -110,9 +110,9 @@ class StatsRecorder:
             self.sops[site].append(self._per_sample(ops))
         if analog_macs is not None:
             self.analog_macs[site].append(self._per_sample(analog_macs))
-        if not isinstance(skipped_rows, int) or skipped_rows:
-            self.skipped_rows.append(torch.as_tensor(skipped_rows, dtype=torch.float64))
-            self._skipped_macs.append(torch.as_tensor(skipped_rows, dtype=torch.float64) * macs_per_row)
+        if not isinstance(skipped_rows, int):  # a tensor: this was a sleep stack
+            self.skipped_rows.append(skipped_rows)
+            self._skipped_macs.append(skipped_rows * macs_per_row)
 
     def record_island(self, site: str, macs: int, steps: int) -> None:
         """``macs``: everything the island computed in this stack (all steps, all rows)."""
@@ -150,8 +150,8 @@ class StatsRecorder:
             sops_per_layer={k: v.sum().item() for k, v in sops.items()},
             firing_rates=firing,
             spikes_per_step=torch.cat(self.spikes_per_step).double().cpu() if self.spikes_per_step else torch.zeros(0),
-            skipped_rows=float(sum(self.skipped_rows)) if self.skipped_rows else 0.0,
-            skipped_macs=float(sum(self._skipped_macs)) if self._skipped_macs else 0.0,
+            skipped_rows=float(torch.stack(self.skipped_rows).double().sum()) if self.skipped_rows else 0.0,
+            skipped_macs=float(torch.stack(self._skipped_macs).double().sum()) if self._skipped_macs else 0.0,
         )
 
 

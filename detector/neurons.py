@@ -74,8 +74,12 @@ class CIFNeuron(Neuron):
         m.add_(current)
         s = torch.floor(m) if theta == 1.0 else torch.floor(m / theta)
         gamma = self.sim.burst if sleep else 1
-        s.clamp_(max=(k - count).clamp_(max=gamma) if self.spike_cap else gamma)
-        s.clamp_(min=count.neg().clamp_(min=-gamma) if self.negative_spikes else 0)
+        # Clamping to [-gamma, gamma] and then to [-C, k - C] is clamping to their intersection
+        # (both hold 0): at most gamma spikes, never below 0 or above k in total.
+        s.clamp_(-gamma, gamma)
+        if self.spike_cap:
+            s.clamp_(max=k - count)
+        s.clamp_(min=count.neg() if self.negative_spikes else 0)
         count.add_(s)
         m.sub_(s, alpha=theta)
         return s

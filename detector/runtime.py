@@ -202,11 +202,15 @@ class SpikingNetwork(nn.Module):
             t = wake
 
         limit = max_sleep if sleep == "auto" else sleep
-        chunk = 1 if mode == "step" else sleep_chunk
+        # Multistep with sleep="auto" grows its stacks 1, 2, 4, ... so that a network that settles
+        # in a couple of steps does not compute a long stack of silent ones.
+        chunk = 1 if mode == "step" or sleep == "auto" else sleep_chunk
         zeros = None
         done = 0
         while done < limit and not (sleep == "auto" and bool((settled_at > 0).all())):
             steps = min(chunk, limit - done)
+            if mode == "multistep":
+                chunk = min(2 * chunk, sleep_chunk)
             if zeros is None or zeros.shape[0] != steps * batch:
                 zeros = x.new_zeros((steps * batch, *x.shape[1:]))
             total = tree_add(total, self._forward_stack(zeros, True, [wake] * steps, batch))
