@@ -1,0 +1,122 @@
+"""Runtime cost of the spiking simulation on a YOLOv8n-sized QANN (issue 2's benchmark).
+
+Prints, per batch size and execution mode: float-ANN and QANN forward time, SNN seconds per wake
+step and per sleep step, total steps used by sleep="auto", and the ratio
+SNN time / (T x ANN forward) measured in the same run, with and without spike/SOP recording.
+Also checks fidelity on the chosen device: max |SNN readout - QANN output| in float64.
+
+    python benchmarks/runtime.py                       # CPU, imgsz 320, batch 1 and 8
+    python benchmarks/runtime.py --device cuda --batch 1 8 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from detector.models.yolo import SpikingYOLO, YOLOReadoutNet, build_qann
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
+    """Realistic BN statistics so activations spread over the quantization levels."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+
+
+@torch.no_grad()
+def fidelity(device: torch.device, imgsz: int = 128) -> dict:
+    float_model = build_qann("yolov8n.yaml", quantize=False, act="relu")
+    randomise_batchnorm(float_model)
+    qann = build_qann(float_model, levels=4)
+    detector = SpikingYOLO.from_model(qann, imgsz=imgsz, device=device, dtype=torch.float64)
+    x = torch.rand(2, 3, imgsz, imgsz, dtype=torch.float64, device=device, generator=None)
+    reference = detector.qann_raw(x)
+    readout = detector.raw(x, wake=4, sleep="auto")
+    error = max(float((a - b).abs().max()) for a, b in zip(readout, reference))
+    return {"imgsz": imgsz, "max_abs_error_float64": error, "steps": detector.snn.last_steps.tolist()}
+
+
+@torch.no_grad()
+def measure(batch: int, imgsz: int, device: torch.device, repeats: int) -> list[dict]:
+    float_model = build_qann("yolov8n.yaml", quantize=False, act="relu")
+    randomise_batchnorm(float_model)
+    qann = build_qann(float_model, levels=4)
+    ann = YOLOReadoutNet(float_model.fuse(verbose=False)).to(device).eval()  # BN folded, as deployed
+    detector = SpikingYOLO.from_model(qann, imgsz=imgsz, device=device)
+    snn = detector.snn
+    x = torch.rand(batch, 3, imgsz, imgsz, device=device)
+    ann_s = timed(lambda: ann(x), repeats, device)
+    qann_s = timed(lambda: detector.qann_raw(x), repeats, device)
+    rows = []
+    for mode in ("step", "multistep"):
+        for record in (False, True):
+            wake_s = timed(lambda: snn.run(x, wake=4, sleep=0, mode=mode, record=record), repeats, device) / 4
+            total_s = timed(lambda: snn.run(x, wake=4, sleep="auto", mode=mode, record=record), repeats, device)
+            steps = int(snn.last_steps.max())
+            sleep_steps = steps - 4
+            sleep_s = (total_s - 4 * wake_s) / sleep_steps if sleep_steps else 0.0
+            rows.append({
+                "batch": batch, "imgsz": imgsz, "mode": mode, "record": record,
+                "ann_forward_s": ann_s, "qann_forward_s": qann_s,
+                "snn_wake_step_s": wake_s, "snn_sleep_step_s": sleep_s,
+                "steps_auto_mean": float(snn.last_steps.double().mean()), "steps_auto_max": steps,
+                "snn_total_s": total_s, "ratio_snn_over_T_ann": total_s / (steps * ann_s),
+                "sleep_over_wake": sleep_s / wake_s,
+            })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    check = fidelity(device)
+    print(f"fidelity (YOLOv8n QANN L=4, float64, imgsz {check['imgsz']}): max |SNN - QANN| = "
+          f"{check['max_abs_error_float64']:.2e}, steps {check['steps']}")
+    rows = [row for batch in args.batch for row in measure(batch, args.imgsz, device, args.repeats)]
+    print("| batch | mode | record | ANN ms | QANN ms | wake step ms | sleep step ms | T auto (mean/max) "
+          "| SNN ms | SNN / (T x ANN) | sleep / wake |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['mode']} | {'on' if r['record'] else 'off'} | {r['ann_forward_s'] * 1e3:.1f} "
+              f"| {r['qann_forward_s'] * 1e3:.1f} | {r['snn_wake_step_s'] * 1e3:.1f} | {r['snn_sleep_step_s'] * 1e3:.1f} "
+              f"| {r['steps_auto_mean']:.1f}/{r['steps_auto_max']} | {r['snn_total_s'] * 1e3:.0f} "
+              f"| {r['ratio_snn_over_T_ann']:.2f} | {r['sleep_over_wake']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "fidelity": check, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
