@@ -1,0 +1,43 @@
+"""Detection datasets: COCO json, VOC xml and YOLO txt readers behind one API, and the bundled benchmark.
+
+    ds = open_dataset("bundled" | "coco:DIR" | "voc:DIR" | "yolo:data.yaml" | "data.yaml", split="val")
+    img, target = ds[i]   # RGB uint8 HxWx3; boxes float32 [N,4] xyxy px, labels int64 [N] 0-based,
+                          # difficult bool [N], image_id int, file str
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .coco import open_coco_dir, read_coco
+from .dataset import DatasetError, DatasetWarning, DetectionDataset, ImageRecord
+from .synthetic import CLASSES as BUNDLED_CLASSES
+from .synthetic import bundled_root, ensure_bundled, generate_bundled
+from .voc import VOC_CLASSES, read_voc
+from .yolo import read_yolo
+
+SPEC_FORMS = "'bundled', 'coco:DIR', 'voc:DIR', 'yolo:PATH.yaml' or a path ending in .yaml/.yml"
+
+
+def open_dataset(spec: str, split: str = "val") -> DetectionDataset:
+    """Open a dataset from a spec string (see SPEC_FORMS)."""
+    kind, sep, arg = spec.partition(":")
+    if spec == "bundled":
+        root = ensure_bundled()
+        return read_coco(root / "images" / split, root / "annotations" / f"instances_{split}.json",
+                         name=f"bundled/{split}")
+    if sep and kind == "coco":
+        return open_coco_dir(arg, split)
+    if sep and kind == "voc":
+        return read_voc(arg, split)
+    if sep and kind == "yolo":
+        return read_yolo(arg, split)
+    if Path(spec).suffix in (".yaml", ".yml"):
+        return read_yolo(spec, split)
+    raise DatasetError(f"unknown dataset spec {spec!r}; expected {SPEC_FORMS}")
+
+
+__all__ = [
+    "open_dataset", "DetectionDataset", "ImageRecord", "DatasetError", "DatasetWarning", "read_coco", "read_voc", "read_yolo",
+    "open_coco_dir", "generate_bundled", "ensure_bundled", "bundled_root", "BUNDLED_CLASSES", "VOC_CLASSES",
+]
