@@ -1,0 +1,81 @@
+"""Make Ultralytics run fully offline. Imported by ``detector.models.yolo`` before ``ultralytics``.
+
+What it does, without overriding anything a user set themselves:
+
+* ``YOLO_OFFLINE=1`` (no hub, no DNS probe, no event sync, no AutoUpdate attempts) unless set;
+* ``YOLO_AUTOINSTALL=false`` (``check_requirements`` never runs pip) unless set;
+* ``YOLO_CONFIG_DIR``: a directory this project controls (``$CASC_CACHE_DIR/ultralytics``, default
+  ``~/.cache/casc-detector/ultralytics``, a temp dir if that is not writable) unless set; its settings get
+  ``sync=False``;
+* ``Arial.ttf`` / ``Arial.Unicode.ttf`` in ``$YOLO_CONFIG_DIR/Ultralytics/``: a copy of matplotlib's DejaVuSans,
+  added only when missing, so Ultralytics' plotting never downloads a font.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+_OWNED_CONFIG = False
+_USER_AUTOINSTALL = "YOLO_AUTOINSTALL" in os.environ
+
+
+def _config_root() -> Path:
+    base = os.environ.get("CASC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "casc-detector")
+    root = Path(base) / "ultralytics"
+    try:
+        (root / "Ultralytics").mkdir(parents=True, exist_ok=True)
+        if os.access(root / "Ultralytics", os.W_OK):
+            return root
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="casc-ultralytics-"))
+
+
+def _install_fonts(config_dir: Path) -> None:
+    target_dir = config_dir / "Ultralytics"
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        import matplotlib
+
+        source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+            if not (target_dir / name).exists() and source.exists():
+                shutil.copyfile(source, target_dir / name)
+    except (OSError, ImportError):  # plotting may then try a download, which fails offline: no crash
+        pass
+
+
+def prepare() -> None:
+    """Set the environment (only where unset) and fonts; call before ``import ultralytics``."""
+    global _OWNED_CONFIG
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    if "ultralytics" not in sys.modules and not os.environ.get("YOLO_CONFIG_DIR"):
+        os.environ["YOLO_CONFIG_DIR"] = str(_config_root())
+        _OWNED_CONFIG = True
+    if os.environ.get("YOLO_CONFIG_DIR"):
+        _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]))
+
+
+def after_import() -> None:
+    """Belt and braces once Ultralytics is imported (also when the user imported it before us)."""
+    from ultralytics.utils import SETTINGS, USER_CONFIG_DIR, checks
+
+    if not _USER_AUTOINSTALL:
+        checks.AUTOINSTALL = False  # never pip-install from inside a run
+    if os.environ.get("YOLO_OFFLINE", "").lower() in {"1", "true", "yes", "on", "y", "t"}:
+        import ultralytics.utils as uutils
+
+        uutils.ONLINE = False
+        checks.ONLINE = False
+    _install_fonts(Path(USER_CONFIG_DIR).parent)
+    if _OWNED_CONFIG and SETTINGS.get("sync", False):
+        try:
+            SETTINGS.update({"sync": False})
+        except Exception:  # settings file not writable: events stay off anyway while offline
+            pass

@@ -1,0 +1,787 @@
+"""Ultralytics YOLO adapter: build / train the QANN, convert it, and detect with the spiking network.
+
+Supported: Ultralytics *detection* models with the anchor-free ``Detect`` head built from ``Conv``, ``C2f``,
+``C3``, ``C3k2``, ``Bottleneck``, ``SPPF``/``SPP``, ``Concat`` and ``Upsample`` layers: YOLOv8, YOLOv5u and
+YOLOv3u at every scale (n-x), and YOLO11 (its ``C2PSA`` attention kept as analog islands, opt-in with
+``analog="auto"``). Segment / pose / OBB heads, YOLO-World, YOLOE, RT-DETR, YOLOv9/v10/12/26 are refused
+with an error that says so.
+
+    qann = build_qann("yolov8n.yaml", levels=4, act="relu")        # Ultralytics DetectionModel, ClipQuan acts
+    det = SpikingYOLO.from_model(qann, imgsz=640)                   # or SpikingYOLO.from_checkpoint(path)
+    results = det.predict(["bus.jpg"])                              # list of Detections
+    for event in det.stream("bus.jpg"): ...                         # anytime detection, one event per step
+
+The spiking part is the network up to the Detect head's last 1x1 convs (the readouts: the raw per-level
+maps Detect returns in training mode). DFL, box decoding and NMS run on the *accumulated* readouts with
+Ultralytics' own code (``Detect._inference`` and ``ultralytics.utils.nms.non_max_suppression``).
+
+Checkpoints: ``export_checkpoint`` writes this project's safe format (``torch.load(weights_only=True)``:
+state_dict plus plain metadata); ``load_checkpoint`` reads it (verifying a sha256 when given) and also
+Ultralytics ``.pt`` files, which are **pickles: load only files you trust** (they go through Ultralytics'
+own loader, which can execute code).
+
+Ultralytics runs offline from this module: see ``detector.models._ultralytics_env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import math
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from . import _ultralytics_env
+
+_ultralytics_env.prepare()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ultralytics.nn.modules.block import (  # noqa: E402
+    C2PSA, C3, SPP, SPPF, Attention, Bottleneck, C2f, C3k, C3k2, PSABlock,
+)
+from ultralytics.nn.modules.conv import Concat, Conv, DWConv  # noqa: E402
+from ultralytics.nn.modules.head import Detect  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel, yaml_model_load  # noqa: E402
+
+_ultralytics_env.after_import()
+
+from ..convert import convert, register_linear_module, register_nonlinear_module  # noqa: E402
+from ..fuse import register_bn_pairs  # noqa: E402
+from ..quant import ClipQuan, activation_references, qann_levels, to_qann  # noqa: E402
+from ..runtime import SpikingNetwork  # noqa: E402
+
+__all__ = [
+    "SpikingYOLO", "Detections", "DetectionEvent", "UnsupportedModelError", "build_qann", "load_checkpoint",
+    "export_checkpoint", "check_supported", "attention_paths", "YOLOReadoutNet", "add_train_arguments",
+    "train_from_args", "train", "CHECKPOINT_FORMAT",
+]
+
+CHECKPOINT_FORMAT = "casc-yolo"
+CHECKPOINT_VERSION = 1
+
+# --- registries (module types whose forward the converter cannot see) ---------------------------------
+
+register_linear_module(Concat)  # torch.cat: linear
+register_bn_pairs(Conv, [("conv", "bn")])  # Conv.forward = act(bn(conv(x))); DWConv is a Conv subclass
+register_nonlinear_module(Attention)  # q.k softmax products: analog island or refused
+
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
+    Conv, DWConv, C2f, C3, C3k2, C3k, Bottleneck, SPPF, SPP, Concat, nn.Upsample, C2PSA, PSABlock, nn.Sequential)
+SUPPORTED_TEXT = ("supported: Ultralytics detection models with the plain Detect head - YOLOv8, YOLOv5u, YOLOv3u "
+                  "(any scale n-x) and YOLO11 (C2PSA attention as analog islands, analog='auto'); not "
+                  "segment/pose/OBB/classify heads, YOLO-World/YOLOE, RT-DETR, YOLOv6/v9/v10/12/26 or end-to-end heads")
+ACTIVATIONS = {"relu": "nn.ReLU()", "silu": "nn.SiLU()"}
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a YOLO detection model this adapter can convert (the message says what is)."""
+
+
+# --- building the QANN ----------------------------------------------------------------------------------
+
+def _yaml_dict(model: str | Path | dict) -> dict:
+    if isinstance(model, dict):
+        return copy.deepcopy(model)
+    name = str(model)
+    path = Path(name)
+    if path.suffix not in {".yaml", ".yml"}:
+        raise ValueError(f"not a model YAML: {name}")
+    if path.parent != Path(".") and not path.exists():
+        raise FileNotFoundError(f"model YAML not found: {name}")
+    try:
+        return yaml_model_load(name)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"model YAML not found: {name} (neither a file nor a bundled Ultralytics "
+                                f"config such as yolov8n.yaml)") from error
+
+
+def _check_yaml(d: dict) -> None:
+    try:
+        head_type = str(d["head"][-1][2])
+    except (KeyError, IndexError, TypeError) as error:
+        raise UnsupportedModelError(f"not an Ultralytics model YAML (no head); {SUPPORTED_TEXT}") from error
+    if head_type != "Detect" or d.get("end2end"):
+        what = "end-to-end Detect" if head_type == "Detect" else head_type
+        raise UnsupportedModelError(f"unsupported model family: its head is {what}; {SUPPORTED_TEXT}")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``UnsupportedModelError`` unless ``model`` is a supported Ultralytics detection model."""
+    layers = getattr(model, "model", None)
+    if not isinstance(layers, nn.Sequential) or not len(layers):
+        raise UnsupportedModelError(f"{type(model).__name__} is not an Ultralytics DetectionModel; {SUPPORTED_TEXT}")
+    head = layers[-1]
+    if type(head) is not Detect:
+        raise UnsupportedModelError(f"unsupported model family: its head is {type(head).__name__}; {SUPPORTED_TEXT}")
+    if getattr(head, "one2one_cv2", None) is not None or head.cv2 is None:
+        raise UnsupportedModelError(f"unsupported model family: end-to-end (NMS-free) Detect head; {SUPPORTED_TEXT}")
+    bad = [f"{i}:{type(m).__name__}" for i, m in enumerate(layers[:-1]) if type(m) not in SUPPORTED_LAYERS]
+    if bad:
+        raise UnsupportedModelError(f"unsupported layers {', '.join(bad)}; {SUPPORTED_TEXT}")
+
+
+def _casc_meta(model: nn.Module) -> dict:
+    return dict(getattr(model, "yaml", {}).get("casc", {}))
+
+
+def _set_activation(model: nn.Module, act: str) -> None:
+    """Swap every SiLU/ReLU module for ``act`` (a float model only; fine-tune afterwards)."""
+    new = {"relu": nn.ReLU, "silu": nn.SiLU}[act]
+    for parent, name, _ in activation_references(model, (nn.ReLU, nn.SiLU)):
+        if not isinstance(getattr(parent, name), new):
+            setattr(parent, name, new())
+    model.yaml["activation"] = ACTIVATIONS[act]
+
+
+def _model_act(model: nn.Module) -> str:
+    meta = _casc_meta(model)
+    if meta.get("act"):
+        return meta["act"]
+    kinds = {type(m) for m in model.modules()}
+    return "relu" if nn.ReLU in kinds and nn.SiLU not in kinds else "silu"
+
+
+def _quantize(model: DetectionModel, levels: int | None, act: str, learnable: bool = False) -> DetectionModel:
+    """Ultralytics model -> QANN in place (every activation call site gets its own ClipQuan)."""
+    existing = qann_levels(model)
+    if any(isinstance(m, ClipQuan) for m in model.modules()):
+        if levels is not None and existing is not None and levels != existing:
+            raise ValueError(f"the model is already quantized with {existing} levels, not {levels}")
+        levels = existing
+    else:
+        if levels is None:
+            raise ValueError("a float model needs levels=L to be quantized (then fine-tune it: casc train yolo)")
+        to_qann(model, levels, learnable=learnable, inplace=True)
+    model.yaml["casc"] = {"levels": int(levels), "act": act, "quantized": True}
+    return model
+
+
+def build_qann(model: str | Path | dict | nn.Module = "yolov8n.yaml", levels: int | None = 4, act: str | None = None,
+               nc: int | None = None, quantize: bool = True, learnable: bool = False,
+               verbose: bool = False) -> DetectionModel:
+    """An Ultralytics ``DetectionModel`` whose activations are ``ClipQuan(levels)`` (the QANN).
+
+    ``model``: a YAML name/path (``yolov8n.yaml``, ``yolov5nu.yaml``, ``yolo11s.yaml``, ...; the scale letter
+    picks the scale), a YAML dict, a checkpoint (``.pt`` of Ultralytics - a pickle, trusted files only - or
+    this project's format), or a ``DetectionModel`` (copied). ``act``: ``"relu"`` or ``"silu"`` for the
+    float activation (a YAML's own default is SiLU); ``quantize=False`` returns the float model (e.g. the
+    float ReLU network for the IF baseline). ``nc`` overrides the class count of a YAML.
+    """
+    if act is not None and act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    if isinstance(model, nn.Module):
+        net = copy.deepcopy(model)
+        if not hasattr(net, "yaml"):
+            raise UnsupportedModelError(f"{type(model).__name__} is not an Ultralytics DetectionModel; {SUPPORTED_TEXT}")
+    elif isinstance(model, (str, Path)) and Path(str(model)).suffix == ".pt":
+        net, _ = load_checkpoint(model)
+    else:
+        d = _yaml_dict(model)
+        _check_yaml(d)
+        if act is not None:
+            d["activation"] = ACTIVATIONS[act]
+        d.pop("casc", None)
+        net = DetectionModel(d, ch=int(d.get("channels", 3)), nc=nc, verbose=verbose)
+    check_supported(net)
+    net.float()
+    quantized = any(isinstance(m, ClipQuan) for m in net.modules())
+    if act is not None and not quantized and _model_act(net) != act:
+        _set_activation(net, act)
+    act = act or _model_act(net)
+    if quantize:
+        return _quantize(net, levels, act, learnable)
+    if quantized:
+        raise ValueError("quantize=False but the model is already a QANN")
+    net.yaml["casc"] = {"levels": None, "act": act, "quantized": False}
+    return net
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain(value):
+    """Metadata as plain Python (dict/list/str/int/float/bool/None) for weights_only loading."""
+    if isinstance(value, dict):
+        return {str(k) if not isinstance(k, (int, str)) else k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return str(value)
+
+
+def _names_dict(names) -> dict[int, str]:
+    if names is None:
+        return {}
+    if isinstance(names, dict):
+        return {int(k): str(v) for k, v in names.items()}
+    return {i: str(n) for i, n in enumerate(names)}
+
+
+def _imgsz_of(value, default: int = 640) -> int:
+    if value is None:
+        return default
+    if isinstance(value, (list, tuple)):
+        return int(max(value))
+    return int(value)
+
+
+def _load_ultralytics(path: Path) -> tuple[DetectionModel, dict]:
+    """An Ultralytics ``.pt`` through Ultralytics' loader. These files are pickles: trusted files only."""
+    from ultralytics.nn.tasks import load_checkpoint as u_load
+
+    model, ckpt = u_load(str(path), device="cpu", inplace=True, fuse=False)
+    if hasattr(model, "fuse") and getattr(model, "is_fused", lambda: False)():
+        raise UnsupportedModelError(f"{path}: the checkpoint holds a fused model (BatchNorm removed); "
+                                    "use the training checkpoint")
+    model = model.float().eval()
+    args = ckpt.get("train_args") or {}
+    meta = {"names": _names_dict(getattr(model, "names", None)), "imgsz": _imgsz_of(args.get("imgsz")),
+            "format": "ultralytics"}
+    return model, meta
+
+
+def load_checkpoint(path: str | Path, sha256: str | None = None, levels: int | None = None,
+                    act: str | None = None) -> tuple[DetectionModel, dict]:
+    """(model, metadata) from this project's safe format or an Ultralytics ``.pt``.
+
+    ``sha256``: expected hex digest, checked before anything is loaded (a mismatch raises ``ValueError``).
+    Our format loads with ``torch.load(weights_only=True)``; an Ultralytics ``.pt`` is a *pickle* and goes
+    through Ultralytics' own loader: load only files you trust. The model is returned as stored (a QANN
+    if it was trained as one, else float); ``levels``/``act`` are only used by ``build_qann``.
+    Metadata: ``names`` (dict), ``imgsz``, ``levels``, ``act``, ``format``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if sha256 is not None:
+        actual = sha256_of(path)
+        if actual.lower() != str(sha256).lower():
+            raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, got {actual} "
+                             "(corrupt or different file)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as error:
+        if "PytorchStreamReader" in str(error) or "zip archive" in str(error):
+            raise ValueError(f"{path} is not a readable checkpoint: {error}") from error
+        ckpt = None
+    if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
+        model = _from_safe(ckpt)
+        meta = {"names": _names_dict(ckpt.get("names")), "imgsz": _imgsz_of(ckpt.get("imgsz")),
+                "format": CHECKPOINT_FORMAT}
+    elif path.suffix == ".pt":
+        model, meta = _load_ultralytics(path)
+    else:
+        raise ValueError(f"{path}: neither a {CHECKPOINT_FORMAT} checkpoint nor an Ultralytics .pt")
+    check_supported(model)
+    info = _casc_meta(model)
+    quantized = any(isinstance(m, ClipQuan) for m in model.modules())
+    meta.update(levels=qann_levels(model) if quantized else None, act=info.get("act") or _model_act(model),
+                quantized=quantized)
+    return model, meta
+
+
+def _from_safe(ckpt: dict) -> DetectionModel:
+    if int(ckpt.get("version", 0)) > CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint format version {ckpt.get('version')} is newer than this library's "
+                         f"({CHECKPOINT_VERSION}); update casc-detector")
+    d = copy.deepcopy(ckpt["yaml"])
+    _check_yaml(d)
+    d.pop("casc", None)
+    model = DetectionModel(d, ch=int(d.get("channels", 3)), nc=int(d["nc"]), verbose=False)
+    if ckpt.get("levels"):
+        to_qann(model, int(ckpt["levels"]), learnable=bool(ckpt.get("learnable")), inplace=True)
+    model.yaml["casc"] = {"levels": ckpt.get("levels"), "act": ckpt.get("act"), "quantized": bool(ckpt.get("levels"))}
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    model.names = _names_dict(ckpt.get("names")) or model.names
+    return model.float().eval()
+
+
+def export_checkpoint(model_or_pt: nn.Module | str | Path | "SpikingYOLO", path: str | Path,
+                      names: dict | Sequence[str] | None = None, imgsz: int | None = None) -> Path:
+    """Write ``model_or_pt`` (a QANN / float DetectionModel, a ``SpikingYOLO``, or a checkpoint path) in this
+    project's safe format: ``{"format", "version", "state_dict", "yaml", "levels", "learnable", "act",
+    "names", "imgsz"}``, loadable with ``torch.load(path, weights_only=True)``. Returns ``path``."""
+    meta: dict = {}
+    if isinstance(model_or_pt, SpikingYOLO):
+        meta = {"names": model_or_pt.names, "imgsz": model_or_pt.imgsz}
+        model = model_or_pt.qann
+    elif isinstance(model_or_pt, (str, Path)):
+        model, meta = load_checkpoint(model_or_pt)
+    else:
+        model = model_or_pt
+    check_supported(model)
+    quant = [m for m in model.modules() if isinstance(m, ClipQuan)]
+    levels = qann_levels(model) if quant else None
+    if quant and levels is None:
+        raise ValueError("export_checkpoint: the QANN's ClipQuan modules have different level counts")
+    yaml = {k: v for k, v in model.yaml.items() if k != "casc"}
+    names = _names_dict(names if names is not None else (meta.get("names") or getattr(model, "names", None)))
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "state_dict": {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
+                       for k, v in model.state_dict().items()},
+        "yaml": _plain(yaml),
+        "levels": levels,
+        "learnable": any(q.learnable for q in quant),
+        "act": _casc_meta(model).get("act") or _model_act(model),
+        "names": [names[i] for i in sorted(names)] if names else None,
+        "imgsz": int(imgsz if imgsz is not None else meta.get("imgsz") or 640),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+# --- the spiking part: the network up to the Detect head's last 1x1 convs ---------------------------------
+
+class _RawDetectHead(nn.Module):
+    """Detect's box and class branches without DFL/decoding: per level ``cat(cv2(x), cv3(x))``."""
+
+    def __init__(self, detect: Detect):
+        super().__init__()
+        self.cv2, self.cv3, self.nl = detect.cv2, detect.cv3, detect.nl
+
+    def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat((self.cv2[i](x[i]), self.cv3[i](x[i])), 1) for i in range(self.nl)]
+
+
+class YOLOReadoutNet(nn.Module):
+    """The layers of an Ultralytics DetectionModel (shared, not copied) routed like ``_predict_once``, ending
+    in the raw per-level head maps ``[B, 4*reg_max + nc, H, W]``: what gets converted to spikes."""
+
+    def __init__(self, model: DetectionModel):
+        super().__init__()
+        check_supported(model)
+        layers = list(model.model)
+        self.layers = nn.ModuleList(layers[:-1])
+        self.head = _RawDetectHead(layers[-1])
+        self.routes = [(m.f, m.i) for m in layers[:-1]]
+        self.head_from = layers[-1].f
+        self.save = set(model.save)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y: list = []
+        for (f, i), m in zip(self.routes, self.layers):
+            if f != -1:
+                x = y[f] if isinstance(f, int) else [x if j == -1 else y[j] for j in f]
+            x = m(x)
+            y.append(x if i in self.save else None)
+        f = self.head_from
+        x = y[f] if isinstance(f, int) else [x if j == -1 else y[j] for j in f]
+        return self.head(x)
+
+
+def attention_paths(net: nn.Module) -> list[str]:
+    """Paths of the attention modules (YOLO11 C2PSA) inside ``net``."""
+    return [p for p, m in net.named_modules() if isinstance(m, Attention)]
+
+
+# --- detections -----------------------------------------------------------------------------------------
+
+@dataclass
+class Detections:
+    """Detections of one image. ``boxes``: xyxy float pixels of the ORIGINAL image (letterbox undone)."""
+
+    boxes: torch.Tensor  # [n, 4] float32
+    scores: torch.Tensor  # [n] float32
+    classes: torch.Tensor  # [n] int64
+    names: dict[int, str]
+    orig_shape: tuple[int, int]  # (height, width)
+    steps: int | None = None  # total time steps T = wake + sleep used (None for the QANN)
+    wake: int | None = None
+    spikes: float | None = None  # spike events for this image, all steps
+    energy_uj: float | None = None  # estimated energy (SOPs at 0.9 pJ + MACs at 4.6 pJ), microjoules
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @property
+    def labels(self) -> list[str]:
+        return [self.names.get(int(c), str(int(c))) for c in self.classes]
+
+    def to_list(self) -> list[dict]:
+        """Plain dicts (JSON-ready): box, score, class, name."""
+        return [{"box": [float(v) for v in b], "score": float(s), "class": int(c), "name": n}
+                for b, s, c, n in zip(self.boxes, self.scores, self.classes, self.labels)]
+
+
+@dataclass
+class DetectionEvent:
+    """One time step of ``SpikingYOLO.stream``: the detections decoded from the readouts so far."""
+
+    t: int  # total steps so far (wake + sleep)
+    phase: str  # "wake" or "sleep"
+    wake: int  # wake steps so far
+    detections: Detections
+    spikes: float | None  # spike events in this step
+    cumulative_spikes: float | None  # spike events so far
+    settled: bool  # a silent sleep step has confirmed the fixed point
+
+
+def _to_bgr(image, color: str) -> np.ndarray:
+    """One image as HxWx3 uint8 BGR (Ultralytics' convention)."""
+    import cv2
+
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        array = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if array is None:
+            raise ValueError(f"cannot read image: {path}")
+        return array
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        return np.ascontiguousarray(np.asarray(image.convert("RGB"))[..., ::-1])
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(f"numpy images must be HxWx3, got shape {image.shape}")
+        image = image[..., :3]
+        if image.dtype != np.uint8:
+            raise ValueError(f"numpy images must be uint8, got {image.dtype}")
+        if color == "rgb":
+            image = image[..., ::-1]
+        elif color != "bgr":
+            raise ValueError(f'color must be "bgr" or "rgb", got {color!r}')
+        return np.ascontiguousarray(image)
+    raise TypeError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or an HxWx3 "
+                    "uint8 numpy array")
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+class SpikingYOLO:
+    """A YOLO QANN converted to a spiking network, with Ultralytics' pre- and post-processing.
+
+    Attributes: ``qann`` (the DetectionModel QANN, eval), ``snn`` (the ``SpikingNetwork``; its readouts are
+    the raw per-level head maps), ``levels``, ``names``, ``imgsz``, ``analog`` (island paths),
+    ``analog_mac_fraction`` (after a run).
+
+    Image inputs: file paths (read with OpenCV), PIL images (RGB, converted), or HxWx3 uint8 numpy arrays
+    which are taken as **BGR** (OpenCV / Ultralytics convention) unless ``color="rgb"``. Each image is
+    letterboxed to ``imgsz`` x ``imgsz`` (gray 114 padding); boxes are returned in original pixels.
+    """
+
+    def __init__(self, qann: DetectionModel, names: dict | Sequence[str] | None = None, imgsz: int = 640,
+                 analog: str | Sequence[str] | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        check_supported(qann)
+        if not any(isinstance(m, ClipQuan) for m in qann.modules()):
+            raise ValueError("SpikingYOLO needs a QANN (ClipQuan activations): build_qann(model, levels) or "
+                             "from_checkpoint(path, levels=L) for a float checkpoint")
+        self.qann = copy.deepcopy(qann).to(device=device, dtype=dtype).eval()
+        for p in self.qann.parameters():
+            p.requires_grad_(False)
+        self.levels = qann_levels(self.qann)
+        self.names = _names_dict(names) or _names_dict(getattr(qann, "names", None))
+        self.imgsz = int(imgsz)
+        self.stride = int(max(self.qann.stride)) if hasattr(self.qann, "stride") else 32
+        if self.imgsz % self.stride:
+            raise ValueError(f"imgsz {self.imgsz} must be a multiple of the model stride {self.stride}")
+        self.device, self.dtype = torch.device(device), dtype
+        self.readout_net = YOLOReadoutNet(self.qann).eval()
+        found = attention_paths(self.readout_net)
+        if analog == "auto":
+            analog = found
+        analog = [] if analog is None else ([analog] if isinstance(analog, str) else list(analog))
+        missing = [p for p in found if p not in analog]
+        if missing:
+            raise UnsupportedModelError(
+                "this model has attention modules that cannot spike: " + ", ".join(missing)
+                + ". Keep them as analog islands (hybrid SNN) with analog='auto' or analog=[those paths]; the "
+                "fraction of MACs left analog is reported in snn.last_stats.analog_mac_fraction")
+        self.analog = analog
+        self.snn: SpikingNetwork = convert(self.readout_net, analog=analog)
+        self.decoder: Detect = copy.deepcopy(self.qann.model[-1]).eval()
+        self.decoder.dynamic = True  # recompute anchors per call (shape and dtype may change)
+        self.decoder.export = False
+
+    # -- constructors --
+
+    @classmethod
+    def from_model(cls, qann: DetectionModel, names=None, imgsz: int = 640, analog=None, device="cpu",
+                   dtype: torch.dtype = torch.float32) -> "SpikingYOLO":
+        """From a QANN ``DetectionModel`` (e.g. ``build_qann(...)``); ``names`` default to the model's."""
+        return cls(qann, names=names, imgsz=imgsz, analog=analog, device=device, dtype=dtype)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, sha256: str | None = None, device="cpu",
+                        dtype: torch.dtype = torch.float32, levels: int | None = None, analog=None,
+                        imgsz: int | None = None) -> "SpikingYOLO":
+        """From our safe checkpoint or an Ultralytics ``.pt`` (a pickle: trusted files only).
+
+        A float checkpoint (SiLU or ReLU) needs ``levels`` and is quantized here (its ClipQuan staircase is
+        only accurate after QANN fine-tuning: ``casc train yolo``)."""
+        model, meta = load_checkpoint(path, sha256=sha256)
+        if not meta["quantized"]:
+            if levels is None:
+                raise ValueError(f"{path} holds a float model: pass levels=L to quantize it (and fine-tune it "
+                                 "with `casc train yolo` for accuracy)")
+            model = _quantize(model, levels, meta["act"])
+        elif levels is not None and levels != meta["levels"]:
+            raise ValueError(f"{path} is a QANN with {meta['levels']} levels, not {levels}")
+        return cls(model, names=meta["names"], imgsz=imgsz or meta["imgsz"], analog=analog, device=device,
+                   dtype=dtype)
+
+    # -- pre / post-processing --
+
+    def preprocess(self, images, color: str = "bgr") -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Letterboxed batch [B, 3, imgsz, imgsz] (RGB, 0..1, network dtype) and original (h, w) shapes."""
+        from ultralytics.data.augment import LetterBox
+
+        images = _as_list(images)
+        if not images:
+            raise ValueError("no images given")
+        letterbox = LetterBox(new_shape=(self.imgsz, self.imgsz), auto=False, stride=self.stride)
+        arrays, shapes = [], []
+        for image in images:
+            bgr = _to_bgr(image, color)
+            shapes.append(tuple(bgr.shape[:2]))
+            arrays.append(letterbox(image=bgr))
+        batch = np.stack(arrays)[..., ::-1].transpose(0, 3, 1, 2)  # BGR -> RGB, BHWC -> BCHW
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        return x.to(self.dtype) / 255.0, shapes
+
+    def decode(self, maps: list[torch.Tensor], shapes: list[tuple[int, int]] | None = None, conf: float = 0.25,
+               iou: float = 0.7, max_det: int = 300, classes: list[int] | None = None,
+               agnostic: bool = False) -> list[Detections]:
+        """Raw head maps (accumulated readouts or QANN output) -> Detections, with Ultralytics' decoding
+        (DFL + ``Detect._inference``) and ``non_max_suppression``; boxes scaled back to ``shapes``."""
+        from ultralytics.utils import ops
+        from ultralytics.utils.nms import non_max_suppression
+
+        detect = self.decoder
+        b = maps[0].shape[0]
+        reg = 4 * detect.reg_max
+        boxes = torch.cat([m[:, :reg].reshape(b, reg, -1) for m in maps], -1)
+        scores = torch.cat([m[:, reg:].reshape(b, detect.nc, -1) for m in maps], -1)
+        with torch.no_grad():
+            pred = detect._inference({"boxes": boxes, "scores": scores, "feats": maps})
+            out = non_max_suppression(pred, conf, iou, classes=classes, agnostic=agnostic, max_det=max_det,
+                                      nc=detect.nc, max_time_img=1e9)
+        input_hw = (self.imgsz, self.imgsz)
+        results = []
+        for i, det in enumerate(out):
+            shape = shapes[i] if shapes else input_hw
+            xyxy = det[:, :4].clone()
+            if shapes:
+                xyxy = ops.scale_boxes(input_hw, xyxy, shape)
+            results.append(Detections(boxes=xyxy.float().cpu(), scores=det[:, 4].float().cpu(),
+                                      classes=det[:, 5].long().cpu(), names=self.names,
+                                      orig_shape=(int(shape[0]), int(shape[1]))))
+        return results
+
+    def _inputs(self, images, color):
+        if isinstance(images, torch.Tensor):  # already preprocessed [B, 3, imgsz, imgsz], RGB 0..1
+            if images.dim() != 4 or tuple(images.shape[2:]) != (self.imgsz, self.imgsz):
+                raise ValueError(f"tensor input must be [B, 3, {self.imgsz}, {self.imgsz}], got {tuple(images.shape)}")
+            return images.to(self.device, self.dtype), None
+        return self.preprocess(images, color)
+
+    # -- running --
+
+    @torch.no_grad()
+    def raw(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
+            burst: int = 1, max_sleep: int = 256) -> list[torch.Tensor]:
+        """Accumulated SNN readouts (raw per-level maps) for a preprocessed batch ``x``."""
+        return self.snn.run(x, wake=wake if wake is not None else self.levels, sleep=sleep, mode=mode, burst=burst,
+                            max_sleep=max_sleep)
+
+    @torch.no_grad()
+    def qann_raw(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The QANN's raw per-level maps for a preprocessed batch ``x`` (what the SNN reproduces)."""
+        return self.readout_net(x)
+
+    @torch.no_grad()
+    def predict(self, images, wake: int | None = None, sleep: int | str = "auto", conf: float = 0.25,
+                iou: float = 0.7, max_det: int = 300, mode: str = "step", burst: int = 1, batch: int = 8,
+                color: str = "bgr", classes: list[int] | None = None, max_sleep: int = 256) -> list[Detections]:
+        """Spiking detection: one ``Detections`` per image (``wake`` defaults to the QANN's levels; with
+        ``sleep="auto"`` each image runs until its network is quiet). ``images``: path(s), PIL, BGR numpy
+        (``color="rgb"`` for RGB arrays), or a preprocessed tensor batch."""
+        wake = wake if wake is not None else self.levels
+        results: list[Detections] = []
+        items = images if isinstance(images, torch.Tensor) else _as_list(images)
+        for start in range(0, len(items), batch):
+            x, shapes = self._inputs(items[start:start + batch], color)
+            maps = self.snn.run(x, wake=wake, sleep=sleep, mode=mode, burst=burst, max_sleep=max_sleep)
+            dets = self.decode(maps, shapes, conf, iou, max_det, classes)
+            stats, steps = self.snn.last_stats, self.snn.last_steps
+            for i, d in enumerate(dets):
+                d.steps, d.wake = int(steps[i]), wake
+                d.spikes = float(stats.spikes[i])
+                d.energy_uj = float(stats.energy_pj[i]) * 1e-6
+            results.extend(dets)
+        return results
+
+    @torch.no_grad()
+    def qann_predict(self, images, conf: float = 0.25, iou: float = 0.7, max_det: int = 300, batch: int = 8,
+                     color: str = "bgr", classes: list[int] | None = None) -> list[Detections]:
+        """The QANN through the same pre- and post-processing (the reference the SNN reproduces)."""
+        results: list[Detections] = []
+        items = images if isinstance(images, torch.Tensor) else _as_list(images)
+        for start in range(0, len(items), batch):
+            x, shapes = self._inputs(items[start:start + batch], color)
+            results.extend(self.decode(self.readout_net(x), shapes, conf, iou, max_det, classes))
+        return results
+
+    @torch.no_grad()
+    def stream(self, image, wake: int | None = None, sleep: int | str = "auto", conf: float = 0.25,
+               iou: float = 0.7, max_det: int = 300, burst: int = 1, color: str = "bgr",
+               classes: list[int] | None = None, max_sleep: int = 256) -> Iterator[DetectionEvent]:
+        """Anytime detection of one image: after every time step, the detections decoded from the readouts
+        so far, with spike counts. The last event's detections equal ``predict``'s (step mode)."""
+        if isinstance(image, (list, tuple)):
+            if len(image) != 1:
+                raise ValueError("stream takes one image")
+            image = image[0]
+        x, shapes = self._inputs(image if isinstance(image, torch.Tensor) else [image], color)
+        if x.shape[0] != 1:
+            raise ValueError("stream takes one image")
+        wake = wake if wake is not None else self.levels
+        total = 0.0
+        for event in self.snn.stream(x, wake=wake, sleep=sleep, burst=burst, max_sleep=max_sleep):
+            dets = self.decode(event.readout, shapes, conf, iou, max_det, classes)[0]
+            if event.spikes is not None:
+                total += event.spikes
+            dets.steps, dets.wake, dets.spikes = event.t, event.wake, total
+            yield DetectionEvent(t=event.t, phase=event.phase, wake=event.wake, detections=dets,
+                                 spikes=event.spikes, cumulative_spikes=total, settled=bool(event.settled[0]))
+        stats = self.snn.last_stats
+        if stats is not None:
+            dets.energy_uj = float(stats.energy_pj[0]) * 1e-6
+
+    @property
+    def analog_mac_fraction(self) -> float:
+        """Fraction of one forward's MACs inside analog islands (0 for a pure SNN; after a run)."""
+        stats = self.snn.last_stats
+        return stats.analog_mac_fraction if stats is not None else (0.0 if not self.analog else float("nan"))
+
+
+# --- training with the Ultralytics trainer -----------------------------------------------------------------
+
+def _trainer_class():
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    class QANNDetectionTrainer(DetectionTrainer):
+        """Ultralytics DetectionTrainer whose model is our QANN (or the float model with ``casc_float``)."""
+
+        casc_levels: int | None = 4
+        casc_act: str | None = None
+        casc_float: bool = False
+
+        def get_model(self, cfg=None, weights=None, verbose=True):
+            info = dict(cfg.get("casc", {})) if isinstance(cfg, dict) else {}
+            levels = self.casc_levels if self.casc_levels is not None else info.get("levels")
+            act = self.casc_act or info.get("act")
+            quantize = not self.casc_float
+            source = cfg if cfg is not None else "yolov8n.yaml"
+            if isinstance(source, dict):
+                source = {k: v for k, v in source.items() if k != "casc"}
+            model = build_qann(source, levels=levels, act=act, nc=self.data["nc"], quantize=False,
+                               verbose=verbose)
+            model = self.set_model_names_for_load(model) if hasattr(self, "set_model_names_for_load") else model
+            if weights:
+                model.load(weights)
+            if quantize:
+                model = _quantize(model, levels, act or _model_act(model))
+            return model
+
+    return QANNDetectionTrainer
+
+
+def train(model: str | Path = "yolov8n.yaml", data: str | Path = "coco8.yaml", levels: int = 4, epochs: int = 100,
+          imgsz: int = 640, batch: int = 16, device: str | None = None, act: str | None = None,
+          float_model: bool = False, out: str | Path = "runs/casc/train", workers: int = 2, resume: bool = False,
+          plots: bool = True, **overrides) -> Path:
+    """Fine-tune (a ``.pt``) or train (a YAML) the QANN with the Ultralytics trainer; returns ``best.pt``
+    (an Ultralytics checkpoint holding the QANN, loadable by ``YOLO(path)`` and ``load_checkpoint``) and
+    writes ``best.casc.pt`` (our safe format) beside it."""
+    model_path = Path(str(model))
+    if model_path.suffix == ".pt" and not model_path.is_file():
+        raise FileNotFoundError(f"model checkpoint not found: {model}")
+    if model_path.suffix in {".yaml", ".yml"}:
+        _check_yaml(_yaml_dict(str(model)))
+    data_path = Path(str(data))
+    if data_path.suffix in {".yaml", ".yml"} and not data_path.is_file() and data_path.parent != Path("."):
+        raise FileNotFoundError(f"data YAML not found: {data}")
+    if act is not None and act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    out = Path(out).resolve()
+    args = dict(model=str(model), data=str(data), epochs=int(epochs), imgsz=int(imgsz), batch=int(batch),
+                workers=int(workers), project=str(out.parent), name=out.name, exist_ok=True, plots=bool(plots),
+                pretrained=model_path.suffix == ".pt")
+    if device is not None:
+        args["device"] = device
+    if resume:
+        last = out / "weights" / "last.pt"
+        if not last.is_file():
+            raise FileNotFoundError(f"--resume: no {last} to resume from")
+        args = {"resume": str(last), "model": str(last)}
+    args.update(overrides)
+    trainer_cls = _trainer_class()
+    trainer_cls.casc_levels = None if float_model else int(levels)
+    trainer_cls.casc_act = act
+    trainer_cls.casc_float = bool(float_model)
+    trainer = trainer_cls(overrides=args)
+    trainer.train()
+    best = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
+    if not best.is_file():
+        raise RuntimeError(f"training wrote no checkpoint under {out}")
+    export_checkpoint(best, best.with_suffix(".casc.pt"), imgsz=imgsz)
+    return best
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``casc train yolo``."""
+    parser.add_argument("--model", default="yolov8n.yaml",
+                        help="model YAML (yolov8n.yaml, yolov5nu.yaml, yolo11n.yaml, ...) or a .pt to fine-tune "
+                             "(Ultralytics .pt files are pickles: trusted files only)")
+    parser.add_argument("--data", required=True, help="Ultralytics dataset YAML (YOLO format)")
+    parser.add_argument("--levels", type=int, default=4, help="quantization levels L of ClipQuan")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", default=None, help="cpu, 0, 0,1, ... (default: Ultralytics' choice)")
+    parser.add_argument("--act", choices=sorted(ACTIVATIONS), default=None,
+                        help="float activation before quantization (default: the model's own; SiLU for YAMLs)")
+    parser.add_argument("--float", dest="float_model", action="store_true",
+                        help="train the float model without quantization (e.g. the ReLU net of the IF baseline)")
+    parser.add_argument("--out", default="runs/casc/train", help="output directory (weights/ inside)")
+    parser.add_argument("--workers", type=int, default=2, help="data loader workers")
+    parser.add_argument("--resume", action="store_true", help="resume from OUT/weights/last.pt")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip Ultralytics' plots")
+
+
+def train_from_args(args: argparse.Namespace) -> Path:
+    """Run ``casc train yolo``; returns the written checkpoint (``best.pt``)."""
+    return train(model=args.model, data=args.data, levels=args.levels, epochs=args.epochs, imgsz=args.imgsz,
+                 batch=args.batch, device=args.device, act=args.act, float_model=args.float_model, out=args.out,
+                 workers=args.workers, resume=args.resume, plots=getattr(args, "plots", True))
