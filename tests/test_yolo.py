@@ -22,6 +22,7 @@ from detector.models.yolo import (  # noqa: E402
 )
 from detector.neurons import Neuron  # noqa: E402
 from detector.pooling import LIPool  # noqa: E402
+from detector.weights import sha256_of  # noqa: E402
 
 ASSETS = Path(__import__("ultralytics").__file__).parent / "assets"
 PHOTOS = [ASSETS / "bus.jpg", ASSETS / "zidane.jpg"]
@@ -297,7 +298,7 @@ def test_missing_paths_and_bad_sha256(tmp_path):
     path = export_checkpoint(qann, tmp_path / "q.pt", names=["a", "b", "c"], imgsz=64)
     with pytest.raises(ValueError, match="sha256 mismatch"):
         SpikingYOLO.from_checkpoint(path, sha256="0" * 64)
-    det = SpikingYOLO.from_checkpoint(path, sha256=yolo.sha256_of(path))
+    det = SpikingYOLO.from_checkpoint(path, sha256=sha256_of(path))
     assert det.levels == 2 and det.names == {0: "a", 1: "b", 2: "c"} and det.imgsz == 64
     with pytest.raises(FileNotFoundError):
         det.predict(tmp_path / "missing.jpg")

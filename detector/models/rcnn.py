@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import math
 import sys
 from collections import OrderedDict
@@ -56,6 +55,7 @@ from ..convert import UnsupportedModuleError, convert, register_linear_module, r
 from ..fuse import register_bn_pairs
 from ..quant import ClipQuan, qann_levels, to_qann
 from ..runtime import SpikingNetwork
+from ..weights import verify_sha256
 
 # --- registrations (what the converter must know about torchvision's detection modules) -------
 
@@ -240,23 +240,10 @@ class RCNNEvent:
     final: bool = False  # the last event; its detections equal predict()'s
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_checkpoint(path: str | Path, sha256: str | None = None) -> dict:
     """``torch.load(weights_only=True)`` after the file check and the optional sha256 check."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if sha256 is not None:
-        digest = _sha256(path)
-        if digest.lower() != sha256.lower().strip():
-            raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, file has {digest}")
+    verify_sha256(path, sha256)
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a state dict or a checkpoint dict, got {type(data).__name__}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import math
 import pickle
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from ..convert import convert, register_linear_module, register_nonlinear_module
 from ..fuse import register_bn_pairs  # noqa: E402
 from ..quant import ClipQuan, activation_references, qann_levels, to_qann  # noqa: E402
 from ..runtime import SpikingNetwork  # noqa: E402
+from ..weights import verify_sha256  # noqa: E402
 
 __all__ = [
     "SpikingYOLO", "Detections", "DetectionEvent", "UnsupportedModelError", "build_qann", "load_checkpoint",
@@ -204,14 +204,6 @@ def build_qann(model: str | Path | dict | nn.Module = "yolov8n.yaml", levels: in
 
 # --- checkpoints ------------------------------------------------------------------------------------------
 
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _plain(value):
     """Metadata as plain Python (dict/list/str/int/float/bool/None) for weights_only loading."""
     if isinstance(value, dict):
@@ -267,13 +259,7 @@ def load_checkpoint(path: str | Path, sha256: str | None = None, levels: int | N
     Metadata: ``names`` (dict), ``imgsz``, ``levels``, ``act``, ``format``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if sha256 is not None:
-        actual = sha256_of(path)
-        if actual.lower() != str(sha256).lower():
-            raise ValueError(f"sha256 mismatch for {path}: expected {sha256}, got {actual} "
-                             "(corrupt or different file)")
+    verify_sha256(path, sha256)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as error:
