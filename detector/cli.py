@@ -2,6 +2,8 @@
 
     casc demo                      convert a built-in network and print its fidelity table
     casc train yolo|rcnn ...       train / fine-tune a QANN (see ``casc train yolo --help``)
+    casc eval ...                  mAP-vs-timestep curves (eval/)
+    casc serve ...                 the HTTP service (service/)
 
 Each sub-command lives in the module that owns the work; this file only wires them, and imports
 a module when its command is used (so ``casc demo`` does not import Ultralytics).
@@ -15,6 +17,11 @@ import sys
 
 # family -> module exposing add_train_arguments(parser) and train_from_args(args)
 TRAINERS = {"yolo": "detector.models.yolo", "rcnn": "detector.models.rcnn"}
+# command -> module exposing add_arguments(parser) and main(args) -> exit code
+COMMANDS = {
+    "eval": ("eval.runner", "mAP against time steps for ANN, QANN, CASC SNN and the IF baseline"),
+    "serve": ("service.server", "serve spiking detectors over HTTP (FastAPI)"),
+}
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -45,6 +52,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
             module.add_train_arguments(family_parser)
             family_parser.set_defaults(func=lambda a, m=module: _train(m, a))
+    for command, (module_name, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(command, help=help_text)
+        if argv and argv[0] == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(command_parser)
+            command_parser.set_defaults(func=module.main)
     return parser
 
 
