@@ -3,7 +3,8 @@
 Rewrite rules (DESIGN §1): ClipQuan -> CIF neuron (one state per call site); ReLU -> IF neuron
 for the baseline; max-pool -> LIPool; conv / linear / unfoldable BatchNorm -> Synapse (bias
 gated by the runtime); modules named in ``analog=[...]`` -> AnalogIsland. Everything else must be
-linear in its input (pass-through), which the validation checks module by module.
+linear in its input (pass-through): ``validate`` checks the module tree, and the first stack of
+every run traces the functions applied to the signal (``flow.SpikeFlowTrace``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .errors import UnsupportedModuleError
 from .fuse import BATCHNORMS, fold_batchnorm
 from .islands import AnalogIsland
 from .neurons import CIFNeuron, IFNeuron, Neuron
@@ -54,15 +56,6 @@ def register_nonlinear_module(module_type: type[nn.Module]) -> None:
     _NONLINEAR.append(module_type)
 
 
-class UnsupportedModuleError(ValueError):
-    """The model holds modules that cannot be turned into spiking ones; lists every one."""
-
-    def __init__(self, problems: list[tuple[str, str, str]], hint: str = ""):
-        self.problems = problems
-        lines = [f"  {path or '<root>'} ({kind}): {why}" for path, kind, why in problems]
-        super().__init__("cannot convert these modules:\n" + "\n".join(lines) + (f"\n{hint}" if hint else ""))
-
-
 def _activation_types(neuron: str | Callable) -> tuple[type[nn.Module], ...]:
     return (nn.ReLU, ClipQuan) if neuron == "if" else (ClipQuan,)
 
@@ -84,14 +77,20 @@ def _module_problems(model: nn.Module, neuron, analog: set[str]) -> list[tuple[s
             problems.append((path, kind, why))
         elif isinstance(module, MAX_POOLS) and getattr(module, "return_indices", False):
             problems.append((path, kind, "max-pool returning indices is not supported"))
-        elif not module._modules and not isinstance(module, allowed_leaves):
-            problems.append((path, kind, "unknown module: not known to be linear (register_linear_module "
-                                         "if it is, or keep it analog)"))
+        elif not module._modules and not isinstance(module, allowed_leaves) and _has_tensors(module):
+            # A parameter-free leaf is judged by the functions it applies (the run's flow trace);
+            # one with weights does arithmetic we cannot see.
+            problems.append((path, kind, "unknown module with weights: not known to be linear "
+                                         "(register_linear_module if it is, or keep it analog)"))
         for name, child in module.named_children():
             visit(child, f"{path}.{name}" if path else name)
 
     visit(model, "")
     return problems
+
+
+def _has_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
 
 
 def validate(model: nn.Module, neuron: str | Callable = "cif", analog: Iterable[str] = ()) -> None:

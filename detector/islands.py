@@ -50,5 +50,4 @@ class AnalogIsland(CallSiteModule):
             sim.recorder.record_island(self.site(index), counter.macs, steps)
         out = torch.stack(outs)
         sim.note_activity(out.flatten(2).ne(0).any(2).flatten())
-        sim.analog_input = True  # what follows an island receives analog values
         return out.flatten(0, 1)

@@ -38,7 +38,6 @@ class Neuron(CallSiteModule):
             spikes = torch.empty_like(per_step)
             for t in range(steps):
                 spikes[t] = self.update(state, per_step[t], theta, sim.wake_counts[t], sim.sleeping)
-        sim.analog_input = False
         counts = spikes.abs().flatten(2).sum(2)  # events per (step, sample); a burst of n is n events
         sim.note_activity((counts > 0).flatten())
         if sim.record:

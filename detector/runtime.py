@@ -11,6 +11,7 @@ and only neurons loop over time; it needs a forward pass that treats batch rows 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .energy import RunStats, StatsRecorder
+from .flow import ANALOG, SpikeFlowTrace
 from .neurons import Neuron
 from .state import CallSiteModule, SimulationState
 from .synapses import Synapse
@@ -36,8 +38,15 @@ def tree_map(fn, tree):
     if isinstance(tree, list):
         return [tree_map(fn, t) for t in tree]
     if isinstance(tree, dict):
-        return {k: tree_map(fn, v) for k, v in tree.items()}
+        return _same_mapping(tree, {k: tree_map(fn, v) for k, v in tree.items()})
     return tree
+
+
+def _same_mapping(like: dict, values: dict) -> dict:
+    """``values`` in a mapping of ``like``'s type (an OrderedDict stays one)."""
+    out = copy.copy(like)
+    out.update(values)
+    return out
 
 
 def tree_add(a, b):
@@ -52,7 +61,7 @@ def tree_add(a, b):
     if isinstance(a, list):
         return [tree_add(x, y) for x, y in zip(a, b)]
     if isinstance(a, dict):
-        return {k: tree_add(a[k], b[k]) for k in a}
+        return _same_mapping(a, {k: tree_add(a[k], b[k]) for k in a})
     return a
 
 
@@ -81,9 +90,8 @@ class SpikingNetwork(nn.Module):
         self.analog = analog
         self.batchnorm_folded, self.batchnorm_kept = batchnorm
         self.stateful = [m for m in model.modules() if isinstance(m, CallSiteModule)]
-        for m in model.modules():
-            if isinstance(m, (CallSiteModule, Synapse)):
-                m.sim = sim
+        for m in self.stateful:
+            m.sim = sim
         self.last_stats: RunStats | None = None
         self.last_steps: torch.Tensor | None = None
         first = next((m.layer for m in model.modules() if isinstance(m, Synapse)), None)
@@ -158,7 +166,8 @@ class SpikingNetwork(nn.Module):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         return wake
 
-    def _forward_stack(self, x: torch.Tensor, sleeping: bool, wake_counts: list[int], batch: int):
+    def _forward_stack(self, x: torch.Tensor, sleeping: bool, wake_counts: list[int], batch: int,
+                       first: bool = False):
         steps = len(wake_counts)
         self.sim.begin_stack(sleeping, wake_counts, batch, x.device)
         for m in self.stateful:
@@ -166,7 +175,13 @@ class SpikingNetwork(nn.Module):
         recorder = self.sim.recorder
         if recorder is not None:
             recorder.begin_stack(steps)
-        out = self.model(x)
+        if first:  # learn which synapses receive spikes; refuse hidden non-linear functions
+            with SpikeFlowTrace(self.model) as trace:
+                trace.mark(x, ANALOG)
+                out = self.model(x)
+            trace.raise_problems()
+        else:
+            out = self.model(x)
         if recorder is not None:
             recorder.end_stack()
         return out if steps == 1 else tree_map(lambda t: t.unflatten(0, (steps, -1)).sum(0), out)
@@ -192,13 +207,13 @@ class SpikingNetwork(nn.Module):
         settled_at = torch.zeros(batch, dtype=torch.long)  # sleep steps up to the silent one; 0: not yet
         if mode == "step":
             for k in range(1, wake + 1):
-                total = tree_add(total, self._forward_stack(x, False, [k], batch))
+                total = tree_add(total, self._forward_stack(x, False, [k], batch, first=k == 1))
                 t += 1
                 if stream:
                     yield event("wake", k, settled_at > 0)
         else:
             stacked = x.unsqueeze(0).expand(wake, *x.shape).reshape(wake * batch, *x.shape[1:])
-            total = self._forward_stack(stacked, False, list(range(1, wake + 1)), batch)
+            total = self._forward_stack(stacked, False, list(range(1, wake + 1)), batch, first=True)
             t = wake
 
         limit = max_sleep if sleep == "auto" else sleep

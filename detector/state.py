@@ -26,13 +26,10 @@ class SimulationState:
     recorder: object | None = None  # energy.StatsRecorder when record is on
     # Per stack: which (step, sample) saw any neuron or island output; drives sleep="auto".
     activity: torch.Tensor | None = None
-    # True until a neuron runs in this stack: synapses before it receive analog input (MACs).
-    analog_input: bool = True
 
     def begin_stack(self, sleeping: bool, wake_counts: list[int], batch: int, device) -> None:
         self.steps, self.sleeping, self.wake_counts, self.batch = len(wake_counts), sleeping, wake_counts, batch
         self.activity = torch.zeros(self.steps, batch, dtype=torch.bool, device=device)
-        self.analog_input = True
 
     def note_activity(self, per_row: torch.Tensor) -> None:
         """OR a per-row activity flag [steps * rows] into the per-(step, sample) map."""

@@ -3,7 +3,7 @@
 Wake steps run the layer with its bias; sleep steps run it without (a flag of the simulation,
 the weights are never swapped). In sleep, rows whose input carries no spike are skipped
 (event-driven): their output is exactly zero. Each layer also counts its work: MACs where its
-input is analog (before any neuron), synaptic operations (input events x real fan-out) otherwise.
+input is analog (the image, another synapse's output), synaptic operations (input events x real fan-out) otherwise.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .energy import layer_macs
-from .state import SimulationState
+from .state import CallSiteModule
 
 
 class ChannelAffine(nn.Module):
@@ -36,8 +36,12 @@ class ChannelAffine(nn.Module):
 SYNAPTIC_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, ChannelAffine)
 
 
-class Synapse(nn.Module):
-    """Wraps one conv / linear / affine layer (weights shared with the QANN it came from)."""
+class Synapse(CallSiteModule):
+    """Wraps one conv / linear / affine layer (weights shared with the QANN it came from).
+
+    Its per-call-site state is whether that call's input carries spikes (synaptic operations) or
+    an analog current (MACs), learnt from the run's flow trace (``flow.SpikeFlowTrace``).
+    """
 
     kind = "synapse"
 
@@ -46,10 +50,13 @@ class Synapse(nn.Module):
         if not isinstance(layer, SYNAPTIC_LAYERS):
             raise TypeError(f"Synapse wraps {', '.join(t.__name__ for t in SYNAPTIC_LAYERS)}, got {type(layer).__name__}")
         self.layer = layer
-        self.sim: SimulationState | None = None
-        self.site_name = ""
         self._out_shapes: dict[torch.Size, torch.Size] = {}
         self._fanouts: dict[tuple, torch.Tensor] = {}
+        self._traced_spikes = False
+
+    def note_input_kind(self, spikes: bool) -> None:
+        """Called by the flow trace right before this layer runs."""
+        self._traced_spikes = spikes
 
     def apply_layer(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         layer = self.layer
@@ -61,6 +68,8 @@ class Synapse(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sim = self.sim
+        _, spike_input = self.next_state(lambda: self._traced_spikes)
+        self._traced_spikes = False
         if not sim.sleeping:
             y = self.apply_layer(x, bias=True)
             self._out_shapes[x.shape[1:]] = y.shape[1:]
@@ -76,7 +85,7 @@ class Synapse(nn.Module):
                     index = active.nonzero().squeeze(1)
                     y.index_copy_(0, index, self.apply_layer(x.index_select(0, index), bias=False))
         if sim.record:
-            self._record(x, y, active)
+            self._record(x, y, active, spike_input)
         return y
 
     # --- work counting -------------------------------------------------------------------
@@ -105,12 +114,12 @@ class Synapse(nn.Module):
         events = x.flatten(1).ne(0).sum(1, dtype=x.dtype)
         return events * layer.out_features if isinstance(layer, nn.Linear) else events
 
-    def _record(self, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None) -> None:
+    def _record(self, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, spike_input: bool) -> None:
         sim = self.sim
         steps = sim.steps
         per_row_macs = layer_macs(self.layer, y) // max(y.shape[0], 1)
         skipped = 0 if active is None else x.shape[0] - active.sum()
-        if sim.analog_input:
+        if not spike_input:
             computed = torch.full((x.shape[0],), float(per_row_macs), device=x.device)
             ops, analog = None, (computed if active is None else computed * active).view(steps, -1)
         else:

@@ -47,7 +47,7 @@ def test_unquantized_activation_and_missing_activation():
         convert(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()))
     with pytest.raises(ValueError, match="no activation"):
         convert(nn.Sequential(nn.Conv2d(3, 3, 1)))
-    with pytest.raises(UnsupportedModuleError, match="unknown module"):
+    with pytest.raises(UnsupportedModuleError, match="unknown module with weights"):
         convert(nn.Sequential(nn.Conv2d(3, 3, 1), ClipQuan(4), nn.Bilinear(3, 3, 3)))
 
 
@@ -206,3 +206,64 @@ def test_input_size_change_needs_no_manual_reset():
     for size in (4, 7):
         x = x64(1, 3, size, size)
         torch.testing.assert_close(snn.run(x, wake=4), qann(x).detach(), rtol=0, atol=1e-9)
+
+
+class HiddenGate(nn.Module):
+    """Only linear leaves, but a functional sigmoid gate in forward (squeeze-excitation style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.conv(x))
+
+
+class FunctionalPools(nn.Module):
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel = kernel
+
+    def forward(self, x):
+        return nn.functional.max_pool2d(x, self.kernel, 2)
+
+
+def hidden(module):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ClipQuan(4), module, nn.Conv2d(4, 2, 1)).double().eval()
+
+
+@pytest.mark.parametrize("module,function", [(HiddenGate(), "sigmoid"), (FunctionalPools(3), "max_pool2d")])
+def test_hidden_functional_nonlinearity_stops_the_first_run_naming_the_module(module, function):
+    qann = hidden(module)
+    snn = convert(qann)  # the module tree alone looks linear
+    with pytest.raises(UnsupportedModuleError) as info:
+        snn.run(x64(1, 3, 6, 6), wake=4)
+    assert info.value.problems[0][:2] == ("2", function)
+    island = convert(qann, analog=["2"])  # kept analog, it is exact
+    x = x64(2, 3, 6, 6)
+    torch.testing.assert_close(island.run(x, wake=4), qann(x).detach(), rtol=0, atol=1e-9)
+
+
+def test_strided_subsample_and_products_with_constants_are_linear():
+    qann = hidden(FunctionalPools(1))  # kernel 1: torchvision's LastLevelMaxPool
+    x = x64(2, 3, 6, 6)
+    torch.testing.assert_close(convert(qann).run(x, wake=4), qann(x).detach(), rtol=0, atol=1e-9)
+
+
+def test_ordered_dict_readouts_stay_ordered_dicts():
+    from collections import OrderedDict
+
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ClipQuan(4))
+            self.p1, self.p2 = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.body(x)
+            return OrderedDict([("p2", self.p2(y)), ("p1", self.p1(y))])
+
+    snn = convert(Features().double().eval())
+    out = snn.run(x64(1, 3, 5, 5), wake=4)
+    assert type(out) is OrderedDict and list(out) == ["p2", "p1"]

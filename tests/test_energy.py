@@ -22,7 +22,7 @@ def synapse_with(layer, analog_input=False, sleeping=False):
     syn = Synapse(layer)
     syn.sim = SimulationState(record=True, recorder=Recorder())
     syn.sim.begin_stack(sleeping=sleeping, wake_counts=[1], batch=1, device="cpu")
-    syn.sim.analog_input = analog_input
+    syn.note_input_kind(spikes=not analog_input)  # what the run's flow trace tells it
     return syn
 
 
@@ -105,3 +105,24 @@ def test_recording_can_be_switched_off_without_changing_results():
 def test_count_macs_of_an_ann():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
     assert count_macs(model, torch.rand(2, 3, 8, 8)) == 2 * (8 * 16 * 27 + 128 * 10)
+
+
+def test_synapse_fed_by_a_synapse_does_macs_not_synaptic_ops():
+    """FPN-style: spikes -> 1x1 conv -> (analog sum) -> 3x3 conv: the second conv sees no spikes."""
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.act = nn.Conv2d(3, 4, 3, padding=1), ClipQuan(4)
+            self.lateral, self.smooth = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 3, padding=1)
+
+        def forward(self, x):
+            spikes = self.act(self.stem(x))
+            return self.smooth(self.lateral(spikes) + nn.functional.interpolate(self.lateral(spikes), scale_factor=1.0))
+
+    torch.manual_seed(0)
+    snn = convert(Chain().double().eval())
+    snn.run(torch.rand(1, 3, 5, 5, dtype=torch.float64), wake=4, sleep=0)
+    stats = snn.last_stats
+    assert set(stats.sops_per_layer) == {"lateral"}  # the only synapse whose input is spikes
+    assert stats.analog_macs.item() == 4 * (4 * 25 * 27 + 2 * 25 * 36)  # stem (image) and smooth (analog sum)
