@@ -17,7 +17,9 @@ import time
 
 import torch
 
+from detector import convert
 from detector.models.yolo import SpikingYOLO, YOLOReadoutNet, build_qann
+from detector.randnet import random_qann
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -46,7 +48,7 @@ def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 @torch.no_grad()
-def fidelity(device: torch.device, imgsz: int = 128) -> dict:
+def fidelity(device: torch.device, imgsz: int = 128, nets: int = 30) -> dict:
     float_model = build_qann("yolov8n.yaml", quantize=False, act="relu")
     randomise_batchnorm(float_model)
     qann = build_qann(float_model, levels=4)
@@ -55,7 +57,15 @@ def fidelity(device: torch.device, imgsz: int = 128) -> dict:
     reference = detector.qann_raw(x)
     readout = detector.raw(x, wake=4, sleep="auto")
     error = max(float((a - b).abs().max()) for a, b in zip(readout, reference))
-    return {"imgsz": imgsz, "max_abs_error_float64": error, "steps": detector.snn.last_steps.tolist()}
+    random_error = 0.0
+    for seed in range(nets):  # the exactness suite's random QANNs, on this device
+        qnet = random_qann(seed, levels=(2, 4, 8)[seed % 3], depth=2 + seed % 19).double().to(device)
+        xr = torch.rand(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(device)
+        for mode in ("step", "multistep"):
+            out = convert(qnet).run(xr, wake=qnet.blocks[0].act.levels, sleep="auto", mode=mode)
+            random_error = max(random_error, max(float((a - b).abs().max()) for a, b in zip(out, qnet(xr))))
+    return {"imgsz": imgsz, "max_abs_error_float64": error, "steps": detector.snn.last_steps.tolist(),
+            "random_nets": nets, "random_nets_max_abs_error_float64": random_error}
 
 
 @torch.no_grad()
@@ -103,7 +113,8 @@ def main() -> None:
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
     check = fidelity(device)
     print(f"fidelity (YOLOv8n QANN L=4, float64, imgsz {check['imgsz']}): max |SNN - QANN| = "
-          f"{check['max_abs_error_float64']:.2e}, steps {check['steps']}")
+          f"{check['max_abs_error_float64']:.2e}, steps {check['steps']}; {check['random_nets']} random QANNs, "
+          f"both modes: max error {check['random_nets_max_abs_error_float64']:.2e}")
     rows = [row for batch in args.batch for row in measure(batch, args.imgsz, device, args.repeats)]
     print("| batch | mode | record | ANN ms | QANN ms | wake step ms | sleep step ms | T auto (mean/max) "
           "| SNN ms | SNN / (T x ANN) | sleep / wake |")

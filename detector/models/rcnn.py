@@ -35,6 +35,7 @@ import argparse
 import copy
 import math
 import sys
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ from torchvision.models.detection import faster_rcnn as tv_frcnn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d, SqueezeExcitation
 
 from ..convert import UnsupportedModuleError, convert, register_linear_module, register_nonlinear_module
@@ -105,13 +106,14 @@ class ReLUTwoMLPHead(tv_frcnn.TwoMLPHead):
 
 def build_fasterrcnn(arch: str = "resnet18_fpn", num_classes: int = 91, min_size: int = 800, max_size: int = 1333,
                      representation_size: int | None = None, frozen_bn: bool = True, trainable_layers: int = 3,
-                     **kwargs) -> tv_frcnn.FasterRCNN:
+                     fpn_channels: int = 256, **kwargs) -> tv_frcnn.FasterRCNN:
     """A float torchvision Faster R-CNN, randomly initialised (never downloads weights).
 
     ``arch``: resnet18_fpn ... resnet152_fpn (``resnet_fpn_backbone``; FrozenBatchNorm2d unless
     ``frozen_bn=False``), resnet50_fpn_v2, mobilenet_v3_large_fpn, mobilenet_v3_large_320_fpn
     (torchvision builders with ``weights=None, weights_backbone=None``). ``representation_size``:
-    width of the box head (1024 in torchvision; 256 or 512 make a slim head). Other keyword
+    width of the box head (1024 in torchvision; 256 or 512 make a slim head). ``fpn_channels``: width of
+    the ResNet FPN (256 in torchvision; 128 halves the FPN, RPN and box-head input). Other keyword
     arguments go to ``FasterRCNN`` (e.g. ``rpn_pre_nms_top_n_test``, ``rpn_post_nms_top_n_test``,
     ``box_detections_per_img``, ``box_score_thresh``).
     """
@@ -120,6 +122,10 @@ def build_fasterrcnn(arch: str = "resnet18_fpn", num_classes: int = 91, min_size
         norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         backbone = resnet_fpn_backbone(backbone_name=RESNET_ARCHS[arch], weights=None, norm_layer=norm,
                                        trainable_layers=trainable_layers)
+        if fpn_channels != backbone.out_channels:
+            in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
+            backbone.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, extra_blocks=LastLevelMaxPool())
+            backbone.out_channels = fpn_channels
         rep = representation_size or 1024
         resolution = 7
         box_head = ReLUTwoMLPHead(backbone.out_channels * resolution**2, rep)
@@ -267,6 +273,9 @@ def _infer_from_state_dict(state: dict) -> dict:
     if w is not None:
         info["num_classes"] = int(w.shape[0])
         info["representation_size"] = int(w.shape[1])
+    fpn = state.get("backbone.fpn.layer_blocks.0.0.weight")
+    if fpn is not None:
+        info["fpn_channels"] = int(fpn.shape[0])
     return info
 
 
@@ -280,6 +289,8 @@ def model_from_state_dict(state: dict, meta: dict, arch: str | None = None, num_
     kwargs = {k: meta[k] for k in ("min_size", "max_size", "representation_size") if meta.get(k) is not None}
     if "representation_size" not in kwargs and "representation_size" in inferred and arch != "resnet50_fpn_v2":
         kwargs["representation_size"] = inferred["representation_size"]
+    if arch in RESNET_ARCHS and "fpn_channels" in inferred:
+        kwargs["fpn_channels"] = inferred["fpn_channels"]
     kwargs.update(build_kwargs)
     model = build_fasterrcnn(arch, num_classes, **kwargs)
     is_qann = any(k.endswith("threshold_param") for k in state)
@@ -639,7 +650,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
     parser.add_argument("--representation-size", type=int, default=None, help="box head width (slim head)")
+    parser.add_argument("--fpn-channels", type=int, default=256, help="ResNet FPN width (128: slim)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop after the epoch in which this much training time has passed")
     parser.add_argument("--trainable-layers", type=int, default=3)
+    parser.add_argument("--train-bn", action="store_true",
+                        help="trainable BatchNorm in the backbone (training from scratch); a QANN fine-tuned "
+                             "from such weights freezes the learnt statistics again")
     parser.add_argument("--out", default="runs/rcnn")
     parser.add_argument("--resume", default=None, help="continue from this checkpoint (model, optimizer, scheduler, epoch)")
     parser.add_argument("--device", default="auto")
@@ -671,8 +688,12 @@ def train_from_args(args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     arch = args.arch
     build = dict(min_size=args.min_size, max_size=args.max_size, trainable_layers=args.trainable_layers)
+    if args.train_bn and not args.weights and not args.resume:
+        build["frozen_bn"] = False
     if args.representation_size:
         build["representation_size"] = args.representation_size
+    if args.fpn_channels != 256 and not args.weights and not args.resume:
+        build["fpn_channels"] = args.fpn_channels
 
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:
@@ -703,7 +724,7 @@ def train_from_args(args: argparse.Namespace) -> Path:
     rep = model.roi_heads.box_predictor.cls_score.in_features
     meta = {"arch": arch, "num_classes": num_classes, "levels": levels, "classes": classes,
             "min_size": int(model.transform.min_size[0]), "max_size": int(model.transform.max_size),
-            "representation_size": int(rep), "data": str(args.data)}
+            "representation_size": int(rep), "fpn_channels": int(model.backbone.out_channels), "data": str(args.data)}
     model.to(device)
 
     loader = torch.utils.data.DataLoader(
@@ -729,7 +750,11 @@ def train_from_args(args: argparse.Namespace) -> Path:
         print(f"already trained {start} epochs (--epochs {args.epochs}); nothing to do", file=sys.stderr)
         return Path(args.resume)
 
+    started = time.monotonic()
     for epoch in range(start, args.epochs):
+        if args.max_minutes is not None and time.monotonic() - started > args.max_minutes * 60:
+            print(f"stopping before epoch {epoch + 1}: --max-minutes {args.max_minutes} reached", file=sys.stderr)
+            break
         model.train()
         warmup = None
         if epoch == 0 and args.warmup_iters > 0:

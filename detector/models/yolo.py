@@ -731,6 +731,9 @@ def train(model: str | Path = "yolov8n.yaml", data: str | Path = "coco8.yaml", l
         if not last.is_file():
             raise FileNotFoundError(f"--resume: no {last} to resume from")
         args = {"resume": str(last), "model": str(last)}
+    if "amp" not in overrides and torch.cuda.is_available() and str(device).lower() != "cpu":
+        # Ultralytics' fp16 AMP check downloads a model (impossible offline); bf16 needs no check.
+        args["amp"] = "bf16"
     args.update(overrides)
     trainer_cls = _trainer_class()
     trainer_cls.casc_levels = None if float_model else int(levels)
@@ -764,10 +767,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data loader workers")
     parser.add_argument("--resume", action="store_true", help="resume from OUT/weights/last.pt")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip Ultralytics' plots")
+    parser.add_argument("--time", type=float, default=None,
+                        help="train for this many hours instead of --epochs (Ultralytics fits the schedule to it)")
 
 
 def train_from_args(args: argparse.Namespace) -> Path:
     """Run ``casc train yolo``; returns the written checkpoint (``best.pt``)."""
     return train(model=args.model, data=args.data, levels=args.levels, epochs=args.epochs, imgsz=args.imgsz,
                  batch=args.batch, device=args.device, act=args.act, float_model=args.float_model, out=args.out,
-                 workers=args.workers, resume=args.resume, plots=getattr(args, "plots", True))
+                 workers=args.workers, resume=args.resume, plots=getattr(args, "plots", True),
+                 **({"time": args.time} if args.time else {}))
