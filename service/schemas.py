@@ -1,0 +1,98 @@
+"""Pydantic models of the service's JSON (they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, Field
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="machine-readable code, e.g. unsupported_image, queue_full")
+    detail: str = Field(description="human-readable explanation")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    models: list[str]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    family: Literal["yolo", "rcnn"]
+    architecture: str
+    levels: int = Field(description="quantization levels L of the QANN (default wake steps)")
+    classes: list[str]
+    imgsz: Optional[int] = Field(None, description="network input size (YOLO letterbox)")
+    default_wake: int
+    default_sleep: Union[int, str]
+    source: str
+    default: bool = False
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class Detection(BaseModel):
+    box: list[float] = Field(description="x1, y1, x2, y2 in original image pixels", min_length=4, max_length=4)
+    score: float
+    class_id: int = Field(description="0-based class index")
+    name: str
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+    batch_size: int = Field(1, description="images in the predict call this request was part of")
+
+
+class DetectResponse(BaseModel):
+    model: str
+    image: ImageSize
+    detections: list[Detection]
+    steps: Optional[int] = Field(None, description="total time steps T = wake + sleep used")
+    wake: Optional[int] = None
+    sleep: Union[int, str]
+    spikes: Optional[float] = None
+    energy_uj: Optional[float] = Field(None, description="energy estimate, microjoules (45 nm figures)")
+    settled: Optional[bool] = None
+    timings: Timings
+
+
+class StreamStep(BaseModel):
+    """One NDJSON line (or SSE ``step`` event) of ``/v1/detect/stream``."""
+
+    type: Literal["step"]
+    stage: int = Field(description="1 for YOLO; 1 or 2 for Faster R-CNN")
+    t: int = Field(description="total steps so far")
+    phase: Literal["wake", "sleep"]
+    wake: int
+    spikes: Optional[float]
+    cumulative_spikes: Optional[float]
+    settled: bool
+    detections: list[Detection]
+
+
+class VideoFrame(BaseModel):
+    """One NDJSON line of ``/v1/video``."""
+
+    type: Literal["frame"]
+    frame: int
+    time_s: float
+    detections: list[Detection]
+    steps: Optional[int]
+    spikes: Optional[float]
+    energy_uj: Optional[float]
