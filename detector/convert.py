@@ -10,8 +10,6 @@ every run traces the functions applied to the signal (``flow.SpikeFlowTrace``).
 from __future__ import annotations
 
 import copy
-import math
-from collections import defaultdict
 from typing import Callable, Iterable
 
 import torch
@@ -22,7 +20,7 @@ from .fuse import BATCHNORMS, fold_batchnorm
 from .islands import AnalogIsland
 from .neurons import CIFNeuron, IFNeuron, Neuron
 from .pooling import MAX_POOLS, LIPool
-from .quant import QUANTIZABLE_ACTIVATIONS, ClipQuan, qann_levels, unshare_modules
+from .quant import QUANTIZABLE_ACTIVATIONS, ClipQuan, calibrate_thresholds, qann_levels, unshare_modules
 from .runtime import SpikingNetwork
 from .state import SimulationState
 from .synapses import SYNAPTIC_LAYERS, Synapse
@@ -107,49 +105,6 @@ def validate(model: nn.Module, neuron: str | Callable = "cif", analog: Iterable[
     if not any(isinstance(m, _activation_types(neuron)) for m in model.modules()):
         raise ValueError("the model has no activation to turn into spiking neurons "
                          "(expected ClipQuan modules from to_qann; ReLU for the IF baseline)")
-
-
-@torch.no_grad()
-def calibrate_thresholds(model: nn.Module, batches: Iterable[torch.Tensor], percentile: float = 99.9,
-                         types: tuple[type[nn.Module], ...] = (nn.ReLU, ClipQuan)) -> dict[str, float]:
-    """Per activation call site, the ``percentile`` of its outputs on ``batches`` (mean over batches).
-
-    Keys are ``path`` for a module's first call in a forward pass and ``path#n`` for its n-th,
-    the names the converted network uses. Run it on a model whose shared activations were
-    unshared (``convert`` does this) so that paths identify call sites.
-    """
-    if not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-    model.eval()
-    values: dict[str, list[float]] = defaultdict(list)
-    calls: dict[str, int] = defaultdict(int)
-    hooks = []
-
-    def hook_for(path):
-        def hook(module, inputs, output):
-            calls[path] += 1
-            site = path if calls[path] == 1 else f"{path}#{calls[path]}"
-            flat = output.detach().flatten().double()
-            k = max(1, math.ceil(percentile / 100 * flat.numel()))
-            values[site].append(float(flat.kthvalue(k).values))
-        return hook
-
-    for path, module in model.named_modules():
-        if isinstance(module, types):
-            hooks.append(module.register_forward_hook(hook_for(path)))
-    n = 0
-    try:
-        for batch in batches:
-            calls.clear()
-            model(batch)
-            n += 1
-    finally:
-        for h in hooks:
-            h.remove()
-    if n == 0:
-        raise ValueError("calibrate_thresholds: no calibration batches given")
-    # A site that never fires (percentile 0) still needs a positive threshold.
-    return {site: max(sum(v) / len(v), 1e-6) for site, v in values.items()}
 
 
 def _rewrite(module: nn.Module, path: str, neuron, thresholds, analog: set[str], done: dict[int, nn.Module]):

@@ -7,6 +7,9 @@ converted from a QANN reproduces it exactly, so everything the SNN can do is dec
 from __future__ import annotations
 
 import copy
+import math
+from collections import defaultdict
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -84,6 +87,49 @@ def unshare_modules(model: nn.Module, types: tuple[type[nn.Module], ...]) -> int
     return copies
 
 
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, batches: Iterable[torch.Tensor], percentile: float = 99.9,
+                         types: tuple[type[nn.Module], ...] = (nn.ReLU, ClipQuan)) -> dict[str, float]:
+    """Per activation call site, the ``percentile`` of its outputs on ``batches`` (mean over batches).
+
+    Keys are ``path`` for a module's first call in a forward pass and ``path#n`` for its n-th,
+    the names the converted network uses. Run it on a model whose shared activations were
+    unshared (``convert`` does this) so that paths identify call sites.
+    """
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    model.eval()
+    values: dict[str, list[float]] = defaultdict(list)
+    calls: dict[str, int] = defaultdict(int)
+    hooks = []
+
+    def hook_for(path):
+        def hook(module, inputs, output):
+            calls[path] += 1
+            site = path if calls[path] == 1 else f"{path}#{calls[path]}"
+            flat = output.detach().flatten().double()
+            k = max(1, math.ceil(percentile / 100 * flat.numel()))
+            values[site].append(float(flat.kthvalue(k).values))
+        return hook
+
+    for path, module in model.named_modules():
+        if isinstance(module, types):
+            hooks.append(module.register_forward_hook(hook_for(path)))
+    n = 0
+    try:
+        for batch in batches:
+            calls.clear()
+            model(batch)
+            n += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if n == 0:
+        raise ValueError("calibrate_thresholds: no calibration batches given")
+    # A site that never fires (percentile 0) still needs a positive threshold.
+    return {site: max(sum(v) / len(v), 1e-6) for site, v in values.items()}
+
+
 def to_qann(
     model: nn.Module,
     levels: int,
@@ -91,21 +137,34 @@ def to_qann(
     learnable: bool = False,
     inplace: bool = False,
     types: tuple[type[nn.Module], ...] = QUANTIZABLE_ACTIVATIONS,
+    calibration: Iterable[torch.Tensor] | None = None,
+    percentile: float = 99.9,
 ) -> nn.Module:
     """Replace every ReLU/SiLU/LeakyReLU/ReLU6 module of ``model`` by a fresh ``ClipQuan``.
 
     Returns a deep copy unless ``inplace=True``. Each attribute reference gets its own ClipQuan,
     also when the original module object was shared; a module called several times from one
     parent stays one module here and gets one neuron state per call at conversion.
+    ``calibration``: input batches; each ClipQuan's threshold then starts at the ``percentile``
+    of its float activation (the largest over its call sites) instead of ``threshold`` -- the
+    QCFS-style initialisation that lets a few epochs of fine-tuning recover the float accuracy.
     Raises ``ValueError`` if the model has no activation to replace.
     """
     target = model if inplace else copy.deepcopy(model)
+    sites: dict[str, float] = {}
+    if calibration is not None:
+        unshare_modules(target, types)
+        was_training = target.training
+        sites = calibrate_thresholds(target, calibration, percentile, types)
+        target.train(was_training)
     refs = activation_references(target, types)
     if not refs:
         kinds = ", ".join(t.__name__ for t in types)
         raise ValueError(f"to_qann: the model has no activation module to quantize (looked for {kinds})")
-    for parent, name, _ in refs:
-        setattr(parent, name, ClipQuan(levels, threshold=threshold, learnable=learnable))
+    for parent, name, path in refs:
+        calibrated = [v for site, v in sites.items() if site == path or site.startswith(f"{path}#")]
+        theta = max(calibrated) if calibrated else threshold
+        setattr(parent, name, ClipQuan(levels, threshold=theta, learnable=learnable))
     return target
 
 

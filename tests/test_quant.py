@@ -68,3 +68,17 @@ def test_unshare_modules_counts_copies():
     model = SharedAct()
     assert unshare_modules(model, (nn.SiLU,)) == 1
     assert model.a[1] is not model.b[1]
+
+
+def test_to_qann_calibration_starts_each_threshold_at_its_activation_percentile():
+    torch.manual_seed(0)
+    model = SharedAct().eval()
+    batches = [torch.rand(2, 3, 5, 5) * 3 for _ in range(2)]
+    qann = to_qann(model, levels=4, learnable=True, calibration=batches, percentile=100.0)
+    with torch.no_grad():
+        first = model.a[1](model.a[0](batches[0]))  # the shared SiLU at path a.1, batch 0
+        second = model.a[1](model.a[0](batches[1]))
+    # percentile 100 = the max, averaged over the calibration batches
+    assert qann.a[1].threshold == pytest.approx((float(first.max()) + float(second.max())) / 2, rel=1e-5)
+    assert qann.a[1].learnable and qann.a[1] is not qann.b[1]
+    assert len({round(m.threshold, 6) for m in qann.modules() if isinstance(m, ClipQuan)}) > 1

@@ -147,7 +147,8 @@ def _model_act(model: nn.Module) -> str:
     return "relu" if nn.ReLU in kinds and nn.SiLU not in kinds else "silu"
 
 
-def _quantize(model: DetectionModel, levels: int | None, act: str, learnable: bool = False) -> DetectionModel:
+def _quantize(model: DetectionModel, levels: int | None, act: str, learnable: bool = False,
+              calibration: list[torch.Tensor] | None = None) -> DetectionModel:
     """Ultralytics model -> QANN in place (every activation call site gets its own ClipQuan)."""
     existing = qann_levels(model)
     if any(isinstance(m, ClipQuan) for m in model.modules()):
@@ -157,7 +158,7 @@ def _quantize(model: DetectionModel, levels: int | None, act: str, learnable: bo
     else:
         if levels is None:
             raise ValueError("a float model needs levels=L to be quantized (then fine-tune it: casc train yolo)")
-        to_qann(model, levels, learnable=learnable, inplace=True)
+        to_qann(model, levels, learnable=learnable, inplace=True, calibration=calibration)
     model.yaml["casc"] = {"levels": int(levels), "act": act, "quantized": True}
     return model
 
@@ -280,6 +281,25 @@ def load_checkpoint(path: str | Path, sha256: str | None = None, levels: int | N
     meta.update(levels=qann_levels(model) if quantized else None, act=info.get("act") or _model_act(model),
                 quantized=quantized)
     return model, meta
+
+
+def _ultralytics_start_checkpoint(path: Path, out: Path) -> Path:
+    """Ultralytics' trainer loads only its own checkpoint format: re-save one of ours in it (under ``out``)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # an Ultralytics pickle already
+        return path
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT):
+        return path
+    model, _ = load_checkpoint(path)
+    out.mkdir(parents=True, exist_ok=True)
+    start = out / f"start-{path.stem}.pt"
+    torch.save({"model": model.half(), "train_args": {}, "epoch": -1}, start)
+    return start
+
+
+def _is_qann_checkpoint(path: Path) -> bool:
+    return bool(load_checkpoint(path)[1]["quantized"])
 
 
 def _from_safe(ckpt: dict) -> DetectionModel:
@@ -457,6 +477,28 @@ def _to_bgr(image, color: str) -> np.ndarray:
                     "uint8 numpy array")
 
 
+def letterbox(bgr_images: list[np.ndarray], imgsz: int, stride: int = 32) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Ultralytics' letterbox (gray 114 padding) to imgsz x imgsz: a float [B, 3, H, W] RGB batch in 0..1 and
+    the original (h, w) of each image."""
+    from ultralytics.data.augment import LetterBox
+
+    boxer = LetterBox(new_shape=(imgsz, imgsz), auto=False, stride=stride)
+    shapes = [tuple(image.shape[:2]) for image in bgr_images]
+    batch = np.stack([boxer(image=image) for image in bgr_images])[..., ::-1].transpose(0, 3, 1, 2)  # BGR->RGB, BCHW
+    return torch.from_numpy(np.ascontiguousarray(batch)).float() / 255.0, shapes
+
+
+def calibration_batches(data: str | Path, imgsz: int, images: int = 64, batch: int = 16) -> list[torch.Tensor]:
+    """The first ``images`` training images of an Ultralytics data YAML, letterboxed, in batches: what
+    ``to_qann(..., calibration=...)`` needs to start each ClipQuan threshold at its activation percentile."""
+    from ..data import read_yolo
+
+    dataset = read_yolo(data, "train")
+    count = min(images, len(dataset))
+    bgr = [dataset.load_image(i)[..., ::-1] for i in range(count)]
+    return [letterbox(bgr[i:i + batch], imgsz)[0] for i in range(0, count, batch)]
+
+
 def _as_list(images) -> list:
     if isinstance(images, (list, tuple)):
         return list(images)
@@ -540,20 +582,11 @@ class SpikingYOLO:
 
     def preprocess(self, images, color: str = "bgr") -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Letterboxed batch [B, 3, imgsz, imgsz] (RGB, 0..1, network dtype) and original (h, w) shapes."""
-        from ultralytics.data.augment import LetterBox
-
         images = _as_list(images)
         if not images:
             raise ValueError("no images given")
-        letterbox = LetterBox(new_shape=(self.imgsz, self.imgsz), auto=False, stride=self.stride)
-        arrays, shapes = [], []
-        for image in images:
-            bgr = _to_bgr(image, color)
-            shapes.append(tuple(bgr.shape[:2]))
-            arrays.append(letterbox(image=bgr))
-        batch = np.stack(arrays)[..., ::-1].transpose(0, 3, 1, 2)  # BGR -> RGB, BHWC -> BCHW
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        return x.to(self.dtype) / 255.0, shapes
+        x, shapes = letterbox([_to_bgr(image, color) for image in images], self.imgsz, self.stride)
+        return x.to(self.device, self.dtype), shapes
 
     def decode(self, maps: list[torch.Tensor], shapes: list[tuple[int, int]] | None = None, conf: float = 0.25,
                iou: float = 0.7, max_det: int = 300, classes: list[int] | None = None,
@@ -682,6 +715,7 @@ def _trainer_class():
         casc_levels: int | None = 4
         casc_act: str | None = None
         casc_float: bool = False
+        casc_calibration: list[torch.Tensor] | None = None  # float -> QANN: thresholds from these, learnt
 
         def get_model(self, cfg=None, weights=None, verbose=True):
             info = dict(cfg.get("casc", {})) if isinstance(cfg, dict) else {}
@@ -697,7 +731,9 @@ def _trainer_class():
             if weights:
                 model.load(weights)
             if quantize:
-                model = _quantize(model, levels, act or _model_act(model))
+                calibrated = self.casc_calibration is not None
+                model = _quantize(model, levels, act or _model_act(model), learnable=calibrated,
+                                  calibration=self.casc_calibration)
             return model
 
     return QANNDetectionTrainer
@@ -706,10 +742,11 @@ def _trainer_class():
 def train(model: str | Path = "yolov8n.yaml", data: str | Path = "coco8.yaml", levels: int = 4, epochs: int = 100,
           imgsz: int = 640, batch: int = 16, device: str | None = None, act: str | None = None,
           float_model: bool = False, out: str | Path = "runs/casc/train", workers: int = 2, resume: bool = False,
-          plots: bool = True, **overrides) -> Path:
+          plots: bool = True, calibrate: int = 64, **overrides) -> Path:
     """Fine-tune (a ``.pt``) or train (a YAML) the QANN with the Ultralytics trainer; returns ``best.pt``
     (an Ultralytics checkpoint holding the QANN, loadable by ``YOLO(path)`` and ``load_checkpoint``) and
-    writes ``best.casc.pt`` (our safe format) beside it."""
+    writes ``best.casc.pt`` (our safe format) beside it. Quantizing a float ``.pt``, the thresholds start at
+    the 99.9th percentile of each activation on ``calibrate`` training images and are learnt (0: theta = 1)."""
     model_path = Path(str(model))
     if model_path.suffix == ".pt" and not model_path.is_file():
         raise FileNotFoundError(f"model checkpoint not found: {model}")
@@ -721,6 +758,8 @@ def train(model: str | Path = "yolov8n.yaml", data: str | Path = "coco8.yaml", l
     if act is not None and act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     out = Path(out).resolve()
+    if model_path.suffix == ".pt" and not resume:
+        model = model_path = _ultralytics_start_checkpoint(model_path, out)
     args = dict(model=str(model), data=str(data), epochs=int(epochs), imgsz=int(imgsz), batch=int(batch),
                 workers=int(workers), project=str(out.parent), name=out.name, exist_ok=True, plots=bool(plots),
                 pretrained=model_path.suffix == ".pt")
@@ -739,6 +778,8 @@ def train(model: str | Path = "yolov8n.yaml", data: str | Path = "coco8.yaml", l
     trainer_cls.casc_levels = None if float_model else int(levels)
     trainer_cls.casc_act = act
     trainer_cls.casc_float = bool(float_model)
+    from_float = model_path.suffix == ".pt" and not float_model and not resume and not _is_qann_checkpoint(model_path)
+    trainer_cls.casc_calibration = calibration_batches(data, imgsz, calibrate) if calibrate and from_float else None
     trainer = trainer_cls(overrides=args)
     trainer.train()
     best = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
@@ -767,6 +808,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data loader workers")
     parser.add_argument("--resume", action="store_true", help="resume from OUT/weights/last.pt")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip Ultralytics' plots")
+    parser.add_argument("--calibrate", type=int, default=64,
+                        help="quantizing a float .pt: start each threshold at its activation percentile on this "
+                             "many training images and learn it (0: fixed threshold 1)")
     parser.add_argument("--time", type=float, default=None,
                         help="train for this many hours instead of --epochs (Ultralytics fits the schedule to it)")
 
@@ -775,5 +819,5 @@ def train_from_args(args: argparse.Namespace) -> Path:
     """Run ``casc train yolo``; returns the written checkpoint (``best.pt``)."""
     return train(model=args.model, data=args.data, levels=args.levels, epochs=args.epochs, imgsz=args.imgsz,
                  batch=args.batch, device=args.device, act=args.act, float_model=args.float_model, out=args.out,
-                 workers=args.workers, resume=args.resume, plots=getattr(args, "plots", True),
+                 workers=args.workers, resume=args.resume, plots=getattr(args, "plots", True), calibrate=args.calibrate,
                  **({"time": args.time} if args.time else {}))
