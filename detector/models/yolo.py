@@ -742,7 +742,7 @@ def _trainer_class():
 def train(model: str | Path = "yolov8n.yaml", data: str | Path = "coco8.yaml", levels: int = 4, epochs: int = 100,
           imgsz: int = 640, batch: int = 16, device: str | None = None, act: str | None = None,
           float_model: bool = False, out: str | Path = "runs/casc/train", workers: int = 2, resume: bool = False,
-          plots: bool = True, calibrate: int = 64, **overrides) -> Path:
+          plots: bool = True, calibrate: int = 0, **overrides) -> Path:
     """Fine-tune (a ``.pt``) or train (a YAML) the QANN with the Ultralytics trainer; returns ``best.pt``
     (an Ultralytics checkpoint holding the QANN, loadable by ``YOLO(path)`` and ``load_checkpoint``) and
     writes ``best.casc.pt`` (our safe format) beside it. Quantizing a float ``.pt``, the thresholds start at
@@ -808,9 +808,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data loader workers")
     parser.add_argument("--resume", action="store_true", help="resume from OUT/weights/last.pt")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip Ultralytics' plots")
-    parser.add_argument("--calibrate", type=int, default=64,
-                        help="quantizing a float .pt: start each threshold at its activation percentile on this "
-                             "many training images and learn it (0: fixed threshold 1)")
+    parser.add_argument("--calibrate", type=int, default=0,
+                        help="quantizing a float .pt: start each threshold at its 99.9th activation percentile on "
+                             "this many training images and learn it (default 0: fixed threshold 1, which fine-tuned "
+                             "better on the bundled benchmark at L=4: see weights/training/)")
     parser.add_argument("--time", type=float, default=None,
                         help="train for this many hours instead of --epochs (Ultralytics fits the schedule to it)")
 
