@@ -138,6 +138,14 @@ class StatsRecorder:
             for site, s in spikes.items() if self.elements[site]
         }
         ann = sum(self.forward_macs.values()) + sum(self.island_macs.values())
+        per_step = torch.zeros(0, self.batch, dtype=torch.float64)
+        for parts, pj in ((self.sops, PJ_PER_SOP), (self.analog_macs, PJ_PER_MAC)):
+            for values in parts.values():
+                layer = torch.cat(values).double().cpu() * pj  # [steps, batch], in run order
+                if per_step.shape[0] < layer.shape[0]:
+                    per_step = torch.cat([per_step, torch.zeros(layer.shape[0] - per_step.shape[0], self.batch,
+                                                                dtype=torch.float64)])
+                per_step[: layer.shape[0]] += layer
         return RunStats(
             wake=wake,
             steps=steps_used.cpu(),
@@ -150,6 +158,7 @@ class StatsRecorder:
             sops_per_layer={k: v.sum().item() for k, v in sops.items()},
             firing_rates=firing,
             spikes_per_step=torch.cat(self.spikes_per_step).double().cpu() if self.spikes_per_step else torch.zeros(0),
+            energy_pj_per_step=per_step,
             skipped_rows=float(torch.stack(self.skipped_rows).double().sum()) if self.skipped_rows else 0.0,
             skipped_macs=float(torch.stack(self._skipped_macs).double().sum()) if self._skipped_macs else 0.0,
         )
@@ -170,6 +179,7 @@ class RunStats:
     sops_per_layer: dict[str, float] = field(default_factory=dict)
     firing_rates: dict[str, float] = field(default_factory=dict)  # spikes per neuron per step
     spikes_per_step: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # whole batch
+    energy_pj_per_step: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [steps, batch]
     skipped_rows: float = 0.0  # sleep-step layer evaluations skipped (no input event), in rows
     skipped_macs: float = 0.0  # the dense MACs those skips saved
 
@@ -181,6 +191,10 @@ class RunStats:
     def energy_pj(self) -> torch.Tensor:
         """Estimated energy per sample: SOPs at 0.9 pJ plus dense MACs at 4.6 pJ."""
         return self.sops * PJ_PER_SOP + self.analog_macs * PJ_PER_MAC
+
+    def energy_pj_until(self, t: int) -> torch.Tensor:
+        """Energy per sample of the first ``t`` steps (all of them if the run was shorter)."""
+        return self.energy_pj_per_step[:t].sum(0)
 
     @property
     def ann_energy_pj(self) -> float:

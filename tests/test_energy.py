@@ -126,3 +126,18 @@ def test_synapse_fed_by_a_synapse_does_macs_not_synaptic_ops():
     stats = snn.last_stats
     assert set(stats.sops_per_layer) == {"lateral"}  # the only synapse whose input is spikes
     assert stats.analog_macs.item() == 4 * (4 * 25 * 27 + 2 * 25 * 36)  # stem (image) and smooth (analog sum)
+
+
+def test_energy_per_step_adds_up_to_the_run_total():
+    from detector.randnet import random_qann
+
+    qann = random_qann(7, levels=4, depth=12).double()
+    snn = convert(qann)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    snn.run(x, wake=4, sleep=6, mode="multistep", sleep_chunk=4)
+    stats = snn.last_stats
+    assert stats.energy_pj_per_step.shape == (10, 2)
+    torch.testing.assert_close(stats.energy_pj_until(10), stats.energy_pj)
+    torch.testing.assert_close(stats.energy_pj_until(100), stats.energy_pj)
+    assert float(stats.spikes_per_step[4:].sum()) > 0  # sleep steps fired ...
+    assert bool((stats.energy_pj_until(4) < stats.energy_pj).all())  # ... and their synaptic operations count

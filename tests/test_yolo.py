@@ -315,3 +315,34 @@ def test_offline_environment():
     assert (Path(USER_CONFIG_DIR) / "Arial.ttf").is_file()
     assert uutils.ONLINE is False and checks.ONLINE is False
     assert checks.AUTOINSTALL is False or "YOLO_AUTOINSTALL" in os.environ
+
+
+# --- anytime evaluation and the IF baseline ---------------------------------------------------------------
+
+def test_detections_at_steps_past_settling_equal_predict():
+    qann = randomize(build_qann("yolov8n.yaml", levels=4, act="relu"), seed=2)
+    det = SpikingYOLO.from_model(qann, imgsz=64, dtype=torch.float64)
+    images = [np.random.default_rng(i).integers(0, 255, (48, 80, 3), dtype=np.uint8) for i in range(2)]
+    results, info = det.detections_at_steps(images, [1, 4, 200], conf=0.001)
+    assert sorted(results) == [1, 4, 200] and max(info["steps"]) < 200 and all(info["settled"])
+    expected = det.predict(images, conf=0.001)
+    assert all(_same(a, b) for a, b in zip(results[200], expected))
+    assert info["energy_uj_at"][200] == pytest.approx(info["energy_uj"])
+    assert all(e1 <= e2 for e1, e2 in zip(info["energy_uj_at"][1], info["energy_uj_at"][4]))
+
+
+def test_if_baseline_converges_to_the_float_ann_as_steps_grow():
+    from detector.models.yolo import letterbox
+
+    float_model = randomize(build_qann("yolov8n.yaml", quantize=False, act="relu"), seed=3)
+    images = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(2)]
+    calibration = [letterbox(images, 64)[0]]
+    baseline = SpikingYOLO.from_model(float_model, imgsz=64, neuron="if", calibration=calibration)
+    x, _ = baseline.preprocess(images)
+    reference = baseline.qann_raw(x)  # for the IF baseline: the float ANN it came from
+    errors = [_max_err(baseline.raw(x, wake=t, sleep=0), reference) for t in (4, 64)]
+    assert errors[1] < errors[0]
+    results, info = baseline.detections_at_steps(images, [2, 8])
+    assert sorted(results) == [2, 8] and info["steps"] == [8, 8]
+    with pytest.raises(ValueError, match="IF baseline"):
+        SpikingYOLO.from_model(float_model, imgsz=64, neuron="if")

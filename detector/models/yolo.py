@@ -519,11 +519,17 @@ class SpikingYOLO:
 
     def __init__(self, qann: DetectionModel, names: dict | Sequence[str] | None = None, imgsz: int = 640,
                  analog: str | Sequence[str] | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, neuron: str = "cif",
+                 calibration: Sequence[torch.Tensor] | None = None, percentile: float = 99.9):
         check_supported(qann)
-        if not any(isinstance(m, ClipQuan) for m in qann.modules()):
+        quantized = any(isinstance(m, ClipQuan) for m in qann.modules())
+        if neuron == "cif" and not quantized:
             raise ValueError("SpikingYOLO needs a QANN (ClipQuan activations): build_qann(model, levels) or "
                              "from_checkpoint(path, levels=L) for a float checkpoint")
+        if neuron == "if" and (quantized or not calibration):
+            raise ValueError('neuron="if" (the plain IF baseline) converts a float ReLU model and needs calibration '
+                             "batches (letterboxed images, see calibration_batches / letterbox)")
+        self.neuron = neuron
         self.qann = copy.deepcopy(qann).to(device=device, dtype=dtype).eval()
         for p in self.qann.parameters():
             p.requires_grad_(False)
@@ -546,7 +552,12 @@ class SpikingYOLO:
                 + ". Keep them as analog islands (hybrid SNN) with analog='auto' or analog=[those paths]; the "
                 "fraction of MACs left analog is reported in snn.last_stats.analog_mac_fraction")
         self.analog = analog
-        self.snn: SpikingNetwork = convert(self.readout_net, analog=analog)
+        if neuron == "if":
+            batches = [b.to(device=device, dtype=dtype) for b in calibration]
+            self.snn: SpikingNetwork = convert(self.readout_net, neuron="if", calibration=batches,
+                                               percentile=percentile, analog=analog)
+        else:
+            self.snn = convert(self.readout_net, analog=analog)
         self.decoder: Detect = copy.deepcopy(self.qann.model[-1]).eval()
         self.decoder.dynamic = True  # recompute anchors per call (shape and dtype may change)
         self.decoder.export = False
@@ -555,19 +566,25 @@ class SpikingYOLO:
 
     @classmethod
     def from_model(cls, qann: DetectionModel, names=None, imgsz: int = 640, analog=None, device="cpu",
-                   dtype: torch.dtype = torch.float32) -> "SpikingYOLO":
-        """From a QANN ``DetectionModel`` (e.g. ``build_qann(...)``); ``names`` default to the model's."""
-        return cls(qann, names=names, imgsz=imgsz, analog=analog, device=device, dtype=dtype)
+                   dtype: torch.dtype = torch.float32, neuron: str = "cif", calibration=None) -> "SpikingYOLO":
+        """From a QANN ``DetectionModel`` (e.g. ``build_qann(...)``); ``names`` default to the model's.
+        ``neuron="if"``: the IF baseline of a float ReLU model, thresholds from ``calibration`` batches."""
+        return cls(qann, names=names, imgsz=imgsz, analog=analog, device=device, dtype=dtype, neuron=neuron,
+                   calibration=calibration)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, sha256: str | None = None, device="cpu",
                         dtype: torch.dtype = torch.float32, levels: int | None = None, analog=None,
-                        imgsz: int | None = None) -> "SpikingYOLO":
+                        imgsz: int | None = None, neuron: str = "cif", calibration=None) -> "SpikingYOLO":
         """From our safe checkpoint or an Ultralytics ``.pt`` (a pickle: trusted files only).
 
         A float checkpoint (SiLU or ReLU) needs ``levels`` and is quantized here (its ClipQuan staircase is
-        only accurate after QANN fine-tuning: ``casc train yolo``)."""
+        only accurate after QANN fine-tuning: ``casc train yolo``), unless ``neuron="if"``: then the float ReLU
+        model becomes the IF baseline with thresholds from ``calibration`` batches."""
         model, meta = load_checkpoint(path, sha256=sha256)
+        if neuron == "if":
+            return cls(model, names=meta["names"], imgsz=imgsz or meta["imgsz"], analog=analog, device=device,
+                       dtype=dtype, neuron="if", calibration=calibration)
         if not meta["quantized"]:
             if levels is None:
                 raise ValueError(f"{path} holds a float model: pass levels=L to quantize it (and fine-tune it "
@@ -696,6 +713,38 @@ class SpikingYOLO:
         stats = self.snn.last_stats
         if stats is not None:
             dets.energy_uj = float(stats.energy_pj[0]) * 1e-6
+
+    @torch.no_grad()
+    def detections_at_steps(self, images, timesteps: Sequence[int], wake: int | None = None,
+                            sleep: int | str = "auto", conf: float = 0.001, iou: float = 0.7, max_det: int = 300,
+                            burst: int = 1, color: str = "bgr", max_sleep: int = 256):
+        """Anytime evaluation: ``({t: [Detections per image]}, info)`` for every total step count ``t``, from one
+        run. CASC readouts stop changing once a sample settles, so a ``t`` past the end reuses the final answer;
+        the IF baseline (``neuron="if"``) runs ``wake=max(timesteps)`` steps and its readout after step ``t``
+        (summed, divided by ``t``) is exactly the ``wake=t`` result. ``info``: per-image steps used, spikes
+        and energy estimate of the full run."""
+        wanted = sorted({int(t) for t in timesteps})
+        if not wanted or wanted[0] < 1:
+            raise ValueError(f"timesteps must be positive integers, got {list(timesteps)}")
+        x, shapes = self._inputs(images, color)
+        if self.neuron == "if":
+            wake, sleep = wanted[-1], 0
+        else:
+            wake = wake if wake is not None else self.levels
+        results, last = {}, None
+        for event in self.snn.stream(x, wake=wake, sleep=sleep, burst=burst, max_sleep=max_sleep):
+            last = event
+            if event.t in wanted:
+                results[event.t] = self.decode(event.readout, shapes, conf, iou, max_det)
+        final = results.get(last.t) or self.decode(last.readout, shapes, conf, iou, max_det)
+        for t in wanted:
+            results.setdefault(t, final)  # the run ended (settled) before t: nothing changes any more
+        stats = self.snn.last_stats
+        info = {"steps": self.snn.last_steps.tolist(), "settled": self.snn.last_settled.tolist(),
+                "spikes": stats.spikes.tolist(), "energy_uj": (stats.energy_pj * 1e-6).tolist(),
+                "energy_uj_at": {t: (stats.energy_pj_until(t) * 1e-6).tolist() for t in wanted},
+                "ann_energy_uj": stats.ann_energy_pj * 1e-6, "firing_rates": stats.firing_rates}
+        return results, info
 
     @property
     def analog_mac_fraction(self) -> float:
