@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -249,3 +250,99 @@ def test_clear_errors(tmp_path):
     det = SpikingFasterRCNN.from_model(mobile, analog=analog_candidates(mobile))
     out = det.predict([image().float()], score_thresh=0.0)
     assert out[0]["settled"] and 0 < det.stage1.last_stats.analog_mac_fraction < 1
+
+
+# --- the IF baseline and anytime detections ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def r18_float():
+    torch.manual_seed(0)
+    return randomise(build_fasterrcnn("resnet18_fpn", num_classes=4, **SMALL)).double().eval()
+
+
+def _max_feature_error(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a.values(), b.values()))
+
+
+def test_if_baseline_approaches_the_float_model(r18_float):
+    calib = [image(5), (np.random.default_rng(1).random((80, 100, 3)) * 255).astype(np.uint8)]
+    det = SpikingFasterRCNN.from_model(r18_float, neuron="if", calibration=calib).double()
+    assert det.neuron == "if" and det.levels is None and det.percentile == 99.9
+    assert type(r18_float.roi_heads.box_head).__name__ == "ReLUTwoMLPHead"  # built that way, not modified
+    heads = dict(det.stage2.neurons())
+    assert set(heads) == {"box_head.relu6", "box_head.relu7"}
+    assert all(type(m).__name__ != "CIFNeuron" for m in heads.values())
+    imgs = [image(0), image(1, 70, 100)]
+    det.qann_predict(imgs[:1])  # the float model it was converted from (the ANN baseline)
+    ref = det.last_internals
+    # stage-1 readouts after step T of one stream = the wake=T runs (no sleep)
+    x = det.preprocess(imgs[:1])[0].tensors
+    errors = {ev.t: _max_feature_error(OrderedDict(ev.readout[0]), ref["features"])
+              for ev in det.stage1.stream(x, wake=256, sleep=0) if ev.t in (8, 256)}
+    assert errors[256] < errors[8] / 4, errors
+    det.predict(imgs[:1], wake=8)
+    assert _max_feature_error(det.last_internals["features"], ref["features"]) == errors[8]
+    # one stream per stage-1 batch serves every t; stage 2 gets wake=t too
+    dets, info = det.detections_at_steps(imgs, [4, 1, 16])
+    assert sorted(dets) == [1, 4, 16] and all(len(dets[t]) == 2 for t in dets)
+    for t in (1, 4, 16):
+        assert info[t]["stage1_steps"] == [t, t] and info[t]["stage2_steps"] == [t, t]
+        assert info[t]["steps_total_mean"] == 2 * t
+    # the readout after step t of the long stream is exactly the wake=t run
+    ref16 = det.predict(imgs, wake=16)
+    for a, b in zip(dets[16], ref16):
+        assert_tree_close([a["boxes"], a["scores"]], [b["boxes"], b["scores"]], atol=1e-9)
+        assert torch.equal(a["labels"], b["labels"])
+    energy = info["energy"]
+    assert len(energy) == 2 and energy[0]["steps"]["total"] == 32 and energy[0]["spikes"] > 0
+    assert energy[0]["spikes"] == ref16[0]["spikes"]
+
+
+def test_if_baseline_errors_and_qann_choice(r18_float, tmp_path):
+    with pytest.raises(ValueError, match="needs calibration=images"):
+        SpikingFasterRCNN.from_model(r18_float, neuron="if")
+    path = tmp_path / "float.pt"
+    torch.save(r18_float.state_dict(), path)
+    with pytest.raises(ValueError, match="needs calibration=images"):
+        SpikingFasterRCNN.from_checkpoint(path, arch="resnet18_fpn", neuron="if", min_size=64, max_size=96)
+    with pytest.raises(ValueError, match="CASC only"):
+        SpikingFasterRCNN.from_model(r18_float, neuron="if", levels=4, calibration=[image()])
+    with pytest.raises(ValueError, match="neuron must be"):
+        SpikingFasterRCNN.from_model(r18_float, levels=4, neuron="lif")
+    det = SpikingFasterRCNN.from_checkpoint(path, arch="resnet18_fpn", neuron="if", calibration=[image(2)],
+                                            min_size=64, max_size=96, representation_size=64)
+    assert det.levels is None and not any(isinstance(m, ClipQuan) for m in det.qann.modules())
+    with pytest.raises(ValueError, match="give wake=T"):
+        det.predict([image().float()])
+    with pytest.raises(ValueError, match="leave wake and sleep"):
+        det.detections_at_steps([image().float()], [2], wake=2)
+    with pytest.raises(ValueError, match="timesteps must be"):
+        det.detections_at_steps([image().float()], [])
+    # Choice: the IF baseline of a QANN is allowed (its ClipQuan sites get IF neurons with calibrated
+    # thresholds); qann_predict is then the QANN. It still needs calibration and an explicit wake.
+    qann = to_qann_fasterrcnn(r18_float, 4)
+    det = SpikingFasterRCNN.from_model(qann, neuron="if", calibration=[image(2)]).double()
+    assert det.levels is None and isinstance(det.qann.backbone.body.relu, ClipQuan)
+    out = det.predict([image()], wake=4)
+    assert out[0]["steps"] == {"stage1": 4, "stage2": 4, "total": 8}
+
+
+def test_casc_detections_at_steps_reach_predict(r18):
+    imgs = [image(0), image(1, 70, 100)]
+    ref = r18.predict(imgs, wake=4, sleep="auto", score_thresh=0.0)
+    settle = max(r["steps"]["stage1"] for r in ref), max(r["steps"]["stage2"] for r in ref)
+    big = max(settle) + 5
+    dets, info = r18.detections_at_steps(imgs, [1, 3, big, big + 20], wake=4, sleep="auto", score_thresh=0.0)
+    assert sorted(k for k in info if k != "energy") == [1, 3, big, big + 20]
+    assert len(dets[1]) == 2 and info[1]["stage1_steps"] == [1, 1]  # runs (t=1: one wake step each)
+    assert info[3]["steps_total_mean"] == 6
+    for a, b in zip(dets[big], ref):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+        assert torch.equal(a["labels"], b["labels"])
+        assert a["steps"] == b["steps"]
+    assert dets[big + 20] is dets[big]  # both stages settled: computed once
+    assert info[big]["stage1_steps"] == [r["steps"]["stage1"] for r in ref]
+    assert info[big]["stage2_steps"] == [r["steps"]["stage2"] for r in ref]
+    for e, r in zip(info["energy"], ref):
+        assert e["steps"] == r["steps"] and e["spikes"] == r["spikes"] and e["settled"]
+        assert e["energy_uj"] == pytest.approx(r["energy_uj"])

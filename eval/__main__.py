@@ -1,0 +1,10 @@
+"""``python -m eval ...`` (also under ``torchrun --nproc_per_node N -m eval ...``): the same as ``casc eval``."""
+
+import argparse
+import sys
+
+from .runner import add_arguments, main
+
+parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+add_arguments(parser)
+sys.exit(main(parser.parse_args()))
