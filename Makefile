@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml requirements.txt requirements-test.txt
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q --no-deps ultralytics==8.4.190
 	$(BIN)/pip install -q -r requirements.txt -r requirements-test.txt
+	# SpikingJelly (cross-check of the IF baseline) without its declared torchaudio/tensorboard stack
+	$(BIN)/pip install -q --no-deps spikingjelly==2.0.0
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 

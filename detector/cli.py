@@ -1,6 +1,7 @@
 """The ``casc`` command.
 
-    casc demo                      convert a built-in network and print its fidelity table
+    casc demo                      the main job: mAP vs time steps of the bundled detectors
+    casc fidelity                  exactness of the conversion on random detector-like networks
     casc train yolo|rcnn ...       train / fine-tune a QANN (see ``casc train yolo --help``)
     casc eval ...                  mAP-vs-timestep curves (eval/)
     casc serve ...                 the HTTP service (service/)
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # family -> module exposing add_train_arguments(parser) and train_from_args(args)
 TRAINERS = {"yolo": "detector.models.yolo", "rcnn": "detector.models.rcnn"}
@@ -24,7 +26,25 @@ COMMANDS = {
 }
 
 
+# The main job: both bundled detectors on a subset of the bundled val split (about 10 minutes on 2 cores).
+DEMO_RUNS = (("yolov8n-bundled", 48), ("rcnn-r18-bundled", 16))
+DEMO_TIMESTEPS = "1,2,4,8,16,64"
+
+
 def _demo(args: argparse.Namespace) -> int:
+    from eval.runner import add_arguments, main as evaluate
+
+    for name, limit in DEMO_RUNS:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        eval_args = parser.parse_args(["--model", name, "--limit", str(args.limit or limit), "--timesteps",
+                                       args.timesteps, "--out", str(Path(args.out) / name)])
+        print(f"\n## {name} on the bundled benchmark (val, first {eval_args.limit} images)\n", flush=True)
+        evaluate(eval_args)
+    return 0
+
+
+def _fidelity(args: argparse.Namespace) -> int:
     from .fidelity import fidelity_table, format_table
 
     rows = fidelity_table(levels=tuple(args.levels), nets=args.nets, depth=args.depth, seed=args.seed)
@@ -36,12 +56,19 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casc", description="Spiking object detectors by CASC conversion")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="convert random detector-like QANNs and print the fidelity table")
-    demo.add_argument("--levels", type=int, nargs="+", default=[2, 4, 8])
-    demo.add_argument("--nets", type=int, default=20, help="random networks per level count")
-    demo.add_argument("--depth", type=int, default=12, help="spiking layers on the longest path")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the main job: mAP vs time steps of the bundled detectors (ANN, QANN, "
+                                       "CASC, IF) on the bundled benchmark")
+    demo.add_argument("--limit", type=int, default=None, help="images per detector (default: 48 YOLO, 16 R-CNN)")
+    demo.add_argument("--timesteps", default=DEMO_TIMESTEPS)
+    demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=_demo)
+
+    fidelity = sub.add_parser("fidelity", help="convert random detector-like QANNs and print the fidelity table")
+    fidelity.add_argument("--levels", type=int, nargs="+", default=[2, 4, 8])
+    fidelity.add_argument("--nets", type=int, default=20, help="random networks per level count")
+    fidelity.add_argument("--depth", type=int, default=12, help="spiking layers on the longest path")
+    fidelity.add_argument("--seed", type=int, default=0)
+    fidelity.set_defaults(func=_fidelity)
 
     train = sub.add_parser("train", help="train or fine-tune a quantized network (QANN)")
     families = train.add_subparsers(dest="family", required=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
@@ -14,7 +15,8 @@ LINES = {"ann": ("black", "-"), "qann": ("tab:green", "--")}
 
 
 def plot_map_vs_t(curves: dict[str, dict[int, float]], flat: dict[str, float], wake: int, path: Path,
-                  metric: str = "mAP50-95", title: str = "") -> Path:
+                  metric: str = "mAP50-95", title: str = "",
+                  xlabel: str = "total time steps T = wake + sleep") -> Path:
     """One curve per spiking method (total steps T on a log axis), the ANN and QANN as lines."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for method, curve in curves.items():
@@ -27,7 +29,8 @@ def plot_map_vs_t(curves: dict[str, dict[int, float]], flat: dict[str, float], w
     ax.axvline(wake, color="gray", lw=0.8, linestyle=":")
     ax.text(wake, ax.get_ylim()[0], f" wake={wake} | sleep", color="gray", fontsize=8, va="bottom")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("total time steps T = wake + sleep")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} vs time steps")
     ax.grid(True, which="both", alpha=0.3)

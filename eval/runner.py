@@ -107,8 +107,21 @@ class Detectors:
             return detector.detections_at_steps(images, timesteps, wake=wake, sleep=sleep, conf=a.conf, iou=a.iou,
                                                 max_det=a.max_det, burst=a.burst, color="rgb",
                                                 max_sleep=a.max_sleep)
-        return detector.detections_at_steps(images, timesteps, wake=wake, sleep=sleep, burst=a.burst,
-                                            score_thresh=a.conf, max_sleep=a.max_sleep)
+        results, info = detector.detections_at_steps(images, timesteps, wake=wake, sleep=sleep, burst=a.burst,
+                                                     score_thresh=a.conf, max_sleep=a.max_sleep)
+        return results, self._two_stage_info(detector, info, timesteps)
+
+    @staticmethod
+    def _two_stage_info(detector, info: dict, timesteps: list[int]) -> dict:
+        """The YOLO adapter's info shape for a two-stage run (energy is known for the longest run only)."""
+        runs = info["energy"]
+        stage1, stage2 = detector.stage1.last_stats, detector.stage2.last_stats
+        rois = [len(p) for p in detector.last_internals["proposals"]]
+        ann_pj = [stage1.ann_energy_pj + (stage2.ann_energy_pj if stage2 else 0.0) * n for n in rois]
+        return {"steps": [r["steps"]["total"] for r in runs], "settled": [r["settled"] for r in runs],
+                "energy_uj": [r["energy_uj"] for r in runs],
+                "energy_uj_at": {max(timesteps): [r["energy_uj"] for r in runs]},
+                "ann_energy_uj": sum(ann_pj) / len(ann_pj) * 1e-6, "firing_rates": stage1.firing_rates}
 
     def run(self, images: list[np.ndarray], image_ids: list[int], timesteps: list[int]) -> dict:
         """{method: {"records": {T or "flat": [record per image]}, "info": ...}} for one batch."""
@@ -202,7 +215,7 @@ def summarise(batches: list[dict], ground_truth: list[dict], classes: list[str],
     return summary
 
 
-def format_table(summary: dict, timesteps: list[int]) -> str:
+def format_table(summary: dict, timesteps: list[int], two_stage: bool = False) -> str:
     columns = [t for t in TABLE_STEPS if t == "auto" or t in timesteps]
     head = ["method"] + [f"T={t}" for t in columns] + ["T to 99% QANN", "energy ratio (SNN/ANN)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -226,7 +239,9 @@ def format_table(summary: dict, timesteps: list[int]) -> str:
             ratio = entry.get("energy_ratio_at_99pct")
             extra = [str(reach) if reach else f"> {max(timesteps)}", f"{ratio:.2f}" if ratio else "—"]
         lines.append("| " + " | ".join([method.upper()] + cells + extra) + " |")
-    return "\n".join(lines) + "\n(cells: mAP50-95 / mAP50; T = total steps, wake + sleep)"
+    return "\n".join(lines) + "\n(cells: mAP50-95 / mAP50; " + (
+        "T = steps per stage, each stage wake + sleep; totals in results.json)" if two_stage
+        else "T = total steps, wake + sleep)")
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -338,8 +353,11 @@ def _write_outputs(out: Path, results: dict, summary: dict, timesteps: list[int]
     (out / "curve.csv").write_text("\n".join(rows) + "\n")
     curves = {m: {t: summary[m]["metrics"][str(t)]["map50_95"] for t in timesteps} for m in SPIKING if m in summary}
     flat = {m: summary[m]["metrics"]["flat"]["map50_95"] for m in ("ann", "qann") if m in summary}
+    two_stage = results["model"]["family"] == "rcnn"
     plot_map_vs_t(curves, flat, results["schedule"]["wake"] or 1, out / "map_vs_t.png",
-                  title=f"{model} on {data}: mAP50-95 vs time steps")
+                  title=f"{model} on {data}: mAP50-95 vs time steps",
+                  xlabel="time steps per stage (total = stage 1 + stage 2)" if two_stage else
+                  "total time steps T = wake + sleep")
     if "casc" in summary and summary["casc"].get("firing_rates"):
         plot_firing_rates(summary["casc"]["firing_rates"], out / "firing_rates.png",
                           title=f"{model}: CASC firing rate per layer")
@@ -376,6 +394,6 @@ def main(args: argparse.Namespace) -> int:
         args.out = str(Path("runs") / "eval" / Path(str(args.model)).stem)
     results = evaluate(args)
     if results:
-        print(format_table(results["summary"], results["schedule"]["timesteps"]))
+        print(format_table(results["summary"], results["schedule"]["timesteps"], results["model"]["family"] == "rcnn"))
         print(f"results: {Path(args.out).resolve()}/results.json, curve.csv, map_vs_t.png, firing_rates.png")
     return 0
