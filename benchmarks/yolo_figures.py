@@ -62,14 +62,29 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default=None,
+                        help="a trained QANN (bundled name or path); default: the random-init network")
+    parser.add_argument("--data", default="bundled", help="images for --model (its val split)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from detector.models.yolo import SpikingYOLO, build_qann
+    from detector.models.yolo import SpikingYOLO, build_qann, load_checkpoint
 
-    L = args.levels
-    qann = randomize(build_qann("yolov8n.yaml", levels=L, act="relu"))
-    imgs = images(args.images)
+    global CONF
+    if args.model:
+        from detector.data import open_dataset
+        from detector.weights import resolve
+
+        qann, meta = load_checkpoint(resolve(args.model).path)
+        L, args.imgsz, CONF = meta["levels"], meta["imgsz"], 0.25
+        dataset = open_dataset(args.data, "val")
+        imgs = [dataset.load_image(i)[..., ::-1].copy() for i in range(min(args.images, len(dataset)))]  # BGR
+        source = f"trained QANN {args.model}, {len(imgs)} images of {dataset.name}"
+    else:
+        L = args.levels
+        qann = randomize(build_qann("yolov8n.yaml", levels=L, act="relu"))
+        imgs = images(args.images)
+        source = f"random-init weights with randomised BN stats (no trained weights), {len(imgs)} images (bus/zidane + crops/resizes)"
     det64 = SpikingYOLO.from_model(qann, imgsz=args.imgsz, dtype=torch.float64, device=args.device)
     det32 = SpikingYOLO.from_model(qann, imgsz=args.imgsz, dtype=torch.float32, device=args.device)
 
@@ -120,8 +135,8 @@ def main() -> None:
         rows["spikes_burst"].append(float(det32.snn.last_stats.spikes[0]))
 
     m = {k: float(np.mean(v)) for k, v in rows.items()}
-    print(f"# YOLOv8n ReLU QANN L={L}, random-init weights with randomised BN stats (no trained weights), "
-          f"imgsz {args.imgsz}, {len(imgs)} images (bus/zidane + crops/resizes), batch 1, device {args.device}, "
+    print(f"# YOLOv8n ReLU QANN L={L}, {source}, "
+          f"imgsz {args.imgsz}, batch 1, device {args.device}, "
           f"torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     print("| quantity | value |\n|---|---|")
     print(f"| total steps T (wake {L} + sleep, sleep='auto', burst 1): mean / max | {m['steps']:.2f} / "
@@ -130,7 +145,7 @@ def main() -> None:
     print(f"| max abs(readout - QANN), float64 (max over images) | {max(rows['err64']):.2e} |")
     print(f"| max abs(readout - QANN), float32 (max over images) | {max(rows['err32']):.2e} |")
     print(f"| images with a float32 flip (max err > 1e-4) | {sum(e > 1e-4 for e in rows['err32'])}/{len(imgs)} |")
-    print(f"| QANN detections per image at conf {CONF} (random head) | {m['ndet']:.1f} |")
+    print(f"| QANN detections per image at conf {CONF} | {m['ndet']:.1f} |")
     print(f"| images whose SNN detections match the QANN's (float64: bitwise; float32: classes equal, boxes "
           f"< 0.5 px) | "
           f"{sum(rows['same_dets64']):.0f}/{len(imgs)} / {sum(rows['same_dets32']):.0f}/{len(imgs)} |")
