@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean wheelhouse docker-test
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/runtime.py
+
+# Offline wheels for air-gapped image builds (docker/README.md), then a real build-and-run check.
+wheelhouse:
+	bash docker/wheelhouse.sh
+
+docker-test: install
+	bash docker/test_image.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
