@@ -27,7 +27,7 @@ COMMANDS = {
 
 
 # The main job: both bundled detectors on a subset of the bundled val split (about 10 minutes on 2 cores).
-DEMO_RUNS = (("yolov8n-bundled", 48), ("rcnn-r18-bundled", 16))
+DEMO_RUNS = (("yolov8n-bundled", 128), ("rcnn-r18-bundled", 32))
 DEMO_TIMESTEPS = "1,2,4,8,16,64"
 
 
@@ -58,7 +58,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: mAP vs time steps of the bundled detectors (ANN, QANN, "
                                        "CASC, IF) on the bundled benchmark")
-    demo.add_argument("--limit", type=int, default=None, help="images per detector (default: 48 YOLO, 16 R-CNN)")
+    demo.add_argument("--limit", type=int, default=None, help="images per detector (default: 128 YOLO, 32 R-CNN)")
     demo.add_argument("--timesteps", default=DEMO_TIMESTEPS)
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=_demo)
