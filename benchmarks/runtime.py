@@ -68,15 +68,34 @@ def fidelity(device: torch.device, imgsz: int = 128, nets: int = 30) -> dict:
             "random_nets": nets, "random_nets_max_abs_error_float64": random_error}
 
 
+def networks(model: str | None):
+    """(float model, QANN, imgsz, images or None): a bundled/trained pair, or a random-init YOLOv8n."""
+    if model is None:
+        float_model = build_qann("yolov8n.yaml", quantize=False, act="relu")
+        randomise_batchnorm(float_model)
+        return float_model, build_qann(float_model, levels=4), None, None
+    from detector.data import open_dataset
+    from detector.models.yolo import load_checkpoint
+    from detector.weights import load_manifest, resolve
+
+    entry = resolve(model)
+    qann, meta = load_checkpoint(entry.path)
+    float_model, _ = load_checkpoint(load_manifest()[entry.float_model].path)
+    dataset = open_dataset("bundled", "val")
+    return float_model, qann, meta["imgsz"], [dataset.load_image(i)[..., ::-1].copy() for i in range(32)]
+
+
 @torch.no_grad()
-def measure(batch: int, imgsz: int, device: torch.device, repeats: int) -> list[dict]:
-    float_model = build_qann("yolov8n.yaml", quantize=False, act="relu")
-    randomise_batchnorm(float_model)
-    qann = build_qann(float_model, levels=4)
+def measure(batch: int, imgsz: int, device: torch.device, repeats: int, model: str | None) -> list[dict]:
+    float_model, qann, trained_imgsz, images = networks(model)
+    imgsz = trained_imgsz or imgsz
     ann = YOLOReadoutNet(float_model.fuse(verbose=False)).to(device).eval()  # BN folded, as deployed
     detector = SpikingYOLO.from_model(qann, imgsz=imgsz, device=device)
     snn = detector.snn
-    x = torch.rand(batch, 3, imgsz, imgsz, device=device)
+    if images:
+        x = detector.preprocess([images[i % len(images)] for i in range(batch)])[0]
+    else:
+        x = torch.rand(batch, 3, imgsz, imgsz, device=device)
     ann_s = timed(lambda: ann(x), repeats, device)
     qann_s = timed(lambda: detector.qann_raw(x), repeats, device)
     rows = []
@@ -88,7 +107,7 @@ def measure(batch: int, imgsz: int, device: torch.device, repeats: int) -> list[
             sleep_steps = steps - 4
             sleep_s = (total_s - 4 * wake_s) / sleep_steps if sleep_steps else 0.0
             rows.append({
-                "batch": batch, "imgsz": imgsz, "mode": mode, "record": record,
+                "batch": batch, "imgsz": imgsz, "mode": mode, "record": record, "model": model,
                 "ann_forward_s": ann_s, "qann_forward_s": qann_s,
                 "snn_wake_step_s": wake_s, "snn_sleep_step_s": sleep_s,
                 "steps_auto_mean": float(snn.last_steps.double().mean()), "steps_auto_max": steps,
@@ -106,6 +125,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--model", default=None, help="a trained QANN (bundled name, e.g. yolov8n-bundled) measured "
+                                                      "on bundled val images; default: random-init YOLOv8n")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,7 +136,8 @@ def main() -> None:
     print(f"fidelity (YOLOv8n QANN L=4, float64, imgsz {check['imgsz']}): max |SNN - QANN| = "
           f"{check['max_abs_error_float64']:.2e}, steps {check['steps']}; {check['random_nets']} random QANNs, "
           f"both modes: max error {check['random_nets_max_abs_error_float64']:.2e}")
-    rows = [row for batch in args.batch for row in measure(batch, args.imgsz, device, args.repeats)]
+    rows = [row for batch in args.batch for row in measure(batch, args.imgsz, device, args.repeats, args.model)]
+    print(f"network: {args.model or 'random-init YOLOv8n QANN L=4'}, imgsz {rows[0]['imgsz']}")
     print("| batch | mode | record | ANN ms | QANN ms | wake step ms | sleep step ms | T auto (mean/max) "
           "| SNN ms | SNN / (T x ANN) | sleep / wake |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
