@@ -16,22 +16,16 @@ import time
 
 import torch
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detector.energy import PJ_PER_MAC
 from detector.models.rcnn import SpikingFasterRCNN, build_fasterrcnn, to_qann_fasterrcnn
+from detector.randnet import randomise_batchnorm
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
+    randomise_batchnorm(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):
-                n = m.weight.numel()
-                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
         cls = model.roi_heads.box_predictor.cls_score
         cls.bias.copy_(torch.randn(cls.bias.shape, generator=g) * 3)
     return model

@@ -19,7 +19,7 @@ import torch
 
 from detector import convert
 from detector.models.yolo import SpikingYOLO, YOLOReadoutNet, build_qann
-from detector.randnet import random_qann
+from detector.randnet import random_qann, randomise_batchnorm
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -35,16 +35,6 @@ def timed(fn, repeats: int, device: torch.device) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
-
-
-def randomise_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:
-    """Realistic BN statistics so activations spread over the quantization levels."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
 
 
 @torch.no_grad()

@@ -18,19 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from detector.randnet import randomise_batchnorm
+
 CONF = 0.15  # with the randomised class biases this leaves some boxes per image (reported below)
 
 
-@torch.no_grad()
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            for t, lo, hi in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0), (m.weight, 0.5, 1.5),
-                              (m.bias, -0.2, 0.3)):
-                t.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
-    for seq in model.model[-1].cv3:
-        seq[-1].bias.copy_(torch.rand(seq[-1].bias.shape, generator=g) * 1.5 - 3.5)
+    randomise_batchnorm(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for seq in model.model[-1].cv3:
+            seq[-1].bias.copy_(torch.rand(seq[-1].bias.shape, generator=g) * 1.5 - 3.5)
     return model
 
 

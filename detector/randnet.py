@@ -122,3 +122,21 @@ def random_qann(seed: int, levels: int = 4, depth: int = 8, channels: int = 6, i
             blocks.append(nn.Sequential(nn.AvgPool2d(3, 1, 1), ConvUnit(channels, channels, levels, rng, pick)))
             layers += 1
     return RandomQANN(blocks, channels, classes, rng).eval()
+
+
+@torch.no_grad()
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Spread the BatchNorm statistics (``BatchNorm2d`` and torchvision's ``FrozenBatchNorm2d``) of a
+    random-init model so that its activations cover the quantization levels, as trained ones do: for
+    exactness tests and benchmarks without trained weights. In place; returns the model."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            n = m.weight.numel()
+            m.weight.copy_(torch.rand(n, generator=gen) * 0.5 + 0.5)
+            m.bias.copy_(torch.randn(n, generator=gen) * 0.3)
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    return model

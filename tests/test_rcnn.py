@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detector import UnsupportedModuleError
+from detector.randnet import randomise_batchnorm
 from detector.models.rcnn import (
     SpikingFasterRCNN,
     analog_candidates,
@@ -29,15 +29,9 @@ SMALL = dict(min_size=64, max_size=96, representation_size=64, rpn_pre_nms_top_n
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random (Frozen)BatchNorm statistics and a box predictor whose classes clear the score threshold."""
-    g = torch.Generator().manual_seed(seed)
+    randomise_batchnorm(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):
-                n = m.weight.numel()
-                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
         cls = model.roi_heads.box_predictor.cls_score
         cls.bias.copy_(torch.randn(cls.bias.shape, generator=g) * 3)
         model.rpn.head.cls_logits.bias.copy_(torch.randn(model.rpn.head.cls_logits.bias.shape, generator=g))

@@ -31,6 +31,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("detector.models.yolo")
 from PIL import Image  # noqa: E402
 
+from detector.randnet import randomise_batchnorm  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__import__("ultralytics").__file__).parent / "assets"
 BUS = ASSETS / "bus.jpg"
@@ -40,21 +42,12 @@ STARTUP_S = 120
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Spread BN statistics and class biases so a random-init net has mid-level activations and boxes."""
-    g = torch.Generator().manual_seed(seed)
-
-    def u(t, lo, hi):
-        t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.dtype) * (hi - lo) + lo)
-
+    """Spread BN statistics and the class biases so a random-init net has mid-level activations and boxes."""
+    randomise_batchnorm(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                u(m.running_mean, -0.5, 0.5)
-                u(m.running_var, 0.5, 2.0)
-                u(m.weight, 0.5, 1.5)
-                u(m.bias, -0.2, 0.3)
         for seq in model.model[-1].cv3:
-            u(seq[-1].bias, -2.0, 1.0)
+            seq[-1].bias.copy_(torch.rand(seq[-1].bias.shape, generator=g) * 3.0 - 2.0)
     return model
 
 

@@ -182,24 +182,17 @@ def test_rcnn_backend_detect_and_stream():
     import json
 
     import torch
-    from torch import nn
-    from torchvision.ops.misc import FrozenBatchNorm2d
 
     from detector.models.rcnn import SpikingFasterRCNN, build_qann_fasterrcnn
+    from detector.randnet import randomise_batchnorm
     from service.backends import RCNNBackend
 
     torch.manual_seed(0)
     qann = build_qann_fasterrcnn("resnet18_fpn", num_classes=4, levels=4, min_size=64, max_size=96,
                                  representation_size=64, rpn_pre_nms_top_n_test=40, rpn_post_nms_top_n_test=12)
-    g = torch.Generator().manual_seed(0)
+    randomise_batchnorm(qann, 0)
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for m in qann.modules():
-            if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):
-                n = m.weight.numel()
-                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
         cls = qann.roi_heads.box_predictor.cls_score
         cls.bias.copy_(torch.randn(cls.bias.shape, generator=g) * 3)
     model = SpikingFasterRCNN.from_model(qann.eval(), classes=["x", "y", "z"])

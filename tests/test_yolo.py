@@ -22,6 +22,7 @@ from detector.models.yolo import (  # noqa: E402
 )
 from detector.neurons import Neuron  # noqa: E402
 from detector.pooling import LIPool  # noqa: E402
+from detector.randnet import randomise_batchnorm  # noqa: E402
 from detector.weights import sha256_of  # noqa: E402
 
 ASSETS = Path(__import__("ultralytics").__file__).parent / "assets"
@@ -39,20 +40,11 @@ def _one_thread():
 @torch.no_grad()
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Spread BN statistics and the class biases so a random-init net has mid-level activations and boxes."""
-    g = torch.Generator().manual_seed(seed)
-
-    def u(t, lo, hi):
-        t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.dtype) * (hi - lo) + lo)
-
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            u(m.running_mean, -0.5, 0.5)
-            u(m.running_var, 0.5, 2.0)
-            u(m.weight, 0.5, 1.5)
-            u(m.bias, -0.2, 0.3)
-    head = model.model[-1]
-    for seq in head.cv3:
-        u(seq[-1].bias, -2.0, 1.0)
+    randomise_batchnorm(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for seq in model.model[-1].cv3:
+            seq[-1].bias.copy_(torch.rand(seq[-1].bias.shape, generator=g) * 3.0 - 2.0)
     return model
 
 
