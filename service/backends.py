@@ -6,6 +6,7 @@ Images reach the backends as HxWx3 uint8 **RGB** arrays; results are plain JSON-
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -39,7 +40,7 @@ def result_of(record: dict, wake: int | None, settled: bool | None = None) -> di
             "spikes": record.get("spikes"), "energy_uj": record.get("energy_uj"), "settled": settled}
 
 
-class Backend:
+class Backend(ABC):
     """Common part: name, family, levels, class names."""
 
     family = "?"
@@ -65,11 +66,13 @@ class Backend:
     def class_names(self) -> list[str]:
         return []
 
-    def predict(self, images: list[np.ndarray], p: Params) -> list[dict]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def predict(self, images: list[np.ndarray], p: Params) -> list[dict]:
+        """One result dict per image."""
 
-    def stream(self, image: np.ndarray, p: Params) -> Iterator[dict]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def stream(self, image: np.ndarray, p: Params) -> Iterator[dict]:
+        """One event dict per time step, then the final result."""
 
 
 class YOLOBackend(Backend):
