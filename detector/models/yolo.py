@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import math
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -744,7 +743,7 @@ class SpikingYOLO:
         steps = self.snn.last_steps.tolist()
         for t in wanted:  # each image's own figures at t (copies: a settled answer serves several t)
             energy = (stats.energy_pj_until(t) * 1e-6).tolist()
-            results[t] = [dataclasses.replace(d, steps=min(t, steps[i]), wake=min(t, wake), energy_uj=energy[i])
+            results[t] = [replace(d, steps=min(t, steps[i]), wake=min(t, wake), energy_uj=energy[i])
                           for i, d in enumerate(results[t])]
         info = {"steps": self.snn.last_steps.tolist(), "settled": self.snn.last_settled.tolist(),
                 "spikes": stats.spikes.tolist(), "energy_uj": (stats.energy_pj * 1e-6).tolist(),
