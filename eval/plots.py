@@ -29,7 +29,7 @@ def plot_map_vs_t(curves: dict[str, dict[int, float]], flat: dict[str, float], w
     ax.axvline(wake, color="gray", lw=0.8, linestyle=":")
     ax.text(wake, ax.get_ylim()[0], f" wake={wake} | sleep", color="gray", fontsize=8, va="bottom")
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} vs time steps")
