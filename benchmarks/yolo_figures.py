@@ -18,17 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.randnet import randomise_batchnorm
+from detector.randnet import randomise_batchnorm, randomise_class_biases
 
 CONF = 0.15  # with the randomised class biases this leaves some boxes per image (reported below)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     randomise_batchnorm(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for seq in model.model[-1].cv3:
-            seq[-1].bias.copy_(torch.rand(seq[-1].bias.shape, generator=g) * 1.5 - 3.5)
+    randomise_class_biases([seq[-1] for seq in model.model[-1].cv3], seed + 1, -3.5, -2.0)
     return model
 
 

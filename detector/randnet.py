@@ -140,3 +140,12 @@ def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
             m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
     return model
+
+
+@torch.no_grad()
+def randomise_class_biases(layers, seed: int = 0, low: float = -2.0, high: float = 1.0) -> None:
+    """Uniform biases in [low, high) for a random-init detector's class-score layers, so that it
+    produces boxes to compare (exactness tests, benchmarks)."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in layers:
+        layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) * (high - low) + low)

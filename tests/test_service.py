@@ -31,7 +31,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("detector.models.yolo")
 from PIL import Image  # noqa: E402
 
-from detector.randnet import randomise_batchnorm  # noqa: E402
+from detector.randnet import randomise_batchnorm, randomise_class_biases  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__import__("ultralytics").__file__).parent / "assets"
@@ -44,10 +44,7 @@ STARTUP_S = 120
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Spread BN statistics and the class biases so a random-init net has mid-level activations and boxes."""
     randomise_batchnorm(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for seq in model.model[-1].cv3:
-            seq[-1].bias.copy_(torch.rand(seq[-1].bias.shape, generator=g) * 3.0 - 2.0)
+    randomise_class_biases([seq[-1] for seq in model.model[-1].cv3], seed + 1, -2.0, 1.0)
     return model
 
 

@@ -22,7 +22,7 @@ from detector.models.yolo import (  # noqa: E402
 )
 from detector.neurons import Neuron  # noqa: E402
 from detector.pooling import LIPool  # noqa: E402
-from detector.randnet import randomise_batchnorm  # noqa: E402
+from detector.randnet import randomise_batchnorm, randomise_class_biases  # noqa: E402
 from detector.weights import sha256_of  # noqa: E402
 
 ASSETS = Path(__import__("ultralytics").__file__).parent / "assets"
@@ -41,10 +41,7 @@ def _one_thread():
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Spread BN statistics and the class biases so a random-init net has mid-level activations and boxes."""
     randomise_batchnorm(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for seq in model.model[-1].cv3:
-            seq[-1].bias.copy_(torch.rand(seq[-1].bias.shape, generator=g) * 3.0 - 2.0)
+    randomise_class_biases([seq[-1] for seq in model.model[-1].cv3], seed + 1, -2.0, 1.0)
     return model
 
 
