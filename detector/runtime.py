@@ -92,8 +92,9 @@ class SpikingNetwork(nn.Module):
         self.stateful = [m for m in model.modules() if isinstance(m, CallSiteModule)]
         for m in self.stateful:
             m.sim = sim
-        self.last_stats: RunStats | None = None
-        self.last_steps: torch.Tensor | None = None
+        self.last_stats: RunStats | None = None  # what the last run cost (None when not recording)
+        self.last_steps: torch.Tensor | None = None  # total steps T = wake + sleep used per sample
+        self.last_settled: torch.Tensor | None = None  # per sample: reached a silent sleep step
         first = next((m.layer for m in model.modules() if isinstance(m, Synapse)), None)
         # (rank, channels) the first layer expects, for clear input errors; None: not a conv
         self._input_spec = (len(first.kernel_size) + 2, first.in_channels) if isinstance(first, _ConvNd) else None
@@ -200,8 +201,9 @@ class SpikingNetwork(nn.Module):
             readout = tree_map(lambda v: v / k, total)
             if not stream:
                 return readout
-            spikes = float(sim.recorder.spikes_per_step[-1].sum()) if record and sim.recorder.spikes_per_step else (
-                0.0 if record else None)
+            spikes = None
+            if record:  # a step in which no neuron ran at all recorded nothing: zero spikes
+                spikes = float(sim.recorder.spikes_per_step[-1].sum()) if sim.recorder.spikes_per_step else 0.0
             return StepEvent(t=t, phase=phase, wake=k, readout=readout, spikes=spikes, settled=settled.clone())
 
         settled_at = torch.zeros(batch, dtype=torch.long)  # sleep steps up to the silent one; 0: not yet
