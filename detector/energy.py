@@ -78,38 +78,46 @@ class StatsRecorder:
         self.skipped_rows: list[torch.Tensor] = []
         self._skipped_macs: list[torch.Tensor] = []
         self.steps_recorded = 0
-        self.spikes_per_step: list[torch.Tensor] = []  # [steps] per stack, all layers
+        # One [batch] row per time step, all layers (a layer called n times per step adds to one row).
+        self.spikes_per_step: list[torch.Tensor] = []
+        self.energy_pj_per_step: list[torch.Tensor] = []
 
     def begin_stack(self, steps: int) -> None:
         self.stack_index += 1
         self.steps_recorded += steps
-        self._stack_spikes = None
+        self._stack_spikes: torch.Tensor | float = 0.0  # [steps, batch] once something was recorded
+        self._stack_energy: torch.Tensor | float = 0.0
+        self._stack_steps = steps
 
     @property
     def first_stack(self) -> bool:
         return self.stack_index == 0
 
-    def _per_sample(self, values: torch.Tensor) -> torch.Tensor:
-        """[steps, rows] -> [steps, batch]; rows that are not samples are shared out evenly."""
-        if values.shape[1] == self.batch:
-            return values
-        return values.sum(1, keepdim=True).expand(-1, self.batch) / self.batch
+    def _per_sample(self, site: str, values: torch.Tensor) -> torch.Tensor:
+        """[steps, rows] as [steps, batch]: rows must be the network's samples."""
+        if values.shape[1] != self.batch:
+            raise RuntimeError(f"{site}: {values.shape[1]} rows per step where the network input has {self.batch} "
+                               "samples; a forward that mixes samples on the batch axis cannot be simulated")
+        return values
 
     def record_spikes(self, site: str, counts: torch.Tensor, elements_per_row: int) -> None:
-        counts = self._per_sample(counts)
+        counts = self._per_sample(site, counts)
         self.spikes[site].append(counts)
-        step_total = counts.sum(1)
-        self._stack_spikes = step_total if self._stack_spikes is None else self._stack_spikes + step_total
+        self._stack_spikes = self._stack_spikes + counts
         if self.first_stack and len(self.spikes[site]) == 1:
-            self.elements[site] += elements_per_row * counts.shape[1] // self.batch
+            self.elements[site] += elements_per_row
 
     def record_synapse(self, site, macs_per_row, ops, analog_macs, skipped_rows) -> None:
         if self.first_stack:
             self.forward_macs[site] += macs_per_row
         if ops is not None:
-            self.sops[site].append(self._per_sample(ops))
+            ops = self._per_sample(site, ops)
+            self.sops[site].append(ops)
+            self._stack_energy = self._stack_energy + ops * PJ_PER_SOP
         if analog_macs is not None:
-            self.analog_macs[site].append(self._per_sample(analog_macs))
+            analog_macs = self._per_sample(site, analog_macs)
+            self.analog_macs[site].append(analog_macs)
+            self._stack_energy = self._stack_energy + analog_macs * PJ_PER_MAC
         if not isinstance(skipped_rows, int):  # a tensor: this was a sleep stack
             self.skipped_rows.append(skipped_rows)
             self._skipped_macs.append(skipped_rows * macs_per_row)
@@ -118,11 +126,16 @@ class StatsRecorder:
         """``macs``: everything the island computed in this stack (all steps, all rows)."""
         if self.first_stack:
             self.island_macs[site] += macs // (steps * self.batch)
-        self.analog_macs[site].append(torch.full((steps, self.batch), macs / (steps * self.batch)))
+        macs_per_row = torch.full((steps, self.batch), macs / (steps * self.batch))
+        self.analog_macs[site].append(macs_per_row)
+        self._stack_energy = self._stack_energy + macs_per_row * PJ_PER_MAC
 
     def end_stack(self) -> None:
-        if self._stack_spikes is not None:
-            self.spikes_per_step.append(self._stack_spikes)
+        """One row per step of this stack (zeros for a step in which no layer computed anything)."""
+        for acc, rows in ((self._stack_spikes, self.spikes_per_step), (self._stack_energy, self.energy_pj_per_step)):
+            if not isinstance(acc, torch.Tensor):
+                acc = torch.zeros(self._stack_steps, self.batch, dtype=torch.float64)
+            rows.extend(acc.double().unbind(0))
 
     def summary(self, wake: int, steps_used: torch.Tensor) -> "RunStats":
         def total(parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -138,14 +151,7 @@ class StatsRecorder:
             for site, s in spikes.items() if self.elements[site]
         }
         ann = sum(self.forward_macs.values()) + sum(self.island_macs.values())
-        per_step = torch.zeros(0, self.batch, dtype=torch.float64)
-        for parts, pj in ((self.sops, PJ_PER_SOP), (self.analog_macs, PJ_PER_MAC)):
-            for values in parts.values():
-                layer = torch.cat(values).double().cpu() * pj  # [steps, batch], in run order
-                if per_step.shape[0] < layer.shape[0]:
-                    per_step = torch.cat([per_step, torch.zeros(layer.shape[0] - per_step.shape[0], self.batch,
-                                                                dtype=torch.float64)])
-                per_step[: layer.shape[0]] += layer
+        empty = torch.zeros(0, self.batch, dtype=torch.float64)
         return RunStats(
             wake=wake,
             steps=steps_used.cpu(),
@@ -157,8 +163,8 @@ class StatsRecorder:
             spikes_per_layer={k: v.sum().item() for k, v in spikes.items()},
             sops_per_layer={k: v.sum().item() for k, v in sops.items()},
             firing_rates=firing,
-            spikes_per_step=torch.cat(self.spikes_per_step).double().cpu() if self.spikes_per_step else torch.zeros(0),
-            energy_pj_per_step=per_step,
+            spikes_per_step=torch.stack([r.cpu() for r in self.spikes_per_step]) if self.spikes_per_step else empty,
+            energy_pj_per_step=torch.stack([r.cpu() for r in self.energy_pj_per_step]) if self.energy_pj_per_step else empty,
             skipped_rows=float(torch.stack(self.skipped_rows).double().sum()) if self.skipped_rows else 0.0,
             skipped_macs=float(torch.stack(self._skipped_macs).double().sum()) if self._skipped_macs else 0.0,
         )
@@ -178,8 +184,8 @@ class RunStats:
     spikes_per_layer: dict[str, float] = field(default_factory=dict)
     sops_per_layer: dict[str, float] = field(default_factory=dict)
     firing_rates: dict[str, float] = field(default_factory=dict)  # spikes per neuron per step
-    spikes_per_step: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # whole batch
-    energy_pj_per_step: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [steps, batch]
+    spikes_per_step: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # [steps, batch]
+    energy_pj_per_step: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # [steps, batch]
     skipped_rows: float = 0.0  # sleep-step layer evaluations skipped (no input event), in rows
     skipped_macs: float = 0.0  # the dense MACs those skips saved
 

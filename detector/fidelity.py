@@ -30,14 +30,15 @@ def fidelity_table(levels=(2, 4, 8), nets: int = 20, depth: int = 12, seed: int 
             for dtype in (torch.float64, torch.float32):
                 q = qann.to(dtype)
                 snn = convert(q)
-                error = _max_error(snn.run(x.to(dtype), wake=L, sleep="auto"), q(x.to(dtype)))
+                run = snn.run(x.to(dtype), wake=L, sleep="auto", burst=1)
+                error = _max_error(run.readout, q(x.to(dtype)))
                 if dtype == torch.float64:
                     err64 = max(err64, error)
-                    sleep1.append(snn.last_steps.double().mean() - L)
-                    spikes1.append(float(snn.last_stats.spikes.mean()))
-                    snn.run(x.to(dtype), wake=L, sleep="auto", burst=L)
-                    sleep_burst.append(snn.last_steps.double().mean() - L)
-                    spikes_burst.append(float(snn.last_stats.spikes.mean()))
+                    sleep1.append(run.steps.double().mean() - L)
+                    spikes1.append(float(run.stats.spikes.mean()))
+                    burst = snn.run(x.to(dtype), wake=L, sleep="auto", burst=L)
+                    sleep_burst.append(burst.steps.double().mean() - L)
+                    spikes_burst.append(float(burst.stats.spikes.mean()))
                 else:
                     err32 = max(err32, error)
                     flips32 += error > 1e-4

@@ -41,7 +41,7 @@ class AnalogIsland(CallSiteModule):
         if len(tensors) != len(args):
             raise TypeError(f"analog island {self.site_name}: positional arguments must be tensors")
         steps = sim.steps
-        rows = tensors[0].shape[0] // steps
+        rows = sim.rows_per_step(tensors[0], self.site(self._calls))
         per_step = [t.unflatten(0, (steps, rows)) for t in tensors]
         index, state = self.next_state(lambda: [[torch.zeros_like(p[0]) for p in per_step], None])
         with MacCounter(self.module) as counter:

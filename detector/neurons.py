@@ -23,7 +23,7 @@ class Neuron(CallSiteModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sim = self.sim
         steps = sim.steps
-        rows = x.shape[0] // steps
+        rows = sim.rows_per_step(x, self.site(self._calls))
         per_step = x.unflatten(0, (steps, rows))
         index, state = self.next_state(lambda: self.init_state(per_step[0]))
         if state[0].shape != per_step.shape[1:]:

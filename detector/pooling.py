@@ -33,7 +33,7 @@ class LIPool(CallSiteModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sim = self.sim
         steps = sim.steps
-        rows = x.shape[0] // steps
+        rows = sim.rows_per_step(x, self.site(self._calls))
         per_step = x.unflatten(0, (steps, rows))
 
         def init():

@@ -12,6 +12,7 @@ and only neurons loop over time; it needs a forward pass that treats batch rows 
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -65,6 +66,21 @@ def tree_add(a, b):
     return a
 
 
+class RunCancelled(RuntimeError):
+    """Raised between two time steps when the run's ``cancel`` event was set (a timed-out request)."""
+
+
+@dataclass
+class RunResult:
+    """What one run returns: its readouts and, per sample, how it went."""
+
+    readout: Any  # readouts summed over every step, divided by the wake count (the model's structure)
+    wake: int  # wake steps W
+    steps: torch.Tensor  # [batch] total steps T = W + sleep steps used, per sample
+    settled: torch.Tensor  # [batch] bool: a silent sleep step confirmed the fixed point
+    stats: RunStats | None  # spikes, SOPs, MACs, energy (per step too); None when not recording
+
+
 @dataclass
 class StepEvent:
     """One time step of a streamed run."""
@@ -73,8 +89,10 @@ class StepEvent:
     phase: str  # "wake" or "sleep"
     wake: int  # wake steps so far (k)
     readout: Any  # readouts accumulated so far divided by k: the network's current answer
-    spikes: float | None  # spike events in this step, whole batch (None when not recording)
+    spikes: torch.Tensor | None  # [batch] spike events of each sample in this step (None when not recording)
+    energy_pj: torch.Tensor | None  # [batch] estimated energy of each sample in this step (None when not recording)
     settled: torch.Tensor  # per sample: has a silent sleep step confirmed its fixed point
+    result: RunResult | None = None  # the whole run's result, on the last event only
 
 
 class SpikingNetwork(nn.Module):
@@ -92,9 +110,6 @@ class SpikingNetwork(nn.Module):
         self.stateful = [m for m in model.modules() if isinstance(m, CallSiteModule)]
         for m in self.stateful:
             m.sim = sim
-        self.last_stats: RunStats | None = None  # what the last run cost (None when not recording)
-        self.last_steps: torch.Tensor | None = None  # total steps T = wake + sleep used per sample
-        self.last_settled: torch.Tensor | None = None  # per sample: reached a silent sleep step
         first = next((m.layer for m in model.modules() if isinstance(m, Synapse)), None)
         # (rank, channels) the first layer expects, for clear input errors; None: not a conv
         self._input_spec = (len(first.kernel_size) + 2, first.in_channels) if isinstance(first, _ConvNd) else None
@@ -112,31 +127,34 @@ class SpikingNetwork(nn.Module):
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
-            burst: int = 1, max_sleep: int = 256, sleep_chunk: int = 8, record: bool = True):
-        """Run the full schedule on ``x`` and return the readouts (summed, divided by ``wake``).
+            burst: int | None = None, max_sleep: int = 256, sleep_chunk: int = 8, record: bool = True,
+            cancel: threading.Event | None = None) -> RunResult:
+        """Run the full schedule on ``x`` and return a ``RunResult`` (readouts summed, divided by ``wake``).
 
-        ``sleep``: a number of sleep steps, or ``"auto"`` to stop at the first sleep step in which
-        no neuron of a sample fires (each sample's count in ``last_steps``), at most ``max_sleep``.
-        ``burst``: spikes a neuron may emit in one sleep step. ``record``: count spikes, SOPs and
-        MACs into ``last_stats``.
+        ``wake``: wake steps (default: the QANN's largest level count L). ``sleep``: a number of sleep
+        steps, or ``"auto"`` to stop each sample at its first sleep step in which no neuron fires, at most
+        ``max_sleep``. ``burst``: spikes a neuron may emit in one sleep step (default ``wake``: a whole
+        residual at once; 1 is the paper's form). ``record``: count spikes, SOPs and MACs into
+        ``result.stats``. ``cancel``: an event checked between steps; once set, ``RunCancelled`` is raised.
         """
-        readout = None
-        for readout in self._simulate(x, wake, sleep, mode, burst, max_sleep, sleep_chunk, record, stream=False):
+        event = None
+        for event in self._simulate(x, wake, sleep, mode, burst, max_sleep, sleep_chunk, record, cancel, stream=False):
             pass
-        return readout
+        return event.result
 
     @torch.no_grad()
-    def stream(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", burst: int = 1,
-               max_sleep: int = 256, record: bool = True) -> Iterator[StepEvent]:
-        """Yield a ``StepEvent`` after every time step (step mode); the last one equals ``run``."""
-        yield from self._simulate(x, wake, sleep, "step", burst, max_sleep, 1, record, stream=True)
+    def stream(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
+               max_sleep: int = 256, record: bool = True, cancel: threading.Event | None = None) -> Iterator[StepEvent]:
+        """Yield a ``StepEvent`` after every time step (step mode); the last one carries the ``RunResult``,
+        equal to ``run``'s."""
+        yield from self._simulate(x, wake, sleep, "step", burst, max_sleep, 1, record, cancel, stream=True)
 
-    def forward(self, x: torch.Tensor, **kwargs):
+    def forward(self, x: torch.Tensor, **kwargs) -> RunResult:
         return self.run(x, **kwargs)
 
     # --- the schedule --------------------------------------------------------------------
 
-    def _check(self, x, wake, sleep, mode, burst, max_sleep, sleep_chunk) -> int:
+    def _check(self, x, wake, sleep, mode, burst, max_sleep, sleep_chunk) -> tuple[int, int]:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if self._input_spec is not None:
@@ -162,10 +180,12 @@ class SpikingNetwork(nn.Module):
             raise ValueError(f'sleep must be an integer >= 0 or "auto", got {sleep!r}')
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if burst is None:
+            burst = wake
         for name, value in (("burst", burst), ("max_sleep", max_sleep), ("sleep_chunk", sleep_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        return wake
+        return wake, burst
 
     def _forward_stack(self, x: torch.Tensor, sleeping: bool, wake_counts: list[int], batch: int,
                        first: bool = False):
@@ -187,44 +207,61 @@ class SpikingNetwork(nn.Module):
             recorder.end_stack()
         return out if steps == 1 else tree_map(lambda t: t.unflatten(0, (steps, -1)).sum(0), out)
 
-    def _simulate(self, x, wake, sleep, mode, burst, max_sleep, sleep_chunk, record, stream):
-        wake = self._check(x, wake, sleep, mode, burst, max_sleep, sleep_chunk)
+    def _simulate(self, x, wake, sleep, mode, burst, max_sleep, sleep_chunk, record, cancel, stream):
+        wake, burst = self._check(x, wake, sleep, mode, burst, max_sleep, sleep_chunk)
         self.reset()
         batch = x.shape[0]
         sim = self.sim
         sim.burst, sim.record = burst, record
-        sim.recorder = StatsRecorder(batch) if record else None
-        total = None
-        t = 0
-
-        def event(phase, k, settled):
-            readout = tree_map(lambda v: v / k, total)
-            if not stream:
-                return readout
-            spikes = None
-            if record:  # a step in which no neuron ran at all recorded nothing: zero spikes
-                spikes = float(sim.recorder.spikes_per_step[-1].sum()) if sim.recorder.spikes_per_step else 0.0
-            return StepEvent(t=t, phase=phase, wake=k, readout=readout, spikes=spikes, settled=settled.clone())
-
+        recorder = sim.recorder = StatsRecorder(batch) if record else None
         settled_at = torch.zeros(batch, dtype=torch.long)  # sleep steps up to the silent one; 0: not yet
+        limit = max_sleep if sleep == "auto" else sleep
+        total = None
+        t = done = 0  # total steps, sleep steps
+
+        def finished() -> bool:
+            return done >= limit or (sleep == "auto" and bool((settled_at > 0).all()))
+
+        def event(phase: str, k: int) -> StepEvent:
+            ev = StepEvent(t=t, phase=phase, wake=k, readout=tree_map(lambda v: v / k, total),
+                           spikes=recorder.spikes_per_step[-1] if record else None,
+                           energy_pj=recorder.energy_pj_per_step[-1] if record else None,
+                           settled=settled_at > 0)
+            if k == wake and finished():
+                sim.recorder = None
+                used = torch.full_like(settled_at, done)
+                if sleep == "auto":
+                    used = torch.where(settled_at > 0, settled_at, used)
+                steps_used = used + wake
+                ev.result = RunResult(readout=ev.readout, wake=wake, steps=steps_used, settled=settled_at > 0,
+                                      stats=recorder.summary(wake, steps_used) if record else None)
+            return ev
+
+        def check_cancel() -> None:
+            if cancel is not None and cancel.is_set():
+                sim.recorder = None
+                raise RunCancelled(f"run cancelled after {t} time steps")
+
         if mode == "step":
             for k in range(1, wake + 1):
+                check_cancel()
                 total = tree_add(total, self._forward_stack(x, False, [k], batch, first=k == 1))
                 t += 1
-                if stream:
-                    yield event("wake", k, settled_at > 0)
+                if stream or (k == wake and finished()):
+                    yield event("wake", k)
         else:
             stacked = x.unsqueeze(0).expand(wake, *x.shape).reshape(wake * batch, *x.shape[1:])
             total = self._forward_stack(stacked, False, list(range(1, wake + 1)), batch, first=True)
             t = wake
+            if finished():
+                yield event("wake", wake)
 
-        limit = max_sleep if sleep == "auto" else sleep
         # Multistep with sleep="auto" grows its stacks 1, 2, 4, ... so that a network that settles
         # in a couple of steps does not compute a long stack of silent ones.
         chunk = 1 if mode == "step" or sleep == "auto" else sleep_chunk
         zeros = None
-        done = 0
-        while done < limit and not (sleep == "auto" and bool((settled_at > 0).all())):
+        while not finished():
+            check_cancel()
             steps = min(chunk, limit - done)
             if mode == "multistep":
                 chunk = min(2 * chunk, sleep_chunk)
@@ -237,16 +274,5 @@ class SpikingNetwork(nn.Module):
                 settled_at[newly] = done + s + 1
             done += steps
             t += steps
-            if stream:
-                yield event("sleep", wake, settled_at > 0)
-
-        if sleep == "auto":
-            used = torch.where(settled_at > 0, settled_at, torch.full_like(settled_at, done))
-        else:
-            used = torch.full((batch,), sleep, dtype=torch.long)
-        self.last_steps = used + wake
-        self.last_settled = settled_at > 0
-        self.last_stats = sim.recorder.summary(wake, self.last_steps) if record else None
-        sim.recorder = None
-        if not stream:
-            yield event("sleep" if done else "wake", wake, settled_at > 0)
+            if stream or finished():
+                yield event("sleep", wake)

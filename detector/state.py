@@ -31,14 +31,21 @@ class SimulationState:
         self.steps, self.sleeping, self.wake_counts, self.batch = len(wake_counts), sleeping, wake_counts, batch
         self.activity = torch.zeros(self.steps, batch, dtype=torch.bool, device=device)
 
+    def rows_per_step(self, x: torch.Tensor, site: str) -> int:
+        """Rows of one step in a stacked input; refuses a layout that is not step-major by sample.
+
+        Every spiking module sees ``steps * batch`` rows, step-major: anything else means the
+        forward pass mixed samples or steps on the batch axis, which would silently merge states."""
+        if x.dim() == 0 or x.shape[0] != self.steps * self.batch:
+            rows = x.shape[0] if x.dim() else 0
+            raise RuntimeError(
+                f"{site}: input has {rows} rows where the network runs {self.steps} step(s) x {self.batch} "
+                "sample(s); its forward moves data across the batch axis, which the simulator cannot follow")
+        return self.batch
+
     def note_activity(self, per_row: torch.Tensor) -> None:
-        """OR a per-row activity flag [steps * rows] into the per-(step, sample) map."""
-        rows = per_row.shape[0] // self.steps
-        per_step = per_row.view(self.steps, rows)
-        if rows == self.batch:
-            self.activity |= per_step
-        else:  # rows are not the network's samples (e.g. regions of interest): attribute to all
-            self.activity |= per_step.any(1, keepdim=True)
+        """OR a per-row activity flag [steps * batch] into the per-(step, sample) map."""
+        self.activity |= per_row.view(self.steps, self.batch)
 
 
 class CallSiteModule(nn.Module):

@@ -109,19 +109,16 @@ class Detectors:
                                                 max_sleep=a.max_sleep)
         results, info = detector.detections_at_steps(images, timesteps, wake=wake, sleep=sleep, burst=a.burst,
                                                      score_thresh=a.conf, max_sleep=a.max_sleep)
-        return results, self._two_stage_info(detector, info, timesteps)
+        return results, self._two_stage_info(info)
 
     @staticmethod
-    def _two_stage_info(detector, info: dict, timesteps: list[int]) -> dict:
-        """The YOLO adapter's info shape for a two-stage run (energy is known for the longest run only)."""
-        runs = info["energy"]
-        stage1, stage2 = detector.stage1.last_stats, detector.stage2.last_stats
-        rois = [len(p) for p in detector.last_internals["proposals"]]
-        ann_pj = [stage1.ann_energy_pj + (stage2.ann_energy_pj if stage2 else 0.0) * n for n in rois]
-        return {"steps": [r["steps"]["total"] for r in runs], "settled": [r["settled"] for r in runs],
-                "energy_uj": [r["energy_uj"] for r in runs],
-                "energy_uj_at": {max(timesteps): [r["energy_uj"] for r in runs]},
-                "ann_energy_uj": sum(ann_pj) / len(ann_pj) * 1e-6, "firing_rates": stage1.firing_rates}
+    def _two_stage_info(info: dict) -> dict:
+        """The YOLO adapter's info shape for a two-stage run (total steps of both stages)."""
+        return {"steps": info["steps"], "settled": info["settled"], "energy_uj": info["energy_uj"],
+                "energy_uj_at": info["energy_uj_at"], "steps_at": info["steps_at"],
+                "stage1_steps_at": info["stage1_steps_at"], "stage2_steps_at": info["stage2_steps_at"],
+                "ann_energy_uj": float(np.mean(info["ann_energy_uj"])),
+                "firing_rates": info.get("firing_rates", {})}
 
     def run(self, images: list[np.ndarray], image_ids: list[int], timesteps: list[int]) -> dict:
         """{method: {"records": {T or "flat": [record per image]}, "info": ...}} for one batch."""

@@ -38,6 +38,7 @@ import argparse
 import copy
 import math
 import sys
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d, SqueezeExcitation
 from ..convert import UnsupportedModuleError, convert, register_linear_module, register_nonlinear_module
 from ..fuse import register_bn_pairs
 from ..quant import ClipQuan, qann_levels, to_qann
-from ..runtime import SpikingNetwork
+from ..energy import PJ_PER_MAC, count_macs
+from ..runtime import RunResult, SpikingNetwork
 from ..weights import verify_sha256
 
 # --- registrations (what the converter must know about torchvision's detection modules) -------
@@ -412,7 +414,6 @@ class SpikingFasterRCNN(nn.Module):
                         "(the fraction of MACs left analog is reported in the run statistics).")
             raise UnsupportedModuleError(error.problems, "Faster R-CNN: these modules cannot spike; name them in "
                                          "analog=[...] (paths of the Faster R-CNN) to keep them analog." + hint) from None
-        self.last_internals: dict | None = None
 
     @torch.no_grad()
     def _calibration_batches(self, images, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -559,20 +560,21 @@ class SpikingFasterRCNN(nn.Module):
         n = self.qann.roi_heads.box_predictor.cls_score.out_features
         return like.new_zeros((0, n)), like.new_zeros((0, 4 * n))
 
-    def _annotate(self, results: list[dict], proposals: list[torch.Tensor]) -> list[dict]:
-        s1, s2 = self.stage1.last_stats, self.stage2.last_stats if self._ran_stage2 else None
-        steps1 = self.stage1.last_steps
+    def _annotate(self, results: list[dict], proposals: list[torch.Tensor], run1: RunResult,
+                  run2: RunResult | None) -> list[dict]:
+        """Each image's steps, settled flag, spikes, SOPs and energy from the two stages' runs (``run2`` is
+        None when no image had a proposal; stage-2 rows are the images' RoIs, in order)."""
+        s1, s2 = run1.stats, run2.stats if run2 is not None else None
         rows = [len(p) for p in proposals]
         starts = np.cumsum([0] + rows)
         for i, res in enumerate(results):
             a, b = int(starts[i]), int(starts[i + 1])
-            t2 = int(self.stage2.last_steps[a:b].max()) if s2 is not None and b > a else 0
+            t2 = int(run2.steps[a:b].max()) if run2 is not None and b > a else 0
             spikes2 = float(s2.spikes[a:b].sum()) if s2 is not None else 0.0
             energy2 = float(s2.energy_pj[a:b].sum()) if s2 is not None else 0.0
             sops2 = float(s2.sops[a:b].sum()) if s2 is not None else 0.0
-            res["steps"] = {"stage1": int(steps1[i]), "stage2": t2, "total": int(steps1[i]) + t2}
-            res["settled"] = bool(self.stage1.last_settled[i]) and (
-                s2 is None or b == a or bool(self.stage2.last_settled[a:b].all()))
+            res["steps"] = {"stage1": int(run1.steps[i]), "stage2": t2, "total": int(run1.steps[i]) + t2}
+            res["settled"] = bool(run1.settled[i]) and (run2 is None or b == a or bool(run2.settled[a:b].all()))
             res["spikes"] = float(s1.spikes[i]) + spikes2
             res["sops"] = float(s1.sops[i]) + sops2
             res["energy_uj"] = (float(s1.energy_pj[i]) + energy2) * 1e-6
@@ -603,23 +605,27 @@ class SpikingFasterRCNN(nn.Module):
             return wake, "auto", min(max_sleep, last - wake)
         return wake, min(int(sleep), last - wake), max_sleep
 
-    def _readouts_at(self, net: SpikingNetwork, x: torch.Tensor, timesteps: list[int], wake: int, sleep, burst: int,
-                     max_sleep: int) -> Iterator[tuple[list[int], Any, torch.Tensor]]:
-        """One stream of ``net`` on ``x``; yields ``(ts, readout, steps used per sample)`` for the readout after
-        step ``t`` of the schedule, grouping every requested ``t`` that shares it: once the stream ends (settled,
-        or out of sleep steps) every larger ``t`` gets its final readout. A sample that settled at step ``s``
-        (the silent step included, as ``predict`` counts it) uses ``min(t, s)`` steps."""
+    def _readouts_at(self, net: SpikingNetwork, x: torch.Tensor, timesteps: list[int], wake: int, sleep,
+                     burst: int | None, max_sleep: int) -> Iterator[tuple]:
+        """One stream of ``net`` on ``x``; yields ``(ts, readout, steps used, energy so far, settled, run)`` per sample for the
+        readout after step ``t`` of the schedule, grouping every requested ``t`` that shares it: once the stream
+        ends (settled, or out of sleep steps) every larger ``t`` gets its final readout. A sample that settled
+        at step ``s`` (the silent step included, as ``predict`` counts it) uses ``min(t, s)`` steps. ``run``: the
+        stream's ``RunResult`` on the group served by its last step, else None."""
         ts = sorted(set(timesteps))
         w, s, ms = self._truncated(wake, sleep, max_sleep, ts[-1])
         settle = torch.zeros(x.shape[0], dtype=torch.long)
+        energy = torch.zeros(x.shape[0], dtype=torch.float64)
         pending, last, i = None, None, 0
         for ev in net.stream(x, wake=w, sleep=s, burst=burst, max_sleep=ms):
             settled = ev.settled.cpu()
             settle[settled & (settle == 0)] = ev.t
+            energy = energy + ev.energy_pj.cpu()
             if i < len(ts) and ev.t == ts[i]:
                 if pending is not None:
                     yield pending
-                pending = ([ev.t], ev.readout, torch.where(settle > 0, settle, torch.full_like(settle, ev.t)))
+                pending = ([ev.t], ev.readout, torch.where(settle > 0, settle, torch.full_like(settle, ev.t)), energy,
+                           settle > 0, ev.result)
                 i += 1
             last = ev
         rest = ts[i:]
@@ -629,43 +635,84 @@ class SpikingFasterRCNN(nn.Module):
             else:
                 if pending is not None:
                     yield pending
-                pending = (rest, last.readout, torch.where(settle > 0, settle, torch.full_like(settle, last.t)))
+                pending = (rest, last.readout, torch.where(settle > 0, settle, torch.full_like(settle, last.t)), energy,
+                           settle > 0, last.result)
         yield pending
+
+    def _stage2_schedule(self, wake, sleep, burst, wake2, sleep2, burst2):
+        return (wake2 or wake, sleep if sleep2 is None else sleep2, burst2 or burst)
 
     # --- public API ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict(self, images, wake: int | None = None, sleep: int | str = "auto", mode: str = "step", burst: int = 1,
-                score_thresh: float | None = None, max_sleep: int = 256, wake2: int | None = None,
-                sleep2: int | str | None = None, burst2: int | None = None) -> list[dict]:
+    def predict(self, images, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
+                burst: int | None = None, score_thresh: float | None = None, max_sleep: int = 256,
+                wake2: int | None = None, sleep2: int | str | None = None, burst2: int | None = None,
+                cancel: threading.Event | None = None) -> list[dict]:
         """Detections per image, torchvision's format plus ``steps`` (stage 1, stage 2, total T),
         ``spikes``, ``sops``, ``energy_uj`` (estimate, both stages), ``settled``, ``proposals``.
 
-        ``wake``/``sleep``/``burst`` apply to both stages unless ``wake2``/``sleep2``/``burst2`` are given.
-        IF baseline (``neuron="if"``): ``wake`` (= T) is required and ``sleep="auto"`` means no sleep.
+        ``wake``/``sleep``/``burst`` apply to both stages unless ``wake2``/``sleep2``/``burst2`` are given
+        (``burst`` defaults to the wake count). IF baseline (``neuron="if"``): ``wake`` (= T) is required and
+        ``sleep="auto"`` means no sleep. ``cancel``: an event checked between steps (``RunCancelled``).
         """
         wake, sleep, sleep2 = self._schedule(wake, sleep, sleep2)
         image_list, original_sizes = self.preprocess(images)
-        features, objectness, deltas = self.stage1.run(image_list.tensors, wake=wake, sleep=sleep, mode=mode,
-                                                       burst=burst, max_sleep=max_sleep)
+        run1 = self.stage1.run(image_list.tensors, wake=wake, sleep=sleep, mode=mode, burst=burst,
+                               max_sleep=max_sleep, cancel=cancel)
+        features, objectness, deltas = run1.readout
         features = OrderedDict(features)
         proposals = self.proposals(image_list, features, objectness, deltas)
         rois = self.roi_features(features, proposals, image_list)
-        self._ran_stage2 = rois.shape[0] > 0
-        if self._ran_stage2:
-            logits, regression = self.stage2.run(rois, wake=wake2 or wake, sleep=sleep if sleep2 is None else sleep2,
-                                                 mode=mode, burst=burst2 or burst, max_sleep=max_sleep)
+        run2 = None
+        if rois.shape[0] > 0:
+            w2, s2, b2 = self._stage2_schedule(wake, sleep, burst, wake2, sleep2, burst2)
+            run2 = self.stage2.run(rois, wake=w2, sleep=s2, mode=mode, burst=b2, max_sleep=max_sleep, cancel=cancel)
+            logits, regression = run2.readout
         else:
             logits, regression = self._empty_stage2(rois)
-        self.last_internals = {"features": features, "objectness": objectness, "deltas": deltas,
-                               "proposals": proposals, "class_logits": logits, "box_regression": regression}
         results = self.decode(logits, regression, proposals, image_list, original_sizes, score_thresh)
-        return self._annotate(results, proposals)
+        return self._annotate(results, proposals, run1, run2)
 
     @torch.no_grad()
-    def stream(self, image, wake: int | None = None, sleep: int | str = "auto", burst: int = 1,
+    def internals(self, images, spiking: bool = True, **schedule) -> dict:
+        """The intermediate outputs of one image batch: ``features``, ``objectness``, ``deltas``, ``proposals``,
+        ``class_logits``, ``box_regression`` of the spiking stages (``spiking=True``, with ``schedule`` as for
+        ``predict``) or of the network converted from (``spiking=False``), plus ``runs`` (the stages'
+        ``RunResult``s; empty for the QANN)."""
+        image_list, _ = self.preprocess(images)
+        runs = []
+        if spiking:
+            wake, sleep, sleep2 = self._schedule(schedule.get("wake"), schedule.get("sleep", "auto"),
+                                                 schedule.get("sleep2"))
+            run1 = self.stage1.run(image_list.tensors, wake=wake, sleep=sleep, burst=schedule.get("burst"),
+                                   mode=schedule.get("mode", "step"), max_sleep=schedule.get("max_sleep", 256))
+            features, objectness, deltas = run1.readout
+            runs.append(run1)
+        else:
+            features, objectness, deltas = self.qann_stage1(image_list.tensors)
+        features = OrderedDict(features)
+        proposals = self.proposals(image_list, features, objectness, deltas)
+        rois = self.roi_features(features, proposals, image_list)
+        if not rois.shape[0]:
+            logits, regression = self._empty_stage2(rois)
+        elif spiking:
+            w2, s2, b2 = self._stage2_schedule(wake, sleep, schedule.get("burst"), schedule.get("wake2"), sleep2,
+                                               schedule.get("burst2"))
+            run2 = self.stage2.run(rois, wake=w2, sleep=s2, burst=b2, mode=schedule.get("mode", "step"),
+                                   max_sleep=schedule.get("max_sleep", 256))
+            logits, regression = run2.readout
+            runs.append(run2)
+        else:
+            logits, regression = self.qann_stage2(rois)
+        return {"features": features, "objectness": objectness, "deltas": deltas, "proposals": proposals,
+                "class_logits": logits, "box_regression": regression, "runs": runs}
+
+    @torch.no_grad()
+    def stream(self, image, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
                score_thresh: float | None = None, max_sleep: int = 256, wake2: int | None = None,
-               sleep2: int | str | None = None, burst2: int | None = None) -> Iterator[RCNNEvent]:
+               sleep2: int | str | None = None, burst2: int | None = None,
+               cancel: threading.Event | None = None) -> Iterator[RCNNEvent]:
         """Events for one image: every stage-1 step, then every stage-2 step with the detections decoded
         from stage 2's readouts so far. The last event (``final=True``) equals ``predict(image)``'s result."""
         images = _as_list(image)
@@ -673,39 +720,40 @@ class SpikingFasterRCNN(nn.Module):
             raise ValueError("stream takes one image")
         wake, sleep, sleep2 = self._schedule(wake, sleep, sleep2)
         image_list, original_sizes = self.preprocess(images)
-        readout = None
-        t1 = 0
-        for ev in self.stage1.stream(image_list.tensors, wake=wake, sleep=sleep, burst=burst, max_sleep=max_sleep):
-            readout, t1 = ev.readout, ev.t
-            yield RCNNEvent(stage=1, t=ev.t, t_total=ev.t, phase=ev.phase, wake=ev.wake, spikes=ev.spikes,
+        last1 = None
+        for ev in self.stage1.stream(image_list.tensors, wake=wake, sleep=sleep, burst=burst, max_sleep=max_sleep,
+                                     cancel=cancel):
+            last1 = ev
+            yield RCNNEvent(stage=1, t=ev.t, t_total=ev.t, phase=ev.phase, wake=ev.wake, spikes=float(ev.spikes.sum()),
                             settled=bool(ev.settled.all()))
-        features, objectness, deltas = readout
+        run1 = last1.result
+        features, objectness, deltas = run1.readout
         features = OrderedDict(features)
         proposals = self.proposals(image_list, features, objectness, deltas)
         rois = self.roi_features(features, proposals, image_list)
-        self._ran_stage2 = rois.shape[0] > 0
-        pending = None
-        if self._ran_stage2:
-            for ev in self.stage2.stream(rois, wake=wake2 or wake, sleep=sleep if sleep2 is None else sleep2,
-                                         burst=burst2 or burst, max_sleep=max_sleep):
+        pending, run2 = None, None
+        if rois.shape[0] > 0:
+            w2, s2, b2 = self._stage2_schedule(wake, sleep, burst, wake2, sleep2, burst2)
+            for ev in self.stage2.stream(rois, wake=w2, sleep=s2, burst=b2, max_sleep=max_sleep, cancel=cancel):
                 logits, regression = ev.readout
                 dets = self.decode(logits, regression, proposals, image_list, original_sizes, score_thresh)[0]
                 if pending is not None:
                     yield pending
-                pending = RCNNEvent(stage=2, t=ev.t, t_total=t1 + ev.t, phase=ev.phase, wake=ev.wake,
-                                    spikes=ev.spikes, settled=bool(ev.settled.all()), detections=dets)
+                pending = RCNNEvent(stage=2, t=ev.t, t_total=run1.steps.item() + ev.t, phase=ev.phase, wake=ev.wake,
+                                    spikes=float(ev.spikes.sum()), settled=bool(ev.settled.all()), detections=dets)
+                run2 = ev.result
         else:
             logits, regression = self._empty_stage2(rois)
             dets = self.decode(logits, regression, proposals, image_list, original_sizes, score_thresh)[0]
-            pending = RCNNEvent(stage=2, t=0, t_total=t1, phase="sleep", wake=0, spikes=0.0, settled=True,
-                                detections=dets)
-        pending.detections = self._annotate([pending.detections], proposals)[0]
+            pending = RCNNEvent(stage=2, t=0, t_total=run1.steps.item(), phase="sleep", wake=0, spikes=0.0,
+                                settled=True, detections=dets)
+        pending.detections = self._annotate([pending.detections], proposals, run1, run2)[0]
         pending.final = True
         yield pending
 
     @torch.no_grad()
     def detections_at_steps(self, images, timesteps: Iterable[int], wake: int | None = None, sleep: int | str = "auto",
-                            burst: int = 1, score_thresh: float | None = None,
+                            burst: int | None = None, score_thresh: float | None = None,
                             max_sleep: int = 256) -> tuple[dict[int, list[dict]], dict]:
         """Anytime detections for evaluation: for every ``t`` in ``timesteps``, the detections (one dict per image,
         ``predict``'s format: boxes, scores, labels, plus ``steps`` and ``names``) when *each* stage gets a budget
@@ -719,11 +767,11 @@ class SpikingFasterRCNN(nn.Module):
         baseline ``wake=t, sleep=0`` (its stream's readout after step ``t`` is the wake=``t`` result; ``wake``
         and ``sleep`` must be left at their defaults).
 
-        Returns ``(detections, info)``: ``detections[t]`` a list per image; ``info[t] = {"steps_total_mean",
-        "stage1_steps", "stage2_steps"}`` (per image; stage 2's count is its slowest RoI's; total =
-        stage 1 + stage 2) and ``info["energy"]``: per image ``spikes``, ``sops``, ``energy_uj``,
-        ``spikes_stage`` and ``steps`` of the run that serves the largest ``t`` (both stages, to that ``t`` or
-        to their settle steps).
+        Returns ``(detections, info)``: ``detections[t]`` a list per image (``steps`` per stage and total);
+        ``info``: per image ``steps`` and ``settled`` of the run serving the largest ``t`` (total of both
+        stages), ``energy_uj_at[t]`` (both stages, each to its budget ``t``), ``energy_uj``, ``stage1_steps_at``
+        / ``stage2_steps_at`` / ``steps_at`` (per image, at each ``t``), ``ann_energy_uj`` (per image: stage 1
+        plus stage 2 once per RoI) and stage 1's ``firing_rates``.
         """
         ts = sorted({int(t) for t in timesteps}) if timesteps is not None else []
         if not ts or any(isinstance(t, bool) or t < 1 for t in timesteps):
@@ -738,10 +786,11 @@ class SpikingFasterRCNN(nn.Module):
         image_list, original_sizes = self.preprocess(images)
         n_images = image_list.tensors.shape[0]
         detections: dict[int, list[dict]] = {}
-        info: dict[Any, Any] = {}
-        final = None
-        for group1, readout, used1 in self._readouts_at(self.stage1, image_list.tensors, ts, wake, sleep, burst,
-                                                        max_sleep):
+        info: dict[str, Any] = {"energy_uj_at": {}, "stage1_steps_at": {}, "stage2_steps_at": {}, "steps_at": {}}
+        settled_at: dict[int, list[bool]] = {}
+        ann_macs1 = ann_macs2 = None
+        for group1, readout, used1, energy1, settled1, run1 in self._readouts_at(self.stage1, image_list.tensors, ts, wake, sleep,
+                                                                 burst, max_sleep):
             features, objectness, deltas = readout
             features = OrderedDict(features)
             proposals = self.proposals(image_list, features, objectness, deltas)
@@ -750,16 +799,18 @@ class SpikingFasterRCNN(nn.Module):
             starts = np.cumsum([0] + rows)
             if rois.shape[0]:
                 wake2 = group1[-1] if self.neuron == "if" else wake
-                if self.neuron == "if" and len(group1) > 1:  # cannot happen (no early end without sleep)
-                    raise RuntimeError("IF baseline: several timesteps share one stage-1 readout")
                 stage2 = self._readouts_at(self.stage2, rois, group1, wake2, sleep, burst, max_sleep)
             else:
                 logits, regression = self._empty_stage2(rois)
-                stage2 = [(group1, (logits, regression), torch.zeros(0, dtype=torch.long))]
-            for group2, (logits, regression), used2 in stage2:
+                stage2 = [(group1, (logits, regression), torch.zeros(0, dtype=torch.long),
+                           torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), None)]
+            for group2, (logits, regression), used2, energy2, settled2, _ in stage2:
                 dets = self.decode(logits, regression, proposals, image_list, original_sizes, score_thresh)
+                per_image = [(int(starts[i]), int(starts[i + 1])) for i in range(n_images)]
                 s1 = [int(used1[i]) for i in range(n_images)]
-                s2 = [int(used2[int(starts[i]):int(starts[i + 1])].max()) if rows[i] else 0 for i in range(n_images)]
+                s2 = [int(used2[a:b].max()) if b > a else 0 for a, b in per_image]
+                e = [float(energy1[i]) + float(energy2[a:b].sum()) for i, (a, b) in enumerate(per_image)]
+                settled = [bool(settled1[i]) and bool(settled2[a:b].all()) for i, (a, b) in enumerate(per_image)]
                 for det, a, b in zip(dets, s1, s2):
                     det["steps"] = {"stage1": a, "stage2": b, "total": a + b}
                     if self.classes:
@@ -767,15 +818,28 @@ class SpikingFasterRCNN(nn.Module):
                                         for k in det["labels"]]
                 for t in group2:
                     detections[t] = dets
-                    info[t] = {"steps_total_mean": float(np.mean([a + b for a, b in zip(s1, s2)])),
-                               "stage1_steps": s1, "stage2_steps": s2}
-            final = proposals, rois.shape[0] > 0
-        # the runs that served the largest t are the last ones of both stages: their statistics
-        proposals, self._ran_stage2 = final
-        annotated = self._annotate([{"labels": torch.zeros(0, dtype=torch.long)} for _ in range(n_images)], proposals)
-        info["energy"] = [{k: r[k] for k in ("spikes", "sops", "energy_uj", "spikes_stage", "steps", "settled")}
-                          for r in annotated]
+                    info["energy_uj_at"][t] = [v * 1e-6 for v in e]
+                    info["stage1_steps_at"][t], info["stage2_steps_at"][t] = s1, s2
+                    info["steps_at"][t] = [a + b for a, b in zip(s1, s2)]
+                    settled_at[t] = settled
+            if ann_macs2 is None and rois.shape[0]:
+                ann_macs2 = self._ann_macs(self.qann_stage2, rois[:1])
+            ann_macs1 = ann_macs1 or self._ann_macs(self.qann_stage1, image_list.tensors[:1])
+            final_rows = rows
+            if run1 is not None:
+                info["firing_rates"] = run1.stats.firing_rates
+        last = ts[-1]
+        info["steps"] = info["steps_at"][last]
+        info["energy_uj"] = info["energy_uj_at"][last]
+        info["settled"] = settled_at[last]
+        info["ann_energy_uj"] = [(ann_macs1 + (ann_macs2 or 0) * n) * PJ_PER_MAC * 1e-6 for n in final_rows]
+        info["proposals"] = final_rows
         return detections, info
+
+    @staticmethod
+    def _ann_macs(stage: nn.Module, x: torch.Tensor) -> int:
+        """MACs of one forward of an ANN stage for one sample (one image, or one RoI for stage 2)."""
+        return count_macs(stage, x)
 
     @torch.no_grad()
     def qann_predict(self, images, score_thresh: float | None = None) -> list[dict]:
@@ -785,16 +849,11 @@ class SpikingFasterRCNN(nn.Module):
         was = self.qann.training
         self.qann.eval()
         try:
-            features, objectness, deltas = self.qann_stage1(image_list.tensors)
-            features = OrderedDict(features)
-            proposals = self.proposals(image_list, features, objectness, deltas)
-            rois = self.roi_features(features, proposals, image_list)
-            logits, regression = self.qann_stage2(rois) if rois.shape[0] else self._empty_stage2(rois)
+            out = self.internals(images, spiking=False)
         finally:
             self.qann.train(was)
-        self.last_internals = {"features": features, "objectness": objectness, "deltas": deltas,
-                               "proposals": proposals, "class_logits": logits, "box_regression": regression}
-        return self.decode(logits, regression, proposals, image_list, original_sizes, score_thresh)
+        return self.decode(out["class_logits"], out["box_regression"], out["proposals"], image_list, original_sizes,
+                           score_thresh)
 
     def forward(self, images, **kwargs):
         return self.predict(images, **kwargs)

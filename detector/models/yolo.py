@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import threading
 import math
 import pickle
 from dataclasses import dataclass, field, replace
@@ -53,7 +54,7 @@ _ultralytics_env.after_import()
 from ..convert import convert, register_linear_module, register_nonlinear_module  # noqa: E402
 from ..fuse import register_bn_pairs  # noqa: E402
 from ..quant import ClipQuan, activation_references, qann_levels, to_qann  # noqa: E402
-from ..runtime import SpikingNetwork  # noqa: E402
+from ..runtime import RunResult, SpikingNetwork  # noqa: E402
 from ..weights import verify_sha256  # noqa: E402
 
 __all__ = [
@@ -415,6 +416,7 @@ class Detections:
     wake: int | None = None
     spikes: float | None = None  # spike events for this image, all steps
     energy_uj: float | None = None  # estimated energy (SOPs at 0.9 pJ + MACs at 4.6 pJ), microjoules
+    settled: bool | None = None  # the spiking network reached its fixed point (None for the QANN)
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -440,6 +442,7 @@ class DetectionEvent:
     spikes: float | None  # spike events in this step
     cumulative_spikes: float | None  # spike events so far
     settled: bool  # a silent sleep step has confirmed the fixed point
+    final: bool = False  # the run's last step: its detections equal predict's
 
 
 def _to_bgr(image, color: str) -> np.ndarray:
@@ -510,7 +513,7 @@ class SpikingYOLO:
 
     Attributes: ``qann`` (the DetectionModel QANN, eval), ``snn`` (the ``SpikingNetwork``; its readouts are
     the raw per-level head maps), ``levels``, ``names``, ``imgsz``, ``analog`` (island paths),
-    ``analog_mac_fraction`` (after a run).
+    ``analog_mac_fraction`` (of one forward's MACs, kept in analog islands).
 
     Image inputs: file paths (read with OpenCV), PIL images (RGB, converted), or HxWx3 uint8 numpy arrays
     which are taken as **BGR** (OpenCV / Ultralytics convention) unless ``color="rgb"``. Each image is
@@ -550,7 +553,7 @@ class SpikingYOLO:
             raise UnsupportedModelError(
                 "this model has attention modules that cannot spike: " + ", ".join(missing)
                 + ". Keep them as analog islands (hybrid SNN) with analog='auto' or analog=[those paths]; the "
-                "fraction of MACs left analog is reported in snn.last_stats.analog_mac_fraction")
+                "fraction of MACs left analog is reported in the run statistics (analog_mac_fraction)")
         self.analog = analog
         if neuron == "if":
             batches = [b.to(device=device, dtype=dtype) for b in calibration]
@@ -645,8 +648,9 @@ class SpikingYOLO:
 
     @torch.no_grad()
     def raw(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
-            burst: int = 1, max_sleep: int = 256) -> list[torch.Tensor]:
-        """Accumulated SNN readouts (raw per-level maps) for a preprocessed batch ``x``."""
+            burst: int | None = None, max_sleep: int = 256) -> RunResult:
+        """The spiking network's run on a preprocessed batch ``x``: ``.readout`` holds the accumulated raw
+        per-level maps, ``.steps``/``.settled``/``.stats`` how it went."""
         return self.snn.run(x, wake=wake if wake is not None else self.levels, sleep=sleep, mode=mode, burst=burst,
                             max_sleep=max_sleep)
 
@@ -657,8 +661,9 @@ class SpikingYOLO:
 
     @torch.no_grad()
     def predict(self, images, wake: int | None = None, sleep: int | str = "auto", conf: float = 0.25,
-                iou: float = 0.7, max_det: int = 300, mode: str = "step", burst: int = 1, batch: int = 8,
-                color: str = "bgr", classes: list[int] | None = None, max_sleep: int = 256) -> list[Detections]:
+                iou: float = 0.7, max_det: int = 300, mode: str = "step", burst: int | None = None, batch: int = 8,
+                color: str = "bgr", classes: list[int] | None = None, max_sleep: int = 256,
+                cancel: threading.Event | None = None) -> list[Detections]:
         """Spiking detection: one ``Detections`` per image (``wake`` defaults to the QANN's levels; with
         ``sleep="auto"`` each image runs until its network is quiet). ``images``: path(s), PIL, BGR numpy
         (``color="rgb"`` for RGB arrays), or a preprocessed tensor batch."""
@@ -667,13 +672,12 @@ class SpikingYOLO:
         items = images if isinstance(images, torch.Tensor) else _as_list(images)
         for start in range(0, len(items), batch):
             x, shapes = self._inputs(items[start:start + batch], color)
-            maps = self.snn.run(x, wake=wake, sleep=sleep, mode=mode, burst=burst, max_sleep=max_sleep)
-            dets = self.decode(maps, shapes, conf, iou, max_det, classes)
-            stats, steps = self.snn.last_stats, self.snn.last_steps
+            run = self.snn.run(x, wake=wake, sleep=sleep, mode=mode, burst=burst, max_sleep=max_sleep, cancel=cancel)
+            dets = self.decode(run.readout, shapes, conf, iou, max_det, classes)
             for i, d in enumerate(dets):
-                d.steps, d.wake = int(steps[i]), wake
-                d.spikes = float(stats.spikes[i])
-                d.energy_uj = float(stats.energy_pj[i]) * 1e-6
+                d.steps, d.wake, d.settled = int(run.steps[i]), wake, bool(run.settled[i])
+                d.spikes = float(run.stats.spikes[i])
+                d.energy_uj = float(run.stats.energy_pj[i]) * 1e-6
             results.extend(dets)
         return results
 
@@ -690,8 +694,9 @@ class SpikingYOLO:
 
     @torch.no_grad()
     def stream(self, image, wake: int | None = None, sleep: int | str = "auto", conf: float = 0.25,
-               iou: float = 0.7, max_det: int = 300, burst: int = 1, color: str = "bgr",
-               classes: list[int] | None = None, max_sleep: int = 256) -> Iterator[DetectionEvent]:
+               iou: float = 0.7, max_det: int = 300, burst: int | None = None, color: str = "bgr",
+               classes: list[int] | None = None, max_sleep: int = 256,
+               cancel: threading.Event | None = None) -> Iterator[DetectionEvent]:
         """Anytime detection of one image: after every time step, the detections decoded from the readouts
         so far, with spike counts. The last event's detections equal ``predict``'s (step mode)."""
         if isinstance(image, (list, tuple)):
@@ -703,21 +708,22 @@ class SpikingYOLO:
             raise ValueError("stream takes one image")
         wake = wake if wake is not None else self.levels
         total = 0.0
-        for event in self.snn.stream(x, wake=wake, sleep=sleep, burst=burst, max_sleep=max_sleep):
+        energy = 0.0
+        for event in self.snn.stream(x, wake=wake, sleep=sleep, burst=burst, max_sleep=max_sleep, cancel=cancel):
             dets = self.decode(event.readout, shapes, conf, iou, max_det, classes)[0]
-            if event.spikes is not None:
-                total += event.spikes
+            spikes = float(event.spikes[0])
+            total += spikes
+            energy += float(event.energy_pj[0])
             dets.steps, dets.wake, dets.spikes = event.t, event.wake, total
+            dets.settled, dets.energy_uj = bool(event.settled[0]), energy * 1e-6
             yield DetectionEvent(t=event.t, phase=event.phase, wake=event.wake, detections=dets,
-                                 spikes=event.spikes, cumulative_spikes=total, settled=bool(event.settled[0]))
-        stats = self.snn.last_stats
-        if stats is not None:
-            dets.energy_uj = float(stats.energy_pj[0]) * 1e-6
+                                 spikes=spikes, cumulative_spikes=total, settled=dets.settled,
+                                 final=event.result is not None)
 
     @torch.no_grad()
     def detections_at_steps(self, images, timesteps: Sequence[int], wake: int | None = None,
                             sleep: int | str = "auto", conf: float = 0.001, iou: float = 0.7, max_det: int = 300,
-                            burst: int = 1, color: str = "bgr", max_sleep: int = 256):
+                            burst: int | None = None, color: str = "bgr", max_sleep: int = 256):
         """Anytime evaluation: ``({t: [Detections per image]}, info)`` for every total step count ``t``, from one
         run. CASC readouts stop changing once a sample settles, so a ``t`` past the end reuses the final answer;
         the IF baseline (``neuron="if"``) runs ``wake=max(timesteps)`` steps and its readout after step ``t``
@@ -739,23 +745,19 @@ class SpikingYOLO:
         final = results.get(last.t) or self.decode(last.readout, shapes, conf, iou, max_det)
         for t in wanted:
             results.setdefault(t, final)  # the run ended (settled) before t: nothing changes any more
-        stats = self.snn.last_stats
-        steps = self.snn.last_steps.tolist()
+        run = last.result
+        stats = run.stats
+        steps = run.steps.tolist()
         for t in wanted:  # each image's own figures at t (copies: a settled answer serves several t)
             energy = (stats.energy_pj_until(t) * 1e-6).tolist()
             results[t] = [replace(d, steps=min(t, steps[i]), wake=min(t, wake), energy_uj=energy[i])
                           for i, d in enumerate(results[t])]
-        info = {"steps": self.snn.last_steps.tolist(), "settled": self.snn.last_settled.tolist(),
+        info = {"steps": steps, "settled": run.settled.tolist(),
                 "spikes": stats.spikes.tolist(), "energy_uj": (stats.energy_pj * 1e-6).tolist(),
                 "energy_uj_at": {t: (stats.energy_pj_until(t) * 1e-6).tolist() for t in wanted},
                 "ann_energy_uj": stats.ann_energy_pj * 1e-6, "firing_rates": stats.firing_rates}
         return results, info
 
-    @property
-    def analog_mac_fraction(self) -> float:
-        """Fraction of one forward's MACs inside analog islands (0 for a pure SNN; after a run)."""
-        stats = self.snn.last_stats
-        return stats.analog_mac_fraction if stats is not None else (0.0 if not self.analog else float("nan"))
 
 
 # --- training with the Ultralytics trainer -----------------------------------------------------------------
