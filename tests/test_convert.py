@@ -77,8 +77,11 @@ def test_wake_defaults_to_levels():
     qann = small_qann(levels=8)
     snn = convert(qann)
     x = x64(2, 3, 5, 5)
-    torch.testing.assert_close(snn.run(x), qann(x).detach(), rtol=0, atol=1e-9)
-    assert int(snn.last_steps.min()) > 8
+    res = snn.run(x)
+    torch.testing.assert_close(res.readout, qann(x).detach(), rtol=0, atol=1e-9)
+    # 8 wake steps (the levels), then at least the silent sleep step that confirms the fixed point
+    assert res.wake == res.stats.wake == 8 and bool(res.settled.all())
+    assert int(res.steps.min()) > 8
 
 
 def test_input_model_is_left_untouched():
@@ -106,10 +109,11 @@ def test_shared_activation_gets_one_state_per_call_site():
     qann = SharedSite().double().eval()
     snn = convert(qann)
     x = x64(2, 3, 6, 6)
-    torch.testing.assert_close(snn.run(x, wake=4), qann(x).detach(), rtol=0, atol=1e-9)
+    res = snn.run(x, wake=4)
+    torch.testing.assert_close(res.readout, qann(x).detach(), rtol=0, atol=1e-9)
     (name, neuron), = snn.neurons()
     assert neuron.call_sites == 2 and name == "act"
-    assert set(snn.last_stats.spikes_per_layer) == {"act", "act#2"}
+    assert set(res.stats.spikes_per_layer) == {"act", "act#2"}
 
 
 def test_batchnorm_folds_in_sequential_and_registered_pairs_and_stays_exact_elsewhere():
@@ -143,7 +147,7 @@ def test_batchnorm_folds_in_sequential_and_registered_pairs_and_stays_exact_else
     torch.testing.assert_close(folded(x), expected, rtol=0, atol=1e-12)
     qann = to_qann(folded, levels=4)
     snn = convert(qann)
-    torch.testing.assert_close(snn.run(x, wake=4), qann(x), rtol=0, atol=1e-9)
+    torch.testing.assert_close(snn.run(x, wake=4).readout, qann(x), rtol=0, atol=1e-9)
     assert (snn.batchnorm_folded, snn.batchnorm_kept) == (0, 0)  # folded above already
     assert isinstance(snn.model[3].post, Synapse) and isinstance(snn.model[3].post.layer, ChannelAffine)
 
@@ -185,8 +189,9 @@ def test_analog_islands_are_opt_in_exact_and_reported():
         convert(qann, analog=["block.nope"])
     snn = convert(qann, analog=["block"])
     x = x64(2, 3, 6, 6)
-    torch.testing.assert_close(snn.run(x, wake=4), qann(x).detach(), rtol=0, atol=1e-9)
-    fraction = snn.last_stats.analog_mac_fraction
+    res = snn.run(x, wake=4)
+    torch.testing.assert_close(res.readout, qann(x).detach(), rtol=0, atol=1e-9)
+    fraction = res.stats.analog_mac_fraction
     total = 3 * 4 * 9 * 36 + 4 * 4 * 36 + 4 * 4 * 36 + 4 * 2 * 36
     assert fraction == pytest.approx(4 * 4 * 36 / total)
     assert snn.analog == ["block"]
@@ -205,7 +210,7 @@ def test_input_size_change_needs_no_manual_reset():
     snn = convert(qann)
     for size in (4, 7):
         x = x64(1, 3, size, size)
-        torch.testing.assert_close(snn.run(x, wake=4), qann(x).detach(), rtol=0, atol=1e-9)
+        torch.testing.assert_close(snn.run(x, wake=4).readout, qann(x).detach(), rtol=0, atol=1e-9)
 
 
 class HiddenGate(nn.Module):
@@ -242,13 +247,13 @@ def test_hidden_functional_nonlinearity_stops_the_first_run_naming_the_module(mo
     assert info.value.problems[0][:2] == ("2", function)
     island = convert(qann, analog=["2"])  # kept analog, it is exact
     x = x64(2, 3, 6, 6)
-    torch.testing.assert_close(island.run(x, wake=4), qann(x).detach(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(island.run(x, wake=4).readout, qann(x).detach(), rtol=0, atol=1e-9)
 
 
 def test_strided_subsample_and_products_with_constants_are_linear():
     qann = hidden(FunctionalPools(1))  # kernel 1: torchvision's LastLevelMaxPool
     x = x64(2, 3, 6, 6)
-    torch.testing.assert_close(convert(qann).run(x, wake=4), qann(x).detach(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(convert(qann).run(x, wake=4).readout, qann(x).detach(), rtol=0, atol=1e-9)
 
 
 def test_ordered_dict_readouts_stay_ordered_dicts():
@@ -265,5 +270,41 @@ def test_ordered_dict_readouts_stay_ordered_dicts():
             return OrderedDict([("p2", self.p2(y)), ("p1", self.p1(y))])
 
     snn = convert(Features().double().eval())
-    out = snn.run(x64(1, 3, 5, 5), wake=4)
+    out = snn.run(x64(1, 3, 5, 5), wake=4).readout
     assert type(out) is OrderedDict and list(out) == ["p2", "p1"]
+
+
+class MergesSamples(nn.Module):
+    """A forward that moves data across the batch axis before a neuron: the simulator cannot follow it."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = ClipQuan(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if self.how == "reshape":  # [B, C, H, W] -> [1, B*C, H, W]: every sample in one row
+            y = y.reshape(1, -1, *y.shape[2:])
+            return self.act(y)
+        return self.head(self.act(torch.cat([y, y], 0)))  # twice the rows
+
+
+@pytest.mark.parametrize("how", ["reshape", "cat"])
+@pytest.mark.parametrize("mode", ["step", "multistep"])
+@pytest.mark.parametrize("record", [True, False])
+def test_forward_mixing_samples_on_the_batch_axis_is_refused_naming_the_module(how, mode, record):
+    torch.manual_seed(0)
+    snn = convert(MergesSamples(how).double().eval())
+    x = x64(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match=r"^act: .*rows.*batch axis"):
+        snn.run(x, wake=4, sleep=2, mode=mode, record=record)
+    if mode == "step":
+        with pytest.raises(RuntimeError, match=r"^act: .*batch axis"):
+            list(snn.stream(x, wake=4, sleep=2, record=record))
+    # a forward that keeps samples on their rows runs (and is exact)
+    qann = small_qann()
+    torch.testing.assert_close(convert(qann).run(x, wake=4, mode=mode, record=record).readout, qann(x).detach(),
+                               rtol=0, atol=1e-9)

@@ -75,9 +75,10 @@ def test_run_stats_energy_and_counts():
     qann = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ClipQuan(4), nn.Conv2d(4, 2, 1)).double().eval()
     snn = convert(qann)
     x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
-    snn.run(x, wake=4, sleep="auto")
-    stats = snn.last_stats
-    steps = int(snn.last_steps.max())
+    res = snn.run(x, wake=4, sleep="auto")
+    stats = res.stats
+    steps = int(res.steps.max())
+    assert torch.equal(stats.steps, res.steps) and stats.spikes_per_step.shape == (steps, 2)
     # analog MACs: the first conv on the image in each of the 4 wake steps (sleep input is zero: skipped)
     assert stats.analog_macs.tolist() == [4 * 4 * 25 * 27] * 2
     assert stats.ann_macs == 4 * 25 * 27 + 2 * 25 * 4
@@ -99,7 +100,11 @@ def test_recording_can_be_switched_off_without_changing_results():
     x = torch.rand(2, 3, 5, 5, dtype=torch.float64)
     a = snn.run(x, record=True)
     b = snn.run(x, record=False)
-    assert torch.equal(a, b) and snn.last_stats is None
+    assert torch.equal(a.readout, b.readout) and a.stats is not None and b.stats is None
+    assert torch.equal(a.steps, b.steps) and torch.equal(a.settled, b.settled)
+    events = list(snn.stream(x, record=False))
+    assert all(e.spikes is None and e.energy_pj is None for e in events) and events[-1].result.stats is None
+    assert torch.equal(events[-1].result.readout, a.readout)
 
 
 def test_count_macs_of_an_ann():
@@ -122,8 +127,7 @@ def test_synapse_fed_by_a_synapse_does_macs_not_synaptic_ops():
 
     torch.manual_seed(0)
     snn = convert(Chain().double().eval())
-    snn.run(torch.rand(1, 3, 5, 5, dtype=torch.float64), wake=4, sleep=0)
-    stats = snn.last_stats
+    stats = snn.run(torch.rand(1, 3, 5, 5, dtype=torch.float64), wake=4, sleep=0).stats
     assert set(stats.sops_per_layer) == {"lateral"}  # the only synapse whose input is spikes
     assert stats.analog_macs.item() == 4 * (4 * 25 * 27 + 2 * 25 * 36)  # stem (image) and smooth (analog sum)
 
@@ -134,10 +138,70 @@ def test_energy_per_step_adds_up_to_the_run_total():
     qann = random_qann(7, levels=4, depth=12).double()
     snn = convert(qann)
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
-    snn.run(x, wake=4, sleep=6, mode="multistep", sleep_chunk=4)
-    stats = snn.last_stats
+    stats = snn.run(x, wake=4, sleep=6, mode="multistep", sleep_chunk=4).stats
     assert stats.energy_pj_per_step.shape == (10, 2)
     torch.testing.assert_close(stats.energy_pj_until(10), stats.energy_pj)
     torch.testing.assert_close(stats.energy_pj_until(100), stats.energy_pj)
     assert float(stats.spikes_per_step[4:].sum()) > 0  # sleep steps fired ...
     assert bool((stats.energy_pj_until(4) < stats.energy_pj).all())  # ... and their synaptic operations count
+
+
+class SharedModules(nn.Module):
+    """One ClipQuan called three times and one conv applied to two inputs per forward (per time step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mid, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+        self.act = ClipQuan(4)
+
+    def forward(self, x):
+        a = self.act(self.stem(x))
+        b = self.act(self.mid(a))
+        c = self.act(self.mid(b))
+        return self.head(c) + self.head(a)
+
+
+@pytest.mark.parametrize("sleep", [3, "auto"])
+def test_shared_modules_give_one_row_per_time_step(sleep):
+    torch.manual_seed(4)
+    qann = SharedModules().double().eval()
+    snn = convert(qann)
+    x = torch.rand(3, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 2
+    res = snn.run(x, wake=4, sleep=sleep)
+    torch.testing.assert_close(res.readout, qann(x), rtol=0, atol=1e-9)
+    stats = res.stats
+    total = int(res.steps.max())  # the run lasts until its slowest sample is done
+    assert total > 4 and (sleep == "auto" or total == 4 + sleep)
+    assert stats.energy_pj_per_step.shape == (total, 3) and stats.spikes_per_step.shape == (total, 3)
+    torch.testing.assert_close(stats.energy_pj_per_step.sum(0), stats.energy_pj)
+    torch.testing.assert_close(stats.spikes_per_step.sum(0), stats.spikes)
+    assert set(stats.spikes_per_layer) == {"act", "act#2", "act#3"}
+    # the multistep run counts the same rows
+    multi = snn.run(x, wake=4, sleep=sleep, mode="multistep", sleep_chunk=2).stats
+    assert multi.energy_pj_per_step.shape == (total, 3)
+    torch.testing.assert_close(multi.spikes_per_step, stats.spikes_per_step, rtol=0, atol=0)
+    torch.testing.assert_close(multi.energy_pj_per_step, stats.energy_pj_per_step)
+
+    # Streamed: one event per step; its per-sample spikes are what the neuron emitted in that step (counted
+    # here from its outputs, independently of the recorder), and energy_pj_until(t) is the first t events' sum.
+    (_, neuron), = snn.neurons()
+    emitted = []
+    hook = neuron.register_forward_hook(lambda m, i, out: emitted.append(out))  # counted outside the forward
+    try:
+        events = []
+        for ev in snn.stream(x, wake=4, sleep=sleep):
+            assert len(emitted) == 3  # three call sites in this step
+            counted = sum(out.abs().flatten(1).sum(1) / neuron.threshold for out in emitted)
+            torch.testing.assert_close(ev.spikes, counted.double(), rtol=0, atol=1e-9)
+            emitted.clear()
+            events.append(ev)
+    finally:
+        hook.remove()
+    assert len(events) == total and all(ev.spikes.shape == ev.energy_pj.shape == (3,) for ev in events)
+    final = events[-1].result.stats
+    for t in range(1, total + 1):
+        streamed = sum(ev.energy_pj for ev in events[:t])
+        torch.testing.assert_close(stats.energy_pj_until(t), streamed)
+        torch.testing.assert_close(final.energy_pj_until(t), streamed)
+        torch.testing.assert_close(stats.spikes_per_step[t - 1], events[t - 1].spikes)
+    torch.testing.assert_close(stats.energy_pj_until(total + 5), stats.energy_pj)

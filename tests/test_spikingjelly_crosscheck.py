@@ -35,4 +35,4 @@ def test_if_baseline_matches_spikingjelly_rate_coding():
     for steps in (8, 32):
         functional.reset_net(reference)
         expected = sum(reference(x) for _ in range(steps)) / steps
-        torch.testing.assert_close(ours.run(x, wake=steps, sleep=0), expected, rtol=0, atol=1e-9)
+        torch.testing.assert_close(ours.run(x, wake=steps, sleep=0).readout, expected, rtol=0, atol=1e-9)
