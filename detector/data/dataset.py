@@ -6,9 +6,9 @@ import os
 import warnings
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
-from PIL import Image
+
+from .. import images
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 BOX_SLACK_PX = 1.0  # boxes may overshoot the image by this much; they are clipped
@@ -90,23 +90,23 @@ class DetectionDataset:
 
 
 def read_image(path: str) -> np.ndarray:
-    """Decode an image file as RGB uint8 HxWx3."""
+    """Decode an image file as RGB uint8 HxWx3 (``detector.images``: EXIF orientation applied, 16-bit scaled,
+    alpha composited, CMYK/palette/gray converted)."""
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: image file not found")
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise DatasetError(f"{path}: not a readable image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    try:
+        return images.read_image(path)
+    except images.ImageError as e:
+        raise DatasetError(f"{path}: not a readable image ({e})") from None
 
 
 def read_image_size(path: str) -> tuple[int, int]:
-    """(h, w) from the image header, without decoding the pixels."""
+    """(h, w) as ``read_image`` returns it (EXIF orientation applied), from the header without decoding."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: image file not found")
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: image file not found") from None
-    except OSError as e:
+        w, h = images.read_size(path)
+    except images.ImageError as e:
         raise DatasetError(f"{path}: not a readable image ({e})") from None
     return h, w
 

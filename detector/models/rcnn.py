@@ -315,14 +315,14 @@ def model_from_state_dict(state: dict, meta: dict, arch: str | None = None, num_
 # --- the spiking detector -------------------------------------------------------------------
 
 def _to_image_tensor(image: Any) -> torch.Tensor:
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        from PIL import Image
+    from PIL import Image
 
-        with Image.open(path) as im:
-            image = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    from ..images import from_pil, read_image
+
+    if isinstance(image, (str, Path)):  # the project's one reader: EXIF orientation, 16-bit, alpha, CMYK
+        image = read_image(image)
+    elif isinstance(image, Image.Image):
+        image = from_pil(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"numpy images must be HxWx3 RGB, got shape {image.shape}")
@@ -335,7 +335,7 @@ def _to_image_tensor(image: Any) -> torch.Tensor:
             image = image.expand(3, -1, -1)
         return image.float() / 255.0 if image.dtype == torch.uint8 else image
     raise TypeError(f"unsupported image type {type(image).__name__}: give a CHW float tensor in [0, 1], "
-                    "an HxWx3 uint8 RGB array, or a path")
+                    "an HxWx3 uint8 RGB array, a PIL image, or a path")
 
 
 def _as_list(images) -> list:

@@ -446,23 +446,16 @@ class DetectionEvent:
 
 
 def _to_bgr(image, color: str) -> np.ndarray:
-    """One image as HxWx3 uint8 BGR (Ultralytics' convention)."""
-    import cv2
+    """One image as HxWx3 uint8 BGR (Ultralytics' convention). Files and PIL images go through the project's
+    one reader (``detector.images``: EXIF orientation, 16-bit, alpha and CMYK handled)."""
+    from PIL import Image
+
+    from ..images import from_pil, read_image
 
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
-        array = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if array is None:
-            raise ValueError(f"cannot read image: {path}")
-        return array
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
-        return np.ascontiguousarray(np.asarray(image.convert("RGB"))[..., ::-1])
+        return np.ascontiguousarray(read_image(image)[..., ::-1])
+    if isinstance(image, Image.Image):
+        return np.ascontiguousarray(from_pil(image)[..., ::-1])
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)

@@ -1,0 +1,182 @@
+"""The one image reader of the project (library, datasets and service): any file Pillow reads -> HxWx3 uint8 RGB.
+
+What a camera or an editor writes is normalised the same way everywhere:
+  * EXIF orientation is applied (a phone photo comes out upright, its size as displayed);
+  * 16-bit samples are scaled to 8 bits (65535 -> 255), never clipped (clipping turns a 16-bit image white);
+  * transparency is composited on a fixed gray (``BACKGROUND``, the letterbox padding of YOLO);
+  * CMYK, palette, gray, and other modes become RGB.
+
+``decode`` can also shrink the image while decoding (``fit``): JPEGs then decode at a reduced DCT scale
+(Pillow's draft mode) and only the resized array is kept. Errors are ``ImageError`` subclasses that say
+what was wrong: ``UnsupportedImage`` (not an image of an allowed format), ``ImageTooLarge`` (over the
+pixel limit, checked from the header before decoding), ``CorruptImage`` (truncated or broken data); a missing file is a ``FileNotFoundError``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-gray image
+BACKGROUND = (114, 114, 114)
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that transpose the image
+
+
+class ImageError(ValueError):
+    """An image could not be read; the message says why."""
+
+
+class UnsupportedImage(ImageError):
+    """Not an image in one of the accepted formats."""
+
+
+class ImageTooLarge(ImageError):
+    """Width x height over the pixel limit (from the header; nothing decoded)."""
+
+
+class CorruptImage(ImageError):
+    """The header is readable but the pixel data is broken or truncated."""
+
+
+@dataclass
+class Decoded:
+    """``array``: HxWx3 uint8 RGB (resized when ``fit`` asked for it); ``size``: (width, height) of the image
+    as displayed (EXIF orientation applied) before any resizing; ``format``: Pillow's format name."""
+
+    array: np.ndarray
+    size: tuple[int, int]
+    format: str
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(x, y) factors from ``array`` pixels back to the original image's pixels."""
+        return self.size[0] / self.array.shape[1], self.size[1] / self.array.shape[0]
+
+
+def _pil_open() -> Callable:
+    """Pillow's own ``Image.open``: Ultralytics monkey-patches it to install pi-heif on an unknown file, which
+    must never happen on user input. The patch keeps the original as ``_image_open`` in its module."""
+    fn = Image.open
+    for _ in range(4):
+        if getattr(fn, "__module__", None) == "PIL.Image":
+            return fn
+        fn = getattr(fn, "__globals__", {}).get("_image_open")
+        if fn is None:
+            break
+    return Image.open
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block: show the stored pixels
+        return 1
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, from the header only."""
+    w, h = image.size
+    return (h, w) if _orientation(image) in SWAPS_AXES else (w, h)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: 16-bit scaled, alpha composited on ``BACKGROUND``, the rest converted."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        samples = np.asarray(image, dtype=np.float64)
+        gray = np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255, 0 -> 0
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def fit_size(size: tuple[int, int], fit: tuple[int, int]) -> tuple[int, int]:
+    """``size`` (w, h) shrunk, aspect kept, to fit inside ``fit`` (w, h); never enlarged; sides at least 1."""
+    w, h = size
+    scale = min(fit[0] / w, fit[1] / h, 1.0)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _open(source, formats: Iterable[str] | None) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                return _pil_open()(io.BytesIO(bytes(source)), formats=list(formats) if formats else None)
+            return _pil_open()(os.fspath(source), formats=list(formats) if formats else None)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {source}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageTooLarge(f"image exceeds Pillow's pixel limit ({error})") from None
+    except Exception as error:  # UnidentifiedImageError, OSError, SyntaxError from a broken header, ...
+        allowed = f" (accepted: {', '.join(formats)})" if formats else ""
+        raise UnsupportedImage(f"not a readable image{allowed}: {type(error).__name__}") from None
+
+
+def decode(source, *, fit: tuple[int, int] | Callable[[tuple[int, int]], tuple[int, int]] | None = None,
+           max_pixels: int | None = None, formats: Iterable[str] | None = None) -> Decoded:
+    """Read ``source`` (a path or the encoded bytes). ``fit``: a (w, h) box, or a function of the displayed
+    (w, h) giving one, to shrink the image into while decoding. ``max_pixels``: limit on width x height,
+    checked before any pixel is decoded. ``formats``: Pillow format names to accept (default: any)."""
+    if isinstance(source, (bytes, bytearray, memoryview)) and not source:
+        raise UnsupportedImage("no image data")
+    with _open(source, formats) as image:
+        w, h = displayed_size(image)
+        if w <= 0 or h <= 0:
+            raise CorruptImage(f"the image has an empty size {w}x{h}")
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+        box = fit((w, h)) if callable(fit) else fit
+        target = fit_size((w, h), box) if box else (w, h)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                rgb = _decode_pixels(image, target)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ImageTooLarge(str(error)) from None
+        except Exception as error:  # truncated / corrupt data
+            raise CorruptImage(f"cannot decode the {image.format} image: {error}") from None
+        fmt = str(image.format)
+    array = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    return Decoded(array=array, size=(w, h), format=fmt)
+
+
+def _decode_pixels(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Decode (a JPEG at the smallest DCT scale still >= ``target``), orient, convert to RGB, resize."""
+    orientation = _orientation(image)
+    if target != displayed_size(image) and image.format == "JPEG":
+        stored = (target[1], target[0]) if orientation in SWAPS_AXES else target
+        image.draft(image.mode, stored)  # decodes at 1/2, 1/4 or 1/8 scale where that is still large enough
+    image.load()
+    oriented = ImageOps.exif_transpose(image) if orientation != 1 else image
+    rgb = _to_rgb(oriented)
+    if rgb.size != target:
+        rgb = rgb.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return rgb
+
+
+def from_pil(image: Image.Image) -> np.ndarray:
+    """An already opened Pillow image, normalised as ``decode`` does: HxWx3 uint8 RGB."""
+    oriented = ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
+    return np.ascontiguousarray(np.asarray(_to_rgb(oriented), dtype=np.uint8))
+
+
+def read_image(source, **kwargs) -> np.ndarray:
+    """``decode(source, **kwargs).array``: HxWx3 uint8 RGB."""
+    return decode(source, **kwargs).array
+
+
+def read_size(source) -> tuple[int, int]:
+    """(width, height) as displayed, from the header (nothing decoded)."""
+    with _open(source, None) as image:
+        return displayed_size(image)

@@ -1,0 +1,113 @@
+"""The one image reader (detector.images) on generated fixtures: EXIF orientation, 16-bit, alpha, CMYK, palette,
+JPEG draft decoding, limits and errors; and that the adapters and the dataset loader use it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detector import images
+from detector.images import BACKGROUND, CorruptImage, ImageTooLarge, UnsupportedImage, decode, read_image
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def exif_rotated_jpeg(orientation: int) -> tuple[bytes, np.ndarray]:
+    """A 40x20 (w x h) stored image whose left half is red, with an EXIF orientation tag."""
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encoded(Image.fromarray(stored), "JPEG", quality=95, exif=exif), stored
+
+
+def test_exif_orientation_applied():
+    data, _ = exif_rotated_jpeg(6)  # 6: rotate 90 degrees clockwise to display
+    out = decode(data)
+    assert out.size == (20, 40) and out.array.shape == (40, 20, 3)  # displayed: portrait
+    top, bottom = out.array[:15].mean(axis=(0, 1)), out.array[-15:].mean(axis=(0, 1))
+    assert top[0] > 200 and bottom[0] < 60  # the stored left (red) half is now on top
+    assert images.read_size(data) == (20, 40)
+
+
+def test_sixteen_bit_gray_scaled_not_clipped():
+    ramp = np.linspace(0, 65535, 64 * 8).reshape(8, 64).astype(np.uint16)
+    array = read_image(encoded(Image.fromarray(ramp), "PNG"))
+    assert array.shape == (8, 64, 3) and array.dtype == np.uint8
+    assert array[0, 0, 0] == 0 and array[-1, -1, 0] == 255
+    assert abs(int(array[4, 32, 0]) - round(int(ramp[4, 32]) / 257)) <= 1  # mid-gray stays mid-gray
+
+
+def test_alpha_composited_on_fixed_background():
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[:, :5] = (0, 0, 255, 255)  # left half opaque blue, right half fully transparent
+    array = read_image(encoded(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert tuple(array[0, 0]) == (0, 0, 255) and tuple(array[0, 9]) == BACKGROUND
+
+
+def test_cmyk_and_palette_and_gray_become_rgb():
+    cmyk = Image.new("CMYK", (12, 6), (0, 255, 255, 0))  # no cyan, full magenta+yellow: red
+    array = read_image(encoded(cmyk, "JPEG", quality=95))
+    assert array.shape == (6, 12, 3) and array[3, 6, 0] > 200 and array[3, 6, 1] < 60
+    palette = Image.new("RGB", (8, 8), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    palette.info["transparency"] = 255  # an unused index: nothing transparent
+    assert tuple(read_image(encoded(palette, "PNG"))[0, 0]) == (10, 200, 30)
+    transparent = Image.new("P", (4, 4), 0)
+    transparent.putpalette([255, 255, 255] * 256)
+    assert tuple(read_image(encoded(transparent, "PNG", transparency=0))[0, 0]) == BACKGROUND
+    gray = read_image(encoded(Image.new("L", (5, 3), 77), "PNG"))
+    assert gray.shape == (3, 5, 3) and (gray == 77).all()
+
+
+def test_fit_decodes_jpeg_small_and_keeps_the_original_size():
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1200, 1600, 3), dtype=np.uint8))
+    out = decode(encoded(big, "JPEG"), fit=(256, 256))
+    assert out.size == (1600, 1200) and out.array.shape == (192, 256, 3)
+    assert out.scale == (1600 / 256, 1200 / 192)
+    small = decode(encoded(Image.new("RGB", (40, 30)), "PNG"), fit=(256, 256))
+    assert small.array.shape == (30, 40, 3)  # never enlarged
+
+
+def test_limits_and_errors():
+    png = encoded(Image.new("RGB", (100, 100)), "PNG")
+    with pytest.raises(ImageTooLarge, match="10000 pixels"):
+        decode(png, max_pixels=9999)
+    with pytest.raises(UnsupportedImage):
+        decode(b"not an image at all")
+    with pytest.raises(UnsupportedImage):
+        decode(png, formats=["JPEG"])
+    with pytest.raises(UnsupportedImage):
+        decode(b"")
+    with pytest.raises(CorruptImage):
+        noisy = np.random.default_rng(1).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+        jpeg = encoded(Image.fromarray(noisy), "JPEG")
+        decode(jpeg[: len(jpeg) // 2])
+    with pytest.raises(FileNotFoundError):
+        read_image("/nonexistent/x.png")
+
+
+def test_library_readers_use_it(tmp_path):
+    """The YOLO and Faster R-CNN adapters and the dataset loader all read files through detector.images."""
+    from detector.data.dataset import read_image as dataset_read, read_image_size
+    from detector.models.rcnn import _to_image_tensor
+    from detector.models.yolo import _to_bgr
+
+    data, _ = exif_rotated_jpeg(6)
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(data)
+    expected = read_image(path)
+    assert (dataset_read(str(path)) == expected).all() and read_image_size(str(path)) == (40, 20)
+    assert (_to_bgr(path, "bgr")[..., ::-1] == expected).all()
+    assert (_to_bgr(Image.open(path), "bgr")[..., ::-1] == expected).all()
+    tensor = _to_image_tensor(path)
+    assert tensor.shape == (3, 40, 20) and np.allclose(tensor.permute(1, 2, 0).numpy() * 255, expected)
+    sixteen = tmp_path / "depth.png"
+    sixteen.write_bytes(encoded(Image.fromarray(np.full((4, 4), 65535, np.uint16)), "PNG"))
+    assert float(_to_image_tensor(sixteen).max()) == 1.0 and (_to_bgr(sixteen, "bgr") == 255).all()
