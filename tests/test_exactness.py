@@ -37,10 +37,12 @@ def test_readouts_equal_qann_in_both_modes(L, chunk):
         reference = qann(x)
         snn = convert(qann)
         for mode in ("step", "multistep"):
-            readout = snn.run(x, wake=L, sleep="auto", mode=mode, max_sleep=300)
+            # the paper's sleep, one spike per neuron per step (burst sleep: the next test)
+            res = snn.run(x, wake=L, sleep="auto", mode=mode, max_sleep=300, burst=1)
+            readout = res.readout
             assert isinstance(readout, tuple) and len(readout) == 2  # the model's structure
             assert max_error(readout, reference) <= 1e-6, f"net {index} L={L} mode={mode}"
-            assert bool(snn.last_settled.all()), "auto sleep ended at its cap, not at a silent step"
+            assert bool(res.settled.all()), "auto sleep ended at its cap, not at a silent step"
 
 
 @pytest.mark.parametrize("L", LEVELS)
@@ -48,9 +50,14 @@ def test_burst_sleep_is_exact_and_settles_fast(L):
     for index in range(20):
         qann, x = net_and_input(L, 500 + index)
         snn = convert(qann)
-        assert max_error(snn.run(x, wake=L, sleep="auto", burst=L), qann(x)) <= 1e-6
+        res = snn.run(x, wake=L, sleep="auto", burst=L)
+        assert max_error(res.readout, qann(x)) <= 1e-6 and bool(res.settled.all())
         # one sleep step discharges every residual per layer in turn: far fewer steps than depth
-        assert int(snn.last_steps.max()) - L <= 2 + (2 + (500 + index) % 19) // 2
+        assert int(res.steps.max()) - L <= 2 + (2 + (500 + index) % 19) // 2
+        # burst defaults to the wake count: the same run
+        default = snn.run(x, wake=L, sleep="auto")
+        assert max_error(default.readout, res.readout) == 0 and torch.equal(default.steps, res.steps)
+        assert torch.equal(default.stats.spikes, res.stats.spikes)
 
 
 @pytest.mark.parametrize("ablation", ["no negative spikes", "no cap"])
@@ -62,9 +69,9 @@ def test_ablations_break_exactness_on_the_same_nets(ablation):
     for index in range(nets):
         qann, x = net_and_input(4, index)
         full = convert(qann)
-        assert max_error(full.run(x, wake=4, sleep="auto"), qann(x)) <= 1e-6
+        assert max_error(full.run(x, wake=4, sleep="auto").readout, qann(x)) <= 1e-6
         partial = convert(qann, neuron=neuron)
-        broken += max_error(partial.run(x, wake=4, sleep="auto", max_sleep=100), qann(x)) > 1e-6
+        broken += max_error(partial.run(x, wake=4, sleep="auto", max_sleep=100).readout, qann(x)) > 1e-6
     assert broken >= nets // 2, f"{ablation}: only {broken}/{nets} nets lost exactness"
 
 
@@ -73,36 +80,43 @@ def test_step_and_multistep_agree_for_fixed_sleep_counts():
         qann, x = net_and_input(4, 700 + index)
         snn = convert(qann)
         for sleep in (0, 3, 11):
-            a = snn.run(x, wake=4, sleep=sleep, mode="step")
-            stats_step = snn.last_stats
-            b = snn.run(x, wake=4, sleep=sleep, mode="multistep", sleep_chunk=4)
-            assert max_error(a, b) <= 1e-9
-            assert torch.equal(stats_step.spikes, snn.last_stats.spikes)
-            assert torch.equal(snn.last_steps, torch.full((3,), 4 + sleep))
+            for burst in (1, 4):
+                a = snn.run(x, wake=4, sleep=sleep, mode="step", burst=burst)
+                b = snn.run(x, wake=4, sleep=sleep, mode="multistep", sleep_chunk=4, burst=burst)
+                assert max_error(a.readout, b.readout) <= 1e-9
+                assert torch.equal(a.stats.spikes, b.stats.spikes)
+                assert torch.equal(a.stats.spikes_per_step, b.stats.spikes_per_step)
+                for run in (a, b):  # a fixed count: every sample takes every step
+                    assert torch.equal(run.steps, torch.full((3,), 4 + sleep)) and run.wake == 4
+                    assert run.stats.spikes_per_step.shape == (4 + sleep, 3)
 
 
 def test_auto_sleep_terminates_per_sample_and_reports_steps():
     qann, x = net_and_input(4, 19)  # depth 20
     snn = convert(qann)
-    snn.run(x, wake=4, sleep="auto")
-    steps = snn.last_steps
-    assert steps.shape == (3,) and bool((steps > 4).all())
+    res = snn.run(x, wake=4, sleep="auto", burst=1)  # one spike per sleep step: samples differ
+    steps = res.steps
+    assert steps.shape == (3,) and bool((steps > 4).all()) and bool(res.settled.all())
+    assert torch.equal(res.stats.steps, steps) and torch.equal(res.stats.sleep_steps, steps - 4)
+    # the run lasts as long as its slowest sample, with one row per step
+    assert res.stats.spikes_per_step.shape == (int(steps.max()), 3)
     # A sample's count is its own: running it alone gives the same number of steps.
     for i in range(3):
-        snn.run(x[i:i + 1], wake=4, sleep="auto")
-        assert int(snn.last_steps[0]) == int(steps[i])
+        alone = snn.run(x[i:i + 1], wake=4, sleep="auto", burst=1)
+        assert int(alone.steps[0]) == int(steps[i]) and bool(alone.settled[0])
 
 
 def test_auto_sleep_cap_is_reported_when_hit():
-    for index in range(19, 400, 19):  # a deep net whose samples need at least 3 sleep steps
+    for index in range(19, 400, 19):  # a deep net whose samples need at least 3 sleep steps (one spike each)
         qann, x = net_and_input(4, index)
         snn = convert(qann)
-        snn.run(x, wake=4, sleep="auto")
-        if int(snn.last_steps.min()) >= 7:
+        if int(snn.run(x, wake=4, sleep="auto", burst=1).steps.min()) >= 7:
             break
-    snn.run(x, wake=4, sleep="auto", max_sleep=1)
-    assert not bool(snn.last_settled.all())
-    assert torch.equal(snn.last_steps, torch.full((3,), 5))
+    else:
+        pytest.fail("no net needed 3 sleep steps")
+    capped = snn.run(x, wake=4, sleep="auto", max_sleep=1, burst=1)
+    assert not bool(capped.settled.any())
+    assert torch.equal(capped.steps, torch.full((3,), 5))
 
 
 def test_stream_events_in_order_and_final_equals_run():
@@ -113,8 +127,8 @@ def test_stream_events_in_order_and_final_equals_run():
     assert [e.t for e in events] == list(range(1, len(events) + 1))
     assert [e.phase for e in events[:4]] == ["wake"] * 4 and all(e.phase == "sleep" for e in events[4:])
     assert [e.wake for e in events] == [1, 2, 3, 4] + [4] * (len(events) - 4)
-    assert len(events) == int(snn.last_steps.max())
-    assert max_error(events[-1].readout, expected) == 0
+    assert len(events) == int(expected.steps.max())
+    assert max_error(events[-1].readout, expected.readout) == 0
     assert events[-1].settled.all() and all(e.spikes is not None for e in events)
 
 
@@ -123,6 +137,6 @@ def test_float32_flips_are_rare_and_bounded():
     for index in range(40):
         qann, x = net_and_input(4, 900 + index)
         q32 = qann.float()
-        err = max_error(convert(q32).run(x.float(), wake=4, sleep="auto"), q32(x.float()))
+        err = max_error(convert(q32).run(x.float(), wake=4, sleep="auto").readout, q32(x.float()))
         flips += err > 1e-4
     assert flips <= 4  # DESIGN §1 measured 5 of 150; they are reported by the fidelity table
