@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from detector.energy import PJ_PER_MAC
+from detector.energy import PJ_PER_MAC, count_macs
 from detector.models.rcnn import SpikingFasterRCNN, build_fasterrcnn, to_qann_fasterrcnn
 from detector.randnet import randomise_batchnorm
 
@@ -68,14 +68,16 @@ def main() -> None:
         with torch.no_grad():
             float_model([img])  # warm-up
             t_float, _ = timed(lambda: float_model([img]), repeat=2)
+            # one ANN forward's conv/linear MACs: stage 1 on the image, stage 2 per RoI ([1, C, 7, 7])
+            macs1 = count_macs(det.qann_stage1, det.preprocess([img])[0].tensors)
+            macs2 = count_macs(det.qann_stage2, torch.zeros(1, det.qann.backbone.out_channels, 7, 7))
         for mode in args.modes:
             for burst in args.bursts:
                 if mode == "multistep" and burst != 1:
                     continue
                 t_snn, res = timed(lambda: det.predict([img], mode=mode, burst=burst))
                 r = res[0]
-                s1, s2 = det.stage1.last_stats, det.stage2.last_stats
-                ann_uj = (s1.ann_macs + s2.ann_macs * r["proposals"]) * PJ_PER_MAC * 1e-6
+                ann_uj = (macs1 + macs2 * r["proposals"]) * PJ_PER_MAC * 1e-6
                 T = r["steps"]["total"]
                 print(f"{size:>4} {mode:>9} {burst:>5} {r['steps']['stage1']:>4} (4+{r['steps']['stage1'] - 4:<2})"
                       f" {r['steps']['stage2']:>4} (4+{r['steps']['stage2'] - 4:<2}) {t_snn:7.2f} {t_float:7.3f} "

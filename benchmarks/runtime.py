@@ -7,6 +7,7 @@ Also checks fidelity on the chosen device: max |SNN readout - QANN output| in fl
 
     python benchmarks/runtime.py                       # CPU, imgsz 320, batch 1 and 8
     python benchmarks/runtime.py --device cuda --batch 1 8 32
+    python benchmarks/runtime.py --burst 1             # the paper's one spike per sleep step (default: burst sleep)
 """
 
 from __future__ import annotations
@@ -38,23 +39,23 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def fidelity(device: torch.device, imgsz: int = 128, nets: int = 30) -> dict:
+def fidelity(device: torch.device, imgsz: int = 128, nets: int = 30, burst: int | None = None) -> dict:
     float_model = build_qann("yolov8n.yaml", quantize=False, act="relu")
     randomise_batchnorm(float_model)
     qann = build_qann(float_model, levels=4)
     detector = SpikingYOLO.from_model(qann, imgsz=imgsz, device=device, dtype=torch.float64)
     x = torch.rand(2, 3, imgsz, imgsz, dtype=torch.float64, device=device, generator=None)
     reference = detector.qann_raw(x)
-    readout = detector.raw(x, wake=4, sleep="auto")
-    error = max(float((a - b).abs().max()) for a, b in zip(readout, reference))
+    run = detector.raw(x, wake=4, sleep="auto", burst=burst)
+    error = max(float((a - b).abs().max()) for a, b in zip(run.readout, reference))
     random_error = 0.0
     for seed in range(nets):  # the exactness suite's random QANNs, on this device
         qnet = random_qann(seed, levels=(2, 4, 8)[seed % 3], depth=2 + seed % 19).double().to(device)
         xr = torch.rand(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(device)
         for mode in ("step", "multistep"):
-            out = convert(qnet).run(xr, wake=qnet.blocks[0].act.levels, sleep="auto", mode=mode)
+            out = convert(qnet).run(xr, wake=qnet.blocks[0].act.levels, sleep="auto", mode=mode, burst=burst).readout
             random_error = max(random_error, max(float((a - b).abs().max()) for a, b in zip(out, qnet(xr))))
-    return {"imgsz": imgsz, "max_abs_error_float64": error, "steps": detector.snn.last_steps.tolist(),
+    return {"imgsz": imgsz, "max_abs_error_float64": error, "steps": run.steps.tolist(), "settled": run.settled.tolist(),
             "random_nets": nets, "random_nets_max_abs_error_float64": random_error}
 
 
@@ -76,7 +77,8 @@ def networks(model: str | None):
 
 
 @torch.no_grad()
-def measure(batch: int, imgsz: int, device: torch.device, repeats: int, model: str | None) -> list[dict]:
+def measure(batch: int, imgsz: int, device: torch.device, repeats: int, model: str | None,
+            burst: int | None = None) -> list[dict]:
     float_model, qann, trained_imgsz, images = networks(model)
     imgsz = trained_imgsz or imgsz
     ann = YOLOReadoutNet(float_model.fuse(verbose=False)).to(device).eval()  # BN folded, as deployed
@@ -92,15 +94,19 @@ def measure(batch: int, imgsz: int, device: torch.device, repeats: int, model: s
     for mode in ("step", "multistep"):
         for record in (False, True):
             wake_s = timed(lambda: snn.run(x, wake=4, sleep=0, mode=mode, record=record), repeats, device) / 4
-            total_s = timed(lambda: snn.run(x, wake=4, sleep="auto", mode=mode, record=record), repeats, device)
-            steps = int(snn.last_steps.max())
+            runs = []  # the timed runs' results (the last one's steps are reported)
+            total_s = timed(lambda: runs.append(snn.run(x, wake=4, sleep="auto", mode=mode, record=record,
+                                                        burst=burst)), repeats, device)
+            used = runs[-1].steps
+            steps = int(used.max())
             sleep_steps = steps - 4
             sleep_s = (total_s - 4 * wake_s) / sleep_steps if sleep_steps else 0.0
             rows.append({
                 "batch": batch, "imgsz": imgsz, "mode": mode, "record": record, "model": model,
+                "burst": burst if burst is not None else 4,
                 "ann_forward_s": ann_s, "qann_forward_s": qann_s,
                 "snn_wake_step_s": wake_s, "snn_sleep_step_s": sleep_s,
-                "steps_auto_mean": float(snn.last_steps.double().mean()), "steps_auto_max": steps,
+                "steps_auto_mean": float(used.double().mean()), "steps_auto_max": steps,
                 "snn_total_s": total_s, "ratio_snn_over_T_ann": total_s / (steps * ann_s),
                 "sleep_over_wake": sleep_s / wake_s,
             })
@@ -115,6 +121,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--burst", type=int, default=None,
+                        help="spikes a neuron may emit per sleep step (default: the wake count, burst sleep; 1: the paper's)")
     parser.add_argument("--model", default=None, help="a trained QANN (bundled name, e.g. yolov8n-bundled) measured "
                                                       "on bundled val images; default: random-init YOLOv8n")
     args = parser.parse_args()
@@ -122,12 +130,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
-    check = fidelity(device)
+    check = fidelity(device, burst=args.burst)
     print(f"fidelity (YOLOv8n QANN L=4, float64, imgsz {check['imgsz']}): max |SNN - QANN| = "
           f"{check['max_abs_error_float64']:.2e}, steps {check['steps']}; {check['random_nets']} random QANNs, "
           f"both modes: max error {check['random_nets_max_abs_error_float64']:.2e}")
-    rows = [row for batch in args.batch for row in measure(batch, args.imgsz, device, args.repeats, args.model)]
-    print(f"network: {args.model or 'random-init YOLOv8n QANN L=4'}, imgsz {rows[0]['imgsz']}")
+    rows = [row for batch in args.batch for row in measure(batch, args.imgsz, device, args.repeats, args.model, args.burst)]
+    print(f"network: {args.model or 'random-init YOLOv8n QANN L=4'}, imgsz {rows[0]['imgsz']}, "
+          f"sleep burst {rows[0]['burst']}")
     print("| batch | mode | record | ANN ms | QANN ms | wake step ms | sleep step ms | T auto (mean/max) "
           "| SNN ms | SNN / (T x ANN) | sleep / wake |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -94,7 +94,7 @@ def main() -> None:
     for img in imgs:
         x64, _ = det64.preprocess([img])
         ref64 = det64.qann_raw(x64)
-        out64 = det64.raw(x64, wake=L, sleep="auto")
+        out64 = det64.raw(x64, wake=L, sleep="auto", burst=1).readout
         rows["err64"].append(max(float((a - b).abs().max()) for a, b in zip(out64, ref64)))
         rows["same_dets64"].append(float(all(
             torch.equal(a.boxes, b.boxes) and torch.equal(a.classes, b.classes)
@@ -105,9 +105,9 @@ def main() -> None:
         ref32 = det32.qann_raw(x32)
         sync(); rows["t_ann"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        out32 = det32.raw(x32, wake=L, sleep="auto", mode="step")
+        run32 = det32.raw(x32, wake=L, sleep="auto", mode="step", burst=1)
         sync(); rows["t_step"].append(time.perf_counter() - t)
-        stats, steps = det32.snn.last_stats, det32.snn.last_steps
+        out32, stats, steps = run32.readout, run32.stats, run32.steps
         rows["err32"].append(max(float((a - b).abs().max()) for a, b in zip(out32, ref32)))
         a, b = det32.decode(out32, conf=CONF)[0], det32.decode(ref32, conf=CONF)[0]
         # float32: same classes and boxes within 0.5 px (summation order makes bitwise equality meaningless)
@@ -121,13 +121,13 @@ def main() -> None:
         rows["energy_uj"].append(float(stats.energy_pj[0]) * 1e-6)
         rows["ann_uj"].append(stats.ann_energy_pj * 1e-6)
         t = time.perf_counter()
-        det32.raw(x32, wake=L, sleep="auto", mode="multistep")
+        det32.raw(x32, wake=L, sleep="auto", mode="multistep", burst=1)
         sync(); rows["t_multi"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        det32.raw(x32, wake=L, sleep="auto", burst=L)
+        burst = det32.raw(x32, wake=L, sleep="auto", burst=L)
         sync(); rows["t_burst"].append(time.perf_counter() - t)
-        rows["steps_burst"].append(float(det32.snn.last_steps[0]))
-        rows["spikes_burst"].append(float(det32.snn.last_stats.spikes[0]))
+        rows["steps_burst"].append(float(burst.steps[0]))
+        rows["spikes_burst"].append(float(burst.stats.spikes[0]))
 
     m = {k: float(np.mean(v)) for k, v in rows.items()}
     print(f"# YOLOv8n ReLU QANN L={L}, {source}, "
