@@ -1,8 +1,9 @@
 """The FastAPI application: ``create_app(settings, backends=None)``.
 
 Endpoints: ``/healthz``, ``/readyz``, ``/v1/models``, ``/v1/detect``, ``/v1/detect/stream`` (NDJSON or SSE),
-``/v1/video`` (NDJSON per frame), ``WS /v1/stream`` (live frames, latest wins), ``/`` (web page), ``/metrics``.
-Every error is JSON ``{"error": code, "detail": text}``.
+``/v1/video`` (NDJSON per frame), ``WS /v1/stream`` (live frames, latest wins), ``/`` (web page), ``/metrics``,
+``/docs`` and ``/redoc`` (served from the package, no CDN). Every error is JSON ``{"error": code, "detail": text}``
+with a stable code; exception texts go to the log, never into a reply.
 """
 
 from __future__ import annotations
@@ -10,58 +11,80 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
+import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
-import numpy as np
-from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .backends import Backend, Params, load_backend, warmup
-from .config import IMAGE_CONTENT_TYPES, MAX_SLEEP, MAX_WAKE, Settings
+from .backends import Backend, Params, load_backend, scale_detections, warmup
+from .config import IMAGE_CONTENT_TYPES, Settings
 from .errors import ServiceError
-from .imaging import decode_image, set_pixel_limit
+from .imaging import (BYTES_PER_DECODED_PIXEL, ByteBudget, check_shape, decode_for, fit_frame, header_size,
+                      set_pixel_limit)
 from .metrics import Metrics
-from .schemas import (DetectResponse, ErrorResponse, Health, ModelInfo, ModelList, Ready, StreamStep,
-                      VideoFrame)
+from .schemas import DetectResponse, ErrorResponse, Health, ModelList, Ready, StreamStep, VideoFrame
+from .video import container_of, open_video, read_frame, save_upload
 from .worker import Job, ModelWorker, QueueFull
 
+log = logging.getLogger("casc.service")
 STATIC = Path(__file__).resolve().parent / "static"
 SLEEP_PATTERN = r"^(auto|[0-9]{1,3})$"
 KNOWN_PATHS = {"/", "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/detect", "/v1/detect/stream",
-               "/v1/video", "/v1/stream", "/demo-image", "/openapi.json", "/docs"}
-STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 406: "not_acceptable",
-                413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_parameter",
-                429: "too_many_requests", 503: "unavailable", 504: "timeout"}
+               "/v1/video", "/v1/stream", "/demo-image", "/openapi.json", "/docs", "/redoc"}
+STATUS_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                406: "not_acceptable", 408: "body_timeout", 413: "payload_too_large", 415: "unsupported_media_type",
+                422: "invalid_parameter", 429: "too_many_requests", 503: "unavailable", 504: "timeout"}
+VIDEO_TYPES = {"application/octet-stream", "video/mp4", "video/x-msvideo", "video/avi", "video/quicktime",
+               "video/webm", "video/x-matroska"}
+WS_CLOSE_POLICY, WS_CLOSE_GOING_AWAY = 1008, 1001
 
 
 class DetectParams(BaseModel):
-    """Query or form parameters shared by the detection endpoints (validated in one place)."""
+    """Query or form parameters shared by the detection endpoints (validated in one place; the bounds that
+    depend on the model and the settings in ``params``)."""
+
+    model_config = {"extra": "forbid"}
 
     model: Optional[str] = Field(None, max_length=200)
-    wake: Optional[int] = Field(None, ge=1, le=MAX_WAKE)
+    wake: Optional[int] = Field(None, ge=1, le=999)
     sleep: Optional[str] = Field(None, pattern=SLEEP_PATTERN)
+    burst: Optional[int] = Field(None, ge=1, le=999)
+    max_sleep: Optional[int] = Field(None, ge=1, le=999)
     conf: float = Field(0.25, ge=0.0, le=1.0)
     iou: float = Field(0.7, ge=0.0, le=1.0)
     max_det: int = Field(300, ge=1, le=1000)
 
-    def params(self) -> Params:
+    def params(self, backend: Backend, settings: Settings) -> Params:
+        max_wake = settings.wake_limit(backend.levels)
+        if self.wake is not None and self.wake > max_wake:
+            raise ServiceError(422, "invalid_parameter", f"wake: at most {max_wake} for model {backend.name!r}")
         sleep: int | str = "auto" if self.sleep in (None, "auto") else int(self.sleep)
-        if isinstance(sleep, int) and sleep > MAX_SLEEP:
-            raise ServiceError(422, "invalid_parameter", f"sleep must be 'auto' or an integer 0..{MAX_SLEEP}")
-        return Params(wake=self.wake, sleep=sleep, conf=float(self.conf), iou=float(self.iou), max_det=self.max_det)
+        if isinstance(sleep, int) and sleep > settings.max_sleep:
+            raise ServiceError(422, "invalid_parameter", f"sleep: 'auto' or an integer 0..{settings.max_sleep}")
+        if self.max_sleep is not None and self.max_sleep > settings.max_sleep:
+            raise ServiceError(422, "invalid_parameter", f"max_sleep: at most {settings.max_sleep}")
+        wake = self.wake or backend.levels
+        if self.burst is not None and self.burst > wake:
+            raise ServiceError(422, "invalid_parameter", f"burst: 1..{wake} (the wake count)")
+        return Params(wake=self.wake, sleep=sleep, conf=float(self.conf), iou=float(self.iou), max_det=self.max_det,
+                      burst=self.burst, max_sleep=self.max_sleep or settings.max_sleep)
+
+
+QUERY_NAMES = set(DetectParams.model_fields)
 
 
 def _validation_detail(error: ValidationError | RequestValidationError) -> str:
@@ -74,34 +97,52 @@ def _validation_detail(error: ValidationError | RequestValidationError) -> str:
 
 def _detect_query(model: Optional[str] = Query(None, description="model name (GET /v1/models); default: the "
                                                "first loaded", max_length=200),
-                  wake: Optional[int] = Query(None, ge=1, le=MAX_WAKE, description="wake steps (default: levels)"),
+                  wake: Optional[int] = Query(None, ge=1, le=999, description="wake steps (default: levels L; "
+                                              "at most --max-wake, default 4 L)"),
                   sleep: Optional[str] = Query(None, pattern=SLEEP_PATTERN,
-                                               description=f"sleep steps 0..{MAX_SLEEP} or 'auto' (default)"),
+                                               description="sleep steps 0..--max-sleep or 'auto' (default)"),
+                  burst: Optional[int] = Query(None, ge=1, le=999, description="spikes per neuron per sleep step "
+                                               "(default: the wake count; 1: one spike per step)"),
+                  max_sleep: Optional[int] = Query(None, ge=1, le=999, description="cap of sleep='auto' "
+                                                   "(default and limit: --max-sleep)"),
                   conf: Optional[float] = Query(None, ge=0.0, le=1.0, description="score threshold (0.25)"),
                   iou: Optional[float] = Query(None, ge=0.0, le=1.0, description="NMS IoU (0.7)"),
                   max_det: Optional[int] = Query(None, ge=1, le=1000, description="max detections (300)")) -> dict:
-    values = {"model": model, "wake": wake, "sleep": sleep, "conf": conf, "iou": iou, "max_det": max_det}
+    values = {"model": model, "wake": wake, "sleep": sleep, "burst": burst, "max_sleep": max_sleep, "conf": conf,
+              "iou": iou, "max_det": max_det}
     return {k: v for k, v in values.items() if v is not None}
 
 
 def _request_body(description: str, media: dict[str, dict], extra_fields: dict | None = None) -> dict:
     form_props = {"file": {"type": "string", "format": "binary"},
-                  "model": {"type": "string"}, "wake": {"type": "integer", "minimum": 1, "maximum": MAX_WAKE},
+                  "model": {"type": "string"}, "wake": {"type": "integer", "minimum": 1},
                   "sleep": {"type": "string", "pattern": SLEEP_PATTERN},
+                  "burst": {"type": "integer", "minimum": 1}, "max_sleep": {"type": "integer", "minimum": 1},
                   "conf": {"type": "number", "minimum": 0, "maximum": 1},
                   "iou": {"type": "number", "minimum": 0, "maximum": 1},
                   "max_det": {"type": "integer", "minimum": 1, "maximum": 1000}, **(extra_fields or {})}
-    content = {"multipart/form-data": {"schema": {"type": "object", "properties": form_props, "required": ["file"]}}}
+    content = {"multipart/form-data": {"schema": {"type": "object", "properties": form_props, "required": ["file"],
+                                                  "additionalProperties": False}}}
     content.update({m: {"schema": {"type": "string", "format": "binary"}} for m in media})
     return {"requestBody": {"required": True, "description": description, "content": content}}
 
 
 IMAGE_BODY = _request_body("the image: multipart field `file`, or the raw bytes with an image content type",
                            {"image/jpeg": {}, "image/png": {}, "image/webp": {}, "image/bmp": {}})
-VIDEO_BODY = _request_body("the video: multipart field `file`, or the raw bytes (video/*, application/octet-stream)",
+VIDEO_BODY = _request_body("the video (MP4/MOV, AVI, Matroska/WebM): multipart field `file`, or the raw bytes "
+                           "(video/*, application/octet-stream)",
                            {"video/mp4": {}, "video/x-msvideo": {}, "application/octet-stream": {}},
                            {"every": {"type": "integer", "minimum": 1, "maximum": 1000}})
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 403, 404, 408, 413, 415, 422, 500, 503, 504)}
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> bool:
+    """No ``Origin`` (not a browser): allowed. Else the page's origin must be this server's or in ``allowed``."""
+    if not origin:
+        return True
+    if "*" in allowed or origin in allowed:
+        return True
+    return bool(host) and urlsplit(origin).netloc.lower() == host.lower()
 
 
 class _MetricsMiddleware:
@@ -125,16 +166,34 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             path = scope.get("path", "")
-            endpoint = path if path in KNOWN_PATHS else ("/static" if path.startswith("/static/") else "other")
+            endpoint = path if path in KNOWN_PATHS else ("/static" if path.startswith("/static") else "other")
             self.metrics.observe_request(endpoint, scope.get("method", "?"), status["code"],
                                          time.perf_counter() - start)
 
 
-def create_app(settings: Settings | None = None, backends: dict[str, Backend] | None = None) -> FastAPI:
+class _OriginMiddleware:
+    """Requests a browser sends from a page of another origin are refused (403); WebSockets are checked in
+    their handler (a close code, not an HTTP reply)."""
+
+    def __init__(self, app, allowed: list[str]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            if not origin_allowed(headers.get("origin"), headers.get("host"), self.allowed):
+                response = JSONResponse({"error": "origin_not_allowed", "detail": "requests from this page's "
+                                         "origin are not allowed (casc serve --allow-origin)"}, status_code=403)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, backends: dict[str, Backend] | None = None):
     settings = settings or Settings()
     set_pixel_limit(settings.max_pixels)
     metrics = Metrics()
-    state: dict = {"backends": dict(backends or {}), "workers": {}, "ready": False}
+    state: dict = {"backends": dict(backends or {}), "workers": {}, "ready": False, "stopping": False}
+    budget = ByteBudget(settings.max_inflight_bytes)
 
     def _workers() -> dict[str, ModelWorker]:
         return state["workers"]
@@ -142,13 +201,14 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
     metrics.queue_depth = lambda: {name: w.depth() for name, w in _workers().items()}
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app):
         import torch
 
         torch.set_num_threads(max(1, int(settings.threads)))
         if not state["backends"]:
             for spec in settings.models:
-                backend = await run_in_threadpool(load_backend, spec, settings.device)
+                backend = await run_in_threadpool(load_backend, spec, settings.device, settings.allow_unverified,
+                                                  settings.analog)
                 state["backends"][backend.name] = backend
         if not state["backends"]:
             raise RuntimeError("no model to serve")
@@ -167,13 +227,20 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
             print(f"casc serve: stopped; {len(state['workers'])} model worker(s) drained", file=sys.stderr,
                   flush=True)
 
-    app = FastAPI(title="CASC spiking detectors", version="1.0",
-                  description="Spiking object detectors (CASC conversion) over HTTP: detect, anytime streaming, "
-                              "video, live frames.", lifespan=lifespan)
+    app = FastAPIOffline(title="CASC spiking detectors", version="1.0",
+                         description="Spiking object detectors (CASC conversion) over HTTP: detect, anytime "
+                                     "streaming, video, live frames.", lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, state
+
+    def begin_shutdown() -> None:
+        """Called on SIGTERM, before the listener closes: readiness fails so load balancers stop sending."""
+        state["ready"], state["stopping"] = False, True
+
+    app.state.begin_shutdown = begin_shutdown
+    app.add_middleware(_OriginMiddleware, allowed=list(settings.allowed_origins))
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
 
-    # -- errors: one JSON shape --
+    # -- errors: one JSON shape, no exception text --
 
     @app.exception_handler(ServiceError)
     async def _service_error(request, error: ServiceError):
@@ -191,21 +258,31 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
 
     @app.exception_handler(Exception)
     async def _internal_error(request, error: Exception):
-        return JSONResponse({"error": "internal", "detail": f"{type(error).__name__}: {error}"}, status_code=500)
+        log.error("unhandled error on %s %s", request.method, request.url.path,
+                  exc_info=(type(error), error, error.__traceback__))
+        return JSONResponse({"error": "internal", "detail": "internal error (details are in the server log)"},
+                            status_code=500)
 
     # -- helpers --
 
     def worker_for(name: str | None) -> ModelWorker:
-        if not state["ready"]:
+        workers = _workers()  # still served while stopping: readiness tells load balancers to go elsewhere
+        if not workers:
             raise ServiceError(503, "not_ready", "models are loading", {"Retry-After": "1"})
-        workers = _workers()
         if name is None:
             return next(iter(workers.values()))
         if name not in workers:
             raise ServiceError(404, "unknown_model", f"unknown model {name!r}; loaded: {', '.join(workers)}")
         return workers[name]
 
-    async def read_body(request: Request) -> bytes:
+    def reject_unknown(names, allowed: set[str], where: str) -> None:
+        unknown = sorted(set(names) - allowed)
+        if unknown:
+            raise ServiceError(422, "invalid_parameter", f"unknown {where} parameter(s): {', '.join(unknown)}; "
+                                                         f"accepted: {', '.join(sorted(allowed))}")
+
+    async def read_body(request: Request, held: list[int], deadline: float) -> bytes:
+        """The body, within the size limit and the body deadline; its bytes count against the budget."""
         limit = settings.max_upload_bytes
         length = request.headers.get("content-length")
         if length is not None:
@@ -216,29 +293,46 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
             except ValueError:
                 raise ServiceError(400, "bad_request", "invalid Content-Length") from None
         chunks, size = [], 0
+        body_deadline = time.monotonic() + settings.body_timeout_s
+        stream = request.stream().__aiter__()
         try:
-            async for chunk in request.stream():
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(stream.__anext__(), max(0.001, body_deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    break
                 size += len(chunk)
                 if size > limit:
-                    raise ServiceError(413, "upload_too_large", f"upload exceeds the limit of {limit} bytes")
+                    raise ServiceError(413, "upload_too_large", f"upload exceeds the limit of {limit} bytes",
+                                       {"Connection": "close"})
+                held.append(await budget.reserve(len(chunk), deadline))
                 chunks.append(chunk)
+        except asyncio.TimeoutError:
+            raise ServiceError(408, "body_timeout", f"the request body did not arrive within "
+                                                    f"{settings.body_timeout_s} s", {"Connection": "close"}) from None
         except ClientDisconnect:
             raise ServiceError(400, "client_disconnected", "the client went away during the upload") from None
         return b"".join(chunks)
 
-    async def upload(request: Request, raw_types: set[str], what: str) -> tuple[bytes, dict, str | None]:
-        """(bytes, form fields, filename) from a multipart ``file`` field or a raw body."""
+    async def upload(request: Request, raw_types: set[str], what: str, held: list[int], deadline: float,
+                     extra_fields: set[str] = frozenset()) -> tuple[bytes, dict]:
+        """(bytes, form fields) from a multipart ``file`` field or a raw body."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await read_body(request)
+        body = await read_body(request, held, deadline)
         if content_type == "multipart/form-data":
             request._body = body  # the parser reads the (already size-checked) body
             form = await request.form(max_files=2, max_fields=20)
-            file = form.get("file")
-            if not isinstance(file, UploadFile):
-                raise ServiceError(422, "missing_file", f"multipart upload needs a `file` field with the {what}")
-            data = await file.read()
-            fields = {k: v for k, v in form.items() if isinstance(v, str)}
-            return data, fields, file.filename
+            try:
+                file = form.get("file")
+                if not isinstance(file, UploadFile):
+                    raise ServiceError(422, "missing_file", f"multipart upload needs a `file` field with the {what}")
+                fields = {k: v for k, v in form.items() if isinstance(v, str)}
+                reject_unknown(form.keys(), QUERY_NAMES | set(extra_fields) | {"file"}, "form")
+                data = await file.read()
+            finally:
+                await form.close()
+                request._body = b""
+            return data, fields
         if not body and content_type in ("", *raw_types):
             raise ServiceError(400, "empty_body", f"no {what} data received")
         if content_type not in raw_types:
@@ -246,18 +340,19 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
             raise ServiceError(415, "unsupported_media_type",
                                f"content type {shown!r}: send multipart/form-data with a `file` field, or the raw "
                                f"{what} with one of: {', '.join(sorted(raw_types))}")
-        return body, {}, None
+        return body, {}
 
-    def merge_params(query: dict, fields: dict) -> tuple[DetectParams, Params]:
+    def merge_params(query: dict, fields: dict) -> tuple[ModelWorker, Params]:
         values = dict(query)
-        for key in DetectParams.model_fields:
+        for key in QUERY_NAMES:
             if key in fields and fields[key] != "":
                 values[key] = fields[key]
         try:
             p = DetectParams(**values)
         except ValidationError as error:
             raise ServiceError(422, "invalid_parameter", _validation_detail(error)) from None
-        return p, p.params()
+        worker = worker_for(p.model)
+        return worker, p.params(worker.backend, settings)
 
     async def run_job(worker: ModelWorker, job: Job, deadline: float):
         try:
@@ -268,30 +363,57 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
         try:
             return await asyncio.wait_for(asyncio.wrap_future(job.future), max(0.001, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            job.cancelled.set()
+            job.cancelled.set()  # the model stops within one time step
             metrics.reject(worker.backend.name, "timeout")
             raise ServiceError(504, "timeout", f"no result within {settings.timeout_s} s") from None
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
 
-    async def prepare(request: Request, query: dict):
-        t0 = time.perf_counter()
-        data, fields, _ = await upload(request, IMAGE_CONTENT_TYPES | {"application/octet-stream"}, "image")
-        p, params = merge_params(query, fields)
-        worker = worker_for(p.model)
-        image = await run_in_threadpool(decode_image, data, settings.max_pixels)
-        return worker, params, image, (time.perf_counter() - t0) * 1000
+    async def decoded_job(kind: str, data: bytes, worker: ModelWorker, params: Params, held: list[int],
+                          deadline: float, **job_fields) -> Job:
+        """Check the header, decode straight to the model's input size (its working memory reserved while it
+        runs), and hold only the resized image's bytes until the job ends."""
+        backend = worker.backend
+        size = await run_in_threadpool(header_size, data)
+        check_shape(size, backend, settings.max_pixels, settings.max_aspect)
+        working = await budget.reserve(size[0] * size[1] * BYTES_PER_DECODED_PIXEL, deadline)
+        try:
+            decoded = await run_in_threadpool(decode_for, data, backend)
+        finally:
+            await budget.release(working)
+        held.append(await budget.reserve(decoded.array.nbytes, deadline))
+        return Job(kind, decoded.array, params, scale=decoded.scale, size=decoded.size, **job_fields)
 
-    def response_of(worker, params, image, result, decode_ms, job: Job, t0: float) -> dict:
+    async def release(held: list[int]) -> None:
+        await budget.release(sum(held))
+        held.clear()
+
+    def response_of(worker, params, result, decode_ms, job: Job, t0: float) -> dict:
         done = time.perf_counter()
         started = job.started or done
-        return {"model": worker.backend.name, "image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
-                **{k: result.get(k) for k in ("detections", "steps", "wake", "spikes", "energy_uj", "settled")},
-                "sleep": params.sleep,
+        width, height = job.size or (int(job.image.shape[1]), int(job.image.shape[0]))
+        return {"model": worker.backend.name, "image": {"width": width, "height": height},
+                **{k: result.get(k) for k in ("steps", "wake", "spikes", "energy_uj", "settled")},
+                "detections": scale_detections(result.get("detections") or [], *job.scale),
+                "sleep": params.sleep, "burst": params.burst, "max_sleep": params.max_sleep,
                 "timings": {"decode_ms": round(decode_ms, 3), "queue_ms": round((started - job.enqueued) * 1000, 3),
                             "inference_ms": round((done - started) * 1000, 3),
                             "total_ms": round((done - t0) * 1000, 3), "batch_size": job.batch_size}}
+
+    async def image_request(request: Request, query: dict, kind: str, held: list[int], deadline: float,
+                            **job_fields) -> tuple[ModelWorker, Params, Job, float]:
+        reject_unknown(request.query_params.keys(), QUERY_NAMES, "query")
+        t0 = time.perf_counter()
+        body_held: list[int] = []
+        try:
+            data, fields = await upload(request, IMAGE_CONTENT_TYPES | {"application/octet-stream"}, "image",
+                                        body_held, deadline)
+            worker, params = merge_params(query, fields)
+            job = await decoded_job(kind, data, worker, params, held, deadline, **job_fields)
+        finally:  # the body's bytes: only the resized image stays while queued
+            await release(body_held)
+        return worker, params, job, (time.perf_counter() - t0) * 1000
 
     # -- endpoints --
 
@@ -299,18 +421,22 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=Ready, tags=["service"], summary="readiness: models loaded",
+    @app.get("/readyz", response_model=Ready, tags=["service"], summary="readiness: models loaded, not stopping",
              responses={503: {"model": ErrorResponse}})
     async def readyz():
+        if state["stopping"]:
+            raise ServiceError(503, "stopping", "the service is shutting down", {"Retry-After": "1"})
         if not state["ready"]:
-            raise ServiceError(503, "not_ready", "models are loading or the service is stopping", {"Retry-After": "1"})
+            raise ServiceError(503, "not_ready", "models are loading", {"Retry-After": "1"})
         return {"status": "ready", "models": list(_workers())}
 
-    @app.get("/v1/models", response_model=ModelList, tags=["models"], summary="loaded models")
+    @app.get("/v1/models", response_model=ModelList, tags=["models"], summary="loaded models (names, sha256)")
     async def models():
         backends = state["backends"]
         default = next(iter(backends))
-        return {"default": default, "models": [{**b.describe(), "default": name == default}
+        return {"default": default, "models": [{**b.describe(), "default": name == default,
+                                                "max_wake": settings.wake_limit(b.levels),
+                                                "max_sleep": settings.max_sleep}
                                                for name, b in backends.items()]}
 
     @app.post("/v1/detect", response_model=DetectResponse, tags=["detect"], responses=ERRORS,
@@ -318,11 +444,14 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
     async def detect(request: Request, query: dict = _depends(_detect_query)):
         t0 = time.perf_counter()
         deadline = time.monotonic() + settings.timeout_s
-        worker, params, image, decode_ms = await prepare(request, query)
-        job = Job("predict", image, params)
-        result = await run_job(worker, job, deadline)
+        held: list[int] = []
+        try:
+            worker, params, job, decode_ms = await image_request(request, query, "predict", held, deadline)
+            result = await run_job(worker, job, deadline)
+        finally:
+            await release(held)
         metrics.add_result(worker.backend.name, result.get("spikes"))
-        return response_of(worker, params, image, result, decode_ms, job, t0)
+        return response_of(worker, params, result, decode_ms, job, t0)
 
     @app.post("/v1/detect/stream", tags=["detect"], summary="anytime detection, one event per time step",
               description="NDJSON (`application/x-ndjson`): one `step` line per time step with the detections "
@@ -337,28 +466,17 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
         t0 = time.perf_counter()
         deadline = time.monotonic() + settings.timeout_s
         sse = "text/event-stream" in request.headers.get("accept", "")
-        worker, params, image, decode_ms = await prepare(request, query)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job("stream", image, params, emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        held: list[int] = []
+        emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
         try:
-            worker.submit(job)
-        except QueueFull as error:
-            metrics.reject(worker.backend.name, "queue_full")
-            raise ServiceError(503, "queue_full", str(error), {"Retry-After": "1"}) from None
-        try:  # the first event, or a 504 before any byte is sent
-            first = await asyncio.wait_for(events.get(), max(0.001, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            job.cancelled.set()
-            job.future.cancel()
-            metrics.reject(worker.backend.name, "timeout")
-            raise ServiceError(504, "timeout", f"no result within {settings.timeout_s} s") from None
-        except asyncio.CancelledError:
-            job.cancelled.set()
+            worker, params, job, decode_ms = await image_request(request, query, "stream", held, deadline,
+                                                                 emit=emit)
+            first = await first_event(worker, job, events, deadline)
+        except BaseException:
+            await release(held)
             raise
-        if first is None:
-            error = job.future.exception() if job.future.done() else None
-            raise error or ServiceError(500, "internal", "the model produced no event")
 
         def encode(event: dict) -> bytes:
             if sse:
@@ -371,11 +489,12 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
                 while event is not None:
                     if event.get("type") == "final":
                         metrics.add_result(worker.backend.name, event.get("spikes"))
-                        event = {"type": "final", **response_of(worker, params, image, event, decode_ms, job, t0)}
+                        event = {"type": "final", **response_of(worker, params, event, decode_ms, job, t0)}
+                    else:
+                        event = {**event, "detections": scale_detections(event["detections"], *job.scale)}
                     yield encode(event)
-                    remaining = deadline - time.monotonic()
                     try:
-                        event = await asyncio.wait_for(events.get(), max(0.001, remaining))
+                        event = await asyncio.wait_for(events.get(), max(0.001, deadline - time.monotonic()))
                     except asyncio.TimeoutError:
                         metrics.reject(worker.backend.name, "timeout")
                         yield encode({"type": "error", "error": "timeout",
@@ -383,82 +502,104 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
                         return
                 if job.future.done() and job.future.exception() is not None:
                     error = job.future.exception()
-                    yield encode({"type": "error", "error": "internal", "detail": f"{type(error).__name__}: {error}"})
+                    reply = error.body() if isinstance(error, ServiceError) else {"error": "internal",
+                                                                                 "detail": "internal error"}
+                    yield encode({"type": "error", **reply})
             finally:  # client gone, timeout or done: stop the worker's loop
                 job.cancelled.set()
+                await release(held)
 
         media = "text/event-stream" if sse else "application/x-ndjson"
         return StreamingResponse(body(), media_type=media, headers={"Cache-Control": "no-cache",
                                                                     "X-Accel-Buffering": "no"})
 
+    async def first_event(worker: ModelWorker, job: Job, events: asyncio.Queue, deadline: float) -> dict:
+        """The stream's first event, or a 504 / the model's error before any byte is sent."""
+        try:
+            worker.submit(job)
+        except QueueFull as error:
+            metrics.reject(worker.backend.name, "queue_full")
+            raise ServiceError(503, "queue_full", str(error), {"Retry-After": "1"}) from None
+        try:
+            first = await asyncio.wait_for(events.get(), max(0.001, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            job.cancelled.set()
+            job.future.cancel()
+            metrics.reject(worker.backend.name, "timeout")
+            raise ServiceError(504, "timeout", f"no result within {settings.timeout_s} s") from None
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+        if first is None:
+            error = job.future.exception() if job.future.done() else None
+            raise error if isinstance(error, ServiceError) else ServiceError(500, "internal",
+                                                                             "the model produced no event")
+        return first
+
     @app.post("/v1/video", tags=["detect"], summary="detections for every N-th frame of an uploaded video",
-              description="NDJSON: one `frame` line per processed frame, then an `end` line. Decoded with OpenCV. "
-                          "Limits: --max-video-frames decoded frames, --max-video-s duration (from the header).",
+              description="NDJSON: one `frame` line per processed frame, then an `end` line. Only MP4/MOV, AVI and "
+                          "Matroska/WebM files are accepted (by their signature), decoded by FFmpeg with that "
+                          "demuxer and the local file as the only protocol. Limits: --max-video-frames decoded "
+                          "frames, --max-video-s duration (from the header).",
               responses={**ERRORS, 200: {"description": "NDJSON", "content": {
                   "application/x-ndjson": {"schema": VideoFrame.model_json_schema()}}}},
               openapi_extra=VIDEO_BODY)
     async def video(request: Request, query: dict = _depends(_detect_query),
                     every: Optional[int] = Query(None, ge=1, le=1000, description="process every N-th frame (1)")):
+        reject_unknown(request.query_params.keys(), QUERY_NAMES | {"every"}, "query")
         deadline = time.monotonic() + settings.timeout_s
-        raw = {"application/octet-stream", "video/mp4", "video/x-msvideo", "video/avi", "video/quicktime",
-               "video/webm", "video/x-matroska", "video/mpeg"}
-        data, fields, filename = await upload(request, raw, "video")
-        if "every" in fields and fields["every"] != "":
-            try:
-                every = int(fields["every"])
-            except ValueError:
-                raise ServiceError(422, "invalid_parameter", "every: must be an integer 1..1000") from None
-            if not 1 <= every <= 1000:
-                raise ServiceError(422, "invalid_parameter", "every: must be an integer 1..1000")
-        every = every or 1
-        p, params = merge_params(query, fields)
-        worker = worker_for(p.model)
-        if not data:
-            raise ServiceError(400, "empty_body", "no video data received")
-        suffix = Path(filename or "").suffix.lower()
-        suffix = suffix if suffix.isascii() and 1 < len(suffix) <= 6 and suffix[1:].isalnum() else ".bin"
-        tmp = tempfile.NamedTemporaryFile(prefix="casc-video-", suffix=suffix, delete=False)
+        held: list[int] = []
         try:
-            tmp.write(data)
-            tmp.close()
-            capture, info = await run_in_threadpool(_open_video, tmp.name, settings)
+            data, fields = await upload(request, VIDEO_TYPES, "video", held, deadline, {"every"})
+            every = _every(fields, every)
+            worker, params = merge_params(query, fields)
+            if not data:
+                raise ServiceError(400, "empty_body", "no video data received")
+            container = container_of(data)
+            path = await run_in_threadpool(save_upload, data, container)
+            del data
+        finally:
+            await release(held)
+        try:
+            capture, info = await run_in_threadpool(open_video, path, container, settings)
         except BaseException:
-            os.unlink(tmp.name)
+            os.unlink(path)
             raise
+        return StreamingResponse(video_lines(worker, params, capture, info, every, path, deadline),
+                                 media_type="application/x-ndjson")
 
-        async def body():
-            processed, index, truncated = 0, 0, False
-            try:
-                frame = info.pop("first")
-                while frame is not None:
-                    if index % every == 0:
-                        rgb = np.ascontiguousarray(frame[..., ::-1])
-                        job = Job("predict", rgb, params)
-                        try:
-                            result = await _run_patient(worker, job, deadline)
-                        except ServiceError as error:
-                            yield (json.dumps({"type": "error", **error.body()}) + "\n").encode()
-                            return
-                        metrics.add_result(worker.backend.name, result.get("spikes"))
-                        processed += 1
-                        line = {"type": "frame", "frame": index, "time_s": round(index / info["fps"], 4)
-                                if info["fps"] > 0 else 0.0,
-                                **{k: result.get(k) for k in ("detections", "steps", "spikes", "energy_uj")}}
-                        yield (json.dumps(line) + "\n").encode()
-                    index += 1
-                    if index >= settings.max_video_frames:
-                        truncated = await run_in_threadpool(lambda: capture.grab())
-                        break
-                    frame = await run_in_threadpool(_read_frame, capture)
-                yield (json.dumps({"type": "end", "frames": index, "processed": processed, "every": every,
-                                   "fps": info["fps"], "width": info["width"], "height": info["height"],
-                                   "truncated": bool(truncated)}) + "\n").encode()
-            finally:
-                capture.release()
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp.name)
-
-        return StreamingResponse(body(), media_type="application/x-ndjson")
+    async def video_lines(worker, params, capture, info, every, path, deadline):
+        processed, index, truncated = 0, 0, False
+        try:
+            frame = info.pop("first")
+            while frame is not None:
+                if index % every == 0:
+                    image, scale = fit_frame(frame[..., ::-1], worker.backend)
+                    job = Job("predict", image, params, scale=scale)
+                    try:
+                        result = await _run_patient(worker, job, deadline)
+                    except ServiceError as error:
+                        yield (json.dumps({"type": "error", **error.body()}) + "\n").encode()
+                        return
+                    metrics.add_result(worker.backend.name, result.get("spikes"))
+                    processed += 1
+                    line = {"type": "frame", "frame": index, "time_s": round(index / info["fps"], 4)
+                            if info["fps"] > 0 else 0.0,
+                            "detections": scale_detections(result.get("detections") or [], *scale),
+                            **{k: result.get(k) for k in ("steps", "spikes", "energy_uj", "settled")}}
+                    yield (json.dumps(line) + "\n").encode()
+                index += 1
+                if index >= settings.max_video_frames:
+                    truncated = await run_in_threadpool(capture.grab)
+                    break
+                frame = await run_in_threadpool(read_frame, capture)
+            yield (json.dumps({"type": "end", "frames": index, "processed": processed, "every": every,
+                               "fps": info["fps"], "width": info["width"], "height": info["height"],
+                               "truncated": bool(truncated)}) + "\n").encode()
+        finally:
+            capture.release()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     async def _run_patient(worker: ModelWorker, job: Job, deadline: float):
         """Video frames wait for room in the queue (the client is a batch upload) until the deadline."""
@@ -474,78 +615,114 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
     async def live(websocket: WebSocket):
         """Live frames: send encoded images as binary messages; each answer is a JSON text message with the
         detections of the newest frame. Frames that arrive while one is being processed replace each other
-        (latest wins); ``dropped`` counts the skipped ones. Query parameters as for ``/v1/detect``."""
+        (latest wins); ``dropped`` counts the skipped ones. A bad frame gets an error message and the socket
+        stays open. Query parameters as for ``/v1/detect``. Closed after --ws-idle-s without a message and
+        after --ws-max-s in all; a page of another origin is refused (policy close)."""
+        if not origin_allowed(websocket.headers.get("origin"), websocket.headers.get("host"),
+                              settings.allowed_origins):
+            await websocket.close(code=WS_CLOSE_POLICY, reason="origin not allowed")
+            return
         await websocket.accept()
-        query = {k: v for k, v in websocket.query_params.items() if k in DetectParams.model_fields}
         try:
-            p, params = merge_params({}, query)
-            worker = worker_for(p.model)
+            reject_unknown(websocket.query_params.keys(), QUERY_NAMES, "query")
+            worker, params = merge_params(dict(websocket.query_params), {})
         except ServiceError as error:
             await websocket.send_json(error.body())
-            await websocket.close(code=1008)
+            await websocket.close(code=WS_CLOSE_POLICY)
             return
-        latest: dict = {"frame": None}
-        wake_up = asyncio.Event()
-        closed = asyncio.Event()
-        counters = {"received": 0, "dropped": 0}
+        await LiveSession(websocket, worker, params).run()
 
-        async def receiver():
+    class LiveSession:
+        """One live WebSocket: a receiver task keeps only the newest frame; the main loop answers it."""
+
+        def __init__(self, websocket: WebSocket, worker: ModelWorker, params: Params):
+            self.ws, self.worker, self.params = websocket, worker, params
+            self.latest = None
+            self.wake_up, self.closed = asyncio.Event(), asyncio.Event()
+            self.received = self.dropped = 0
+            self.close_reason: str | None = None
+
+        async def receiver(self):
+            ends = time.monotonic() + settings.ws_max_s
             try:
                 while True:
-                    message = await websocket.receive()
+                    timeout = min(settings.ws_idle_s, ends - time.monotonic())
+                    if timeout <= 0:
+                        self.close_reason = f"session over {settings.ws_max_s} s"
+                        break
+                    try:
+                        message = await asyncio.wait_for(self.ws.receive(), timeout)
+                    except asyncio.TimeoutError:
+                        self.close_reason = (f"session over {settings.ws_max_s} s" if time.monotonic() >= ends
+                                             else f"idle for {settings.ws_idle_s} s")
+                        break
                     if message["type"] == "websocket.disconnect":
                         break
-                    data = message.get("bytes")
-                    if data is None:
-                        text = message.get("text") or ""
-                        await websocket.send_json({"error": "bad_message",
-                                                   "detail": "send frames as binary messages (encoded images)"}
-                                                  if text != "ping" else {"type": "pong"})
-                        continue
-                    if latest["frame"] is not None:
-                        counters["dropped"] += 1
-                        metrics.drop_frames(1)
-                    latest["frame"] = (counters["received"], data)
-                    counters["received"] += 1
-                    wake_up.set()
+                    await self.take(message)
             except (WebSocketDisconnect, RuntimeError):
                 pass
             finally:
-                closed.set()
-                wake_up.set()
+                self.closed.set()
+                self.wake_up.set()
 
-        task = asyncio.create_task(receiver())
-        try:
-            while True:
-                await wake_up.wait()
-                wake_up.clear()
-                if closed.is_set():
-                    break
-                item, latest["frame"] = latest["frame"], None
-                if item is None:
-                    continue
-                seq, data = item
-                t0 = time.perf_counter()
-                try:
-                    if len(data) > settings.max_upload_bytes:
-                        raise ServiceError(413, "upload_too_large", "frame exceeds the upload limit")
-                    image = await run_in_threadpool(decode_image, data, settings.max_pixels)
-                    job = Job("predict", image, params)
-                    result = await run_job(worker, job, time.monotonic() + settings.timeout_s)
-                    metrics.add_result(worker.backend.name, result.get("spikes"))
-                    answer = {"type": "detections", "frame": seq, "dropped": counters["dropped"],
-                              **response_of(worker, params, image, result, 0.0, job, t0)}
-                except ServiceError as error:
-                    answer = {"type": "error", "frame": seq, **error.body()}
-                await websocket.send_json(answer)
-        except (WebSocketDisconnect, RuntimeError):
-            pass
-        finally:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-            with contextlib.suppress(BaseException):
-                await websocket.close()
+        async def take(self, message: dict):
+            data = message.get("bytes")
+            if data is None:
+                text = message.get("text") or ""
+                await self.ws.send_json({"type": "pong"} if text == "ping" else
+                                        {"type": "error", "error": "bad_message",
+                                         "detail": "send frames as binary messages (encoded images)"})
+                return
+            if self.latest is not None:
+                self.dropped += 1
+                metrics.drop_frames(1)
+            self.latest = (self.received, data)
+            self.received += 1
+            self.wake_up.set()
+
+        async def answer(self, seq: int, data: bytes) -> dict:
+            t0 = time.perf_counter()
+            deadline = time.monotonic() + settings.timeout_s
+            held: list[int] = []
+            try:
+                if len(data) > settings.max_upload_bytes:
+                    raise ServiceError(413, "upload_too_large", "frame exceeds the upload limit")
+                held.append(await budget.reserve(len(data), deadline))
+                job = await decoded_job("predict", data, self.worker, self.params, held, deadline)
+                result = await run_job(self.worker, job, deadline)
+                metrics.add_result(self.worker.backend.name, result.get("spikes"))
+                return {"type": "detections", "frame": seq, "dropped": self.dropped,
+                        **response_of(self.worker, self.params, result, 0.0, job, t0)}
+            except ServiceError as error:
+                return {"type": "error", "frame": seq, **error.body()}
+            except Exception as error:  # noqa: BLE001 - one bad frame never closes the socket
+                log.error("live frame failed", exc_info=(type(error), error, error.__traceback__))
+                return {"type": "error", "frame": seq, "error": "internal", "detail": "internal error"}
+            finally:
+                await release(held)
+
+        async def run(self):
+            task = asyncio.create_task(self.receiver())
+            try:
+                while True:
+                    await self.wake_up.wait()
+                    self.wake_up.clear()
+                    if self.closed.is_set():
+                        break
+                    item, self.latest = self.latest, None
+                    if item is not None:
+                        await self.ws.send_json(await self.answer(*item))
+                if self.close_reason:
+                    await self.ws.send_json({"type": "closing", "reason": self.close_reason})
+                    await self.ws.close(code=WS_CLOSE_GOING_AWAY, reason=self.close_reason[:100])
+            except (WebSocketDisconnect, RuntimeError):
+                pass
+            finally:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                with contextlib.suppress(BaseException):
+                    await self.ws.close()
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["service"], summary="Prometheus metrics")
     async def prometheus():
@@ -565,40 +742,18 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
     return app
 
 
+def _every(fields: dict, every: int | None) -> int:
+    if "every" in fields and fields["every"] != "":
+        try:
+            every = int(fields["every"])
+        except ValueError:
+            raise ServiceError(422, "invalid_parameter", "every: must be an integer 1..1000") from None
+        if not 1 <= every <= 1000:
+            raise ServiceError(422, "invalid_parameter", "every: must be an integer 1..1000")
+    return every or 1
+
+
 def _depends(fn):
     from fastapi import Depends
 
     return Depends(fn)
-
-
-def _read_frame(capture):
-    ok, frame = capture.read()
-    return frame if ok and frame is not None and frame.ndim == 3 else None
-
-
-def _open_video(path: str, settings: Settings):
-    import cv2
-
-    capture = cv2.VideoCapture(path)
-    if not capture.isOpened():
-        capture.release()
-        raise ServiceError(422, "bad_video", "cannot open the video (corrupt or unsupported container/codec)")
-    try:
-        fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
-        count = float(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0.0)
-        fps = fps if math.isfinite(fps) and 0 < fps < 1000 else 0.0
-        if fps > 0 and math.isfinite(count) and count / fps > settings.max_video_s:
-            raise ServiceError(413, "video_too_long",
-                               f"video lasts {count / fps:.1f} s; the limit is {settings.max_video_s} s")
-        width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-        if width * height > settings.max_pixels:
-            raise ServiceError(413, "image_too_large", f"video frames are {width}x{height}; over the pixel limit")
-        first = _read_frame(capture)
-        if first is None:
-            raise ServiceError(422, "bad_video", "the video has no decodable frame")
-        if first.shape[0] * first.shape[1] > settings.max_pixels:
-            raise ServiceError(413, "image_too_large", "video frames are over the pixel limit")
-    except BaseException:
-        capture.release()
-        raise
-    return capture, {"fps": fps, "width": int(first.shape[1]), "height": int(first.shape[0]), "first": first}

@@ -25,9 +25,16 @@ class Params:
     conf: float = 0.25
     iou: float = 0.7
     max_det: int = 300
+    burst: int | None = None  # spikes per neuron per sleep step; None: the wake count (burst sleep)
+    max_sleep: int = 32  # the cap of sleep="auto"
 
-    def key(self) -> tuple:
-        return (self.wake, self.sleep, self.conf, self.iou, self.max_det)
+
+def scale_detections(detections: list[dict], sx: float, sy: float) -> list[dict]:
+    """Boxes from the (resized) model input back to the original image's pixels."""
+    if sx == 1.0 and sy == 1.0:
+        return detections
+    return [{**d, "box": [round(d["box"][0] * sx, 3), round(d["box"][1] * sy, 3), round(d["box"][2] * sx, 3),
+                          round(d["box"][3] * sy, 3)]} for d in detections]
 
 
 def _detections(record: dict) -> list[dict]:
@@ -41,12 +48,13 @@ def result_of(record: dict, wake: int | None, settled: bool | None = None) -> di
 
 
 class Backend(ABC):
-    """Common part: name, family, levels, class names."""
+    """Common part: name, family, levels, class names, the checkpoint's sha256 and whether the manifest
+    vouches for it (``verified``)."""
 
     family = "?"
 
-    def __init__(self, name: str, model, source: str):
-        self.name, self.model, self.source = name, model, source
+    def __init__(self, name: str, model, sha256: str | None = None, verified: bool = False):
+        self.name, self.model, self.sha256, self.verified = name, model, sha256, verified
 
     @property
     def levels(self) -> int:
@@ -55,10 +63,19 @@ class Backend(ABC):
     def describe(self) -> dict:
         return {"name": self.name, "family": self.family, "architecture": self.architecture(),
                 "levels": self.levels, "classes": self.class_names(), "imgsz": self.imgsz(),
-                "default_wake": self.levels, "default_sleep": "auto", "source": self.source}
+                "default_wake": self.levels, "default_sleep": "auto", "sha256": self.sha256,
+                "verified": self.verified, "analog": list(getattr(self.model, "analog", None) or [])}
 
     def imgsz(self) -> int | None:
         return None
+
+    def fit(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (w, h) box the model resizes an image of ``size`` into: decoding straight to it loses nothing."""
+        return size
+
+    def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(w, h) of an image of ``size`` after the model's own resize (a side of 0 would make it fail)."""
+        return size
 
     def architecture(self) -> str:
         return type(self.model).__name__
@@ -67,11 +84,11 @@ class Backend(ABC):
         return []
 
     @abstractmethod
-    def predict(self, images: list[np.ndarray], p: Params) -> list[dict]:
-        """One result dict per image."""
+    def predict(self, images: list[np.ndarray], p: Params, cancel=None) -> list[dict]:
+        """One result dict per image. ``cancel``: an event checked between time steps (``RunCancelled``)."""
 
     @abstractmethod
-    def stream(self, image: np.ndarray, p: Params) -> Iterator[dict]:
+    def stream(self, image: np.ndarray, p: Params, cancel=None) -> Iterator[dict]:
         """One event dict per time step, then the final result."""
 
 
@@ -81,6 +98,13 @@ class YOLOBackend(Backend):
     def imgsz(self) -> int:
         return int(self.model.imgsz)
 
+    def fit(self, size):
+        return self.imgsz(), self.imgsz()  # the letterbox: longest side -> imgsz
+
+    def input_size(self, size):
+        r = min(self.imgsz() / size[0], self.imgsz() / size[1])
+        return int(round(size[0] * r)), int(round(size[1] * r))
+
     def architecture(self) -> str:
         yaml = getattr(self.model.qann, "yaml", {}) or {}
         return str(yaml.get("yaml_file") or yaml.get("arch") or "yolo")
@@ -89,24 +113,25 @@ class YOLOBackend(Backend):
         names = self.model.names or {}
         return [str(names[i]) for i in sorted(names)]
 
-    def predict(self, images, p):
+    def predict(self, images, p, cancel=None):
         wake = p.wake or self.levels
         dets = self.model.predict(list(images), wake=wake, sleep=p.sleep, conf=p.conf, iou=p.iou,
-                                  max_det=p.max_det, batch=max(1, len(images)), color="rgb")
-        return [result_of(as_records(d), wake) for d in dets]
+                                  max_det=p.max_det, batch=max(1, len(images)), color="rgb", burst=p.burst,
+                                  max_sleep=p.max_sleep, cancel=cancel)
+        return [result_of(as_records(d), wake, d.settled) for d in dets]
 
-    def stream(self, image, p):
+    def stream(self, image, p, cancel=None):
         wake = p.wake or self.levels
         last = None
         for ev in self.model.stream(image, wake=wake, sleep=p.sleep, conf=p.conf, iou=p.iou, max_det=p.max_det,
-                                    color="rgb"):
+                                    color="rgb", burst=p.burst, max_sleep=p.max_sleep, cancel=cancel):
             last = ev
             yield {"type": "step", "stage": 1, "t": ev.t, "phase": ev.phase, "wake": ev.wake, "spikes": ev.spikes,
                    "cumulative_spikes": ev.cumulative_spikes, "settled": ev.settled,
                    "detections": _detections(as_records(ev.detections))}
         if last is None:
             raise RuntimeError("the model produced no time step")
-        yield {"type": "final", **result_of(as_records(last.detections), wake)}
+        yield {"type": "final", **result_of(as_records(last.detections), wake, last.detections.settled)}
 
 
 class RCNNBackend(Backend):
@@ -114,6 +139,18 @@ class RCNNBackend(Backend):
 
     def architecture(self) -> str:
         return str(self.model.meta.get("arch") or "fasterrcnn")
+
+    def _scale(self, size) -> float:
+        transform = self.model.qann.transform
+        return min(float(transform.min_size[-1]) / min(size), float(transform.max_size) / max(size))
+
+    def fit(self, size):
+        scale = self._scale(size)
+        return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+    def input_size(self, size):
+        scale = self._scale(size)  # torchvision's resize: floor(side * scale)
+        return int(size[0] * scale), int(size[1] * scale)
 
     def class_names(self) -> list[str]:
         if self.model.classes:
@@ -142,13 +179,15 @@ class RCNNBackend(Backend):
         return result_of(as_records(self._filter(res, p), self.class_names()), p.wake or self.levels,
                          res.get("settled"))
 
-    def predict(self, images, p):
-        results = self.model.predict(list(images), wake=p.wake or self.levels, sleep=p.sleep, score_thresh=p.conf)
+    def predict(self, images, p, cancel=None):
+        results = self.model.predict(list(images), wake=p.wake or self.levels, sleep=p.sleep, score_thresh=p.conf,
+                                     burst=p.burst, max_sleep=p.max_sleep, cancel=cancel)
         return [self._record(r, p) for r in results]
 
-    def stream(self, image, p):
+    def stream(self, image, p, cancel=None):
         total = 0.0
-        for ev in self.model.stream(image, wake=p.wake or self.levels, sleep=p.sleep, score_thresh=p.conf):
+        for ev in self.model.stream(image, wake=p.wake or self.levels, sleep=p.sleep, score_thresh=p.conf,
+                                    burst=p.burst, max_sleep=p.max_sleep, cancel=cancel):
             total += float(ev.spikes or 0.0)
             dets = _detections(as_records(self._filter(ev.detections, p), self.class_names())) \
                 if ev.detections is not None else []
@@ -158,15 +197,34 @@ class RCNNBackend(Backend):
                 yield {"type": "final", **self._record(ev.detections, p)}
 
 
-def load_backend(name_or_path: str, device: str = "cpu") -> Backend:
-    """A backend for a manifest name or a checkpoint path (sha256-checked by ``load_detector``)."""
-    from detector.weights import load_detector, load_manifest
+def load_backend(name_or_path: str, device: str = "cpu", allow_unverified: bool = False, analog=None) -> Backend:
+    """A backend for a manifest name or a checkpoint path. A path is served under the name of the manifest entry
+    whose sha256 it matches; a path that matches none is refused unless ``allow_unverified`` (then it is served
+    under its file name, marked unverified, and may not take a bundled model's name)."""
+    from detector.weights import load_detector, load_manifest, sha256_of
 
     manifest = load_manifest()
-    model = load_detector(name_or_path, device=device)
-    name = name_or_path if name_or_path in manifest else Path(name_or_path).stem
+    if name_or_path in manifest:
+        name, sha256, verified, source = name_or_path, manifest[name_or_path].sha256, True, name_or_path
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            known = ", ".join(sorted(manifest)) or "none bundled"
+            raise FileNotFoundError(f"{name_or_path!r} is neither a bundled model ({known}) nor a checkpoint file")
+        sha256 = sha256_of(path)
+        match = next((e.name for e in manifest.values() if e.sha256.lower() == sha256), None)
+        name, verified, source = match or path.stem, match is not None, match or str(path)
+        if not verified and not allow_unverified:
+            raise ValueError(f"{path.name} (sha256 {sha256}) matches no entry of the weights manifest, so its "
+                             "integrity cannot be verified; serve a bundled model by name, or pass "
+                             "--allow-unverified to serve this file anyway")
+        if not verified and name in manifest:
+            raise ValueError(f"{path.name} has the name of the bundled model {name!r} but not its contents "
+                             f"(sha256 {sha256}, expected {manifest[name].sha256}): refusing to serve it")
+    kwargs = {"analog": analog} if analog is not None else {}
+    model = load_detector(source, device=device, **kwargs)
     cls = YOLOBackend if hasattr(model, "names") and hasattr(model, "imgsz") else RCNNBackend
-    return cls(name, model, source=str(name_or_path))
+    return cls(name, model, sha256=sha256, verified=verified)
 
 
 def default_model_name() -> str:
@@ -183,5 +241,5 @@ def default_model_name() -> str:
 def warmup(backend: Backend) -> float:
     """One tiny predict so the first request does not pay for lazy initialisation; returns seconds."""
     start = time.perf_counter()
-    backend.predict([np.full((32, 32, 3), 114, np.uint8)], Params(sleep=0))
+    backend.predict([np.full((32, 32, 3), 114, np.uint8)], Params(sleep=0, max_sleep=1))
     return time.perf_counter() - start

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 SUPPORTED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp"}
 IMAGE_CONTENT_TYPES = {"image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/bmp",
                        "image/x-ms-bmp", "image/x-bmp"}
-MAX_WAKE = 64
-MAX_SLEEP = 256
+WAKE_FACTOR = 4  # default wake limit: 4 x the model's levels L (the QANN is exact at wake = L)
+# Default sleep limit. Measured with sleep="auto" on the bundled val images (benchmarks/service.py
+# --sleep-bound): YOLOv8n 2 sleep steps with burst sleep, 20 with burst=1; Faster R-CNN r18 2 and 9 per stage.
+MAX_SLEEP = 32
+MAX_ASPECT = 20.0  # longest / shortest side; a 1 x 20000 strip is not a photo any detector here can use
 
 
 @dataclass
@@ -19,6 +22,10 @@ class Settings:
     threads: int = 1  # torch intra-op threads (torch.set_num_threads)
     max_pixels: int = 40_000_000  # width*height limit, checked from the header before decoding
     max_upload_mb: float = 20.0
+    max_inflight_mb: float = 512.0  # bodies + decoding + queued images, all requests together
+    max_aspect: float = MAX_ASPECT
+    max_wake: int | None = None  # per request; None: WAKE_FACTOR x the model's levels
+    max_sleep: int = MAX_SLEEP  # per request: a fixed sleep, and the cap of sleep="auto"
     queue_size: int = 16  # per model worker
     timeout_s: float = 30.0  # per request (504)
     batch_window_ms: float = 5.0  # micro-batching window
@@ -27,7 +34,25 @@ class Settings:
     max_video_s: float = 120.0  # video duration limit (from its header)
     device: str = "cpu"
     demo_image: str | None = None  # served at GET /demo-image (the web page's demo)
+    allow_unverified: bool = False  # serve checkpoint files that match no manifest entry
+    analog: str | list[str] | None = None  # YOLO11 hybrids: "auto" or module paths kept analog
+    # connections
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this (408)
+    header_timeout_s: float = 10.0  # request line + headers must arrive within this (connection closed)
+    keep_alive_s: int = 5  # idle keep-alive connections are closed after this
+    limit_concurrency: int = 64  # connections + WebSockets at once; more get 503
+    ws_idle_s: float = 60.0  # a WebSocket with no message for this long is closed
+    ws_max_s: float = 600.0  # a WebSocket is closed after this long in all
+    allowed_origins: list[str] = field(default_factory=list)  # browser Origins allowed; [] = same origin only
+    shutdown_delay_s: float = 1.0  # after SIGTERM: /readyz says 503 this long before the listener closes
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        return int(self.max_inflight_mb * 1024 * 1024)
+
+    def wake_limit(self, levels: int) -> int:
+        return self.max_wake if self.max_wake is not None else WAKE_FACTOR * int(levels)

@@ -1,30 +1,21 @@
-"""Decoding uploaded images safely: format allow-list, pixel limit checked from the header, truncation."""
+"""Uploaded images -> the model's input: format allow-list, pixel limit from the header, decoding straight to the
+size the model resizes to (``detector.images``), shape checks, and the budget of bytes in flight."""
 
 from __future__ import annotations
 
-import io
-import warnings
+import asyncio
+import time
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
+
+from detector import images
+from detector.images import Decoded
 
 from .config import SUPPORTED_FORMATS
 from .errors import ServiceError
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-gray image
-
-
-def _pil_open():
-    """Pillow's own ``Image.open``: Ultralytics monkey-patches it to install pi-heif on an unknown file, which a
-    server must never do on user input. The patch keeps the original as ``_image_open`` in its module."""
-    fn = Image.open
-    for _ in range(4):
-        if getattr(fn, "__module__", None) == "PIL.Image":
-            return fn
-        fn = getattr(fn, "__globals__", {}).get("_image_open")
-        if fn is None:
-            break
-    return Image.open
+BYTES_PER_DECODED_PIXEL = 8  # Pillow's decoded bands plus the RGB copy: what decoding one pixel may hold
 
 
 def set_pixel_limit(max_pixels: int) -> None:
@@ -32,36 +23,81 @@ def set_pixel_limit(max_pixels: int) -> None:
     Image.MAX_IMAGE_PIXELS = max(int(max_pixels), 1)
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """``data`` (JPEG, PNG, WebP or BMP bytes) -> HxWx3 uint8 RGB. Raises ``ServiceError`` (4xx)."""
-    if not data:
-        raise ServiceError(400, "empty_body", "no image data received")
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) as displayed, from the header only."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _pil_open()(io.BytesIO(data), formats=list(SUPPORTED_FORMATS))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ServiceError(413, "image_too_large", f"image exceeds the pixel limit ({error})") from None
-    except Exception:  # UnidentifiedImageError, OSError, ...: not an image we accept
+        with images.open_image(data, SUPPORTED_FORMATS) as image:
+            return images.displayed_size(image)
+    except images.ImageTooLarge as error:
+        raise ServiceError(413, "image_too_large", str(error)) from None
+    except images.ImageError:
         raise ServiceError(415, "unsupported_image",
                            "not a JPEG, PNG, WebP or BMP image (or the header is corrupt)") from None
-    with image:
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise ServiceError(422, "bad_image", f"image has an empty size {width}x{height}")
-        if width * height > max_pixels:
-            raise ServiceError(413, "image_too_large",
-                               f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image.load()
-                rgb = image.convert("RGB")
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise ServiceError(413, "image_too_large", str(error)) from None
-        except Exception as error:  # truncated / corrupt data
-            raise ServiceError(422, "bad_image", f"cannot decode the {image.format} image: {error}") from None
-    array = np.asarray(rgb, dtype=np.uint8)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise ServiceError(422, "bad_image", f"decoded image has shape {array.shape}")
-    return np.ascontiguousarray(array)
+
+
+def check_shape(size: tuple[int, int], backend, max_pixels: int, max_aspect: float) -> None:
+    """Refuse, before decoding, an image the model cannot take (so it never joins, or breaks, a batch)."""
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ServiceError(422, "bad_image", f"image has an empty size {w}x{h}")
+    if w * h > max_pixels:
+        raise ServiceError(413, "image_too_large", f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    if max(w, h) / min(w, h) > max_aspect:
+        raise ServiceError(422, "bad_image_shape", f"image is {w}x{h}: the aspect ratio is over {max_aspect:g}:1")
+    if min(backend.input_size(backend.fit(size))) < 1:
+        raise ServiceError(422, "bad_image_shape", f"image is {w}x{h}: too thin for model {backend.name!r}")
+
+
+def decode_for(data: bytes, backend) -> Decoded:
+    """Decode ``data`` straight to the size ``backend`` resizes it to (JPEG: at a reduced DCT scale)."""
+    try:
+        return images.decode(data, fit=backend.fit, formats=SUPPORTED_FORMATS)
+    except images.ImageTooLarge as error:
+        raise ServiceError(413, "image_too_large", str(error)) from None
+    except images.CorruptImage:
+        raise ServiceError(422, "bad_image", "cannot decode the image (truncated or corrupt data)") from None
+    except images.ImageError:
+        raise ServiceError(415, "unsupported_image",
+                           "not a JPEG, PNG, WebP or BMP image (or the header is corrupt)") from None
+
+
+def fit_frame(frame_rgb: np.ndarray, backend) -> tuple[np.ndarray, tuple[float, float]]:
+    """A decoded video frame resized to the model's input size; (array, scale back to the frame's pixels)."""
+    import cv2
+
+    h, w = frame_rgb.shape[:2]
+    tw, th = images.fit_size((w, h), backend.fit((w, h)))
+    if (tw, th) == (w, h):
+        return frame_rgb, (1.0, 1.0)
+    return cv2.resize(frame_rgb, (tw, th), interpolation=cv2.INTER_AREA), (w / tw, h / th)
+
+
+class ByteBudget:
+    """Bytes held by all requests together (bodies, decoding, queued images). ``reserve`` waits for room until
+    a deadline: a burst of large uploads is served one after another instead of all at once."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = int(limit), 0
+        self._freed = asyncio.Condition()
+
+    async def reserve(self, n: int, deadline: float) -> int:
+        if n > self.limit:
+            raise ServiceError(413, "image_too_large", f"this request needs {n} bytes in memory; the service "
+                                                       f"holds at most {self.limit} for all requests")
+        async with self._freed:
+            while self.used + n > self.limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ServiceError(503, "busy", "too many large requests in flight", {"Retry-After": "1"})
+                try:
+                    await asyncio.wait_for(self._freed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+            self.used += n
+        return n
+
+    async def release(self, n: int) -> None:
+        if n:
+            async with self._freed:
+                self.used -= n
+                self._freed.notify_all()

@@ -30,7 +30,11 @@ class ModelInfo(BaseModel):
     imgsz: Optional[int] = Field(None, description="network input size (YOLO letterbox)")
     default_wake: int
     default_sleep: Union[int, str]
-    source: str
+    max_wake: int = Field(description="the most wake steps a request may ask for")
+    max_sleep: int = Field(description="the most sleep steps a request may ask for (and the cap of 'auto')")
+    sha256: Optional[str] = Field(None, description="sha256 of the checkpoint file served")
+    verified: bool = Field(description="the sha256 matches an entry of the weights manifest")
+    analog: list[str] = Field(default_factory=list, description="modules kept as analog islands (hybrid SNN)")
     default: bool = False
 
 
@@ -66,9 +70,12 @@ class DetectResponse(BaseModel):
     steps: Optional[int] = Field(None, description="total time steps T = wake + sleep used")
     wake: Optional[int] = None
     sleep: Union[int, str]
+    burst: Optional[int] = Field(None, description="spikes per neuron per sleep step (null: the wake count)")
+    max_sleep: int = Field(description="cap of sleep='auto'")
     spikes: Optional[float] = None
     energy_uj: Optional[float] = Field(None, description="energy estimate, microjoules (45 nm figures)")
-    settled: Optional[bool] = None
+    settled: Optional[bool] = Field(None, description="the spiking network reached its fixed point (the answer "
+                                                   "equals the QANN's)")
     timings: Timings
 
 
@@ -96,3 +103,4 @@ class VideoFrame(BaseModel):
     steps: Optional[int]
     spikes: Optional[float]
     energy_uj: Optional[float]
+    settled: Optional[bool] = None

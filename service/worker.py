@@ -2,23 +2,48 @@
 
 torch is not async: every forward runs in the worker's thread; the event loop only waits on futures.
 ``predict`` jobs that arrive within ``batch_window_ms`` of each other and share the same ``Params`` are run
-as ONE ``predict`` call on the list of their images (up to ``max_batch``).
+as ONE ``predict`` call on the list of their images (up to ``max_batch``). If that call fails, its members are
+run one by one, so that only the request that caused the failure fails. A job's ``cancelled`` event (timeout,
+client gone) stops the model within one time step; a batch stops only once all its members are cancelled.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from detector.runtime import RunCancelled
+
 from .backends import Backend, Params
+from .errors import ServiceError
+
+log = logging.getLogger("casc.service")
 
 
 class QueueFull(Exception):
     """The worker's queue is full (answered 503 with Retry-After)."""
+
+
+class AllCancelled:
+    """The cancel flag of a batched call: set once every member's own flag is set."""
+
+    def __init__(self, jobs: list["Job"]):
+        self.jobs = jobs
+
+    def is_set(self) -> bool:
+        return all(j.cancelled.is_set() for j in self.jobs)
+
+
+def inference_failed(backend: Backend, error: BaseException) -> ServiceError:
+    """The reply to a model failure: a stable code and a short message; the exception goes to the log only."""
+    log.error("model %s failed on a request", backend.name, exc_info=(type(error), error, error.__traceback__))
+    return ServiceError(500, "inference_failed", "the model could not process this image (details are in the "
+                                                 "server log)")
 
 
 @dataclass
@@ -33,6 +58,8 @@ class Job:
     # stream jobs: the worker calls emit(event) per event and emit(None) at the end
     emit: object = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    scale: tuple[float, float] = (1.0, 1.0)  # model-input pixels -> original pixels (x, y)
+    size: tuple[int, int] | None = None  # the original image's (width, height)
 
 
 _STOP = object()
@@ -132,10 +159,15 @@ class ModelWorker:
         for j in batch:
             j.started, j.batch_size = start, len(batch)
         try:
-            results = self.backend.predict([j.image for j in batch], batch[0].params)
-        except BaseException as error:  # noqa: BLE001 - handed to the waiting request
+            results = self._call(batch)
+        except RunCancelled:  # every member timed out or went away: nobody waits for an answer
             for j in batch:
-                j.future.set_exception(error)
+                j.future.set_exception(ServiceError(504, "timeout", "cancelled"))
+        except Exception as error:  # noqa: BLE001 - find the member that fails, answer the rest
+            if len(batch) == 1:
+                batch[0].future.set_exception(inference_failed(self.backend, error))
+            else:
+                self._one_by_one(batch)
         else:
             if self.metrics is not None:
                 self.metrics.observe_batch(self.backend.name, len(batch), time.perf_counter() - start)
@@ -144,6 +176,22 @@ class ModelWorker:
         finally:
             self.busy = False
 
+    def _call(self, batch: list[Job]) -> list[dict]:
+        cancel = batch[0].cancelled if len(batch) == 1 else AllCancelled(batch)
+        return self.backend.predict([j.image for j in batch], batch[0].params, cancel=cancel)
+
+    def _one_by_one(self, batch: list[Job]) -> None:
+        for j in batch:
+            j.batch_size = 1
+            try:
+                (result,) = self._call([j])
+            except RunCancelled:
+                j.future.set_exception(ServiceError(504, "timeout", "cancelled"))
+            except Exception as error:  # noqa: BLE001
+                j.future.set_exception(inference_failed(self.backend, error))
+            else:
+                j.future.set_result(result)
+
     def _stream(self, job: Job) -> None:
         if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
             return
@@ -151,14 +199,16 @@ class ModelWorker:
         job.started = time.perf_counter()
         events = None
         try:
-            events = self.backend.stream(job.image, job.params)
+            events = self.backend.stream(job.image, job.params, cancel=job.cancelled)
             for event in events:
                 if job.cancelled.is_set():  # client gone or timed out: stop computing
                     break
                 job.emit(event)
             job.future.set_result(None)
-        except BaseException as error:  # noqa: BLE001
-            job.future.set_exception(error)
+        except RunCancelled:
+            job.future.set_result(None)
+        except Exception as error:  # noqa: BLE001
+            job.future.set_exception(inference_failed(self.backend, error))
         finally:
             if events is not None and hasattr(events, "close"):
                 events.close()

@@ -1,5 +1,7 @@
 """The service's runtime behaviour in-process (starlette TestClient) with a fake, controllable backend:
-micro-batching, queue full (503 + Retry-After), timeout (504), draining on shutdown, latest-frame-wins."""
+micro-batching, queue full (503 + Retry-After), timeout (504) that stops the work, one bad request failing
+alone, cost and parameter bounds, memory bounds (decoding to the model's input size, bytes in flight),
+WebSocket limits and Origin checks, offline docs, model digests."""
 
 from __future__ import annotations
 
@@ -14,10 +16,13 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from detector.runtime import RunCancelled  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.backends import Backend, Params  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.worker import Job, ModelWorker, QueueFull  # noqa: E402
+from service.worker import AllCancelled, Job, ModelWorker, QueueFull  # noqa: E402
+
+FAIL_WIDTH = 13  # the fake model fails on images of this width
 
 
 class FakeModel:
@@ -25,31 +30,49 @@ class FakeModel:
 
 
 class FakeBackend(Backend):
-    """Records every predict call's batch size; takes ``delay`` seconds per call."""
+    """Records every predict call's batch size, images and params; takes ``delay`` seconds per call in
+    ``steps`` time steps, checking the cancel flag between them as the runtime does; fails on images
+    ``FAIL_WIDTH`` pixels wide; resizes into ``fit_box`` when given."""
 
     family = "yolo"
 
-    def __init__(self, name="fake", delay=0.0):
-        super().__init__(name, FakeModel(), source="fake")
-        self.delay, self.calls, self.lock = delay, [], threading.Lock()
+    def __init__(self, name="fake", delay=0.0, steps=10, fit_box=None):
+        super().__init__(name, FakeModel(), sha256="ab" * 32, verified=True)
+        self.delay, self.steps, self.fit_box = delay, steps, fit_box
+        self.calls, self.shapes, self.params, self.cancelled_runs = [], [], [], 0
+        self.lock = threading.Lock()
 
     def class_names(self):
         return ["a", "b"]
+
+    def fit(self, size):
+        return self.fit_box or size
 
     def _result(self, image, p: Params) -> dict:
         h, w = image.shape[:2]
         return {"detections": [{"box": [0.0, 0.0, float(w), float(h)], "score": 0.9, "class_id": 1, "name": "b"}],
                 "steps": (p.wake or 4) + 2, "wake": p.wake or 4, "spikes": 10.0, "energy_uj": 0.01, "settled": True}
 
-    def predict(self, images, p):
+    def _run(self, cancel):
+        for _ in range(self.steps):
+            if cancel is not None and cancel.is_set():
+                self.cancelled_runs += 1
+                raise RunCancelled("cancelled")
+            time.sleep(self.delay / self.steps)
+
+    def predict(self, images, p, cancel=None):
         with self.lock:
             self.calls.append(len(images))
-        time.sleep(self.delay)
+            self.shapes.extend(im.shape for im in images)
+            self.params.append(p)
+        self._run(cancel)
+        if any(im.shape[1] == FAIL_WIDTH for im in images):
+            raise RuntimeError("Input and output sizes should be greater than 0 (secret /srv/internal/path)")
         return [self._result(im, p) for im in images]
 
-    def stream(self, image, p):
+    def stream(self, image, p, cancel=None):
         for t in range(1, 4):
-            time.sleep(self.delay / 3)
+            self._run(cancel)
             yield {"type": "step", "stage": 1, "t": t, "phase": "wake", "wake": t, "spikes": 1.0,
                    "cumulative_spikes": float(t), "settled": False, "detections": []}
         yield {"type": "final", **self._result(image, p)}
@@ -61,15 +84,23 @@ def png(w=32, h=24) -> bytes:
     return buf.getvalue()
 
 
+def jpeg(w, h, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG",
+                                                                                                **kwargs)
+    return buf.getvalue()
+
+
 def app_with(backend, **settings):
     return create_app(Settings(**settings), {backend.name: backend})
 
 
-def post_many(client, n, params=None, results=None):
+def post_many(client, n, params=None, results=None, bodies=None):
     results = results if results is not None else [None] * n
 
     def one(i):
-        results[i] = client.post("/v1/detect", content=png(), headers={"content-type": "image/png"},
+        results[i] = client.post("/v1/detect", content=bodies[i] if bodies else png(),
+                                 headers={"content-type": "image/png"},
                                  params=(params[i] if isinstance(params, list) else params) or {})
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
@@ -196,7 +227,7 @@ def test_rcnn_backend_detect_and_stream():
         cls = qann.roi_heads.box_predictor.cls_score
         cls.bias.copy_(torch.randn(cls.bias.shape, generator=g) * 3)
     model = SpikingFasterRCNN.from_model(qann.eval(), classes=["x", "y", "z"])
-    backend = RCNNBackend("r18", model, source="test")
+    backend = RCNNBackend("r18", model, sha256="cd" * 32)
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(buf, format="PNG")
@@ -204,9 +235,14 @@ def test_rcnn_backend_detect_and_stream():
     with TestClient(create_app(Settings(), {"r18": backend})) as client:
         info = client.get("/v1/models").json()["models"][0]
         assert info["family"] == "rcnn" and info["classes"] == ["x", "y", "z"] and info["levels"] == 4
+        strip_png = io.BytesIO()
+        Image.fromarray(np.zeros((1, 2000, 3), np.uint8)).save(strip_png, format="PNG")
+        r = client.post("/v1/detect", content=strip_png.getvalue(), headers={"content-type": "image/png"})
+        assert r.status_code == 422 and r.json()["error"] == "bad_image_shape"  # refused before it joins a batch
         detect = client.post("/v1/detect", content=data, headers={"content-type": "image/png"},
                              params={"conf": 0.05}).json()
         assert detect["image"] == {"width": 90, "height": 60} and detect["steps"] > 8
+        assert detect["settled"] is True and detect["burst"] is None and detect["max_sleep"] == 32
         for d in detect["detections"]:
             assert d["name"] == ["x", "y", "z"][d["class_id"]] and 0 <= d["box"][0] <= d["box"][2] <= 90
         r = client.post("/v1/detect/stream", content=data, headers={"content-type": "image/png"},
@@ -216,3 +252,210 @@ def test_rcnn_backend_detect_and_stream():
         assert [e["t"] for e in events[:-1]] == list(range(1, len(events)))
         strip = lambda a: {k: v for k, v in a.items() if k not in ("timings", "type")}  # noqa: E731
         assert strip(events[-1]) == strip(detect)
+
+
+# --- isolation: one bad request fails alone, and never with the exception text ------------------------------
+
+def test_a_failing_member_fails_alone_without_exception_text():
+    backend = FakeBackend(delay=0.05)
+    with TestClient(app_with(backend, batch_window_ms=300, max_batch=8)) as client:
+        backend.calls.clear()
+        bodies = [png(), png(), png(w=FAIL_WIDTH), png(), png()]
+        responses = post_many(client, 5, bodies=bodies)
+        codes = [r.status_code for r in responses]
+        assert codes == [200, 200, 500, 200, 200], codes
+        bad = responses[2].json()
+        assert bad["error"] == "inference_failed" and "secret" not in responses[2].text
+        assert "RuntimeError" not in responses[2].text
+        assert backend.calls[0] == 5 and sorted(backend.calls[1:]) == [1] * 5  # batched, then one by one
+        assert client.get("/healthz").status_code == 200
+
+
+def test_unhandled_errors_say_nothing_of_the_exception():
+    backend = FakeBackend()
+    backend.stream = lambda image, p, cancel=None: iter(())  # a broken model: no event at all
+    with TestClient(app_with(backend)) as client:
+        r = client.post("/v1/detect", content=png(w=FAIL_WIDTH), headers={"content-type": "image/png"})
+        assert r.status_code == 500 and "secret" not in r.text and set(r.json()) == {"error", "detail"}
+
+
+# --- cost bounds and timeouts -----------------------------------------------------------------------------
+
+def test_timeout_stops_the_work_within_a_step():
+    backend = FakeBackend(delay=0.0)
+    with TestClient(app_with(backend, timeout_s=0.3, max_batch=1)) as client:
+        backend.delay, backend.steps = 5.0, 100  # one request would hold the worker 5 s
+        start = time.monotonic()
+        r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png"})
+        assert r.status_code == 504
+        backend.delay = 0.0
+        r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png"})
+        assert r.status_code == 200 and time.monotonic() - start < 1.5  # the worker was free again at once
+        assert backend.cancelled_runs == 1
+
+
+def test_batch_is_cancelled_only_when_all_members_are():
+    jobs = [Job("predict", None, Params()) for _ in range(3)]
+    flag = AllCancelled(jobs)
+    jobs[0].cancelled.set()
+    jobs[1].cancelled.set()
+    assert not flag.is_set()
+    jobs[2].cancelled.set()
+    assert flag.is_set()
+
+
+@pytest.mark.parametrize("query,fragment", [
+    ({"wake": 17}, "wake"), ({"sleep": 33}, "sleep"), ({"max_sleep": 33}, "max_sleep"), ({"burst": 5}, "burst"),
+    ({"burst": 0}, "burst"), ({"bogus": 1}, "unknown query"), ({"Wake": 2}, "unknown query")])
+def test_cost_bounds_and_unknown_parameters_422(query, fragment):
+    backend = FakeBackend()
+    with TestClient(app_with(backend)) as client:  # L = 4: wake <= 16; --max-sleep 32
+        for endpoint in ("/v1/detect", "/v1/detect/stream"):
+            r = client.post(endpoint, content=png(), headers={"content-type": "image/png"}, params=query)
+            assert r.status_code == 422 and r.json()["error"] == "invalid_parameter", r.text
+            assert fragment in r.json()["detail"]
+        r = client.post("/v1/detect", files={"file": ("x.png", png(), "image/png")}, data={"bogus": "1"})
+        assert r.status_code == 422 and "unknown form" in r.json()["detail"]
+
+
+def test_burst_and_max_sleep_reach_the_model():
+    backend = FakeBackend()
+    with TestClient(app_with(backend, max_sleep=20)) as client:
+        backend.params.clear()
+        r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png"},
+                        params={"burst": 1, "max_sleep": 12, "wake": 16})
+        assert r.status_code == 200 and r.json()["settled"] is True
+        assert r.json()["burst"] == 1 and r.json()["max_sleep"] == 12
+        assert (backend.params[-1].burst, backend.params[-1].max_sleep, backend.params[-1].wake) == (1, 12, 16)
+        client.post("/v1/detect", content=png(), headers={"content-type": "image/png"})
+        assert (backend.params[-1].burst, backend.params[-1].max_sleep) == (None, 20)  # the configured cap
+        assert client.get("/v1/models").json()["models"][0]["max_wake"] == 16
+
+
+# --- memory: decode to the model's size, bytes in flight ----------------------------------------------------
+
+def test_decoded_straight_to_the_model_input_and_boxes_in_original_pixels():
+    backend = FakeBackend(fit_box=(64, 64))
+    with TestClient(app_with(backend)) as client:
+        backend.shapes.clear()
+        r = client.post("/v1/detect", content=jpeg(2000, 1000), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200
+        assert backend.shapes == [(32, 64, 3)]  # only the resized image reached (and waited for) the model
+        assert r.json()["image"] == {"width": 2000, "height": 1000}
+        assert r.json()["detections"][0]["box"] == [0.0, 0.0, 2000.0, 1000.0]
+
+
+def test_exif_orientation_and_sixteen_bit_in_replies():
+    backend = FakeBackend()
+    with TestClient(app_with(backend)) as client:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        r = client.post("/v1/detect", content=jpeg(40, 20, exif=exif), headers={"content-type": "image/jpeg"})
+        assert r.json()["image"] == {"width": 20, "height": 40}  # as displayed
+        buf = io.BytesIO()
+        Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(buf, format="PNG")
+        backend.shapes.clear()
+        r = client.post("/v1/detect", content=buf.getvalue(), headers={"content-type": "image/png"})
+        assert r.status_code == 200 and backend.shapes == [(8, 8, 3)]
+
+
+def test_bytes_in_flight_are_bounded():
+    backend = FakeBackend(delay=0.6, fit_box=(64, 64))
+    with TestClient(app_with(backend, max_inflight_mb=1.0, timeout_s=5)) as client:
+        big = png(w=400, h=400)  # 160,000 px x 8 bytes while decoding: more than the whole 1 MB budget
+        r = client.post("/v1/detect", content=big, headers={"content-type": "image/png"})
+        assert r.status_code == 413 and r.json()["error"] == "image_too_large"
+        fits = png(w=300, h=300)  # 720 KB while decoding: one at a time, the others wait their turn
+        responses = post_many(client, 3, bodies=[fits] * 3)
+        assert [r.status_code for r in responses] == [200] * 3
+        assert client.app.state.service is not None
+
+
+# --- WebSocket: bad frames, limits, origins -------------------------------------------------------------------
+
+def test_websocket_bad_frame_keeps_the_socket_open():
+    backend = FakeBackend()
+    with TestClient(app_with(backend)) as client:
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.send_bytes(png(w=FAIL_WIDTH))
+            error = ws.receive_json()
+            assert error["type"] == "error" and error["error"] == "inference_failed" and "secret" not in str(error)
+            ws.send_bytes(b"junk")
+            assert ws.receive_json()["error"] == "unsupported_image"
+            strip = io.BytesIO()
+            Image.fromarray(np.zeros((1, 500, 3), np.uint8)).save(strip, format="PNG")
+            ws.send_bytes(strip.getvalue())
+            assert ws.receive_json()["error"] == "bad_image_shape"
+            ws.send_bytes(png())
+            assert ws.receive_json()["type"] == "detections"  # still open and answering
+
+
+def test_websocket_idle_and_total_limits():
+    from starlette.websockets import WebSocketDisconnect
+
+    backend = FakeBackend()
+    with TestClient(app_with(backend, ws_idle_s=0.3)) as client:
+        with client.websocket_connect("/v1/stream") as ws:
+            message = ws.receive_json()
+            assert message == {"type": "closing", "reason": "idle for 0.3 s"}
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+            assert closed.value.code == 1001
+    with TestClient(app_with(backend, ws_max_s=0.5, ws_idle_s=10)) as client:
+        with client.websocket_connect("/v1/stream") as ws:
+            start = time.monotonic()
+            seen = []
+            while not seen or seen[-1].get("type") != "closing":
+                ws.send_bytes(png())
+                seen.append(ws.receive_json())
+            assert seen[-1]["reason"].startswith("session over") and time.monotonic() - start < 2
+
+
+def test_origin_allow_list():
+    from starlette.websockets import WebSocketDisconnect
+
+    backend = FakeBackend()
+    with TestClient(app_with(backend), base_url="http://svc:8000") as client:
+        other = {"origin": "http://evil.example"}
+        with pytest.raises(WebSocketDisconnect) as refused:
+            with client.websocket_connect("/v1/stream", headers=other) as ws:
+                ws.receive_json()
+        assert refused.value.code == 1008
+        r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **other})
+        assert r.status_code == 403 and r.json()["error"] == "origin_not_allowed"
+        same = {"origin": "http://svc:8000"}  # the page this server serves
+        assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **same}).status_code == 200
+        with client.websocket_connect("/v1/stream", headers={"origin": "http://testserver"}) as ws:  # its Host
+            ws.send_bytes(png())
+            assert ws.receive_json()["type"] == "detections"
+    with TestClient(app_with(backend, allowed_origins=["http://evil.example"]), base_url="http://svc:8000") as client:
+        assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **other}).status_code == 200
+
+
+# --- docs offline, model listing ---------------------------------------------------------------------------
+
+def test_docs_are_served_from_the_package():
+    backend = FakeBackend()
+    with TestClient(app_with(backend)) as client:
+        for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+            html = client.get(page).text
+            sources = [part.split('"')[1] for part in html.split("src=")[1:]] + \
+                      [part.split('"')[1] for part in html.split("href=")[1:]]
+            assert sources and all(s.startswith("/") for s in sources), sources  # no CDN, no other host
+            assert any(s.endswith(asset) for s in sources)
+            for s in sources:
+                assert client.get(s).status_code == 200, s
+
+
+def test_models_show_names_and_digests_not_paths():
+    backend = FakeBackend()
+    with TestClient(app_with(backend)) as client:
+        (info,) = client.get("/v1/models").json()["models"]
+        assert info["sha256"] == "ab" * 32 and info["verified"] is True and "source" not in info
+        assert "/" not in json_text(info)
+
+
+def json_text(value) -> str:
+    import json
+
+    return json.dumps(value)
