@@ -205,3 +205,19 @@ def test_shared_modules_give_one_row_per_time_step(sleep):
         torch.testing.assert_close(final.energy_pj_until(t), streamed)
         torch.testing.assert_close(stats.spikes_per_step[t - 1], events[t - 1].spikes)
     torch.testing.assert_close(stats.energy_pj_until(total + 5), stats.energy_pj)
+
+
+@pytest.mark.xfail(strict=True, reason="detector/synapses.py records analog MACs as float32 (torch.full without a "
+                   "dtype) and energy.StatsRecorder multiplies them by 4.6 pJ in float32, so the per-step energy rows "
+                   "(energy_pj_until, streamed energy_pj) drift from the float64 totals by ~1e-7 relative, and a "
+                   "MAC count above 2**24 per sample may be rounded")
+def test_per_step_energy_is_as_precise_as_the_total():
+    torch.manual_seed(0)
+    qann = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), ClipQuan(4), nn.Conv2d(64, 2, 1)).double().eval()
+    x = torch.rand(1, 3, 97, 97, dtype=torch.float64)
+    stats = convert(qann).run(x, wake=4, sleep="auto").stats
+    macs = 64 * 97 * 97 * 27  # the first conv on the image, per wake step: 16 258 752 < 2**24
+    assert stats.analog_macs.item() == 4 * macs
+    # float64 throughout: the rows add up to the total within float64 rounding
+    torch.testing.assert_close(stats.energy_pj_until(stats.energy_pj_per_step.shape[0]), stats.energy_pj,
+                               rtol=1e-12, atol=0)

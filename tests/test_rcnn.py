@@ -73,9 +73,14 @@ def test_exact_two_stages(arch, r18):
                                                      seed=1).double().eval()).double()
     imgs = [image(0), image(1, 70, 100)]
     snn = det.predict(imgs, wake=4, sleep="auto", score_thresh=0.0)
-    s = det.last_internals
+    s = det.internals(imgs, wake=4, sleep="auto")
     ann = det.qann_predict(imgs, score_thresh=0.0)
-    q = det.last_internals
+    q = det.internals(imgs, spiking=False)
+    assert q["runs"] == [] and len(s["runs"]) == 2
+    run1, run2 = s["runs"]
+    assert bool(run1.settled.all()) and bool(run2.settled.all())
+    assert [a["steps"]["stage1"] for a in snn] == run1.steps.tolist()
+    assert [a["proposals"] for a in snn] == [len(p) for p in s["proposals"]] == [len(p) for p in q["proposals"]]
     # stage-1 readouts, proposals, stage-2 readouts, detections: all the QANN's
     assert_tree_close(s["features"], q["features"])
     assert_tree_close(s["objectness"], q["objectness"])
@@ -126,6 +131,10 @@ def test_stream_ends_with_predict_and_multistep_agrees(r18):
     img = image(3)
     ref = r18.predict([img], score_thresh=0.0)[0]
     events = list(r18.stream(img, score_thresh=0.0))
+    assert [e.final for e in events] == [False] * (len(events) - 1) + [True]
+    assert all(isinstance(e.spikes, float) for e in events)
+    assert sum(e.spikes for e in events) == pytest.approx(ref["spikes"])
+    assert [e.t_total for e in events] == list(range(1, ref["steps"]["total"] + 1))
     stage1 = [e for e in events if e.stage == 1]
     stage2 = [e for e in events if e.stage == 2]
     assert [e.t for e in stage1] == list(range(1, ref["steps"]["stage1"] + 1))
@@ -243,7 +252,9 @@ def test_clear_errors(tmp_path):
     # named as analog islands, it runs (a reported hybrid)
     det = SpikingFasterRCNN.from_model(mobile, analog=analog_candidates(mobile))
     out = det.predict([image().float()], score_thresh=0.0)
-    assert out[0]["settled"] and 0 < det.stage1.last_stats.analog_mac_fraction < 1
+    run1 = det.internals([image().float()])["runs"][0]
+    assert out[0]["settled"] and bool(run1.settled.all()) and 0 < run1.stats.analog_mac_fraction < 1
+    assert out[0]["steps"]["stage1"] == int(run1.steps[0])
 
 
 # --- the IF baseline and anytime detections ------------------------------------------------------
@@ -267,29 +278,31 @@ def test_if_baseline_approaches_the_float_model(r18_float):
     assert set(heads) == {"box_head.relu6", "box_head.relu7"}
     assert all(type(m).__name__ != "CIFNeuron" for m in heads.values())
     imgs = [image(0), image(1, 70, 100)]
-    det.qann_predict(imgs[:1])  # the float model it was converted from (the ANN baseline)
-    ref = det.last_internals
+    ref = det.internals(imgs[:1], spiking=False)  # the float model it was converted from (the ANN baseline)
     # stage-1 readouts after step T of one stream = the wake=T runs (no sleep)
     x = det.preprocess(imgs[:1])[0].tensors
     errors = {ev.t: _max_feature_error(OrderedDict(ev.readout[0]), ref["features"])
               for ev in det.stage1.stream(x, wake=256, sleep=0) if ev.t in (8, 256)}
     assert errors[256] < errors[8] / 4, errors
-    det.predict(imgs[:1], wake=8)
-    assert _max_feature_error(det.last_internals["features"], ref["features"]) == errors[8]
+    assert _max_feature_error(det.internals(imgs[:1], wake=8)["features"], ref["features"]) == errors[8]
     # one stream per stage-1 batch serves every t; stage 2 gets wake=t too
     dets, info = det.detections_at_steps(imgs, [4, 1, 16])
     assert sorted(dets) == [1, 4, 16] and all(len(dets[t]) == 2 for t in dets)
     for t in (1, 4, 16):
-        assert info[t]["stage1_steps"] == [t, t] and info[t]["stage2_steps"] == [t, t]
-        assert info[t]["steps_total_mean"] == 2 * t
+        assert info["stage1_steps_at"][t] == [t, t] and info["stage2_steps_at"][t] == [t, t]
+        assert info["steps_at"][t] == [2 * t, 2 * t]
     # the readout after step t of the long stream is exactly the wake=t run
     ref16 = det.predict(imgs, wake=16)
     for a, b in zip(dets[16], ref16):
         assert_tree_close([a["boxes"], a["scores"]], [b["boxes"], b["scores"]], atol=1e-9)
         assert torch.equal(a["labels"], b["labels"])
-    energy = info["energy"]
-    assert len(energy) == 2 and energy[0]["steps"]["total"] == 32 and energy[0]["spikes"] > 0
-    assert energy[0]["spikes"] == ref16[0]["spikes"]
+    assert info["steps"] == [32, 32] and [r["steps"]["total"] for r in ref16] == [32, 32]
+    # (rel 1e-6: per-step energy rows are float32-rounded, see test_energy's per-step precision test)
+    assert info["energy_uj"] == pytest.approx([r["energy_uj"] for r in ref16], rel=1e-6)
+    assert info["energy_uj_at"][16] == info["energy_uj"] and all(r["spikes"] > 0 for r in ref16)
+    # each t's figure is that of the wake=t run (no sleep: a shorter run is a prefix of the schedule)
+    ref4 = det.predict(imgs, wake=4)
+    assert info["energy_uj_at"][4] == pytest.approx([r["energy_uj"] for r in ref4], rel=1e-6)
 
 
 def test_if_baseline_errors_and_qann_choice(r18_float, tmp_path):
@@ -326,17 +339,76 @@ def test_casc_detections_at_steps_reach_predict(r18):
     ref = r18.predict(imgs, wake=4, sleep="auto", score_thresh=0.0)
     settle = max(r["steps"]["stage1"] for r in ref), max(r["steps"]["stage2"] for r in ref)
     big = max(settle) + 5
-    dets, info = r18.detections_at_steps(imgs, [1, 3, big, big + 20], wake=4, sleep="auto", score_thresh=0.0)
-    assert sorted(k for k in info if k != "energy") == [1, 3, big, big + 20]
-    assert len(dets[1]) == 2 and info[1]["stage1_steps"] == [1, 1]  # runs (t=1: one wake step each)
-    assert info[3]["steps_total_mean"] == 6
+    wanted = [1, 3, big, big + 20]
+    dets, info = r18.detections_at_steps(imgs, wanted, wake=4, sleep="auto", score_thresh=0.0)
+    for key in ("energy_uj_at", "steps_at", "stage1_steps_at", "stage2_steps_at"):
+        assert sorted(info[key]) == wanted, key  # every requested t
+    assert len(dets[1]) == 2 and info["stage1_steps_at"][1] == [1, 1]  # runs (t=1: one wake step each)
+    assert info["steps_at"][3] == [6, 6]
     for a, b in zip(dets[big], ref):
         assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
         assert torch.equal(a["labels"], b["labels"])
         assert a["steps"] == b["steps"]
     assert dets[big + 20] is dets[big]  # both stages settled: computed once
-    assert info[big]["stage1_steps"] == [r["steps"]["stage1"] for r in ref]
-    assert info[big]["stage2_steps"] == [r["steps"]["stage2"] for r in ref]
-    for e, r in zip(info["energy"], ref):
-        assert e["steps"] == r["steps"] and e["spikes"] == r["spikes"] and e["settled"]
-        assert e["energy_uj"] == pytest.approx(r["energy_uj"])
+    assert info["stage1_steps_at"][big] == [r["steps"]["stage1"] for r in ref]
+    assert info["stage2_steps_at"][big] == [r["steps"]["stage2"] for r in ref]
+    assert info["steps"] == info["steps_at"][big + 20] == [r["steps"]["total"] for r in ref]
+    assert info["settled"] == [True, True] and all(r["settled"] for r in ref)
+    assert info["proposals"] == [r["proposals"] for r in ref]
+    # energy: per image, each stage to its budget t; non-decreasing in t; at the largest t predict's
+    for i in range(2):
+        at = [info["energy_uj_at"][t][i] for t in wanted]
+        assert all(0 < e1 <= e2 for e1, e2 in zip(at, at[1:])), at
+        assert at[0] < at[-1]
+    # rel 1e-6: the per-step rows behind energy_uj_at are float32-rounded (test_energy's precision test)
+    assert info["energy_uj_at"][big + 20] == pytest.approx([r["energy_uj"] for r in ref], rel=1e-6)
+    assert info["energy_uj"] == info["energy_uj_at"][big + 20]
+    # the ANN's energy per image: stage 1 once, stage 2 once per RoI (independently counted MACs)
+    from detector.energy import PJ_PER_MAC, count_macs
+
+    x = r18.preprocess(imgs)[0].tensors
+    roi = torch.zeros(1, r18.qann.backbone.out_channels, 7, 7, dtype=x.dtype)
+    macs1, macs2 = count_macs(r18.qann_stage1, x[:1]), count_macs(r18.qann_stage2, roi)
+    assert info["ann_energy_uj"] == pytest.approx([(macs1 + macs2 * r["proposals"]) * PJ_PER_MAC * 1e-6 for r in ref])
+
+
+def test_internals_are_what_predict_decodes(r18):
+    imgs = [image(0), image(1, 70, 100)]
+    ref = r18.predict(imgs, wake=4, sleep="auto", score_thresh=0.0)
+    out = r18.internals(imgs, wake=4, sleep="auto")
+    assert set(out) == {"features", "objectness", "deltas", "proposals", "class_logits", "box_regression", "runs"}
+    # the proposals predict uses: recomputed from the spiking stage-1 readouts of an identical run ...
+    image_list, sizes = r18.preprocess(imgs)
+    run1, run2 = out["runs"]
+    features, objectness, deltas = run1.readout
+    again = r18.proposals(image_list, OrderedDict(features), objectness, deltas)
+    assert_tree_close(out["proposals"], again, atol=0)
+    # ... and decoding the internals gives predict's detections exactly
+    dets = r18.decode(out["class_logits"], out["box_regression"], out["proposals"], image_list, sizes, 0.0)
+    for a, b in zip(dets, ref):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(a[key], b[key]), key
+    assert [r["proposals"] for r in ref] == [len(p) for p in out["proposals"]]
+    rows = np.cumsum([0] + [len(p) for p in out["proposals"]])
+    assert [r["steps"]["stage2"] for r in ref] == [int(run2.steps[a:b].max()) for a, b in zip(rows, rows[1:])]
+    for r, i in zip(ref, range(2)):
+        a, b = int(rows[i]), int(rows[i + 1])
+        energy = float(run1.stats.energy_pj[i]) + float(run2.stats.energy_pj[a:b].sum())
+        assert r["energy_uj"] == pytest.approx(energy * 1e-6, rel=1e-12)
+
+
+def test_cancel_stops_predict_and_stream(r18):
+    import threading
+
+    from detector.runtime import RunCancelled
+
+    cancel = threading.Event()
+    seen = []
+    with pytest.raises(RunCancelled):
+        for ev in r18.stream(image(3), score_thresh=0.0, cancel=cancel):
+            seen.append((ev.stage, ev.t))
+            if ev.t == 2:
+                cancel.set()
+    assert seen == [(1, 1), (1, 2)]
+    with pytest.raises(RunCancelled):
+        r18.predict([image(3)], cancel=cancel)
