@@ -459,3 +459,29 @@ def json_text(value) -> str:
     import json
 
     return json.dumps(value)
+
+
+def test_yolo11_hybrid_is_served_with_analog_islands(tmp_path):
+    import argparse
+
+    import torch
+
+    from detector.models.yolo import UnsupportedModelError, build_qann, export_checkpoint
+    from service.backends import load_backend
+    from service.server import add_arguments, settings_from_args
+
+    torch.manual_seed(0)
+    path = export_checkpoint(build_qann("yolo11n.yaml", levels=4, nc=3), tmp_path / "y11.pt", names=["a", "b", "c"],
+                             imgsz=64)
+    with pytest.raises(UnsupportedModelError, match="analog"):
+        load_backend(str(path), allow_unverified=True)
+    backend = load_backend(str(path), allow_unverified=True, analog="auto")
+    with TestClient(create_app(Settings(), {backend.name: backend})) as client:
+        (info,) = client.get("/v1/models").json()["models"]
+        assert info["analog"] == ["layers.10.m.0.attn"] and info["verified"] is False
+        r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png"})
+        assert r.status_code == 200 and r.json()["settled"] is not None
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert settings_from_args(parser.parse_args(["--analog", "auto"])).analog == "auto"
+    assert settings_from_args(parser.parse_args(["--analog", "a.attn, b.attn"])).analog == ["a.attn", "b.attn"]
