@@ -23,6 +23,7 @@ TRAINERS = {"yolo": "detector.models.yolo", "rcnn": "detector.models.rcnn"}
 COMMANDS = {
     "eval": ("eval.runner", "mAP against time steps for ANN, QANN, CASC SNN and the IF baseline"),
     "serve": ("service.server", "serve spiking detectors over HTTP (FastAPI)"),
+    "export": ("detector.export.bundle", "export a detector's QANN and spiking step graphs (ONNX)"),
 }
 
 

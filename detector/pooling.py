@@ -43,7 +43,7 @@ class LIPool(CallSiteModule):
         _, state = self.next_state(init)
         cumulative_in, cumulative_out = state
         if steps == 1:
-            if sim.sleeping and not x.any():  # event-driven: nothing arrives, nothing changes
+            if sim.sleeping and sim.event_driven and not x.any():  # nothing arrives, nothing changes
                 return torch.zeros_like(cumulative_out)
             cumulative_in.add_(per_step[0])
             pooled = self.pool(cumulative_in)

@@ -21,6 +21,9 @@ class SimulationState:
     sleeping: bool = False  # a stack is all wake steps or all sleep steps
     wake_counts: list[int] = field(default_factory=lambda: [1])  # wake count k at each stacked step
     burst: int = 1  # most spikes a neuron may emit in one sleep step
+    # Sleep steps skip rows that carry no spike (synapses, LIPool). Off, every row is computed (the
+    # result is the same): a step then does not depend on the data, so it can be traced (ONNX export).
+    event_driven: bool = True
     batch: int = 1  # samples per step (rows of the network input / steps)
     record: bool = True  # collect spike / synaptic-op statistics
     recorder: object | None = None  # energy.StatsRecorder when record is on

@@ -74,6 +74,8 @@ class Synapse(CallSiteModule):
             y = self.apply_layer(x, bias=True)
             self._out_shapes[x.shape[1:]] = y.shape[1:]
             active = None
+        elif not sim.event_driven:
+            y, active = self.apply_layer(x, bias=False), None
         else:
             active = x.flatten(1).abs().sum(1) > 0  # faster than any() on CPU
             n_active = int(active.sum())

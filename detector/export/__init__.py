@@ -1,0 +1,8 @@
+"""Deployment outside the PyTorch simulator: ONNX graphs of the QANN and of the spiking step
+(``casc export``), and an ONNX Runtime engine that runs the wake-sleep schedule with them."""
+
+from .bundle import export_detector, read_manifest
+from .graphs import export_qann, export_steps
+from .step import SpikingStep, StepExportError
+
+__all__ = ["SpikingStep", "StepExportError", "export_detector", "export_qann", "export_steps", "read_manifest"]
