@@ -69,9 +69,14 @@ def test_exact_readouts_and_detections_float64(cfg):
     assert torch.equal(preds["scores"], torch.cat([m[:, reg:].flatten(2) for m in ref], -1))
 
     for mode in ("step", "multistep"):
-        out = det.raw(x, wake=4, sleep="auto", mode=mode)
+        run = det.raw(x, wake=4, sleep="auto", mode=mode)
+        out = run.readout
         assert _max_err(out, ref) <= 1e-6, mode
-        assert bool(det.snn.last_settled.all())
+        assert bool(run.settled.all()) and run.wake == 4
+    # the paper's one spike per sleep step is exact too, and needs no fewer steps than burst sleep
+    single = det.raw(x, wake=4, sleep="auto", burst=1)
+    assert _max_err(single.readout, ref) <= 1e-6 and bool(single.settled.all())
+    assert bool((single.steps >= run.steps).all())
     snn_dets = det.decode(out, conf=0.05)
     qann_dets = det.decode(ref, conf=0.05)
     assert sum(len(d) for d in qann_dets) > 0, "randomised head should give detections to compare"
@@ -79,7 +84,11 @@ def test_exact_readouts_and_detections_float64(cfg):
     # and through the public predict / qann_predict path (tensor input)
     p, q = det.predict(x, conf=0.05), det.qann_predict(x, conf=0.05)
     assert all(_same(a, b) for a, b in zip(p, q))
-    assert all(d.steps >= 4 and d.spikes > 0 and d.energy_uj > 0 for d in p)
+    assert all(d.steps >= 4 and d.spikes > 0 and d.energy_uj > 0 and d.settled for d in p)
+    again = det.raw(x)  # predict's schedule: step mode, burst = wake
+    assert [d.steps for d in p] == again.steps.tolist() == run.steps.tolist()
+    assert [d.spikes for d in p] == again.stats.spikes.tolist()
+    assert [d.energy_uj for d in p] == pytest.approx((again.stats.energy_pj * 1e-6).tolist())
 
 
 def test_yolo11_hybrid_exact_and_reported():
@@ -90,11 +99,22 @@ def test_yolo11_hybrid_exact_and_reported():
     assert det.analog and all(p.endswith("attn") for p in det.analog)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     ref = det.qann_raw(x)
-    out = det.raw(x, wake=4, sleep="auto")
-    assert _max_err(out, ref) <= 1e-6
-    fraction = det.snn.last_stats.analog_mac_fraction
-    assert 0.0 < fraction < 0.2
-    assert det.analog_mac_fraction == fraction
+    run = det.raw(x, wake=4, sleep="auto")
+    out = run.readout
+    assert _max_err(out, ref) <= 1e-6 and bool(run.settled.all())
+    fraction = run.stats.analog_mac_fraction
+    # independently: the conv/linear MACs inside the islands over those of one QANN forward
+    from contextlib import ExitStack
+
+    from detector.energy import MacCounter
+
+    with ExitStack() as stack:
+        whole = stack.enter_context(MacCounter(det.readout_net))
+        islands = [stack.enter_context(MacCounter(det.readout_net.get_submodule(p))) for p in det.analog]
+        det.readout_net(x)
+    assert 0.0 < fraction < 1.0
+    assert fraction == pytest.approx(sum(c.macs for c in islands) / whole.macs, rel=1e-9)
+    assert not hasattr(det, "analog_mac_fraction")
     assert all(_same(a, b) for a, b in zip(det.decode(out, conf=0.05), det.decode(ref, conf=0.05)))
 
 
@@ -120,7 +140,7 @@ def test_silu_float_checkpoint_to_qann(tmp_path):
     randomize(det.qann)
     det = SpikingYOLO.from_model(det.qann, imgsz=64, dtype=torch.float64)
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    assert _max_err(det.raw(x), det.qann_raw(x)) <= 1e-6
+    assert _max_err(det.raw(x).readout, det.qann_raw(x)) <= 1e-6
 
 
 def test_shared_default_activation_gets_one_state_per_call_site():
@@ -199,6 +219,26 @@ def test_stream_events_in_order_and_final_equals_predict(photo_detector):
     assert np.allclose(cumulative, [e.cumulative_spikes for e in events])
     assert events[-1].cumulative_spikes == pytest.approx(final.spikes)
     assert events[-1].detections.energy_uj == pytest.approx(final.energy_uj)
+    assert [e.final for e in events] == [False] * (len(events) - 1) + [True]
+    assert final.settled is True and events[-1].detections.settled is True and events[-1].detections.steps == final.steps
+
+
+def test_cancel_stops_stream_and_predict(photo_detector):
+    import threading
+
+    from detector.runtime import RunCancelled
+
+    det = photo_detector
+    cancel = threading.Event()
+    seen = []
+    with pytest.raises(RunCancelled):
+        for event in det.stream(str(PHOTOS[0]), conf=0.05, cancel=cancel):
+            seen.append(event.t)
+            if event.t == 2:
+                cancel.set()
+    assert seen == [1, 2]  # nothing after the event that set it
+    with pytest.raises(RunCancelled):
+        det.predict(str(PHOTOS[0]), conf=0.05, cancel=cancel)
 
 
 # --- training CLI end to end (offline) -------------------------------------------------------------------
@@ -312,12 +352,31 @@ def test_detections_at_steps_past_settling_equal_predict():
     qann = randomize(build_qann("yolov8n.yaml", levels=4, act="relu"), seed=2)
     det = SpikingYOLO.from_model(qann, imgsz=64, dtype=torch.float64)
     images = [np.random.default_rng(i).integers(0, 255, (48, 80, 3), dtype=np.uint8) for i in range(2)]
-    results, info = det.detections_at_steps(images, [1, 4, 200], conf=0.001)
-    assert sorted(results) == [1, 4, 200] and max(info["steps"]) < 200 and all(info["settled"])
+    wanted = [1, 4, 5, 200]
+    results, info = det.detections_at_steps(images, wanted, conf=0.001)
+    assert sorted(results) == wanted and max(info["steps"]) < 200 and all(info["settled"])
     expected = det.predict(images, conf=0.001)
     assert all(_same(a, b) for a, b in zip(results[200], expected))
+    assert info["steps"] == [d.steps for d in expected] and info["settled"] == [d.settled for d in expected]
+    assert sorted(info["energy_uj_at"]) == wanted
     assert info["energy_uj_at"][200] == pytest.approx(info["energy_uj"])
-    assert all(e1 <= e2 for e1, e2 in zip(info["energy_uj_at"][1], info["energy_uj_at"][4]))
+    assert info["energy_uj"] == pytest.approx([d.energy_uj for d in expected], rel=1e-9)
+    for i in range(2):  # non-decreasing in t, per image, and each image's detections carry their figure
+        at = [info["energy_uj_at"][t][i] for t in wanted]
+        assert all(0 < e1 <= e2 for e1, e2 in zip(at, at[1:])), at
+        assert [results[t][i].energy_uj for t in wanted] == at
+        assert [results[t][i].steps for t in wanted] == [min(t, info["steps"][i]) for t in wanted]
+    # energy, spikes and settled at t are those of the first t streamed steps
+    x, _ = det.preprocess(images)
+    events = list(det.snn.stream(x))
+    for t in wanted:
+        assert info["energy_uj_at"][t] == pytest.approx((sum(e.energy_pj for e in events[:t]) * 1e-6).tolist())
+        spikes = sum(e.spikes for e in events[:t]).tolist()
+        settled = events[min(t, len(events)) - 1].settled.tolist()
+        for i in range(2):
+            assert results[t][i].spikes == pytest.approx(spikes[i]) and results[t][i].settled is settled[i]
+    assert [d.spikes for d in results[200]] == pytest.approx([d.spikes for d in expected])
+    assert not any(d.settled for d in results[1]) and all(d.settled for d in results[200])
 
 
 def test_if_baseline_converges_to_the_float_ann_as_steps_grow():
@@ -329,7 +388,7 @@ def test_if_baseline_converges_to_the_float_ann_as_steps_grow():
     baseline = SpikingYOLO.from_model(float_model, imgsz=64, neuron="if", calibration=calibration)
     x, _ = baseline.preprocess(images)
     reference = baseline.qann_raw(x)  # for the IF baseline: the float ANN it came from
-    errors = [_max_err(baseline.raw(x, wake=t, sleep=0), reference) for t in (4, 64)]
+    errors = [_max_err(baseline.raw(x, wake=t, sleep=0).readout, reference) for t in (4, 64)]
     assert errors[1] < errors[0]
     results, info = baseline.detections_at_steps(images, [2, 8])
     assert sorted(results) == [2, 8] and info["steps"] == [8, 8]

@@ -505,8 +505,8 @@ class SpikingYOLO:
     """A YOLO QANN converted to a spiking network, with Ultralytics' pre- and post-processing.
 
     Attributes: ``qann`` (the DetectionModel QANN, eval), ``snn`` (the ``SpikingNetwork``; its readouts are
-    the raw per-level head maps), ``levels``, ``names``, ``imgsz``, ``analog`` (island paths),
-    ``analog_mac_fraction`` (of one forward's MACs, kept in analog islands).
+    the raw per-level head maps), ``levels``, ``names``, ``imgsz``, ``analog`` (island paths; the fraction of
+    one forward's MACs they keep analog is ``raw(x).stats.analog_mac_fraction``).
 
     Image inputs: file paths (read with OpenCV), PIL images (RGB, converted), or HxWx3 uint8 numpy arrays
     which are taken as **BGR** (OpenCV / Ultralytics convention) unless ``color="rgb"``. Each image is
@@ -720,8 +720,9 @@ class SpikingYOLO:
         """Anytime evaluation: ``({t: [Detections per image]}, info)`` for every total step count ``t``, from one
         run. CASC readouts stop changing once a sample settles, so a ``t`` past the end reuses the final answer;
         the IF baseline (``neuron="if"``) runs ``wake=max(timesteps)`` steps and its readout after step ``t``
-        (summed, divided by ``t``) is exactly the ``wake=t`` result. ``info``: per-image steps used, spikes
-        and energy estimate of the full run."""
+        (summed, divided by ``t``) is exactly the ``wake=t`` result. Each image's ``Detections`` at ``t`` carry its
+        steps, spikes, energy and settled flag after step ``t``. ``info``: per-image steps used, settled, spikes and
+        energy estimate of the full run, ``energy_uj_at`` (every requested ``t``), ANN energy, firing rates."""
         wanted = sorted({int(t) for t in timesteps})
         if not wanted or wanted[0] < 1:
             raise ValueError(f"timesteps must be positive integers, got {list(timesteps)}")
@@ -730,11 +731,12 @@ class SpikingYOLO:
             wake, sleep = wanted[-1], 0
         else:
             wake = wake if wake is not None else self.levels
-        results, last = {}, None
+        results, settled_at, last = {}, {}, None
         for event in self.snn.stream(x, wake=wake, sleep=sleep, burst=burst, max_sleep=max_sleep):
             last = event
             if event.t in wanted:
                 results[event.t] = self.decode(event.readout, shapes, conf, iou, max_det)
+                settled_at[event.t] = event.settled.tolist()
         final = results.get(last.t) or self.decode(last.readout, shapes, conf, iou, max_det)
         for t in wanted:
             results.setdefault(t, final)  # the run ended (settled) before t: nothing changes any more
@@ -743,8 +745,10 @@ class SpikingYOLO:
         steps = run.steps.tolist()
         for t in wanted:  # each image's own figures at t (copies: a settled answer serves several t)
             energy = (stats.energy_pj_until(t) * 1e-6).tolist()
-            results[t] = [replace(d, steps=min(t, steps[i]), wake=min(t, wake), energy_uj=energy[i])
-                          for i, d in enumerate(results[t])]
+            spikes = stats.spikes_per_step[:t].sum(0).tolist()
+            settled = settled_at.get(t, run.settled.tolist())
+            results[t] = [replace(d, steps=min(t, steps[i]), wake=min(t, wake), energy_uj=energy[i], spikes=spikes[i],
+                                  settled=settled[i]) for i, d in enumerate(results[t])]
         info = {"steps": steps, "settled": run.settled.tolist(),
                 "spikes": stats.spikes.tolist(), "energy_uj": (stats.energy_pj * 1e-6).tolist(),
                 "energy_uj_at": {t: (stats.energy_pj_until(t) * 1e-6).tolist() for t in wanted},
