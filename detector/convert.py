@@ -107,7 +107,8 @@ def validate(model: nn.Module, neuron: str | Callable = "cif", analog: Iterable[
                          "(expected ClipQuan modules from to_qann; ReLU for the IF baseline)")
 
 
-def _rewrite(module: nn.Module, path: str, neuron, thresholds, analog: set[str], done: dict[int, nn.Module]):
+def _rewrite(module: nn.Module, path: str, neuron, thresholds, analog: set[str], done: dict[int, nn.Module],
+             wake_levels: int | None):
     for name, child in list(module.named_children()):
         child_path = f"{path}.{name}" if path else name
         if id(child) in done:  # a shared module stays shared: one object, several call sites
@@ -116,20 +117,20 @@ def _rewrite(module: nn.Module, path: str, neuron, thresholds, analog: set[str],
         if child_path in analog:
             new = AnalogIsland(child)
         elif isinstance(child, (ClipQuan, nn.ReLU)) and isinstance(child, _activation_types(neuron)):
-            new = _make_neuron(child, child_path, neuron, thresholds)
+            new = _make_neuron(child, child_path, neuron, thresholds, wake_levels)
         elif isinstance(child, MAX_POOLS):
             new = LIPool(child)
         elif isinstance(child, SYNAPTIC_LAYERS):
             new = Synapse(child)
         else:
-            _rewrite(child, child_path, neuron, thresholds, analog, done)
+            _rewrite(child, child_path, neuron, thresholds, analog, done, wake_levels)
             continue
         new.site_name = child_path
         done[id(child)] = new
         setattr(module, name, new)
 
 
-def _make_neuron(activation: nn.Module, path: str, neuron, thresholds) -> Neuron:
+def _make_neuron(activation: nn.Module, path: str, neuron, thresholds, wake_levels: int | None) -> Neuron:
     if neuron == "if":
         sites = [thresholds[path]] if path in thresholds else []
         n = 2
@@ -139,8 +140,14 @@ def _make_neuron(activation: nn.Module, path: str, neuron, thresholds) -> Neuron
         if not sites:
             raise ValueError(f"no IF threshold for activation {path}: pass calibration data or thresholds")
         return IFNeuron(sites)
-    factory = NEURONS["cif"] if neuron == "cif" else neuron
-    return factory(activation.threshold)
+    if neuron == "cif":
+        return CIFNeuron.for_quantizer(activation, wake_levels)
+    # An ablation factory (threshold -> neuron) sees the threshold one spike is worth.
+    made = neuron(activation.threshold * wake_levels / activation.levels)
+    if isinstance(made, CIFNeuron):
+        reference = CIFNeuron.for_quantizer(activation, wake_levels)
+        made.precharge, made.levels, made.wake_levels = reference.precharge, reference.levels, reference.wake_levels
+    return made
 
 
 def convert(
@@ -174,6 +181,6 @@ def convert(
             thresholds = calibrate_thresholds(net, calibration, percentile)
     folded, kept = fold_batchnorm(net)
     sim = SimulationState()
-    _rewrite(net, "", neuron, thresholds or {}, analog, {})
+    _rewrite(net, "", neuron, thresholds or {}, analog, {}, qann_levels(model))
     return SpikingNetwork(net, sim, levels=qann_levels(model), neuron=neuron if isinstance(neuron, str) else "custom",
                           analog=sorted(analog), batchnorm=(folded, kept))

@@ -8,7 +8,12 @@ every torch function applied to data (tensors derived from the network input) an
   output, an analog island's output): synaptic operations or dense MACs;
 - every non-linear function applied to data outside a neuron or analog island (a sigmoid, a
   softmax, a product of two data tensors, a functional max-pool): these would silently break
-  the conversion, so the run stops with an error naming the module.
+  the conversion, so the run stops with an error naming the module;
+- every constant that would enter a spiking path outside a synapse's gated bias (a scalar or tensor
+  addend, a non-zero ``pad`` value, a functional conv / linear / addmm with a bias, a constant
+  concatenated to the signal, a functional batch norm): the runtime would inject it again in every
+  time step, sleep steps included, so it is refused with the module and the operation named. A
+  constant belongs in a conv / linear bias or a BatchNorm, which the converter gates.
 """
 
 from __future__ import annotations
@@ -40,6 +45,19 @@ _POOLS = {"max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "
 # Non-linear when two or more of their inputs are data (a product of two signals).
 _PRODUCTS = {"mul", "mul_", "__mul__", "__rmul__", "__imul__", "matmul", "__matmul__", "__rmatmul__", "bmm", "mm",
              "einsum", "prod", "outer", "baddbmm", "addmm", "addcmul", "bilinear"}
+# Add their second operand (or subtract it): a constant one is injected in every step.
+_ADDITIONS = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__",
+              "rsub", "subtract"}
+_CONCATENATIONS = {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "column_stack"}
+# Functional layers whose ``bias`` argument (position 2) is added to the output.
+_BIASED = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
+           "bilinear"}
+# torch.addmm(input, a, b) = input + a @ b, and friends: ``input`` is an addend.
+_ADDEND_FIRST = {"addmm", "addmv", "addbmm", "baddbmm", "addr"}
+# Functions of data whose output does not depend on the data's values: constants, not signals.
+_FACTORIES = {"ones_like", "full_like", "empty_like", "rand_like", "randn_like", "randint_like", "zeros_like",
+              "new_ones", "new_full", "new_empty", "new_zeros", "new_tensor", "fill_", "fill", "size", "dim",
+              "numel", "__len__", "shape"}
 _DIVISIONS = {"div", "div_", "__truediv__", "__itruediv__", "true_divide", "floor_divide", "__floordiv__"}
 _POWERS = {"pow", "__pow__", "pow_", "square", "float_power"}
 
@@ -128,11 +146,49 @@ class SpikeFlowTrace(TorchFunctionMode):
         if not data:  # constants only (weights, anchors, shapes)
             return out
         name = getattr(func, "__name__", str(func))
+        if name in _FACTORIES:
+            return out  # shaped like the signal, but a constant
+        where = self._stack[-1] if self._stack else "<root>"
         if self._is_nonlinear(name, args, kwargs, len(data)):
-            where = self._stack[-1] if self._stack else "<root>"
             self.problems.append((where, name, "non-linear function of the signal inside this module's forward"))
+        constant = self._constant_injected(name, args, kwargs)
+        if constant:
+            self.problems.append((where, name, f"{constant}: it would be injected again in every time step, sleep "
+                                               "steps included (put it in a conv / linear bias or a BatchNorm)"))
         self.mark(out, SPIKES if all(k == SPIKES for k in data) else ANALOG)
         return out
+
+    def _is_constant_nonzero(self, value) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value not in self.kind and bool(value.detach().ne(0).any())
+        return isinstance(value, (int, float, complex)) and not isinstance(value, bool) and value != 0
+
+    def _constant_injected(self, name: str, args, kwargs) -> str | None:
+        """What constant this call adds to the signal, or None."""
+        if name in _ADDITIONS:
+            operands = list(args[:2]) + [kwargs[k] for k in ("input", "other") if k in kwargs]
+            if any(self._is_constant_nonzero(v) for v in operands):
+                return "adds a constant to the signal"
+        elif name in _CONCATENATIONS:
+            pieces = args[0] if args else kwargs.get("tensors", ())
+            if any(self._is_constant_nonzero(t) for t in pieces):
+                return "concatenates a constant to the signal"
+        elif name == "pad":
+            mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+            value = args[3] if len(args) > 3 else kwargs.get("value")
+            if mode == "constant" and value is not None and value != 0:
+                return f"pads the signal with the constant {value}"
+        elif name in _BIASED:
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if bias is not None and self._is_constant_nonzero(bias):
+                return "a functional layer adds its bias (not a gated Synapse)"
+        elif name in _ADDEND_FIRST:
+            addend = args[0] if args else kwargs.get("input")
+            if self._is_constant_nonzero(addend):
+                return "adds a constant matrix to the product"
+        elif name in ("batch_norm", "instance_norm"):
+            return "a functional normalization shifts the signal by constants"
+        return None
 
     def _is_nonlinear(self, name: str, args, kwargs, n_data: int) -> bool:
         if name in _NONLINEAR:
@@ -153,5 +209,6 @@ class SpikeFlowTrace(TorchFunctionMode):
         if self.problems:
             unique = list(dict.fromkeys(self.problems))
             raise UnsupportedModuleError(
-                unique, "These modules compute non-linear functions in their own forward; keep them as analog "
-                        "islands (convert(..., analog=[paths])) or rewrite them with spiking-convertible modules.")
+                unique, "These modules compute non-linear functions of the signal, or add constants to it, in their "
+                        "own forward; keep non-linear ones as analog islands (convert(..., analog=[paths])), move "
+                        "constants into a conv / linear bias or a BatchNorm, or rewrite them with convertible modules.")

@@ -47,37 +47,63 @@ class Neuron(CallSiteModule):
 
 
 class CIFNeuron(Neuron):
-    """Consistent IF neuron (DESIGN §1) with signed, capped spikes.
+    """Consistent IF neuron (``docs/method.md``) with signed, capped spikes.
 
-    Per step: ``m += I``; ``s = floor(m / theta)`` clamped so that ``0 <= C + s <= k`` and
-    ``|s| <= 1`` (``<= burst`` in sleep steps); ``C += s``; ``m -= theta * s``. The two flags
-    exist for ablations: without negative spikes or without the cap the network is no longer
-    exact, which the tests use to tell the method from a near miss.
+    Per step: ``m += I``; ``s = floor(m / theta)`` clamped so that ``0 <= C + s <= cap(k)`` and
+    ``|s| <= 1`` (``<= burst`` in sleep steps); ``C += s``; ``m -= theta * s``. The membrane starts
+    at ``precharge * theta`` (1/2 realises a rounding ClipQuan exactly, 0 the floor form).
+    ``cap(k) = k`` when the layer has as many levels as the network has wake steps; a layer with
+    fewer levels ``L`` in a network of ``W`` wake steps fires at ``theta = W/L`` times the QANN's
+    threshold and is capped at ``floor(k * L / W)`` spikes, which is ``L`` at the end of the wake.
+    The two flags exist for ablations: without negative spikes or without the cap the network is
+    no longer exact, which the tests use to tell the method from a near miss.
     """
 
     kind = "cif"
 
-    def __init__(self, threshold: float = 1.0, negative_spikes: bool = True, spike_cap: bool = True):
+    def __init__(self, threshold: float = 1.0, negative_spikes: bool = True, spike_cap: bool = True,
+                 precharge: float = 0.0, levels: int | None = None, wake_levels: int | None = None):
         super().__init__()
         if not threshold > 0:
             raise ValueError(f"neuron threshold must be > 0, got {threshold!r}")
+        if not 0 <= precharge < 1:
+            raise ValueError(f"precharge must be in [0, 1), got {precharge!r}")
+        if (levels is None) != (wake_levels is None) or (levels is not None and not 1 <= levels <= wake_levels):
+            raise ValueError(f"levels ({levels}) and wake_levels ({wake_levels}) go together, levels <= wake_levels")
         self.threshold = float(threshold)
         self.negative_spikes = negative_spikes
         self.spike_cap = spike_cap
+        self.precharge = float(precharge)
+        self.levels, self.wake_levels = levels, wake_levels
+
+    @classmethod
+    def for_quantizer(cls, quantizer, wake_levels: int, **flags) -> "CIFNeuron":
+        """The neuron that reproduces ``quantizer`` (a ClipQuan) in a network of ``wake_levels`` wake steps."""
+        levels = quantizer.levels
+        return cls(quantizer.threshold * wake_levels / levels, precharge=quantizer.phi,
+                   levels=None if levels == wake_levels else levels,
+                   wake_levels=None if levels == wake_levels else wake_levels, **flags)
 
     def threshold_at(self, index: int) -> float:
         return self.threshold
+
+    def init_state(self, like: torch.Tensor):
+        membrane = torch.full_like(like, self.precharge * self.threshold) if self.precharge else torch.zeros_like(like)
+        return (membrane, torch.zeros_like(like))
+
+    def cap(self, k: int) -> int:
+        return k if self.levels is None else k * self.levels // self.wake_levels
 
     def update(self, state, current, theta, k, sleep):
         m, count = state
         m.add_(current)
         s = torch.floor(m) if theta == 1.0 else torch.floor(m / theta)
         gamma = self.sim.burst if sleep else 1
-        # Clamping to [-gamma, gamma] and then to [-C, k - C] is clamping to their intersection
-        # (both hold 0): at most gamma spikes, never below 0 or above k in total.
+        # Clamping to [-gamma, gamma] and then to [-C, cap - C] is clamping to their intersection
+        # (both hold 0): at most gamma spikes, never below 0 or above the cap in total.
         s.clamp_(-gamma, gamma)
         if self.spike_cap:
-            s.clamp_(max=k - count)
+            s.clamp_(max=self.cap(k) - count)
         s.clamp_(min=count.neg() if self.negative_spikes else 0)
         count.add_(s)
         m.sub_(s, alpha=theta)
@@ -86,7 +112,10 @@ class CIFNeuron(Neuron):
     def extra_repr(self) -> str:
         flags = "" if self.negative_spikes and self.spike_cap else (
             f", negative_spikes={self.negative_spikes}, spike_cap={self.spike_cap}")
-        return f"threshold={self.threshold:g}{flags}"
+        quant = f", precharge={self.precharge:g}" if self.precharge else ""
+        if self.levels is not None:
+            quant += f", levels={self.levels}/{self.wake_levels}"
+        return f"threshold={self.threshold:g}{quant}{flags}"
 
 
 class IFNeuron(Neuron):

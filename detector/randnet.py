@@ -99,8 +99,11 @@ class RandomQANN(nn.Module):
 
 
 def random_qann(seed: int, levels: int = 4, depth: int = 8, channels: int = 6, in_channels: int = 3,
-                classes: int = 3) -> RandomQANN:
-    """A random QANN with about ``depth`` ClipQuan layers on the longest path (eval mode)."""
+                classes: int = 3, rounding: str = "round", first_levels: int | None = None) -> RandomQANN:
+    """A random QANN with about ``depth`` ClipQuan layers on the longest path (eval mode).
+
+    ``rounding``: every ClipQuan's mode; ``first_levels``: the first layer's level count (the
+    per-layer levels case: the network then runs ``max`` of both wake steps)."""
     pick = random.Random(seed)
     rng = torch.Generator().manual_seed(seed)
     blocks = nn.ModuleList([ConvUnit(in_channels, channels, levels, rng, pick)])
@@ -121,7 +124,13 @@ def random_qann(seed: int, levels: int = 4, depth: int = 8, channels: int = 6, i
         elif kind == "avg":
             blocks.append(nn.Sequential(nn.AvgPool2d(3, 1, 1), ConvUnit(channels, channels, levels, rng, pick)))
             layers += 1
-    return RandomQANN(blocks, channels, classes, rng).eval()
+    net = RandomQANN(blocks, channels, classes, rng).eval()
+    for module in net.modules():
+        if isinstance(module, ClipQuan):
+            module.rounding = rounding
+    if first_levels is not None:
+        blocks[0].act.levels = first_levels
+    return net
 
 
 @torch.no_grad()

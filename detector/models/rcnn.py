@@ -58,7 +58,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d, SqueezeExcitation
 
 from ..convert import UnsupportedModuleError, convert, register_linear_module, register_nonlinear_module
 from ..fuse import register_bn_pairs
-from ..quant import ClipQuan, qann_levels, to_qann
+from ..quant import ClipQuan, qann_levels, to_qann, with_legacy_quant_state
 from ..energy import PJ_PER_MAC, count_macs
 from ..runtime import RunResult, SpikingNetwork
 from ..weights import verify_sha256
@@ -84,6 +84,7 @@ RESNET_ARCHS = {
 }
 ARCHS = (*RESNET_ARCHS, "resnet50_fpn_v2", "mobilenet_v3_large_fpn", "mobilenet_v3_large_320_fpn")
 CHECKPOINT_FORMAT = "casc-fasterrcnn"
+CHECKPOINT_VERSION = 2  # 2: ClipQuan levels and rounding per module in the state dict (1: all floor)
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -304,12 +305,47 @@ def model_from_state_dict(state: dict, meta: dict, arch: str | None = None, num_
         if saved is not None and levels is not None and saved != levels:
             raise ValueError(f"checkpoint is a QANN with levels={saved}, asked for levels={levels}")
         model = to_qann_fasterrcnn(model, saved or levels or 4, inplace=True)
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(with_legacy_quant_state(model, state), strict=True)
     else:
         model.load_state_dict(state, strict=True)
         if levels is not None:
             model = to_qann_fasterrcnn(model, levels, inplace=True)
     return model
+
+
+def load_float_for_calibration(path: str | Path, sha256: str | None = None) -> tuple[nn.Module, dict]:
+    """(float model, metadata) of a Faster R-CNN checkpoint with trainable ``BatchNorm2d`` layers, so that
+    ``detector.calibrate`` can re-estimate their statistics after quantization (frozen BatchNorms cannot)."""
+    state, meta = _unwrap_state_dict(load_checkpoint(path, sha256))
+    if any(k.endswith("threshold_param") for k in state):
+        raise ValueError(f"{path} is already a QANN; quantize the float checkpoint it came from")
+    arch = meta.get("arch") or "resnet50_fpn"
+    frozen = {"frozen_bn": False} if arch in RESNET_ARCHS else {}
+    state = dict(state)
+    inferred = _infer_from_state_dict(state)
+    kwargs = {k: meta[k] for k in ("min_size", "max_size", "representation_size") if meta.get(k) is not None}
+    if arch in RESNET_ARCHS and "fpn_channels" in inferred:
+        kwargs["fpn_channels"] = inferred["fpn_channels"]
+    model = build_fasterrcnn(arch, meta.get("num_classes") or inferred.get("num_classes") or 91, **kwargs, **frozen)
+    for name, buffer in model.state_dict().items():  # FrozenBatchNorm2d state dicts have no batch counter
+        if name.endswith("num_batches_tracked"):
+            state.setdefault(name, torch.zeros_like(buffer))
+    model.load_state_dict(state, strict=True)
+    return model.eval(), dict(meta, arch=arch)
+
+
+def calibration_inputs(rgb_images: list[np.ndarray], batch: int = 8) -> list[list[torch.Tensor]]:
+    """RGB uint8 images as the lists of CHW tensors a torchvision detector takes, in batches."""
+    tensors = [_to_image_tensor(im) for im in rgb_images]
+    return [tensors[i:i + batch] for i in range(0, len(tensors), batch)]
+
+
+def save_qann(qann: nn.Module, path: str | Path, meta: dict) -> Path:
+    """Write a quantized Faster R-CNN (e.g. from ``detector.calibrate.quantize``) in our checkpoint format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_checkpoint(path, qann, dict(meta, levels=qann_levels(qann)))
+    return path
 
 
 # --- the spiking detector -------------------------------------------------------------------
@@ -937,7 +973,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _save_checkpoint(path: Path, model: nn.Module, meta: dict, **extra) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "state_dict": state, "meta": meta, **extra}, tmp)
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state_dict": state, "meta": meta, **extra},
+               tmp)
     tmp.replace(path)
 
 

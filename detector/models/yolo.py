@@ -53,18 +53,19 @@ _ultralytics_env.after_import()
 
 from ..convert import convert, register_linear_module, register_nonlinear_module  # noqa: E402
 from ..fuse import register_bn_pairs  # noqa: E402
-from ..quant import ClipQuan, activation_references, qann_levels, to_qann  # noqa: E402
+from ..quant import ClipQuan, activation_references, qann_levels, to_qann, with_legacy_quant_state  # noqa: E402
 from ..runtime import RunResult, SpikingNetwork  # noqa: E402
 from ..weights import verify_sha256  # noqa: E402
 
 __all__ = [
     "SpikingYOLO", "Detections", "DetectionEvent", "UnsupportedModelError", "build_qann", "load_checkpoint",
-    "export_checkpoint", "check_supported", "attention_paths", "YOLOReadoutNet", "add_train_arguments",
-    "train_from_args", "train", "CHECKPOINT_FORMAT",
+    "export_checkpoint", "check_supported", "attention_paths", "YOLOReadoutNet", "CHECKPOINT_FORMAT",
+    "calibration_inputs", "save_qann", "letterbox", "ultralytics_start_checkpoint", "is_qann_checkpoint",
+    "quantize_model", "model_act",
 ]
 
 CHECKPOINT_FORMAT = "casc-yolo"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: ClipQuan levels and rounding per module in the state dict (1: all floor)
 
 # --- registries (module types whose forward the converter cannot see) ---------------------------------
 
@@ -140,7 +141,7 @@ def _set_activation(model: nn.Module, act: str) -> None:
     model.yaml["activation"] = ACTIVATIONS[act]
 
 
-def _model_act(model: nn.Module) -> str:
+def model_act(model: nn.Module) -> str:
     meta = _casc_meta(model)
     if meta.get("act"):
         return meta["act"]
@@ -148,7 +149,7 @@ def _model_act(model: nn.Module) -> str:
     return "relu" if nn.ReLU in kinds and nn.SiLU not in kinds else "silu"
 
 
-def _quantize(model: DetectionModel, levels: int | None, act: str, learnable: bool = False,
+def quantize_model(model: DetectionModel, levels: int | None, act: str, learnable: bool = False,
               calibration: list[torch.Tensor] | None = None) -> DetectionModel:
     """Ultralytics model -> QANN in place (every activation call site gets its own ClipQuan)."""
     existing = qann_levels(model)
@@ -193,11 +194,11 @@ def build_qann(model: str | Path | dict | nn.Module = "yolov8n.yaml", levels: in
     check_supported(net)
     net.float()
     quantized = any(isinstance(m, ClipQuan) for m in net.modules())
-    if act is not None and not quantized and _model_act(net) != act:
+    if act is not None and not quantized and model_act(net) != act:
         _set_activation(net, act)
-    act = act or _model_act(net)
+    act = act or model_act(net)
     if quantize:
-        return _quantize(net, levels, act, learnable)
+        return quantize_model(net, levels, act, learnable)
     if quantized:
         raise ValueError("quantize=False but the model is already a QANN")
     net.yaml["casc"] = {"levels": None, "act": act, "quantized": False}
@@ -279,12 +280,12 @@ def load_checkpoint(path: str | Path, sha256: str | None = None, levels: int | N
     check_supported(model)
     info = _casc_meta(model)
     quantized = any(isinstance(m, ClipQuan) for m in model.modules())
-    meta.update(levels=qann_levels(model) if quantized else None, act=info.get("act") or _model_act(model),
+    meta.update(levels=qann_levels(model) if quantized else None, act=info.get("act") or model_act(model),
                 quantized=quantized)
     return model, meta
 
 
-def _ultralytics_start_checkpoint(path: Path, out: Path) -> Path:
+def ultralytics_start_checkpoint(path: Path, out: Path) -> Path:
     """Ultralytics' trainer loads only its own checkpoint format: re-save one of ours in it (under ``out``)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -299,7 +300,7 @@ def _ultralytics_start_checkpoint(path: Path, out: Path) -> Path:
     return start
 
 
-def _is_qann_checkpoint(path: Path) -> bool:
+def is_qann_checkpoint(path: Path) -> bool:
     return bool(load_checkpoint(path)[1]["quantized"])
 
 
@@ -311,10 +312,12 @@ def _from_safe(ckpt: dict) -> DetectionModel:
     _check_yaml(d)
     d.pop("casc", None)
     model = DetectionModel(d, ch=int(d.get("channels", 3)), nc=int(d["nc"]), verbose=False)
+    state = ckpt["state_dict"]
     if ckpt.get("levels"):
         to_qann(model, int(ckpt["levels"]), learnable=bool(ckpt.get("learnable")), inplace=True)
+        state = with_legacy_quant_state(model, state)
     model.yaml["casc"] = {"levels": ckpt.get("levels"), "act": ckpt.get("act"), "quantized": bool(ckpt.get("levels"))}
-    model.load_state_dict(ckpt["state_dict"], strict=True)
+    model.load_state_dict(state, strict=True)
     model.names = _names_dict(ckpt.get("names")) or model.names
     return model.float().eval()
 
@@ -334,9 +337,7 @@ def export_checkpoint(model_or_pt: nn.Module | str | Path | "SpikingYOLO", path:
         model = model_or_pt
     check_supported(model)
     quant = [m for m in model.modules() if isinstance(m, ClipQuan)]
-    levels = qann_levels(model) if quant else None
-    if quant and levels is None:
-        raise ValueError("export_checkpoint: the QANN's ClipQuan modules have different level counts")
+    levels = qann_levels(model)
     yaml = {k: v for k, v in model.yaml.items() if k != "casc"}
     names = _names_dict(names if names is not None else (meta.get("names") or getattr(model, "names", None)))
     ckpt = {
@@ -347,7 +348,7 @@ def export_checkpoint(model_or_pt: nn.Module | str | Path | "SpikingYOLO", path:
         "yaml": _plain(yaml),
         "levels": levels,
         "learnable": any(q.learnable for q in quant),
-        "act": _casc_meta(model).get("act") or _model_act(model),
+        "act": _casc_meta(model).get("act") or model_act(model),
         "names": [names[i] for i in sorted(names)] if names else None,
         "imgsz": int(imgsz if imgsz is not None else meta.get("imgsz") or 640),
     }
@@ -484,15 +485,16 @@ def letterbox(bgr_images: list[np.ndarray], imgsz: int, stride: int = 32) -> tup
     return torch.from_numpy(np.ascontiguousarray(batch)).float() / 255.0, shapes
 
 
-def calibration_batches(data: str | Path, imgsz: int, images: int = 64, batch: int = 16) -> list[torch.Tensor]:
-    """The first ``images`` training images of an Ultralytics data YAML, letterboxed, in batches: what
-    ``to_qann(..., calibration=...)`` needs to start each ClipQuan threshold at its activation percentile."""
-    from ..data import read_yolo
+def calibration_inputs(rgb_images: list[np.ndarray], imgsz: int, batch: int = 16) -> list[torch.Tensor]:
+    """RGB uint8 images as the letterboxed batches the model takes (what ``detector.calibrate`` runs)."""
+    return [letterbox([im[..., ::-1] for im in rgb_images[i:i + batch]], imgsz)[0]
+            for i in range(0, len(rgb_images), batch)]
 
-    dataset = read_yolo(data, "train")
-    count = min(images, len(dataset))
-    bgr = [dataset.load_image(i)[..., ::-1] for i in range(count)]
-    return [letterbox(bgr[i:i + batch], imgsz)[0] for i in range(0, count, batch)]
+
+def save_qann(qann: DetectionModel, path: str | Path, names, imgsz: int, act: str) -> Path:
+    """Write a quantized ``DetectionModel`` (e.g. from ``detector.calibrate.quantize``) in our safe format."""
+    qann.yaml["casc"] = {"levels": qann_levels(qann), "act": act, "quantized": True}
+    return export_checkpoint(qann, path, names=names, imgsz=imgsz)
 
 
 def _as_list(images) -> list:
@@ -524,7 +526,7 @@ class SpikingYOLO:
                              "from_checkpoint(path, levels=L) for a float checkpoint")
         if neuron == "if" and (quantized or not calibration):
             raise ValueError('neuron="if" (the plain IF baseline) converts a float ReLU model and needs calibration '
-                             "batches (letterboxed images, see calibration_batches / letterbox)")
+                             "batches (letterboxed images, see calibration_inputs / letterbox)")
         self.neuron = neuron
         self.qann = copy.deepcopy(qann).to(device=device, dtype=dtype).eval()
         for p in self.qann.parameters():
@@ -585,7 +587,7 @@ class SpikingYOLO:
             if levels is None:
                 raise ValueError(f"{path} holds a float model: pass levels=L to quantize it (and fine-tune it "
                                  "with `casc train yolo` for accuracy)")
-            model = _quantize(model, levels, meta["act"])
+            model = quantize_model(model, levels, meta["act"])
         elif levels is not None and levels != meta["levels"]:
             raise ValueError(f"{path} is a QANN with {meta['levels']} levels, not {levels}")
         return cls(model, names=meta["names"], imgsz=imgsz or meta["imgsz"], analog=analog, device=device,
@@ -754,124 +756,3 @@ class SpikingYOLO:
                 "energy_uj_at": {t: (stats.energy_pj_until(t) * 1e-6).tolist() for t in wanted},
                 "ann_energy_uj": stats.ann_energy_pj * 1e-6, "firing_rates": stats.firing_rates}
         return results, info
-
-
-
-# --- training with the Ultralytics trainer -----------------------------------------------------------------
-
-def _trainer_class():
-    from ultralytics.models.yolo.detect import DetectionTrainer
-
-    class QANNDetectionTrainer(DetectionTrainer):
-        """Ultralytics DetectionTrainer whose model is our QANN (or the float model with ``casc_float``)."""
-
-        casc_levels: int | None = 4
-        casc_act: str | None = None
-        casc_float: bool = False
-        casc_calibration: list[torch.Tensor] | None = None  # float -> QANN: thresholds from these, learnt
-
-        def get_model(self, cfg=None, weights=None, verbose=True):
-            info = dict(cfg.get("casc", {})) if isinstance(cfg, dict) else {}
-            levels = self.casc_levels if self.casc_levels is not None else info.get("levels")
-            act = self.casc_act or info.get("act")
-            quantize = not self.casc_float
-            source = cfg if cfg is not None else "yolov8n.yaml"
-            if isinstance(source, dict):
-                source = {k: v for k, v in source.items() if k != "casc"}
-            model = build_qann(source, levels=levels, act=act, nc=self.data["nc"], quantize=False,
-                               verbose=verbose)
-            model = self.set_model_names_for_load(model) if hasattr(self, "set_model_names_for_load") else model
-            if weights:
-                model.load(weights)
-            if quantize:
-                calibrated = self.casc_calibration is not None
-                model = _quantize(model, levels, act or _model_act(model), learnable=calibrated,
-                                  calibration=self.casc_calibration)
-            return model
-
-    return QANNDetectionTrainer
-
-
-def train(model: str | Path = "yolov8n.yaml", data: str | Path = "coco8.yaml", levels: int = 4, epochs: int = 100,
-          imgsz: int = 640, batch: int = 16, device: str | None = None, act: str | None = None,
-          float_model: bool = False, out: str | Path = "runs/casc/train", workers: int = 2, resume: bool = False,
-          plots: bool = True, calibrate: int = 0, **overrides) -> Path:
-    """Fine-tune (a ``.pt``) or train (a YAML) the QANN with the Ultralytics trainer; returns ``best.pt``
-    (an Ultralytics checkpoint holding the QANN, loadable by ``YOLO(path)`` and ``load_checkpoint``) and
-    writes ``best.casc.pt`` (our safe format) beside it. Quantizing a float ``.pt``, the thresholds start at
-    the 99.9th percentile of each activation on ``calibrate`` training images and are learnt (0: theta = 1)."""
-    model_path = Path(str(model))
-    if model_path.suffix == ".pt" and not model_path.is_file():
-        raise FileNotFoundError(f"model checkpoint not found: {model}")
-    if model_path.suffix in {".yaml", ".yml"}:
-        _check_yaml(_yaml_dict(str(model)))
-    data_path = Path(str(data))
-    if data_path.suffix in {".yaml", ".yml"} and not data_path.is_file() and data_path.parent != Path("."):
-        raise FileNotFoundError(f"data YAML not found: {data}")
-    if act is not None and act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
-    out = Path(out).resolve()
-    if model_path.suffix == ".pt" and not resume:
-        model = model_path = _ultralytics_start_checkpoint(model_path, out)
-    args = dict(model=str(model), data=str(data), epochs=int(epochs), imgsz=int(imgsz), batch=int(batch),
-                workers=int(workers), project=str(out.parent), name=out.name, exist_ok=True, plots=bool(plots),
-                pretrained=model_path.suffix == ".pt")
-    if device is not None:
-        args["device"] = device
-    if resume:
-        last = out / "weights" / "last.pt"
-        if not last.is_file():
-            raise FileNotFoundError(f"--resume: no {last} to resume from")
-        args = {"resume": str(last), "model": str(last)}
-    if "amp" not in overrides and torch.cuda.is_available() and str(device).lower() != "cpu":
-        # Ultralytics' fp16 AMP check downloads a model (impossible offline); bf16 needs no check.
-        args["amp"] = "bf16"
-    args.update(overrides)
-    trainer_cls = _trainer_class()
-    trainer_cls.casc_levels = None if float_model else int(levels)
-    trainer_cls.casc_act = act
-    trainer_cls.casc_float = bool(float_model)
-    from_float = model_path.suffix == ".pt" and not float_model and not resume and not _is_qann_checkpoint(model_path)
-    trainer_cls.casc_calibration = calibration_batches(data, imgsz, calibrate) if calibrate and from_float else None
-    trainer = trainer_cls(overrides=args)
-    trainer.train()
-    best = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
-    if not best.is_file():
-        raise RuntimeError(f"training wrote no checkpoint under {out}")
-    export_checkpoint(best, best.with_suffix(".casc.pt"), imgsz=imgsz)
-    return best
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``casc train yolo``."""
-    parser.add_argument("--model", default="yolov8n.yaml",
-                        help="model YAML (yolov8n.yaml, yolov5nu.yaml, yolo11n.yaml, ...) or a .pt to fine-tune "
-                             "(Ultralytics .pt files are pickles: trusted files only)")
-    parser.add_argument("--data", required=True, help="Ultralytics dataset YAML (YOLO format)")
-    parser.add_argument("--levels", type=int, default=4, help="quantization levels L of ClipQuan")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--imgsz", type=int, default=640)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--device", default=None, help="cpu, 0, 0,1, ... (default: Ultralytics' choice)")
-    parser.add_argument("--act", choices=sorted(ACTIVATIONS), default=None,
-                        help="float activation before quantization (default: the model's own; SiLU for YAMLs)")
-    parser.add_argument("--float", dest="float_model", action="store_true",
-                        help="train the float model without quantization (e.g. the ReLU net of the IF baseline)")
-    parser.add_argument("--out", default="runs/casc/train", help="output directory (weights/ inside)")
-    parser.add_argument("--workers", type=int, default=2, help="data loader workers")
-    parser.add_argument("--resume", action="store_true", help="resume from OUT/weights/last.pt")
-    parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip Ultralytics' plots")
-    parser.add_argument("--calibrate", type=int, default=0,
-                        help="quantizing a float .pt: start each threshold at its 99.9th activation percentile on "
-                             "this many training images and learn it (default 0: fixed threshold 1, which fine-tuned "
-                             "better on the bundled benchmark at L=4: see weights/training/)")
-    parser.add_argument("--time", type=float, default=None,
-                        help="train for this many hours instead of --epochs (Ultralytics fits the schedule to it)")
-
-
-def train_from_args(args: argparse.Namespace) -> Path:
-    """Run ``casc train yolo``; returns the written checkpoint (``best.pt``)."""
-    return train(model=args.model, data=args.data, levels=args.levels, epochs=args.epochs, imgsz=args.imgsz,
-                 batch=args.batch, device=args.device, act=args.act, float_model=args.float_model, out=args.out,
-                 workers=args.workers, resume=args.resume, plots=getattr(args, "plots", True), calibrate=args.calibrate,
-                 **({"time": args.time} if args.time else {}))

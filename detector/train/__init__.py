@@ -1,0 +1,1 @@
+"""Training and post-training recipes that turn float detectors into QANNs (above the model adapters)."""

@@ -1,0 +1,82 @@
+"""``casc quantize``: a float detector checkpoint becomes a calibrated QANN in minutes on a CPU, no labels.
+
+    casc quantize --model yolov8n-bundled-float --levels 4 --data bundled --out runs/quantize/yolo-l4.pt
+
+Per-layer thresholds (MSE-optimal by default), rounding ClipQuan, an optional first layer with more
+levels, and BatchNorm statistics re-estimated on the quantized network (``detector.calibrate``).
+The result is this project's safe checkpoint, ready for ``casc eval`` or as the start of ``casc train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ..calibrate import THETA_METHODS, quantize
+from ..data import open_dataset
+from ..quant import ROUNDING
+from ..weights import resolve, verify_sha256
+
+
+def calibration_images(data: str, count: int, split: str = "train") -> list:
+    """The first ``count`` images (RGB uint8) of ``data``'s ``split``."""
+    dataset = open_dataset(data, split)
+    if len(dataset) == 0:
+        raise ValueError(f"{data} ({split}) has no images to calibrate on")
+    return [dataset.load_image(i) for i in range(min(count, len(dataset)))]
+
+
+def quantize_checkpoint(model: str, data: str, out: str | Path, levels: int = 4, images: int = 256,
+                        batch: int = 16, theta: str = "mse", percentile: float = 99.9, rounding: str = "round",
+                        first_levels: int | None = None, split: str = "train") -> Path:
+    """Quantize the float checkpoint ``model`` (a bundled name or a path) and write the QANN to ``out``."""
+    entry = resolve(model)
+    verify_sha256(entry.path, entry.sha256)
+    rgb = calibration_images(data, images, split)
+    options = dict(theta=theta, percentile=percentile, rounding=rounding, first_levels=first_levels)
+    if entry.family == "yolo":
+        from ..models import yolo
+
+        float_model, meta = yolo.load_checkpoint(entry.path, sha256=entry.sha256)
+        if meta["quantized"]:
+            raise ValueError(f"{model} is already a QANN; quantize the float checkpoint it came from")
+        qann = quantize(float_model, levels, yolo.calibration_inputs(rgb, meta["imgsz"], batch), **options)
+        return yolo.save_qann(qann, out, names=meta["names"], imgsz=meta["imgsz"], act=meta["act"])
+    from ..models import rcnn
+
+    float_model, meta = rcnn.load_float_for_calibration(entry.path, sha256=entry.sha256)
+    qann = quantize(float_model, levels, rcnn.calibration_inputs(rgb, batch), **options)
+    return rcnn.save_qann(qann, out, meta)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument("--model", required=True, help="float checkpoint: a bundled name or a path")
+    parser.add_argument("--data", required=True, help="calibration images: 'bundled', coco:DIR, voc:DIR or a YOLO YAML")
+    parser.add_argument("--split", default="train", help="split the calibration images come from")
+    parser.add_argument("--out", required=True, help="where to write the QANN checkpoint")
+    parser.add_argument("--levels", type=int, default=4, help="quantization levels L of every activation")
+    parser.add_argument("--first-levels", type=int, default=None,
+                        help="levels of the first activation (the most sensitive layer; e.g. 8)")
+    parser.add_argument("--images", type=int, default=256, help="calibration images")
+    parser.add_argument("--batch", type=int, default=16, help="images per calibration batch")
+    parser.add_argument("--theta", choices=THETA_METHODS, default="mse",
+                        help="per-layer threshold: minimise the quantization MSE, or an activation percentile")
+    parser.add_argument("--percentile", type=float, default=99.9, help="with --theta percentile")
+    parser.add_argument("--rounding", choices=sorted(ROUNDING), default="round",
+                        help="ClipQuan rounding (round: floor(Lz/θ + 1/2); floor: the paper's form)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    path = quantize_checkpoint(args.model, args.data, args.out, levels=args.levels, images=args.images,
+                               batch=args.batch, theta=args.theta, percentile=args.percentile,
+                               rounding=args.rounding, first_levels=args.first_levels, split=args.split)
+    print(f"QANN written to {path} ({time.monotonic() - started:.0f} s)")
+    return 0
