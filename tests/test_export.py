@@ -1,6 +1,10 @@
-"""ONNX export of the spiking step (detector/export/): graphs pass onnx.checker, one exported step
-equals one step of the converted module tree, the CIF update of the runtime's own neurons is what
-lands in the graph, and ``casc export`` writes the QANN and step graphs of both bundled detectors."""
+"""ONNX export of the spiking step and the ONNX Runtime engine (detector/export/).
+
+Export: graphs pass onnx.checker, one exported step equals one step of the converted module tree, the
+update of the runtime's own neurons is what lands in the graph, ``casc export`` writes the QANN and
+step graphs of both bundled detectors. Engine: its schedule equals the PyTorch runtime's on random
+nets (float32: ONNX Runtime's CPU provider has no float64 Conv, so boundary flips are counted) and
+gives the bundled YOLOv8n's detections at ``sleep="auto"``."""
 
 import json
 
@@ -14,11 +18,13 @@ ort = pytest.importorskip("onnxruntime")
 
 from detector.cli import main as casc  # noqa: E402
 from detector.convert import convert  # noqa: E402
-from detector.export import SpikingStep, StepExportError, export_steps  # noqa: E402
+from detector.export import OrtSpikingNetwork, SpikingStep, StepExportError, export_steps, load_detector  # noqa: E402
+from detector.export.engine import execution_providers  # noqa: E402
 from detector.export.step import describe, tracing  # noqa: E402
 from detector.neurons import CIFNeuron  # noqa: E402
 from detector.quant import ClipQuan  # noqa: E402
 from detector.randnet import random_qann  # noqa: E402
+from detector.runtime import RunCancelled  # noqa: E402
 from detector.weights import load_manifest  # noqa: E402
 
 
@@ -143,12 +149,24 @@ def test_export_leaves_the_pytorch_runtime_as_it_was(tmp_path):
 needs_bundled = pytest.mark.skipif(not load_manifest(), reason="no bundled weights")
 
 
+@pytest.fixture(scope="module")
+def yolo_export(tmp_path_factory):
+    """``casc export`` of the bundled YOLOv8n for batch 2 (one export serves every test below)."""
+    out = tmp_path_factory.mktemp("yolo-onnx")
+    assert casc(["export", "--model", "yolov8n-bundled", "--format", "onnx", "--batch", "2", "--out", str(out)]) == 0
+    return out
+
+
 @needs_bundled
 @pytest.mark.parametrize("model, networks", [("yolov8n-bundled", ["snn"]), ("rcnn-r18-bundled", ["stage1", "stage2"])])
-def test_casc_export_writes_checked_graphs(tmp_path, capsys, model, networks):
-    assert casc(["export", "--model", model, "--format", "onnx", "--batch", "1", "--out", str(tmp_path)]) == 0
+def test_casc_export_writes_checked_graphs(tmp_path, capsys, request, model, networks):
+    if model.startswith("yolo"):
+        tmp_path = request.getfixturevalue("yolo_export")
+        print(*(p.name for p in tmp_path.glob("*.onnx")))  # the fixture's output went to its own capture
+    else:
+        assert casc(["export", "--model", model, "--format", "onnx", "--batch", "1", "--out", str(tmp_path)]) == 0
     manifest = json.loads((tmp_path / "export.json").read_text())
-    assert manifest["family"] == ("yolo" if model.startswith("yolo") else "rcnn") and manifest["batch"] == 1
+    assert manifest["family"] == ("yolo" if model.startswith("yolo") else "rcnn")
     assert sorted(manifest["networks"]) == networks
     files = [g["file"] for g in manifest["qann"].values()]
     files += [g["file"] for net in manifest["networks"].values() for g in net["graphs"].values()]
@@ -158,3 +176,102 @@ def test_casc_export_writes_checked_graphs(tmp_path, capsys, model, networks):
         assert name in printed
         onnx.checker.check_model(str(tmp_path / name), full_check=True)
     assert not list(tmp_path.glob("*.data"))  # every graph is one self-contained file
+
+
+# --- the ONNX Runtime engine ---------------------------------------------------------------------
+
+def _leaves(tree):
+    return torch.utils._pytree.tree_leaves(tree)
+
+
+def _readout_error(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(_leaves(a.readout), _leaves(b.readout)))
+
+
+NETS = 12
+
+
+def test_engine_schedule_equals_the_pytorch_runtime_on_random_nets(tmp_path):
+    """float32 both sides; a net whose readouts differ beyond float noise is a boundary flip (summation
+    order differs between the engines' convolutions), counted and bounded, never hidden."""
+    flips, compared = [], 0
+    for seed in range(NETS):
+        snn = convert(random_qann(seed, depth=8))
+        x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        engine = OrtSpikingNetwork(folder, export_steps(snn, torch.zeros(4, 3, 16, 16), folder, "snn"), threads=1)
+        for schedule in ({"sleep": "auto"}, {"sleep": 3, "burst": 1}):
+            expected, got = snn.run(x, record=False, **schedule), engine.run(x, **schedule)
+            compared += 1
+            assert got.wake == expected.wake == snn.levels
+            if _readout_error(expected, got) > 1e-4:
+                flips.append((seed, schedule, _readout_error(expected, got)))
+                continue
+            assert torch.equal(got.steps, expected.steps) and torch.equal(got.settled, expected.settled)
+    print(f"float32 boundary flips: {len(flips)} of {compared} runs {flips}")
+    assert len(flips) <= compared // 10, flips
+
+
+def test_engine_pads_a_short_batch_and_refuses_other_shapes(tmp_path):
+    snn = convert(random_qann(5, depth=6))
+    engine = OrtSpikingNetwork(tmp_path, export_steps(snn, torch.zeros(4, 3, 16, 16), tmp_path, "snn"), threads=1)
+    x = torch.rand(4, 3, 16, 16)
+    full = engine.run(x)
+    one = engine.run(x[1:2])
+    assert all(torch.allclose(a[1:2], b) for a, b in zip(_leaves(full.readout), _leaves(one.readout)))
+    assert one.steps.tolist() == full.steps[1:2].tolist()
+    with pytest.raises(ValueError, match="does not fit the exported graphs"):
+        engine.run(torch.rand(5, 3, 16, 16))
+    with pytest.raises(ValueError, match="does not fit the exported graphs"):
+        engine.run(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="wake must be an integer"):
+        engine.run(x, wake=0)
+
+
+def test_engine_cancel_and_states_on_the_providers_device(tmp_path):
+    import threading
+
+    snn = convert(random_qann(6, depth=6))
+    engine = OrtSpikingNetwork(tmp_path, export_steps(snn, torch.zeros(1, 3, 16, 16), tmp_path, "snn"), threads=1)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(RunCancelled):
+        engine.run(torch.rand(1, 3, 16, 16), cancel=cancel)
+    assert all(v.device_name().lower() == engine.device for buffers in engine._states for v in buffers)
+
+
+def test_providers_are_selectable_and_missing_ones_refused():
+    assert execution_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="provider must be one of"):
+        execution_providers("tpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ValueError, match="no CUDAExecutionProvider"):
+            execution_providers("cuda")
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ValueError, match="no TensorrtExecutionProvider"):
+            execution_providers("tensorrt")
+
+
+@needs_bundled
+def test_bundled_yolo_detections_identical_on_both_engines(yolo_export, tmp_path):
+    from detector.data.synthetic import generate_bundled
+    from detector.weights import load_detector as load_torch_detector
+
+    root = generate_bundled(tmp_path / "data", train=1, val=6, workers=1)
+    images = sorted((root / "images" / "val").glob("*.jpg"))
+    torch_det = load_torch_detector("yolov8n-bundled")
+    ort_det = load_detector("yolov8n-bundled", engine="onnxruntime", export_dir=yolo_export, threads=1)
+    assert ort_det.network.batch == 2
+    expected = torch_det.predict(images, sleep="auto", conf=0.1)
+    got = ort_det.predict(images, sleep="auto", conf=0.1)
+    assert sum(len(d) for d in expected) > 0
+    for e, g in zip(expected, got):
+        assert (g.steps, g.settled, g.wake) == (e.steps, e.settled, e.wake)
+        assert torch.equal(g.classes, e.classes)
+        assert torch.allclose(g.boxes, e.boxes, atol=1e-3) and torch.allclose(g.scores, e.scores, atol=1e-5)
+
+
+def test_load_detector_engines():
+    with pytest.raises(ValueError, match="engine must be one of"):
+        load_detector("yolov8n-bundled", engine="tvm")

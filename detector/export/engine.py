@@ -1,0 +1,170 @@
+"""ONNX Runtime engine: the wake-sleep schedule of an exported network, stepped with its three graphs.
+
+The schedule is the runtime's (``SpikingNetwork.run`` in step mode): ``W`` wake steps (the first from
+fresh states), then sleep steps until one in which no neuron fires (``sleep="auto"``, each sample
+settles on its own) or a fixed count, readouts summed over every step and divided by ``W``. States
+and readout totals live in two sets of ONNX Runtime buffers on the execution provider's device,
+bound with IO binding and swapped every step, so nothing but the input image, the scalars ``k`` /
+``burst`` and the per-sample ``active`` flags crosses to the host until the run ends.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch.utils import _pytree as pytree
+
+from ..runtime import RunCancelled, RunResult
+
+# provider name -> ONNX Runtime execution providers, in order of preference
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def execution_providers(provider: str) -> list[str]:
+    """The ONNX Runtime providers for ``provider`` (cpu, cuda, tensorrt); refuses ones this build lacks."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+    wanted = PROVIDERS[provider]
+    if wanted[0] not in ort.get_available_providers():
+        raise ValueError(f"ONNX Runtime {ort.__version__} here has no {wanted[0]} (available: "
+                         f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu for cuda / tensorrt")
+    return wanted
+
+
+class OrtSpikingNetwork:
+    """One exported spiking network (``first``/``wake``/``sleep`` graphs) run with ONNX Runtime.
+
+    ``info`` is the network's entry of ``export.json`` (``graphs.export_steps``); ``folder`` holds its
+    graphs. Inputs have the exported shape; a smaller batch is padded with zero rows (ignored)."""
+
+    def __init__(self, folder: str | Path, info: dict, dtype: str = "float32", provider: str = "cpu",
+                 threads: int | None = None):
+        folder = Path(folder)
+        self.info, self.provider = info, provider
+        self.levels = info["levels"]
+        self.input_shape = tuple(info["input_shape"])
+        self.batch = self.input_shape[0]
+        self.np_dtype = NUMPY_DTYPES[dtype]
+        self.torch_dtype = getattr(torch, dtype)
+        self._readout_spec = pytree.treespec_loads(info["readout_spec"])
+        options, providers = session_options(threads), execution_providers(provider)
+        self.sessions = {variant: ort.InferenceSession(str(folder / graph["file"]), options, providers=providers)
+                         for variant, graph in info["graphs"].items()}
+        self.device = "cpu" if provider == "cpu" else "cuda"
+        self._allocate()
+
+    # --- buffers and bindings -----------------------------------------------------------
+
+    def _buffer(self, shape, fill: np.ndarray | None = None) -> ort.OrtValue:
+        values = np.zeros(shape, self.np_dtype) if fill is None else fill
+        return ort.OrtValue.ortvalue_from_numpy(values, self.device, 0)
+
+    def _allocate(self) -> None:
+        shapes = [*self.info["state_shapes"], *self.info["readout_shapes"]]
+        self._n_states = len(self.info["state_shapes"])
+        self._states = [[self._buffer(s) for s in shapes] for _ in range(2)]  # ping-pong: read one, write the other
+        self._increments = [self._buffer(s) for s in self.info["readout_shapes"]]
+        self._x = self._buffer(self.input_shape)
+        self._zeros = self._buffer(self.input_shape)
+        self._active = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.batch, np.bool_), "cpu", 0)
+        self._bindings = {"first": self._bind("first", None, 0)}
+        for variant in ("wake", "sleep"):
+            for parity in (0, 1):
+                self._bindings[variant, parity] = self._bind(variant, parity, 1 - parity)
+
+    def _bind(self, variant: str, read: int | None, write: int) -> ort.IOBinding:
+        binding = self.sessions[variant].io_binding()
+        binding.bind_ortvalue_input("x", self._zeros if variant == "sleep" else self._x)
+        names = self.info["graphs"][variant]
+        n_totals = len(self.info["readout_shapes"])
+        if read is not None:
+            for name, value in zip(names["inputs"][-(self._n_states + n_totals):], self._states[read]):
+                binding.bind_ortvalue_input(name, value)
+        outputs = names["outputs"]
+        for name, value in zip(outputs[:self._n_states + n_totals], self._states[write]):
+            binding.bind_ortvalue_output(name, value)
+        for name, value in zip(outputs[self._n_states + n_totals:-1], self._increments):
+            binding.bind_ortvalue_output(name, value)
+        binding.bind_ortvalue_output("active", self._active)
+        return binding
+
+    def _step(self, key, k: int | None = None, burst: int | None = None) -> np.ndarray:
+        binding = self._bindings[key]
+        if k is not None:
+            binding.bind_cpu_input("k", np.array(k, self.np_dtype))
+        if burst is not None:
+            binding.bind_cpu_input("burst", np.array(burst, self.np_dtype))
+        session = self.sessions[key if isinstance(key, str) else key[0]]
+        session.run_with_iobinding(binding)
+        return self._active.numpy()
+
+    # --- the schedule -------------------------------------------------------------------
+
+    def run(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
+            max_sleep: int = 256, cancel: threading.Event | None = None) -> RunResult:
+        """``SpikingNetwork.run``'s schedule and result (step mode, ``stats=None``: no spike counting here)."""
+        wake = self.levels if wake is None else wake
+        burst = wake if burst is None else burst
+        for name, value in (("wake", wake), ("burst", burst), ("max_sleep", max_sleep)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if sleep != "auto" and (isinstance(sleep, bool) or not isinstance(sleep, int) or sleep < 0):
+            raise ValueError(f'sleep must be an integer >= 0 or "auto", got {sleep!r}')
+        rows = self._load_input(x)
+        settled_at = torch.zeros(rows, dtype=torch.long)
+        limit = max_sleep if sleep == "auto" else sleep
+
+        def check_cancel(t: int) -> None:
+            if cancel is not None and cancel.is_set():
+                raise RunCancelled(f"run cancelled after {t} time steps")
+
+        check_cancel(0)
+        self._step("first")
+        parity = 0
+        for k in range(2, wake + 1):
+            check_cancel(k - 1)
+            self._step(("wake", parity), k=k)
+            parity = 1 - parity
+        done = 0
+        while done < limit and not (sleep == "auto" and bool((settled_at > 0).all())):
+            check_cancel(wake + done)
+            active = torch.from_numpy(self._step(("sleep", parity), k=wake, burst=burst)[:rows].copy())
+            parity = 1 - parity
+            done += 1
+            settled_at[~active & (settled_at == 0)] = done
+        used = torch.full_like(settled_at, done)
+        if sleep == "auto":
+            used = torch.where(settled_at > 0, settled_at, used)
+        totals = [torch.from_numpy(v.numpy()[:rows]) / wake for v in self._states[parity][self._n_states:]]
+        return RunResult(readout=pytree.tree_unflatten(totals, self._readout_spec), wake=wake, steps=used + wake,
+                         settled=settled_at > 0, stats=None)
+
+    def _load_input(self, x: torch.Tensor) -> int:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        rows = x.shape[0]
+        if tuple(x.shape[1:]) != self.input_shape[1:] or not 1 <= rows <= self.batch:
+            raise ValueError(f"input shape {tuple(x.shape)} does not fit the exported graphs' "
+                             f"{self.input_shape} (up to {self.batch} rows); export for this size")
+        values = np.zeros(self.input_shape, self.np_dtype)
+        values[:rows] = x.detach().cpu().numpy()
+        self._x.update_inplace(values)
+        return rows
