@@ -2,18 +2,28 @@
 
     python benchmarks/service.py                       # tiny random YOLOv8n QANN at imgsz 256, 10 s per run
     python benchmarks/service.py --model yolov8n-bundled --duration 20 --concurrency 8 32
+    python benchmarks/service.py --hostile --duration 60 # both bundled models, 16 clients, clean vs hostile mix
+    python benchmarks/service.py --sleep-bound          # sleep steps "auto" uses on the bundled val images
 
 Figures: requests/s, p50/p95 latency, errors, server RSS before/after, per concurrency; time to the first
 streamed event vs the full answer; ratios
   * service latency at concurrency 1 / in-process ``predict`` (same image, same thread count; target <= 1.25)
   * throughput with micro-batching / without (``--max-batch 1``) at concurrency 8 (target >= 1.5).
 Client and server share this machine's cores: read the ratios with that in mind.
+
+``--hostile``: the hardening target. Both bundled models are served (default settings); 16 clients send normal
+requests for ``--duration`` s (clean run), then again with hostile clients mixed in (header bombs, tiny lossless
+6000x6000 WebPs, 1x20000 strips, truncated files, playlists / concat lists / images as video, bad WebSocket
+frames, slow-header and slow-body connections, and maximum-cost requests). Printed: normal requests' p50/p95 in
+both runs and their ratio (target <= 2), the 5xx count over the bad inputs (target 0), peak server RSS (target
+< 3 GB).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -33,7 +43,8 @@ def tiny_model(path: Path, imgsz: int) -> Path:
     return make_tiny_checkpoint(path, imgsz=imgsz)
 
 
-def start(model: str, threads: int, extra: list[str]):
+def start(model: str | list[str], threads: int, extra: list[str], defaults: bool = False):
+    """A ``casc serve`` process; ``defaults``: the service's own queue and timeout settings."""
     import httpx
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -41,10 +52,11 @@ def start(model: str, threads: int, extra: list[str]):
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", "--model", model, "--port", str(port),
-                             "--threads", str(threads), "--log-level", "warning", "--queue-size", "256",
-                             "--timeout-s", "120", *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    models = [x for m in ([model] if isinstance(model, str) else model) for x in ("--model", m)]
+    tuning = [] if defaults else ["--queue-size", "256", "--timeout-s", "120"]
+    proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", *models, "--port", str(port),
+                             "--threads", str(threads), "--log-level", "warning", "--allow-unverified", *tuning,
+                             *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -143,6 +155,233 @@ def in_process_predict(model: str, image_path: Path, params: dict, threads: int,
     return statistics.median(times)
 
 
+BUNDLED = ("yolov8n-bundled", "rcnn-r18-bundled")
+
+
+def sleep_bound(models=BUNDLED, images: int = 48, threads: int = 1) -> None:
+    """The most sleep steps ``sleep="auto"`` takes on the bundled val images, with burst sleep and with burst=1
+    (what the service's default --max-sleep is chosen from)."""
+    import torch
+
+    from detector.data import bundled_root
+    from detector.images import read_image
+    from detector.weights import load_detector
+
+    torch.set_num_threads(threads)
+    files = sorted((bundled_root() / "images" / "val").glob("*.jpg"))[:images]
+    arrays = [read_image(f) for f in files]
+    for name in models:
+        model = load_detector(name)
+        count = len(arrays) if name.startswith("yolo") else max(1, len(arrays) // 4)  # R-CNN is slower
+        for burst in (None, 1):
+            sleeps, settled = [], []
+            for i in range(0, count, 8):
+                batch = arrays[i:min(i + 8, count)]
+                if name.startswith("yolo"):
+                    out = model.predict(batch, sleep="auto", burst=burst, color="rgb", max_sleep=256)
+                    sleeps += [d.steps - d.wake for d in out]
+                    settled += [d.settled for d in out]
+                else:
+                    out = model.predict(batch, sleep="auto", burst=burst, max_sleep=256)
+                    sleeps += [max(r["steps"]["stage1"], r["steps"]["stage2"]) - model.levels for r in out]
+                    settled += [r["settled"] for r in out]
+            print(f"{name}: burst {burst or 'L (default)'}: sleep steps of 'auto' max {max(sleeps)}, "
+                  f"mean {statistics.mean(sleeps):.1f} over {count} images (per stage for R-CNN); all settled: "
+                  f"{all(settled)}")
+
+
+class PeakRSS:
+    """Polls a process's RSS in a thread; ``peak`` in MB."""
+
+    def __init__(self, pid: int, every_s: float = 0.1):
+        import threading
+
+        self.pid, self.every_s, self.peak = pid, every_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, rss_mb(self.pid))
+            except Exception:  # the process ended
+                return
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def hostile_bodies(tmp: Path) -> list[tuple[str, str, bytes, str, dict]]:
+    """(name, endpoint, body, content type, params) of the hostile uploads; all must get a 4xx."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_service import hostile_videos, png_header_bomb
+
+    def enc(array, fmt, **kw):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    big_webp = enc(np.zeros((6000, 6000, 3), np.uint8), "WEBP", lossless=True)  # ~1.4 KB, 36 Mpx
+    videos = hostile_videos(tmp)
+    jpeg = Path(__import__("ultralytics").__file__).parent.joinpath("assets", "bus.jpg").read_bytes()
+    return [("header_bomb", "/v1/detect", png_header_bomb(100_000, 100_000), "image/png", {}),
+            ("webp_6000x6000", "/v1/detect", big_webp, "image/webp", {}),
+            ("strip_1x20000", "/v1/detect", enc(np.zeros((1, 20000, 3), np.uint8), "PNG"), "image/png", {}),
+            ("truncated_jpeg", "/v1/detect", jpeg[:4000], "image/jpeg", {}),
+            ("not_an_image", "/v1/detect/stream", b"hello" * 100, "image/jpeg", {}),
+            ("wake_too_big", "/v1/detect", jpeg, "image/jpeg", {"wake": 64, "sleep": 256}),
+            ("unknown_param", "/v1/detect", jpeg, "image/jpeg", {"sleeps": 3}),
+            ("hls_playlist", "/v1/video", videos["hls_file_url"], "video/mp4", {}),
+            ("ffconcat", "/v1/video", videos["ffconcat_absolute"], "video/mp4", {}),
+            ("png_as_video", "/v1/video", videos["png_as_video"], "video/mp4", {}),
+            ("webp_6000_stream", "/v1/detect/stream", big_webp, "image/webp", {"model": BUNDLED[1]})]
+
+
+async def hostile_client(base: str, bodies, stop: float, tally: dict, pause_s: float) -> None:
+    """Cycles through the hostile uploads, a maximum-cost request, bad WebSocket frames and slow clients."""
+    import httpx
+
+    port = int(base.rsplit(":", 1)[1])
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        i = 0
+        while time.monotonic() < stop:
+            kind = i % (len(bodies) + 3)
+            i += 1
+            try:
+                if kind < len(bodies):
+                    name, endpoint, body, ctype, params = bodies[kind]
+                    r = await client.post(endpoint, content=body, params=params, headers={"content-type": ctype})
+                    tally.setdefault(name, []).append(r.status_code)
+                elif kind == len(bodies):  # the most a request may cost: 4L wake, max sleep, one spike per step
+                    r = await client.post("/v1/detect", content=BUS_BYTES, params={
+                        "model": BUNDLED[1], "wake": 16, "sleep": 32, "burst": 1}, headers={"content-type": "image/jpeg"})
+                    tally.setdefault("max_cost", []).append(r.status_code)
+                elif kind == len(bodies) + 1:
+                    tally.setdefault("slow_client", []).append(await slow_client(port))
+                else:
+                    tally.setdefault("ws_bad_frames", []).append(await bad_ws_frames(base))
+            except httpx.HTTPError as error:
+                tally.setdefault("client_error", []).append(type(error).__name__)
+            await asyncio.sleep(pause_s)
+
+
+BUS_BYTES = Path(__import__("ultralytics").__file__).parent.joinpath("assets", "bus.jpg").read_bytes()
+
+
+async def slow_client(port: int) -> str:
+    """Headers trickled in, then a body trickled in: both must be cut off by the server (returns how)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 9000\r\n\r\n")
+        for _ in range(120):
+            writer.write(b"\xff")
+            await writer.drain()
+            try:
+                data = await asyncio.wait_for(reader.read(200), 1.0)
+            except asyncio.TimeoutError:
+                continue
+            return data.split(b"\r\n", 1)[0].decode(errors="replace") if data else "closed"
+        return "still open"
+    except OSError:
+        return "closed"
+    finally:
+        writer.close()
+
+
+async def bad_ws_frames(base: str) -> str:
+    from websockets.asyncio.client import connect
+
+    async with connect(base.replace("http", "ws") + "/v1/stream", max_size=None) as ws:
+        await ws.send(b"junk")
+        first = json.loads(await asyncio.wait_for(ws.recv(), 60))
+        await ws.send(BUS_BYTES)
+        second = json.loads(await asyncio.wait_for(ws.recv(), 60))
+    return f"{first.get('error')}+{second.get('type')}"
+
+
+async def normal_clients(base: str, images: dict[str, bytes], concurrency: int, stop: float) -> dict:
+    import httpx
+
+    latencies, errors = [], []
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+        async def user(k: int):
+            model = BUNDLED[k % len(BUNDLED)]
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/v1/detect", content=images[model], params={"model": model},
+                                          headers={"content-type": "image/jpeg"})
+                    ok = r.status_code == 200
+                    code = r.status_code
+                except httpx.HTTPError as error:
+                    ok, code = False, type(error).__name__
+                if ok:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors.append(code)
+        await asyncio.gather(*(user(k) for k in range(concurrency)))
+    return {"n": len(latencies), "p50": pct(latencies, 50), "p95": pct(latencies, 95), "errors": errors}
+
+
+async def mixed(base: str, images, concurrency: int, duration: float, bodies, hostile: int, pause_s: float):
+    stop = time.monotonic() + duration
+    tally: dict = {}
+    results = await asyncio.gather(normal_clients(base, images, concurrency, stop),
+                                   *(hostile_client(base, bodies, stop, tally, pause_s) for _ in range(hostile)))
+    return results[0], tally
+
+
+def hostile_benchmark(args) -> int:
+    from detector.data import bundled_root
+
+    image = (bundled_root() / "images" / "val" / "000000.jpg").read_bytes()
+    images = {m: image for m in BUNDLED}
+    tmp = tempfile.TemporaryDirectory()
+    bodies = hostile_bodies(Path(tmp.name))
+    proc, base = start(list(BUNDLED), args.threads, [], defaults=True)
+    try:
+        print(f"server: {', '.join(BUNDLED)}, default settings, {args.threads} torch thread(s); {os.cpu_count()} "
+              f"CPUs shared by client and server; RSS after start {rss_mb(proc.pid):.0f} MB")
+        asyncio.run(mixed(base, images, 4, 3.0, bodies, 0, 0))  # warm-up
+        with PeakRSS(proc.pid) as clean_rss:
+            clean, _ = asyncio.run(mixed(base, images, args.clients, args.duration, bodies, 0, 0))
+        print(f"clean:   {args.clients} clients x {args.duration:.0f} s: {clean['n']} requests, p50 "
+              f"{clean['p50'] * 1000:.0f} ms, p95 {clean['p95'] * 1000:.0f} ms, errors {len(clean['errors'])}, "
+              f"peak RSS {clean_rss.peak:.0f} MB")
+        with PeakRSS(proc.pid) as mixed_rss:
+            dirty, tally = asyncio.run(mixed(base, images, args.clients, args.duration, bodies, args.hostile_clients,
+                                             args.hostile_pause_s))
+        print(f"hostile: {args.clients} clients x {args.duration:.0f} s + {args.hostile_clients} hostile clients: "
+              f"{dirty['n']} normal requests, p50 {dirty['p50'] * 1000:.0f} ms, p95 {dirty['p95'] * 1000:.0f} ms, "
+              f"errors {len(dirty['errors'])} {sorted(set(map(str, dirty['errors'])))}, peak RSS "
+              f"{mixed_rss.peak:.0f} MB")
+        for name, codes in sorted(tally.items()):
+            print(f"  {name:18s} {len(codes):4d} x  {json.dumps(sorted(set(map(str, codes))))}")
+        bad = [c for name, codes in tally.items() if name not in ("max_cost", "client_error") for c in codes
+               if isinstance(c, int) and c >= 500]
+        print(f"RATIO normal p95 hostile / clean: {dirty['p95'] / clean['p95']:.2f} (target <= 2)")
+        print(f"5xx over bad inputs: {len(bad)} (target 0); peak RSS {max(clean_rss.peak, mixed_rss.peak):.0f} MB "
+              f"(target < 3072)")
+    finally:
+        proc.terminate()
+        code = proc.wait(60)
+        print(f"server exit status after SIGTERM: {code}")
+    tmp.cleanup()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint path or manifest name (default: tiny random)")
@@ -154,7 +393,17 @@ def main() -> int:
     parser.add_argument("--batch-window-ms", type=float, default=5.0)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--conf", type=float, default=0.25)
+    parser.add_argument("--hostile", action="store_true", help="clean vs hostile mix on both bundled models")
+    parser.add_argument("--clients", type=int, default=16, help="--hostile: normal clients")
+    parser.add_argument("--hostile-clients", type=int, default=2)
+    parser.add_argument("--hostile-pause-s", type=float, default=0.25, help="--hostile: pause between hostile requests")
+    parser.add_argument("--sleep-bound", action="store_true", help="sleep steps of sleep='auto' on the bundled data")
     args = parser.parse_args()
+    if args.sleep_bound:
+        sleep_bound(threads=args.threads)
+        return 0
+    if args.hostile:
+        return hostile_benchmark(args)
 
     tmp = tempfile.TemporaryDirectory()
     model = args.model or str(tiny_model(Path(tmp.name) / f"tiny{args.imgsz}.pt", args.imgsz))

@@ -383,7 +383,8 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
         finally:
             await budget.release(working)
         held.append(await budget.reserve(decoded.array.nbytes, deadline))
-        return Job(kind, decoded.array, params, scale=decoded.scale, size=decoded.size, **job_fields)
+        return Job(kind, decoded.array, params, scale=decoded.scale, size=decoded.size,
+                   heavy=params.heavy(backend.levels), **job_fields)
 
     async def release(held: list[int]) -> None:
         await budget.release(sum(held))
@@ -575,7 +576,7 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
             while frame is not None:
                 if index % every == 0:
                     image, scale = fit_frame(frame[..., ::-1], worker.backend)
-                    job = Job("predict", image, params, scale=scale)
+                    job = Job("predict", image, params, scale=scale, heavy=params.heavy(worker.backend.levels))
                     try:
                         result = await _run_patient(worker, job, deadline)
                     except ServiceError as error:

@@ -28,6 +28,13 @@ class Params:
     burst: int | None = None  # spikes per neuron per sleep step; None: the wake count (burst sleep)
     max_sleep: int = 32  # the cap of sleep="auto"
 
+    def heavy(self, levels: int) -> bool:
+        """Costs more than a default request: more wake steps than L, a fixed sleep over L, or a burst smaller
+        than the wake count (which needs several times the sleep steps)."""
+        wake = self.wake or levels
+        return wake > levels or (isinstance(self.sleep, int) and self.sleep > levels) or \
+            (self.burst is not None and self.burst < wake)
+
 
 def scale_detections(detections: list[dict], sx: float, sy: float) -> list[dict]:
     """Boxes from the (resized) model input back to the original image's pixels."""

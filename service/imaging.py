@@ -14,8 +14,10 @@ from detector.images import Decoded
 
 from .config import SUPPORTED_FORMATS
 from .errors import ServiceError
+from .memory import release_freed
 
 BYTES_PER_DECODED_PIXEL = 8  # Pillow's decoded bands plus the RGB copy: what decoding one pixel may hold
+LARGE_DECODE_PIXELS = 4_000_000  # after decoding more than this, give the freed buffers back to the OS
 
 
 def set_pixel_limit(max_pixels: int) -> None:
@@ -51,7 +53,10 @@ def check_shape(size: tuple[int, int], backend, max_pixels: int, max_aspect: flo
 def decode_for(data: bytes, backend) -> Decoded:
     """Decode ``data`` straight to the size ``backend`` resizes it to (JPEG: at a reduced DCT scale)."""
     try:
-        return images.decode(data, fit=backend.fit, formats=SUPPORTED_FORMATS)
+        decoded = images.decode(data, fit=backend.fit, formats=SUPPORTED_FORMATS)
+        if decoded.size[0] * decoded.size[1] > LARGE_DECODE_PIXELS:
+            release_freed()
+        return decoded
     except images.ImageTooLarge as error:
         raise ServiceError(413, "image_too_large", str(error)) from None
     except images.CorruptImage:

@@ -190,9 +190,11 @@ def main(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .backends import default_model_name, load_backend
+    from .memory import limit_arenas
 
     settings = settings_from_args(args)
     check_device(settings.device)
+    limit_arenas()
     torch.set_num_threads(settings.threads)
     if not settings.models:
         settings.models = [default_model_name()]

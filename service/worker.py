@@ -5,6 +5,9 @@ torch is not async: every forward runs in the worker's thread; the event loop on
 as ONE ``predict`` call on the list of their images (up to ``max_batch``). If that call fails, its members are
 run one by one, so that only the request that caused the failure fails. A job's ``cancelled`` event (timeout,
 client gone) stops the model within one time step; a batch stops only once all its members are cancelled.
+Jobs that cost more than a default request (``Job.heavy``: more wake or sleep steps, one spike per step) wait in
+a second queue that is served only while no ordinary job waits, so that a few of them cannot starve the rest
+(under constant load they may time out instead).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from detector.runtime import RunCancelled
 
 from .backends import Backend, Params
 from .errors import ServiceError
+from .memory import release_freed
 
 log = logging.getLogger("casc.service")
 
@@ -60,6 +64,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     scale: tuple[float, float] = (1.0, 1.0)  # model-input pixels -> original pixels (x, y)
     size: tuple[int, int] | None = None  # the original image's (width, height)
+    heavy: bool = False  # costs more than a default request: served when no ordinary job waits
 
 
 _STOP = object()
@@ -70,6 +75,7 @@ class ModelWorker:
                  metrics=None):
         self.backend = backend
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self.heavy: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self.backlog: collections.deque = collections.deque()  # taken from the queue, other params
         self.window = max(0.0, batch_window_ms) / 1000.0
         self.max_batch = max(1, max_batch)
@@ -84,15 +90,16 @@ class ModelWorker:
         self.thread.start()
 
     def depth(self) -> int:
-        return self.queue.qsize() + len(self.backlog) + (1 if self.busy else 0)
+        return self.queue.qsize() + self.heavy.qsize() + len(self.backlog) + (1 if self.busy else 0)
 
     def submit(self, job: Job) -> Job:
         if self._stopping:
             raise QueueFull("the service is shutting down")
+        lane = self.heavy if job.heavy else self.queue
         try:
-            self.queue.put_nowait(job)
+            lane.put_nowait(job)
         except queue.Full:
-            raise QueueFull(f"model {self.backend.name!r}: queue full ({self.queue.maxsize} waiting)") from None
+            raise QueueFull(f"model {self.backend.name!r}: queue full ({lane.maxsize} waiting)") from None
         return job
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -110,15 +117,28 @@ class ModelWorker:
 
     # -- worker thread --
 
-    def _next(self, timeout: float | None):
-        if self.backlog:
-            return self.backlog.popleft()
-        return self.queue.get(timeout=timeout) if timeout is not None else self.queue.get()
+    HEAVY_POLL_S = 0.05  # how often an idle worker looks at the heavy queue
+
+    def _next(self):
+        """The backlog first, then ordinary jobs, then heavy ones."""
+        while True:
+            if self.backlog:
+                return self.backlog.popleft()
+            try:
+                return self.queue.get(timeout=self.HEAVY_POLL_S)
+            except queue.Empty:
+                pass
+            try:
+                return self.heavy.get_nowait()
+            except queue.Empty:
+                pass
 
     def _run(self) -> None:
         while True:
-            job = self._next(None)
+            job = self._next()
             if job is _STOP:
+                while not self.heavy.empty():  # heavy jobs queued before the stop still run
+                    self.backlog.append(self.heavy.get_nowait())
                 if self.backlog:  # finish the rest first
                     self.backlog.append(_STOP)
                     continue
@@ -175,6 +195,7 @@ class ModelWorker:
                 j.future.set_result(r)
         finally:
             self.busy = False
+            release_freed()  # a batch's activations: give them back before the next one
 
     def _call(self, batch: list[Job]) -> list[dict]:
         cancel = batch[0].cancelled if len(batch) == 1 else AllCancelled(batch)
@@ -214,3 +235,4 @@ class ModelWorker:
                 events.close()
             job.emit(None)
             self.busy = False
+            release_freed()

@@ -485,3 +485,24 @@ def test_yolo11_hybrid_is_served_with_analog_islands(tmp_path):
     add_arguments(parser)
     assert settings_from_args(parser.parse_args(["--analog", "auto"])).analog == "auto"
     assert settings_from_args(parser.parse_args(["--analog", "a.attn, b.attn"])).analog == ["a.attn", "b.attn"]
+
+
+def test_heavy_requests_wait_for_ordinary_ones():
+    backend = FakeBackend(delay=0.3)
+    with TestClient(app_with(backend, max_batch=1, batch_window_ms=0)) as client:
+        backend.params.clear()
+        queries = [{}, {"wake": 12}, {"burst": 1}, {}, {}]
+        results = [None] * len(queries)
+        threads = []
+        for i, query in enumerate(queries):  # the first occupies the worker; the rest queue up in this order
+            threads.append(threading.Thread(target=lambda i=i, q=query: results.__setitem__(i, client.post(
+                "/v1/detect", content=png(), headers={"content-type": "image/png"}, params=q))))
+            threads[-1].start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(30)
+        assert [r.status_code for r in results] == [200] * 5
+        order = [(p.wake, p.burst) for p in backend.params]
+        assert order == [(None, None), (None, None), (None, None), (12, None), (None, 1)], order
+    assert Params(wake=8).heavy(4) and Params(sleep=8).heavy(4) and Params(burst=1).heavy(4)
+    assert not Params().heavy(4) and not Params(wake=4, sleep=4, burst=4).heavy(4)
