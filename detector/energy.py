@@ -110,12 +110,12 @@ class StatsRecorder:
     def record_synapse(self, site, macs_per_row, ops, analog_macs, skipped_rows) -> None:
         if self.first_stack:
             self.forward_macs[site] += macs_per_row
-        if ops is not None:
-            ops = self._per_sample(site, ops)
+        if ops is not None:  # counts above 2**24 are not exact in float32
+            ops = self._per_sample(site, ops).double()
             self.sops[site].append(ops)
             self._stack_energy = self._stack_energy + ops * PJ_PER_SOP
         if analog_macs is not None:
-            analog_macs = self._per_sample(site, analog_macs)
+            analog_macs = self._per_sample(site, analog_macs).double()
             self.analog_macs[site].append(analog_macs)
             self._stack_energy = self._stack_energy + analog_macs * PJ_PER_MAC
         if not isinstance(skipped_rows, int):  # a tensor: this was a sleep stack
@@ -126,7 +126,7 @@ class StatsRecorder:
         """``macs``: everything the island computed in this stack (all steps, all rows)."""
         if self.first_stack:
             self.island_macs[site] += macs // (steps * self.batch)
-        macs_per_row = torch.full((steps, self.batch), macs / (steps * self.batch))
+        macs_per_row = torch.full((steps, self.batch), macs / (steps * self.batch), dtype=torch.float64)
         self.analog_macs[site].append(macs_per_row)
         self._stack_energy = self._stack_energy + macs_per_row * PJ_PER_MAC
 
@@ -141,11 +141,14 @@ class StatsRecorder:
         def total(parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
             return {k: torch.cat(v).double().sum(0).cpu() for k, v in parts.items()}
 
+        # Multistep sleep stacks may run past the step at which the last sample fell silent; those
+        # steps changed nothing and are not part of the run.
+        steps = int(steps_used.max()) if steps_used.numel() else self.steps_recorded
+        spikes_rows, energy_rows = self.spikes_per_step[:steps], self.energy_pj_per_step[:steps]
         spikes = total(self.spikes)
         sops = total(self.sops)
         analog = total(self.analog_macs)
         zeros = torch.zeros(self.batch, dtype=torch.float64)
-        steps = self.steps_recorded
         firing = {
             site: float(s.sum()) / (self.elements[site] * self.batch * steps)
             for site, s in spikes.items() if self.elements[site]
@@ -163,8 +166,8 @@ class StatsRecorder:
             spikes_per_layer={k: v.sum().item() for k, v in spikes.items()},
             sops_per_layer={k: v.sum().item() for k, v in sops.items()},
             firing_rates=firing,
-            spikes_per_step=torch.stack([r.cpu() for r in self.spikes_per_step]) if self.spikes_per_step else empty,
-            energy_pj_per_step=torch.stack([r.cpu() for r in self.energy_pj_per_step]) if self.energy_pj_per_step else empty,
+            spikes_per_step=torch.stack([r.cpu() for r in spikes_rows]) if spikes_rows else empty,
+            energy_pj_per_step=torch.stack([r.cpu() for r in energy_rows]) if energy_rows else empty,
             skipped_rows=float(torch.stack(self.skipped_rows).double().sum()) if self.skipped_rows else 0.0,
             skipped_macs=float(torch.stack(self._skipped_macs).double().sum()) if self._skipped_macs else 0.0,
         )

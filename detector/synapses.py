@@ -122,7 +122,7 @@ class Synapse(CallSiteModule):
         per_row_macs = layer_macs(self.layer, y) // max(y.shape[0], 1)
         skipped = 0 if active is None else x.shape[0] - active.sum()
         if not spike_input:
-            computed = torch.full((x.shape[0],), float(per_row_macs), device=x.device)
+            computed = torch.full((x.shape[0],), float(per_row_macs), device=x.device, dtype=torch.float64)
             ops, analog = None, (computed if active is None else computed * active).view(steps, -1)
         else:
             ops, analog = self.synaptic_ops(x).view(steps, -1), None

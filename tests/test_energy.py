@@ -207,10 +207,6 @@ def test_shared_modules_give_one_row_per_time_step(sleep):
     torch.testing.assert_close(stats.energy_pj_until(total + 5), stats.energy_pj)
 
 
-@pytest.mark.xfail(strict=True, reason="detector/synapses.py records analog MACs as float32 (torch.full without a "
-                   "dtype) and energy.StatsRecorder multiplies them by 4.6 pJ in float32, so the per-step energy rows "
-                   "(energy_pj_until, streamed energy_pj) drift from the float64 totals by ~1e-7 relative, and a "
-                   "MAC count above 2**24 per sample may be rounded")
 def test_per_step_energy_is_as_precise_as_the_total():
     torch.manual_seed(0)
     qann = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), ClipQuan(4), nn.Conv2d(64, 2, 1)).double().eval()

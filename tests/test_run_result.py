@@ -136,3 +136,15 @@ def test_cancel_set_during_a_run_raises(mode):
     finally:
         handle.remove()
     assert len(calls) == 1  # stopped before the next stack
+
+
+@pytest.mark.parametrize("burst", [1, None])
+def test_multistep_auto_sleep_records_one_row_per_step_of_the_run(burst):
+    _, snn, x = net()
+    step = snn.run(x, wake=4, sleep="auto", burst=burst)
+    multi = snn.run(x, wake=4, sleep="auto", burst=burst, mode="multistep", sleep_chunk=8)
+    assert torch.equal(multi.steps, step.steps)
+    total = int(step.steps.max())
+    assert step.stats.spikes_per_step.shape == (total, 3)
+    assert multi.stats.spikes_per_step.shape == multi.stats.energy_pj_per_step.shape == (total, 3)
+    assert multi.stats.firing_rates == pytest.approx(step.stats.firing_rates)
