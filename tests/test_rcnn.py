@@ -297,12 +297,11 @@ def test_if_baseline_approaches_the_float_model(r18_float):
         assert_tree_close([a["boxes"], a["scores"]], [b["boxes"], b["scores"]], atol=1e-9)
         assert torch.equal(a["labels"], b["labels"])
     assert info["steps"] == [32, 32] and [r["steps"]["total"] for r in ref16] == [32, 32]
-    # (rel 1e-6: per-step energy rows are float32-rounded, see test_energy's per-step precision test)
-    assert info["energy_uj"] == pytest.approx([r["energy_uj"] for r in ref16], rel=1e-6)
+    assert info["energy_uj"] == pytest.approx([r["energy_uj"] for r in ref16], rel=1e-9)
     assert info["energy_uj_at"][16] == info["energy_uj"] and all(r["spikes"] > 0 for r in ref16)
     # each t's figure is that of the wake=t run (no sleep: a shorter run is a prefix of the schedule)
     ref4 = det.predict(imgs, wake=4)
-    assert info["energy_uj_at"][4] == pytest.approx([r["energy_uj"] for r in ref4], rel=1e-6)
+    assert info["energy_uj_at"][4] == pytest.approx([r["energy_uj"] for r in ref4], rel=1e-9)
 
 
 def test_if_baseline_errors_and_qann_choice(r18_float, tmp_path):
@@ -360,8 +359,7 @@ def test_casc_detections_at_steps_reach_predict(r18):
         at = [info["energy_uj_at"][t][i] for t in wanted]
         assert all(0 < e1 <= e2 for e1, e2 in zip(at, at[1:])), at
         assert at[0] < at[-1]
-    # rel 1e-6: the per-step rows behind energy_uj_at are float32-rounded (test_energy's precision test)
-    assert info["energy_uj_at"][big + 20] == pytest.approx([r["energy_uj"] for r in ref], rel=1e-6)
+    assert info["energy_uj_at"][big + 20] == pytest.approx([r["energy_uj"] for r in ref], rel=1e-9)
     assert info["energy_uj"] == info["energy_uj_at"][big + 20]
     # the ANN's energy per image: stage 1 once, stage 2 once per RoI (independently counted MACs)
     from detector.energy import PJ_PER_MAC, count_macs
