@@ -4,6 +4,7 @@
     casc fidelity                  exactness of the conversion on random detector-like networks
     casc train yolo|rcnn ...       train / fine-tune a QANN (see ``casc train yolo --help``)
     casc eval ...                  mAP-vs-timestep curves (eval/)
+    casc plot DIR [DIR ...]        several evaluations on one axis (eval/compare.py)
     casc serve ...                 the HTTP service (service/)
 
 Each sub-command lives in the module that owns the work; this file only wires them, and imports
@@ -18,18 +19,20 @@ import sys
 from pathlib import Path
 
 # family -> module exposing add_train_arguments(parser) and train_from_args(args)
-TRAINERS = {"yolo": "detector.models.yolo", "rcnn": "detector.models.rcnn"}
+TRAINERS = {"yolo": "detector.train.yolo", "rcnn": "detector.models.rcnn"}
 # command -> module exposing add_arguments(parser) and main(args) -> exit code
 COMMANDS = {
     "eval": ("eval.runner", "mAP against time steps for ANN, QANN, CASC SNN and the IF baseline"),
+    "plot": ("eval.compare", "draw several casc eval results (e.g. YOLO and Faster R-CNN) on one axis"),
     "serve": ("service.server", "serve spiking detectors over HTTP (FastAPI)"),
     "export": ("detector.export.bundle", "export a detector's QANN and spiking step graphs (ONNX)"),
+    "quantize": ("detector.train.quantize", "post-training quantization: a float checkpoint -> a calibrated QANN"),
 }
 
 
 # The main job: both bundled detectors on a subset of the bundled val split (about 10 minutes on 2 cores).
 DEMO_RUNS = (("yolov8n-bundled", 128), ("rcnn-r18-bundled", 32))
-DEMO_TIMESTEPS = "1,2,4,8,16,64"
+HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -38,8 +41,9 @@ def _demo(args: argparse.Namespace) -> int:
     for name, limit in DEMO_RUNS:
         parser = argparse.ArgumentParser()
         add_arguments(parser)
-        eval_args = parser.parse_args(["--model", name, "--limit", str(args.limit or limit), "--timesteps",
-                                       args.timesteps, "--out", str(Path(args.out) / name)])
+        timesteps = ["--timesteps", args.timesteps] if args.timesteps else []
+        eval_args = parser.parse_args(["--model", name, "--limit", str(args.limit or limit), *timesteps,
+                                       "--out", str(Path(args.out) / name)])
         print(f"\n## {name} on the bundled benchmark (val, first {eval_args.limit} images)\n", flush=True)
         evaluate(eval_args)
     return 0
@@ -55,17 +59,18 @@ def _fidelity(args: argparse.Namespace) -> int:
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casc", description="Spiking object detectors by CASC conversion")
+    parser.add_argument("--version", action="version", version=f"casc {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job: mAP vs time steps of the bundled detectors (ANN, QANN, "
+    demo = sub.add_parser("demo", formatter_class=HELP, help="the main job: mAP vs time steps of the bundled detectors (ANN, QANN, "
                                        "CASC, IF) on the bundled benchmark")
-    demo.add_argument("--limit", type=int, default=None, help="images per detector (default: 128 YOLO, 32 R-CNN)")
-    demo.add_argument("--timesteps", default=DEMO_TIMESTEPS)
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--limit", type=int, default=None, help="images per detector (None: 128 YOLO, 32 R-CNN)")
+    demo.add_argument("--timesteps", default=None, help="total steps T (None: casc eval's default per family)")
+    demo.add_argument("--out", default="runs/demo", help="output folder, one sub-folder per detector")
     demo.set_defaults(func=_demo)
 
-    fidelity = sub.add_parser("fidelity", help="convert random detector-like QANNs and print the fidelity table")
-    fidelity.add_argument("--levels", type=int, nargs="+", default=[2, 4, 8])
+    fidelity = sub.add_parser("fidelity", formatter_class=HELP, help="convert random detector-like QANNs and print the fidelity table")
+    fidelity.add_argument("--levels", type=int, nargs="+", default=[2, 4, 8], help="quantization levels L")
     fidelity.add_argument("--nets", type=int, default=20, help="random networks per level count")
     fidelity.add_argument("--depth", type=int, default=12, help="spiking layers on the longest path")
     fidelity.add_argument("--seed", type=int, default=0)
@@ -81,12 +86,18 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             module.add_train_arguments(family_parser)
             family_parser.set_defaults(func=lambda a, m=module: _train(m, a))
     for command, (module_name, help_text) in COMMANDS.items():
-        command_parser = sub.add_parser(command, help=help_text)
+        command_parser = sub.add_parser(command, help=help_text, description=help_text, formatter_class=HELP)
         if argv and argv[0] == command:
             module = importlib.import_module(module_name)
             module.add_arguments(command_parser)
             command_parser.set_defaults(func=module.main)
     return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _train(module, args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ import sys
 
 from .runner import add_arguments, main
 
-parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 add_arguments(parser)
 sys.exit(main(parser.parse_args()))

@@ -2,9 +2,11 @@
 
 One pass per method and image batch: the spiking methods record their readouts after every step
 and decode detections at each requested T (``detections_at_steps``), so nothing is re-run per T.
+T is always the *total* step count (wake + sleep; Faster R-CNN: both stages, T/2 each, the per-stage
+split in ``results.json``), so both families share one axis. Each method's run is timed (latency).
 Writes ``results.json`` (every figure, the command, versions, model sha256), ``curve.csv``,
-``map_vs_t.png`` and ``firing_rates.png`` into ``--out``; finished batches are cached there, so an
-interrupted run resumes. Under ``torchrun --nproc_per_node N -m eval ...`` the batches are sharded
+``map_vs_t.png``, ``map_vs_energy.png``, ``map_vs_latency.png`` and ``firing_rates.png`` into ``--out``;
+finished batches are cached there, so an interrupted run resumes. Under ``torchrun --nproc_per_node N -m eval ...`` the batches are sharded
 over the processes and the detections gathered with ``torch.distributed`` (gloo on CPU, nccl on GPU).
 """
 
@@ -16,6 +18,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +30,13 @@ from detector.models import as_records
 from detector.weights import ModelEntry, load_manifest, resolve, verify_sha256
 
 from .metrics import coco_metrics, voc_metrics
-from .plots import plot_firing_rates, plot_map_vs_t
+from .plots import plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency, plot_map_vs_t, schedule_text
 
 METHODS = ("ann", "qann", "casc", "if")
 SPIKING = ("casc", "if")
-TABLE_STEPS = (1, 2, 4, 8, 16, "auto", 64)
+# Short enough for a CPU (16 YOLO images in about a minute on 2 cores), long enough to show CASC settle
+# (about L + 2 steps with burst sleep) and the IF baseline's slow climb.
+DEFAULT_TIMESTEPS = {"yolo": "1,2,4,6,8,16,32,64", "rcnn": "2,4,8,12,16,32,64"}
 
 
 def parse_timesteps(spec: str) -> list[int]:
@@ -50,6 +55,17 @@ def parse_timesteps(spec: str) -> list[int]:
     if not steps or min(steps) < 1:
         raise ValueError(f"--timesteps must list positive integers, got {spec!r}")
     return sorted(steps)
+
+
+def stage_budgets(family: str, timesteps: list[int]) -> dict[int, int]:
+    """Total T -> the step budget ``detections_at_steps`` takes: T itself, or T/2 per stage for Faster R-CNN."""
+    if family != "rcnn":
+        return {t: t for t in timesteps}
+    odd = [t for t in timesteps if t % 2]
+    if odd:
+        raise ValueError(f"--timesteps: Faster R-CNN gives each of its two stages T/2 steps, so T must be even; "
+                         f"got {odd}")
+    return {t: t // 2 for t in timesteps}
 
 
 # --- the detectors of one evaluation ------------------------------------------------------------------
@@ -101,13 +117,13 @@ class Detectors:
             return detector.qann_predict(images, conf=a.conf, iou=a.iou, max_det=a.max_det, color="rgb")
         return detector.qann_predict(images, score_thresh=a.conf)
 
-    def _curve(self, detector, images, timesteps: list[int], wake, sleep):
+    def _curve(self, detector, images, budgets: list[int], wake, sleep):
         a = self.args
         if self.family == "yolo":
-            return detector.detections_at_steps(images, timesteps, wake=wake, sleep=sleep, conf=a.conf, iou=a.iou,
+            return detector.detections_at_steps(images, budgets, wake=wake, sleep=sleep, conf=a.conf, iou=a.iou,
                                                 max_det=a.max_det, burst=a.burst, color="rgb",
                                                 max_sleep=a.max_sleep)
-        results, info = detector.detections_at_steps(images, timesteps, wake=wake, sleep=sleep, burst=a.burst,
+        results, info = detector.detections_at_steps(images, budgets, wake=wake, sleep=sleep, burst=a.burst,
                                                      score_thresh=a.conf, max_sleep=a.max_sleep)
         return results, self._two_stage_info(info)
 
@@ -120,34 +136,60 @@ class Detectors:
                 "ann_energy_uj": float(np.mean(info["ann_energy_uj"])),
                 "firing_rates": info.get("firing_rates", {})}
 
-    def run(self, images: list[np.ndarray], image_ids: list[int], timesteps: list[int]) -> dict:
-        """{method: {"records": {T or "flat": [record per image]}, "info": ...}} for one batch."""
-        a = self.args
+    def run(self, images: list[np.ndarray], image_ids: list[int], timesteps: list[int], on_method=None) -> dict:
+        """{method: {"records": {T or "flat" or "auto": [record per image]}, "info": ..., "seconds": ...}} for one
+        batch; ``on_method(name)`` is called as each method starts (progress)."""
         out = {}
         for method in self.methods:
+            if on_method:
+                on_method(method)
+            start = time.perf_counter()
             if method in ("ann", "qann"):
                 detector = self.float if method == "ann" else self.qann
                 out[method] = {"records": {"flat": self._records(self._flat(detector, images), image_ids)}}
-                continue
-            detector = self.qann if method == "casc" else self.float
-            steps = list(timesteps)
-            auto = method == "casc" and a.sleep == "auto"
-            if auto:  # past the cap every sample has settled (or hit the cap): its final answer
-                steps.append(self.auto_key)
-            results, info = self._curve(detector, images, steps, a.wake if method == "casc" else None,
-                                        a.sleep if method == "casc" else 0)
-            records = {str(t): self._records(results[t], image_ids) for t in timesteps}
-            if auto:
-                records["auto"] = self._records(results[self.auto_key], image_ids)
-            out[method] = {"records": records, "info": _plain(info)}
+            else:
+                out[method] = self._spiking(method, images, image_ids, timesteps)
+            out[method]["seconds"] = time.perf_counter() - start
         return out
+
+    def _spiking(self, method: str, images, image_ids, timesteps: list[int]) -> dict:
+        """One run serving every T; results and per-T info keyed by total T (and ``auto``)."""
+        a = self.args
+        budgets = {str(t): b for t, b in stage_budgets(self.family, timesteps).items()}
+        if method == "casc" and a.sleep == "auto":  # past the cap every sample has settled (or hit the cap)
+            budgets["auto"] = self.auto_key
+        detector = self.qann if method == "casc" else self.float
+        results, info = self._curve(detector, images, sorted(set(budgets.values())),
+                                    a.wake if method == "casc" else None, a.sleep if method == "casc" else 0)
+        records = {key: self._records(results[b], image_ids) for key, b in budgets.items()}
+        for name in ("energy_uj_at", "steps_at", "stage1_steps_at", "stage2_steps_at"):
+            if name in info:
+                info[name] = {key: info[name][b] for key, b in budgets.items()}
+        return {"records": records, "info": _plain(info)}
 
     @property
     def auto_key(self) -> int:
         return 10_000 + self.args.max_sleep  # a step count no run reaches
 
+    def probe(self, image: np.ndarray) -> dict[str, float]:
+        """Seconds of one QANN forward and of one spiking step on one image (after a warm-up): the cost estimate."""
+        one_step = 2 if self.family == "rcnn" else 1  # one step of each stage
+        budget = stage_budgets(self.family, [one_step])[one_step]
+        forward = _best_of(2, lambda: self._flat(self.qann, [image]))
+        step = _best_of(2, lambda: self._curve(self.qann, [image], [budget], 1, 0)) / one_step
+        return {"forward_s": forward, "step_s": step}
+
     def _records(self, results, image_ids) -> list[dict]:
         return [dict(as_records(r, self.names), image_id=int(i)) for r, i in zip(results, image_ids)]
+
+
+def _best_of(runs: int, work) -> float:
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        work()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds)
 
 
 def _plain(value):
@@ -182,39 +224,69 @@ def summarise(batches: list[dict], ground_truth: list[dict], classes: list[str],
     summary = {}
     for method in methods:
         parts = [b[method] for b in batches]
-        keys = list(parts[0]["records"])
-        entry = {"metrics": {}}
-        for key in keys:
-            records = [r for p in parts for r in p["records"][key]]
-            entry["metrics"][key] = _metrics(ground_truth, records, classes)
-            if method in SPIKING:
-                entry["metrics"][key]["steps_mean"] = _mean(r["steps"] for r in records)
+        entry = {"metrics": {key: _metrics(ground_truth, [r for p in parts for r in p["records"][key]], classes)
+                             for key in parts[0]["records"]}}
+        entry["latency_ms"] = 1000 * sum(p["seconds"] for p in parts) / _images(parts)
         if method in SPIKING:
-            infos = [p["info"] for p in parts]
-            energy_at = {str(t): _mean(e for i in infos for e in i.get("energy_uj_at", {}).get(str(t), [])) for t in timesteps}
-            entry["energy_uj_at"] = energy_at
-            entry["ann_energy_uj"] = _mean(i.get("ann_energy_uj") for i in infos)
-            entry["steps_used_mean"] = _mean(s for i in infos for s in i.get("steps", []))
-            entry["steps_used_max"] = max((s for i in infos for s in i.get("steps", [])), default=None)
-            rates = [i.get("firing_rates", {}) for i in infos]
-            entry["firing_rates"] = {k: _mean(r.get(k) for r in rates) for k in rates[0]} if rates else {}
+            entry.update(_spiking_summary(parts, entry["metrics"]))
         summary[method] = entry
     qann = summary.get("qann", {}).get("metrics", {}).get("flat", {}).get("map50_95")
     for method in SPIKING:
         if method in summary and qann is not None:
-            curve = summary[method]["metrics"]
-            reach = next((t for t in timesteps if curve[str(t)]["map50_95"] >= 0.99 * qann), None)
-            summary[method]["steps_to_99pct_qann"] = reach
-            if reach is not None and summary[method]["ann_energy_uj"]:
-                energy = summary[method]["energy_uj_at"].get(str(reach))
-                summary[method]["energy_uj_at_99pct"] = energy
-                summary[method]["energy_ratio_at_99pct"] = energy / summary[method]["ann_energy_uj"] if energy else None
+            summary[method].update(_reach(summary[method], qann, timesteps))
     return summary
 
 
+def _images(parts: list[dict]) -> int:
+    return sum(len(next(iter(p["records"].values()))) for p in parts)
+
+
+def _spiking_summary(parts: list[dict], metrics: dict) -> dict:
+    """Steps (and each stage's, two-stage), energy and latency at every T, firing rates of one method."""
+    infos = [p["info"] for p in parts]
+    keys = list(metrics)
+    for key in keys:
+        metrics[key]["steps_mean"] = _mean(r["steps"] for p in parts for r in p["records"][key])
+        for stage in ("stage1", "stage2"):
+            if f"{stage}_steps_at" in infos[0]:
+                metrics[key][f"{stage}_steps_mean"] = _mean(s for i in infos for s in i[f"{stage}_steps_at"][key])
+    rates = [i.get("firing_rates", {}) for i in infos]
+    return {
+        "energy_uj_at": {key: _mean(e for i in infos for e in i.get("energy_uj_at", {}).get(key, [])) for key in keys},
+        "latency_ms_at": {key: _latency_ms(parts, key) for key in keys},
+        "ann_energy_uj": _mean(i.get("ann_energy_uj") for i in infos),
+        "steps_used_mean": _mean(s for i in infos for s in i.get("steps", [])),
+        "steps_used_max": max((s for i in infos for s in i.get("steps", [])), default=None),
+        "firing_rates": {k: _mean(r.get(k) for r in rates) for k in rates[0]} if rates else {},
+    }
+
+
+def _latency_ms(parts: list[dict], key: str) -> float:
+    """Milliseconds per image to reach T: each batch's measured run time shared out per simulated step (one run
+    serves every T, so the time to T itself is not a separate measurement)."""
+    seconds = 0.0
+    for p in parts:
+        run_steps = max(p["info"]["steps"]) or 1
+        reached = max(r["steps"] or 0 for r in p["records"][key])
+        seconds += p["seconds"] * min(1.0, reached / run_steps)
+    return 1000 * seconds / _images(parts)
+
+
+def _reach(entry: dict, qann_map: float, timesteps: list[int]) -> dict:
+    """The first T at 99 % of the QANN's mAP50-95, and the energy there against the ANN's."""
+    reach = next((t for t in timesteps if entry["metrics"][str(t)]["map50_95"] >= 0.99 * qann_map), None)
+    out = {"steps_to_99pct_qann": reach}
+    if reach is not None and entry["ann_energy_uj"]:
+        energy = entry["energy_uj_at"].get(str(reach))
+        out["energy_uj_at_99pct"] = energy
+        out["energy_ratio_at_99pct"] = energy / entry["ann_energy_uj"] if energy else None
+    return out
+
+
 def format_table(summary: dict, timesteps: list[int], two_stage: bool = False) -> str:
-    columns = [t for t in TABLE_STEPS if t == "auto" or t in timesteps]
-    head = ["method"] + [f"T={t}" for t in columns] + ["T to 99% QANN", "energy ratio (SNN/ANN)"]
+    """Markdown: one column per requested T (and CASC's ``auto``), cells mAP50-95 / mAP50."""
+    columns = list(timesteps) + (["auto"] if any("auto" in e["metrics"] for e in summary.values()) else [])
+    head = ["method"] + [f"T={t}" for t in columns] + ["T to 99% QANN", "energy ratio (SNN/ANN)", "ms/image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, entry in summary.items():
         metrics = entry["metrics"]
@@ -223,22 +295,22 @@ def format_table(summary: dict, timesteps: list[int], two_stage: bool = False) -
             cells = [f"{m['map50_95']:.3f} / {m['map50']:.3f}"] * len(columns)
             extra = ["—", "1 (ANN)" if method == "ann" else "—"]
         else:
-            cells = []
-            for t in columns:
-                m = metrics.get(str(t))
-                if m is None:
-                    cells.append("—")
-                elif t == "auto":
-                    cells.append(f"{m['map50_95']:.3f} / {m['map50']:.3f} (T≈{m['steps_mean']:.1f})")
-                else:
-                    cells.append(f"{m['map50_95']:.3f} / {m['map50']:.3f}")
+            cells = [_cell(metrics.get(str(t)), t == "auto") for t in columns]
             reach = entry.get("steps_to_99pct_qann")
             ratio = entry.get("energy_ratio_at_99pct")
             extra = [str(reach) if reach else f"> {max(timesteps)}", f"{ratio:.2f}" if ratio else "—"]
+        extra.append(f"{entry['latency_ms']:.0f}")
         lines.append("| " + " | ".join([method.upper()] + cells + extra) + " |")
-    return "\n".join(lines) + "\n(cells: mAP50-95 / mAP50; " + (
-        "T = steps per stage, each stage wake + sleep; totals in results.json)" if two_stage
-        else "T = total steps, wake + sleep)")
+    return "\n".join(lines) + "\n(cells: mAP50-95 / mAP50; T = total steps, wake + sleep" + (
+        ", both stages (T/2 each; the per-stage split in results.json)" if two_stage else "") + \
+        "; ms/image: the whole run of that method on this machine)"
+
+
+def _cell(m: dict | None, auto: bool) -> str:
+    if m is None:
+        return "—"
+    cell = f"{m['map50_95']:.3f} / {m['map50']:.3f}"
+    return cell + f" (T≈{m['steps_mean']:.1f})" if auto else cell
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -257,19 +329,68 @@ def _config_key(args, timesteps, methods, qann, float_entry, count) -> str:
     return hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:16]
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    rank, world = _distributed()
-    timesteps = parse_timesteps(args.timesteps)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+def parse_methods(spec: str) -> list[str]:
+    methods = [m.strip() for m in spec.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
         raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``--device`` as a torch device that exists here, or a one-line error saying why not."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"--device {spec}: CUDA is not available here ({why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {spec}: MPS is not available here; use --device cpu")
+    return device
+
+
+def estimate_cost(probe: dict[str, float], methods: list[str], timesteps: list[int], images: int,
+                  args: argparse.Namespace, family: str, wake: int) -> str:
+    """The run's cost before it starts: network passes per image, priced with one timed forward and step."""
+    forwards = sum(m in methods for m in ("ann", "qann"))
+    steps = {}
+    if "casc" in methods:
+        stages = 2 if family == "rcnn" else 1
+        if args.sleep == "auto":  # burst sleep settles in about 2 sleep steps; one spike per step needs tens
+            sleep = 2 if (args.burst or wake) >= wake else 20
+        else:
+            sleep = args.sleep
+        steps["CASC"] = stages * (wake + sleep)
+    if "if" in methods:
+        steps["IF"] = max(timesteps)
+    per_image = forwards * probe["forward_s"] + sum(steps.values()) * probe["step_s"]
+    parts = ([f"{forwards} forward{'s' * (forwards > 1)}"] if forwards else []) + \
+        [f"{name} {'≈ ' * (name == 'CASC' and args.sleep == 'auto')}{n} steps" for name, n in steps.items()]
+    return (f"cost estimate: {images} images × ({' + '.join(parts)}); one forward {probe['forward_s'] * 1e3:.0f} ms, "
+            f"one spiking step {probe['step_s'] * 1e3:.0f} ms (timed here) -> about "
+            f"{_duration(images * per_image)} for the detectors, plus loading and mAP")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    rank, world = _distributed()
+    methods = parse_methods(args.methods)
     if args.sleep != "auto":
         args.sleep = int(args.sleep)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     qann, float_entry = model_pair(args.model, args.float_model)
+    timesteps = parse_timesteps(args.timesteps or DEFAULT_TIMESTEPS[qann.family])
+    stage_budgets(qann.family, timesteps)  # an odd T for Faster R-CNN is refused before any work
     dataset = open_dataset(args.data, args.split)
     count = min(len(dataset), args.limit) if args.limit else len(dataset)
     if count == 0:
@@ -279,48 +400,67 @@ def evaluate(args: argparse.Namespace) -> dict:
     detectors = Detectors(qann, float_entry, methods, calibration, args, device, dtype)
     if list(detectors.names) != list(dataset.classes):
         raise ValueError(f"the model's classes {detectors.names} are not the dataset's {dataset.classes}")
+    wake = args.wake or detectors.qann.levels
+    if rank == 0:
+        print(estimate_cost(detectors.probe(dataset.load_image(0)), methods, timesteps, count, args, qann.family,
+                            wake), flush=True)
 
     out = Path(args.out)
-    key = _config_key(args, timesteps, methods, qann, float_entry, count)
-    cache = out / "cache" / key
+    cache = out / "cache" / _config_key(args, timesteps, methods, qann, float_entry, count)
     cache.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, count, args.batch))
-    mine = [s for k, s in enumerate(starts) if k % world == rank]
-    for start in tqdm(mine, desc=f"eval {qann.name} on {dataset.name}", unit="batch", disable=rank != 0):
-        path = cache / f"batch_{start:06d}.json"
-        if path.is_file():
-            continue  # resumed
-        indices = range(start, min(start + args.batch, count))
-        images = [dataset.load_image(i) for i in indices]
-        ids = [dataset.target(i)["image_id"] for i in indices]
-        result = detectors.run(images, ids, timesteps)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        tmp.replace(path)
+    _run_batches(detectors, dataset, [s for k, s in enumerate(starts) if k % world == rank], count, timesteps,
+                 cache, tqdm_args={"desc": f"eval {qann.name} on {dataset.name}", "disable": rank != 0})
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
         return {}
     batches = [json.loads((cache / f"batch_{s:06d}.json").read_text()) for s in starts]
-    ground_truth = []
-    for i in range(count):
-        target = dataset.target(i)
-        h, w = dataset.image_size(i)
-        ground_truth.append({**target, "height": h, "width": w})
-    summary = summarise(batches, ground_truth, dataset.classes, methods, timesteps)
+    summary = summarise(batches, _ground_truth(dataset, count), dataset.classes, methods, timesteps)
     results = {
         "command": "casc eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]),
-        "model": {"name": qann.name, "family": qann.family, "sha256": qann.sha256, "path": str(qann.path)},
+        "model": {"name": qann.name, "family": qann.family, "sha256": qann.sha256, "path": str(qann.path),
+                  "levels": detectors.qann.levels},
         "float_model": {"name": float_entry.name, "sha256": float_entry.sha256} if float_entry else None,
         "data": {"spec": args.data, "split": args.split, "name": dataset.name, "images": count},
-        "schedule": {"wake": args.wake or getattr(detectors.qann, "levels", None), "sleep": args.sleep,
-                     "burst": args.burst, "max_sleep": args.max_sleep, "timesteps": timesteps},
+        "schedule": {"wake": wake, "sleep": args.sleep, "burst": args.burst or wake, "max_sleep": args.max_sleep,
+                     "timesteps": timesteps,
+                     "stage_budgets": {str(t): b for t, b in stage_budgets(qann.family, timesteps).items()}},
+        "machine": {"device": str(device), "threads": torch.get_num_threads(), "cpu": platform.processor(),
+                    "cores": os.cpu_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "casc": _version()},
         "processes": world, "summary": summary,
     }
-    _write_outputs(out, results, summary, timesteps, qann.name, dataset.name)
+    results["written"] = _write_outputs(out, results)
     return results
+
+
+def _run_batches(detectors: Detectors, dataset, starts: list[int], count: int, timesteps: list[int], cache: Path,
+                 tqdm_args: dict) -> None:
+    """Every batch not cached yet, with a per-image progress bar (the method running shown beside it)."""
+    batch = detectors.args.batch
+    total = sum(min(batch, count - s) for s in starts)
+    with tqdm(total=total, unit="img", mininterval=0.5, **tqdm_args) as bar:
+        for start in starts:
+            indices = range(start, min(start + batch, count))
+            path = cache / f"batch_{start:06d}.json"
+            if not path.is_file():  # else resumed
+                images = [dataset.load_image(i) for i in indices]
+                ids = [dataset.target(i)["image_id"] for i in indices]
+                result = detectors.run(images, ids, timesteps, on_method=bar.set_postfix_str)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(result))
+                tmp.replace(path)
+            bar.update(len(indices))
+
+
+def _ground_truth(dataset, count: int) -> list[dict]:
+    ground_truth = []
+    for i in range(count):
+        h, w = dataset.image_size(i)
+        ground_truth.append({**dataset.target(i), "height": h, "width": w})
+    return ground_truth
 
 
 def _calibration_dataset(spec: str, dataset):
@@ -338,26 +478,32 @@ def _version() -> str:
     return __version__
 
 
-def _write_outputs(out: Path, results: dict, summary: dict, timesteps: list[int], model: str, data: str) -> None:
+def _write_outputs(out: Path, results: dict) -> list[str]:
+    """results.json, curve.csv and the plots; returns the names written."""
+    summary = results["summary"]
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    rows = ["method,T,map50_95,map50,voc07_map50,steps_mean,energy_uj"]
+    rows = ["method,T,map50_95,map50,voc07_map50,steps_mean,energy_uj,latency_ms"]
     for method, entry in summary.items():
         for key, m in entry["metrics"].items():
             t = "" if key == "flat" else key
             energy = entry.get("energy_uj_at", {}).get(key, "")
+            latency = entry.get("latency_ms_at", {}).get(key, entry["latency_ms"])
             rows.append(f"{method},{t},{m['map50_95']:.5f},{m['map50']:.5f},{m['voc07_map50']:.5f},"
-                        f"{m.get('steps_mean') or ''},{energy or ''}")
+                        f"{m.get('steps_mean') or ''},{energy or ''},{latency:.2f}")
     (out / "curve.csv").write_text("\n".join(rows) + "\n")
-    curves = {m: {t: summary[m]["metrics"][str(t)]["map50_95"] for t in timesteps} for m in SPIKING if m in summary}
-    flat = {m: summary[m]["metrics"]["flat"]["map50_95"] for m in ("ann", "qann") if m in summary}
-    two_stage = results["model"]["family"] == "rcnn"
-    plot_map_vs_t(curves, flat, results["schedule"]["wake"] or 1, out / "map_vs_t.png",
-                  title=f"{model} on {data}: mAP50-95 vs time steps",
-                  xlabel="time steps per stage (total = stage 1 + stage 2)" if two_stage else
-                  "total time steps T = wake + sleep")
-    if "casc" in summary and summary["casc"].get("firing_rates"):
-        plot_firing_rates(summary["casc"]["firing_rates"], out / "firing_rates.png",
-                          title=f"{model}: CASC firing rate per layer")
+    written = ["results.json", "curve.csv", "map_vs_t.png", "map_vs_latency.png"]
+    plot_map_vs_t([results], out / "map_vs_t.png")
+    plot_map_vs_latency([results], out / "map_vs_latency.png")
+    if any(m in summary for m in SPIKING):
+        plot_map_vs_energy([results], out / "map_vs_energy.png")
+        written.append("map_vs_energy.png")
+    if summary.get("casc", {}).get("firing_rates"):
+        plot_firing_rates(summary["casc"]["firing_rates"], out / "firing_rates.png", results["model"]["family"],
+                          title=f"{results['model']['name']}: CASC firing rate per layer\n"
+                                f"{results['data']['name']}, {results['data']['images']} images; "
+                                f"{schedule_text(results)}")
+        written.append("firing_rates.png")
+    return written
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -365,25 +511,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default_model = next((n for n, e in manifest.items() if e.kind == "qann"), None)
     parser.add_argument("--model", default=default_model, required=default_model is None,
                         help="QANN: a bundled name (weights/manifest.json) or a checkpoint path")
-    parser.add_argument("--float-model", default=None, help="its float model (default: the manifest's float_model)")
+    parser.add_argument("--float-model", default=None,
+                        help="the float model it was fine-tuned from, for ANN and IF (None: the manifest's)")
     parser.add_argument("--data", default="bundled", help="bundled | coco:DIR | voc:DIR | data.yaml")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--timesteps", default="1-16,24,32,64,128", help="total steps T to evaluate, e.g. 1-16,24,32")
-    parser.add_argument("--wake", type=int, default=None, help="CASC wake steps (default: the QANN's levels)")
-    parser.add_argument("--sleep", default="auto", help='CASC sleep steps: a number or "auto"')
-    parser.add_argument("--burst", type=int, default=1, help="spikes a neuron may emit per sleep step")
-    parser.add_argument("--max-sleep", type=int, default=256)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--split", default="val", help="dataset split to evaluate")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated: ann (float network), qann (quantized network), casc (the CASC SNN), "
+                             "if (plain IF rate-coded SNN baseline)")
+    parser.add_argument("--timesteps", default=None,
+                        help="total steps T to evaluate, e.g. 1-16,24,32 (Faster R-CNN: even T, T/2 per stage). "
+                             f"None: {DEFAULT_TIMESTEPS['yolo']} for YOLO, {DEFAULT_TIMESTEPS['rcnn']} for "
+                             "Faster R-CNN")
+    parser.add_argument("--wake", type=int, default=None, help="CASC wake steps (None: the QANN's levels L)")
+    parser.add_argument("--sleep", default="auto", help='CASC sleep steps: a number, or "auto" (until quiet)')
+    parser.add_argument("--burst", type=int, default=None,
+                        help="burst γ: spikes a neuron may emit per sleep step (None: the wake count, which settles "
+                             "in about 2 sleep steps; 1: one spike per step, tens of sleep steps)")
+    parser.add_argument("--max-sleep", type=int, default=256, help='cap on sleep steps with --sleep auto')
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images (None: all)")
+    parser.add_argument("--batch", type=int, default=1, help="images per run (also the cache and progress unit)")
     parser.add_argument("--conf", type=float, default=0.001, help="score threshold (low, for mAP)")
-    parser.add_argument("--iou", type=float, default=0.7)
-    parser.add_argument("--max-det", type=int, default=300)
-    parser.add_argument("--calibration-images", type=int, default=32, help="images for the IF thresholds")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=None, help="output folder (default runs/eval/MODEL)")
+    parser.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (YOLO)")
+    parser.add_argument("--max-det", type=int, default=300, help="detections kept per image (YOLO)")
+    parser.add_argument("--calibration-images", type=int, default=32,
+                        help="training images for the IF baseline's thresholds")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                        help="float64: CASC reproduces the QANN exactly; float32: rare boundary flips")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
+    parser.add_argument("--out", default=None, help="output folder (None: runs/eval/MODEL)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -392,5 +548,5 @@ def main(args: argparse.Namespace) -> int:
     results = evaluate(args)
     if results:
         print(format_table(results["summary"], results["schedule"]["timesteps"], results["model"]["family"] == "rcnn"))
-        print(f"results: {Path(args.out).resolve()}/results.json, curve.csv, map_vs_t.png, firing_rates.png")
+        print(f"results in {Path(args.out).resolve()}: {', '.join(results['written'])}")
     return 0

@@ -9,7 +9,9 @@ import sys
 import pytest
 
 from detector.data import generate_bundled
-from eval.runner import add_arguments, evaluate, format_table, parse_timesteps
+from detector.cli import main as casc
+from eval.runner import (DEFAULT_TIMESTEPS, METHODS, add_arguments, evaluate, format_table, parse_timesteps,
+                         resolve_device, stage_budgets)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def eval_args(*argv) -> argparse.Namespace:
 
 def yolo_argv(tiny_set, out, *extra):
     return ["--model", "yolov8n-bundled", "--data", f"coco:{tiny_set}", "--limit", "4", "--batch", "2",
-            "--timesteps", "1,4,8", "--dtype", "float64", "--calibration-images", "4", "--threads", "2",
+            "--timesteps", "1,4,8", "--dtype", "float64", "--calibration-images", "4", "--threads", "1",
             "--out", str(out), *extra]
 
 
@@ -51,8 +53,10 @@ def test_yolo_all_methods_one_pass_outputs_and_resume(tiny_set, tmp_path):
     assert results["model"]["sha256"] and results["data"]["images"] == 4
     rows = (out / "curve.csv").read_text().splitlines()
     assert rows[0].startswith("method,T,map50_95") and len(rows) == 1 + 2 + 4 + 3
-    assert (out / "map_vs_t.png").stat().st_size > 0 and (out / "firing_rates.png").stat().st_size > 0
-    assert "CASC" in format_table(summary, [1, 4, 8])
+    for name in ("map_vs_t", "map_vs_energy", "map_vs_latency", "firing_rates"):
+        assert (out / f"{name}.png").stat().st_size > 0
+    assert summary["if"]["latency_ms_at"]["1"] < summary["if"]["latency_ms_at"]["8"] <= summary["if"]["latency_ms"]
+    assert summary["ann"]["latency_ms"] > 0 and results["schedule"]["burst"] == results["schedule"]["wake"] == 4
 
     cached = sorted((out / "cache").rglob("batch_*.json"))
     stamps = [p.stat().st_mtime_ns for p in cached]
@@ -76,13 +80,72 @@ def test_torchrun_two_processes_give_the_numbers_of_one(tiny_set, tmp_path):
     assert gathered["summary"]["qann"]["metrics"] == single["qann"]["metrics"]
 
 
-def test_two_stage_rcnn_settles_on_the_qann(tiny_set, tmp_path):
+def test_two_stage_rcnn_settles_on_the_qann_on_total_steps(tiny_set, tmp_path):
     results = evaluate(eval_args("--model", "rcnn-r18-bundled", "--data", f"coco:{tiny_set}", "--limit", "2",
-                                 "--timesteps", "1,4", "--methods", "qann,casc", "--dtype", "float64",
-                                 "--threads", "2", "--out", str(tmp_path / "rcnn")))
+                                 "--timesteps", "2,8", "--methods", "qann,casc", "--dtype", "float64",
+                                 "--threads", "1", "--out", str(tmp_path / "rcnn")))
     summary = results["summary"]
-    assert summary["casc"]["metrics"]["auto"]["map50_95"] == summary["qann"]["metrics"]["flat"]["map50_95"]
-    assert summary["casc"]["metrics"]["auto"]["steps_mean"] > 8  # both stages, wake + sleep each
+    casc = summary["casc"]["metrics"]
+    assert casc["auto"]["map50_95"] == summary["qann"]["metrics"]["flat"]["map50_95"]
+    assert casc["auto"]["steps_mean"] > 8  # both stages, wake + sleep each
+    # T is the total of both stages (T/2 each); the per-stage split is kept
+    assert results["schedule"]["stage_budgets"] == {"2": 1, "8": 4}
+    assert casc["2"]["stage1_steps_mean"] == casc["2"]["stage2_steps_mean"] == 1 and casc["2"]["steps_mean"] == 2
+    assert casc["8"]["steps_mean"] == casc["8"]["stage1_steps_mean"] + casc["8"]["stage2_steps_mean"] <= 8
+
+
+@pytest.mark.parametrize("family", ["yolo", "rcnn"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_single_method_runs(tiny_set, tmp_path, family, method):
+    model, steps = {"yolo": ("yolov8n-bundled", "1,2"), "rcnn": ("rcnn-r18-bundled", "2,4")}[family]
+    results = evaluate(eval_args("--model", model, "--data", f"coco:{tiny_set}", "--limit", "1", "--methods", method,
+                                 "--timesteps", steps, "--calibration-images", "2", "--threads", "1",
+                                 "--out", str(tmp_path)))
+    assert list(results["summary"]) == [method]
+    table = format_table(results["summary"], results["schedule"]["timesteps"], family == "rcnn")
+    assert all(f"T={t}" in table for t in steps.split(","))
+    assert (tmp_path / "map_vs_t.png").is_file() and (tmp_path / "map_vs_latency.png").is_file()
+
+
+def test_table_keeps_every_requested_t():
+    metrics = {"map50_95": 0.5, "map50": 0.7, "steps_mean": 6.0}
+    summary = {"qann": {"metrics": {"flat": metrics}, "latency_ms": 20.0},
+               "casc": {"metrics": {"1": metrics, "6": metrics, "24": metrics, "auto": metrics}, "latency_ms": 90.0,
+                        "steps_to_99pct_qann": 6, "energy_ratio_at_99pct": 0.3}}
+    head = format_table(summary, [1, 6, 24]).splitlines()[0]
+    assert [c.strip() for c in head.split("|")[2:6]] == ["T=1", "T=6", "T=24", "T=auto"]
+    assert "T≈6.0" in format_table(summary, [1, 6, 24])
+
+
+def test_default_timesteps_and_stage_budgets():
+    assert stage_budgets("yolo", [1, 3]) == {1: 1, 3: 3}
+    assert stage_budgets("rcnn", [2, 8]) == {2: 1, 8: 4}
+    with pytest.raises(ValueError, match="even"):
+        stage_budgets("rcnn", [1, 4])
+    for family, spec in DEFAULT_TIMESTEPS.items():
+        stage_budgets(family, parse_timesteps(spec))  # the defaults are valid for their family
+
+
+def test_help_shows_defaults_and_version(capsys):
+    with pytest.raises(SystemExit):
+        casc(["eval", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: ann,qann,casc,if)" in text and "(default: 1)" in text and "--methods" in text
+    assert "(default: auto)" in text and "burst" in text
+    with pytest.raises(SystemExit):
+        casc(["--version"])
+    assert capsys.readouterr().out.startswith("casc ")
+
+
+def test_missing_device_is_a_one_line_error(capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_device("gpu0")
+    assert casc(["eval", "--device", "cuda", "--limit", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("casc eval: error: --device cuda") and "\n" not in err
 
 
 def test_bad_arguments_are_clear_errors(tiny_set, tmp_path):
