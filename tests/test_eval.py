@@ -3,8 +3,10 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +157,14 @@ def test_bad_arguments_are_clear_errors(tiny_set, tmp_path):
         evaluate(eval_args(*yolo_argv(tiny_set, tmp_path), "--model", "yolov8n-bundled-float"))
     with pytest.raises(FileNotFoundError):
         evaluate(eval_args(*yolo_argv(tiny_set, tmp_path), "--model", "no-such-model"))
+
+
+def test_quickstart_python_blocks_run_as_written(capsys):
+    page = (Path(__file__).parents[1] / "docs" / "quickstart.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) >= 3
+    namespace: dict = {}
+    for block in blocks:  # in order, one session, as the page says
+        exec(compile(block, "docs/quickstart.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "YOLO found:" in out and "Faster R-CNN found:" in out and "in the image:" in out
