@@ -272,6 +272,33 @@ def test_bundled_yolo_detections_identical_on_both_engines(yolo_export, tmp_path
         assert torch.allclose(g.boxes, e.boxes, atol=1e-3) and torch.allclose(g.scores, e.scores, atol=1e-5)
 
 
+def test_float64_graphs_export_and_the_cpu_provider_refuses_them_clearly(tmp_path):
+    snn = convert(random_qann(1, depth=4).double())
+    info = export_steps(snn, torch.zeros(1, 3, 8, 8, dtype=torch.float64), tmp_path, "snn")
+    onnx.checker.check_model(str(tmp_path / info["graphs"]["sleep"]["file"]), full_check=True)
+    with pytest.raises(ValueError, match="snn.first.onnx: ONNX Runtime's CPUExecutionProvider cannot run this float64"):
+        OrtSpikingNetwork(tmp_path, info, dtype="float64")
+
+
+@needs_bundled
+def test_graphs_are_exported_once_into_the_cache(tmp_path, monkeypatch):
+    from detector.export import bundle, detectors
+
+    exports = []
+
+    def fake_export(model, folder, imgsz=None, batch=1, dtype="float32"):
+        exports.append((model, batch))
+        folder.mkdir(parents=True)
+        (folder / bundle.MANIFEST).write_text(json.dumps({"format": bundle.FORMAT}))
+
+    monkeypatch.setenv("CASC_ONNX_CACHE", str(tmp_path))
+    monkeypatch.setattr(detectors, "export_detector", fake_export)
+    first = detectors._cached_export("yolov8n-bundled", None, 1, "float32")
+    assert detectors._cached_export("yolov8n-bundled", None, 1, "float32") == first
+    assert detectors._cached_export("yolov8n-bundled", None, 8, "float32") != first
+    assert exports == [("yolov8n-bundled", 1), ("yolov8n-bundled", 8)] and first.parent == tmp_path
+
+
 def test_load_detector_engines():
     with pytest.raises(ValueError, match="engine must be one of"):
         load_detector("yolov8n-bundled", engine="tvm")

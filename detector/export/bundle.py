@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input size (default: the model's; Faster R-CNN: its padded max size)")
     parser.add_argument("--batch", type=int, default=1, help="images per step (graphs have static shapes)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                        help="graph dtype (ONNX Runtime's CPU provider runs float32 only)")
+                        help="graph dtype (float64 exports, but ONNX Runtime's CPU provider has no float64 Conv)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/export/NAME-bBATCH)")
 
 

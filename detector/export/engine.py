@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 from torch.utils import _pytree as pytree
 
 from ..runtime import RunCancelled, RunResult
@@ -66,10 +67,18 @@ class OrtSpikingNetwork:
         self.torch_dtype = getattr(torch, dtype)
         self._readout_spec = pytree.treespec_loads(info["readout_spec"])
         options, providers = session_options(threads), execution_providers(provider)
-        self.sessions = {variant: ort.InferenceSession(str(folder / graph["file"]), options, providers=providers)
+        self.sessions = {variant: self._session(folder / graph["file"], options, providers, dtype)
                          for variant, graph in info["graphs"].items()}
         self.device = "cpu" if provider == "cpu" else "cuda"
         self._allocate()
+
+    @staticmethod
+    def _session(path: Path, options, providers: list[str], dtype: str) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except OrtNotImplemented as error:  # e.g. no float64 Conv on the CPU provider
+            raise ValueError(f"{path.name}: ONNX Runtime's {providers[0]} cannot run this {dtype} graph ({error}); "
+                             "export it as float32") from None
 
     # --- buffers and bindings -----------------------------------------------------------
 
