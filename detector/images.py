@@ -107,7 +107,8 @@ def fit_size(size: tuple[int, int], fit: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def _open(source, formats: Iterable[str] | None) -> Image.Image:
+def open_image(source, formats: Iterable[str] | None = None) -> Image.Image:
+    """The Pillow image of ``source`` (path or bytes), header read, nothing decoded; ``ImageError`` if unreadable."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -130,7 +131,7 @@ def decode(source, *, fit: tuple[int, int] | Callable[[tuple[int, int]], tuple[i
     checked before any pixel is decoded. ``formats``: Pillow format names to accept (default: any)."""
     if isinstance(source, (bytes, bytearray, memoryview)) and not source:
         raise UnsupportedImage("no image data")
-    with _open(source, formats) as image:
+    with open_image(source, formats) as image:
         w, h = displayed_size(image)
         if w <= 0 or h <= 0:
             raise CorruptImage(f"the image has an empty size {w}x{h}")
@@ -178,5 +179,5 @@ def read_image(source, **kwargs) -> np.ndarray:
 
 def read_size(source) -> tuple[int, int]:
     """(width, height) as displayed, from the header (nothing decoded)."""
-    with _open(source, None) as image:
+    with open_image(source) as image:
         return displayed_size(image)
