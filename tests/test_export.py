@@ -4,7 +4,7 @@ Export: graphs pass onnx.checker, one exported step equals one step of the conve
 update of the runtime's own neurons is what lands in the graph, ``casc export`` writes the QANN and
 step graphs of both bundled detectors. Engine: its schedule equals the PyTorch runtime's on random
 nets (float32: ONNX Runtime's CPU provider has no float64 Conv, so boundary flips are counted) and
-gives the bundled YOLOv8n's detections at ``sleep="auto"``."""
+gives the bundled YOLOv8n's and Faster R-CNN's detections at ``sleep="auto"``."""
 
 import json
 
@@ -157,14 +157,19 @@ def yolo_export(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def rcnn_export(tmp_path_factory):
+    """``casc export`` of the bundled Faster R-CNN (batch 1: stage 2 takes up to 1000 RoIs)."""
+    out = tmp_path_factory.mktemp("rcnn-onnx")
+    assert casc(["export", "--model", "rcnn-r18-bundled", "--format", "onnx", "--out", str(out)]) == 0
+    return out
+
+
 @needs_bundled
 @pytest.mark.parametrize("model, networks", [("yolov8n-bundled", ["snn"]), ("rcnn-r18-bundled", ["stage1", "stage2"])])
-def test_casc_export_writes_checked_graphs(tmp_path, capsys, request, model, networks):
-    if model.startswith("yolo"):
-        tmp_path = request.getfixturevalue("yolo_export")
-        print(*(p.name for p in tmp_path.glob("*.onnx")))  # the fixture's output went to its own capture
-    else:
-        assert casc(["export", "--model", model, "--format", "onnx", "--batch", "1", "--out", str(tmp_path)]) == 0
+def test_casc_export_writes_checked_graphs(capsys, request, model, networks):
+    tmp_path = request.getfixturevalue("yolo_export" if model.startswith("yolo") else "rcnn_export")
+    print(*(p.name for p in tmp_path.glob("*.onnx")))  # the fixture's own output went to its capture
     manifest = json.loads((tmp_path / "export.json").read_text())
     assert manifest["family"] == ("yolo" if model.startswith("yolo") else "rcnn")
     assert sorted(manifest["networks"]) == networks
@@ -297,6 +302,23 @@ def test_graphs_are_exported_once_into_the_cache(tmp_path, monkeypatch):
     assert detectors._cached_export("yolov8n-bundled", None, 1, "float32") == first
     assert detectors._cached_export("yolov8n-bundled", None, 8, "float32") != first
     assert exports == [("yolov8n-bundled", 1), ("yolov8n-bundled", 8)] and first.parent == tmp_path
+
+
+@needs_bundled
+def test_bundled_faster_rcnn_detections_identical_on_both_engines(rcnn_export, tmp_path):
+    from detector.data.synthetic import generate_bundled
+    from detector.weights import load_detector as load_torch_detector
+
+    root = generate_bundled(tmp_path / "data", train=1, val=2, workers=1)
+    images = sorted((root / "images" / "val").glob("*.jpg"))
+    torch_det = load_torch_detector("rcnn-r18-bundled")
+    ort_det = load_detector("rcnn-r18-bundled", engine="onnxruntime", export_dir=rcnn_export, threads=1)
+    for image in images:
+        (e,), (g,) = torch_det.predict([image], sleep="auto"), ort_det.predict([image], sleep="auto")
+        assert len(e["boxes"]) > 0
+        assert (g["steps"], g["settled"], g["proposals"]) == (e["steps"], e["settled"], e["proposals"])
+        assert torch.equal(g["labels"], e["labels"])
+        assert torch.allclose(g["boxes"], e["boxes"], atol=1e-3) and torch.allclose(g["scores"], e["scores"], atol=1e-5)
 
 
 def test_load_detector_engines():
