@@ -1,5 +1,7 @@
 """ClipQuan and to_qann."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -8,11 +10,18 @@ from detector import ClipQuan, to_qann
 from detector.quant import qann_levels, unshare_modules
 
 
-def test_clipquan_is_the_clip_floor_staircase():
+def test_clipquan_is_the_clip_round_staircase_and_clip_floor_on_request():
+    z = torch.tensor([-1.0, 0.0, 0.24, 0.26, 0.49, 0.5, 1.2, 1.99, 2.0, 5.0])
+    # the paper's floor form: theta * floor(L * clamp(z / theta, 0, 1)) / L with theta = 2, L = 4: steps of 0.5
+    floor = ClipQuan(levels=4, threshold=2.0, rounding="floor")
+    assert floor(z).tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    # the default rounds (phi = 1/2): theta * clamp(floor(L * z / theta + phi), 0, L) / L
     q = ClipQuan(levels=4, threshold=2.0)
-    z = torch.tensor([-1.0, 0.0, 0.49, 0.5, 1.2, 1.99, 2.0, 5.0])
-    # theta * floor(L * clamp(z / theta, 0, 1)) / L with theta = 2, L = 4: steps of 0.5
-    assert q(z).tolist() == [0.0, 0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    assert q.rounding == "round"
+    for quant, phi in ((q, 0.5), (floor, 0.0)):
+        expected = [2.0 * min(max(math.floor(4 * v / 2.0 + phi), 0), 4) / 4 for v in z.tolist()]
+        assert quant(z).tolist() == expected, quant.rounding
+    assert q(z).tolist() == [0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 1.0, 2.0, 2.0, 2.0]
     assert (q.levels, q.threshold, q.learnable) == (4, 2.0, False)
 
 
