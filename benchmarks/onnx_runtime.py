@@ -73,7 +73,7 @@ def bench_batch(model: str, batch: int, images: list[Path], work: Path, threads:
     error = max(float((a.cpu() - b).abs().max()) for a, b in zip(expected.readout, got.readout))
     same = [_same_detections(a, b) for a, b in zip(eager.decode([t.cpu() for t in expected.readout]),
                                                    eager.decode(got.readout))]
-    row = {"batch": batch, "steps": expected.steps.tolist(), "same_steps": expected.steps.tolist() == got.steps.tolist(),
+    row = {"batch": batch, "steps": expected.steps.tolist(), "same_steps": torch.equal(expected.steps, got.steps),
            "max_abs_readout_diff": error, "images_with_same_detections": sum(same), "export_s": export_s}
     seconds = timed({"eager": run_eager(True), "eager_no_record": run_eager(False),
                      "ort": lambda: engine.raw(x.cpu())}, repeats)

@@ -7,5 +7,5 @@ from .engine import PROVIDERS, OrtSpikingNetwork
 from .graphs import export_qann, export_steps
 from .step import SpikingStep, StepExportError
 
-__all__ = ["PROVIDERS", "OnnxSpikingFasterRCNN", "OnnxSpikingYOLO", "OrtSpikingNetwork", "SpikingStep", "StepExportError", "export_detector",
-           "export_qann", "export_steps", "load_detector", "read_manifest"]
+__all__ = ["PROVIDERS", "OnnxSpikingFasterRCNN", "OnnxSpikingYOLO", "OrtSpikingNetwork", "SpikingStep",
+           "StepExportError", "export_detector", "export_qann", "export_steps", "load_detector", "read_manifest"]

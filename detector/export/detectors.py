@@ -2,9 +2,9 @@
 
 The PyTorch detector is still loaded for its pre- and post-processing (YOLO: letterbox, Ultralytics'
 decoding and NMS; Faster R-CNN: torchvision's transform, proposals, RoIAlign, box decoding); its
-spiking networks are replaced by the exported step graphs, run by ``OrtSpikingNetwork``. Graphs come from a ``casc export`` folder or are exported on first use into
-a cache folder (``$CASC_ONNX_CACHE``, else ``~/.cache/casc/onnx``), keyed by model, checksum, size,
-batch and dtype.
+spiking networks are replaced by the exported step graphs, run by ``OrtSpikingNetwork``. Graphs
+come from a ``casc export`` folder or are exported on first use into a cache folder
+(``$CASC_ONNX_CACHE``, else ``~/.cache/casc/onnx``), keyed by model, checksum, size, batch and dtype.
 """
 
 from __future__ import annotations
