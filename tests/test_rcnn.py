@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detector import UnsupportedModuleError
 from detector.randnet import randomise_batchnorm
@@ -110,20 +111,24 @@ def test_every_call_site_has_its_own_state():
     det.predict([image()], wake=4, sleep=2)
     sites = {name: m for name, m in det.stage1.neurons()}
     bottlenecks = [n for n in sites if n.startswith("backbone.body.layer") and n.endswith(".relu")]
-    assert len(bottlenecks) == 16
+    body = det.qann.backbone.body
+    assert len(bottlenecks) == sum(len(getattr(body, f"layer{i}")) for i in range(1, 5))  # 3 + 4 + 6 + 3
     for name in bottlenecks:  # Bottleneck's one self.relu, called three times
         assert sites[name].call_sites == 3, name
         shapes = [tuple(s[0].shape) for s in sites[name]._states]
         assert len(shapes) == 3
     assert sites["backbone.body.relu"].call_sites == 1
     rpn = sites["rpn_head.conv.0.1"]  # the RPN head applied to each FPN level
-    assert rpn.call_sites == 5
+    levels = len(det.qann.rpn.anchor_generator.sizes)  # FPN levels P2-P6 (the pool level included)
+    assert rpn.call_sites == levels == 5
     assert len({tuple(s[0].shape) for s in rpn._states}) == 5  # one state per level, each its own size
     heads = dict(det.stage2.neurons())
     assert set(heads) == {"box_head.relu6", "box_head.relu7"}  # TwoMLPHead's F.relu made modules
     assert all(m.call_sites == 1 and isinstance(m, CIFNeuron) for m in heads.values())
     # no max-pool or BatchNorm left: stem pool is an LIPool, every FrozenBatchNorm folded
-    assert det.stage1.batchnorm_kept == 0 and det.stage1.batchnorm_folded == 53
+    frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in det.qann.backbone.modules())
+    assert frozen == 1 + 3 * len(bottlenecks) + 4  # stem, three per bottleneck, four downsample branches
+    assert det.stage1.batchnorm_kept == 0 and det.stage1.batchnorm_folded == frozen
     assert any(type(m).__name__ == "LIPool" for m in det.stage1.modules())
 
 
