@@ -218,6 +218,20 @@ def test_engine_schedule_equals_the_pytorch_runtime_on_random_nets(tmp_path):
     assert len(flips) <= compared // 10, flips
 
 
+def test_engine_runs_analog_islands_and_lipool(tmp_path):
+    """An island's state (cumulative input, previous output) and a LIPool's are carried like a neuron's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ClipQuan(4), nn.Conv2d(4, 4, 1), nn.Sigmoid(),
+                        nn.MaxPool2d(2), nn.Conv2d(4, 2, 1)).eval()
+    snn = convert(net, analog=["3"])
+    info = export_steps(snn, torch.zeros(2, 3, 8, 8), tmp_path, "snn")
+    assert info["state_names"] == ["1[0]", "1[1]", "3[0]", "3[1]", "4[0]", "4[1]"]
+    x = torch.rand(2, 3, 8, 8)
+    expected, got = snn.run(x, record=False), OrtSpikingNetwork(tmp_path, info, threads=1).run(x)
+    assert torch.allclose(got.readout, expected.readout, atol=1e-5) and torch.equal(got.steps, expected.steps)
+    assert torch.allclose(got.readout, net(x), atol=1e-5)
+
+
 def test_engine_pads_a_short_batch_and_refuses_other_shapes(tmp_path):
     snn = convert(random_qann(5, depth=6))
     engine = OrtSpikingNetwork(tmp_path, export_steps(snn, torch.zeros(4, 3, 16, 16), tmp_path, "snn"), threads=1)
