@@ -60,6 +60,25 @@ def test_burst_sleep_is_exact_and_settles_fast(L):
         assert torch.equal(default.stats.spikes, res.stats.spikes)
 
 
+def test_one_spike_sleep_grows_with_depth_and_burst_sleep_does_not():
+    """DESIGN §1: with one spike per neuron per sleep step (burst=1) the sleep needed grows with depth; with
+    burst = L a whole residual is discharged at once: one sleep step plus the silent one that confirms it."""
+    single, burst = {}, {}
+    for index in range(19):
+        qann, x = net_and_input(4, 19 * 210 + index)  # depth 2 + index
+        snn = convert(qann)
+        one = snn.run(x, wake=4, sleep="auto", burst=1)
+        full = snn.run(x, wake=4, sleep="auto", burst=4)
+        assert bool(one.settled.all()) and bool(full.settled.all())
+        assert max_error(one.readout, full.readout) <= 1e-9  # the same fixed point
+        single[2 + index], burst[2 + index] = (one.steps - 4).tolist(), (full.steps - 4).tolist()
+        assert all(b <= s for b, s in zip(burst[2 + index], single[2 + index]))
+    mean = lambda table, depths: sum(sum(table[d]) for d in depths) / (3 * len(depths))  # noqa: E731
+    shallow, deep = range(2, 8), range(14, 21)
+    assert mean(single, deep) > mean(single, shallow) + 1, single
+    assert max(max(v) for v in burst.values()) <= 2, burst
+
+
 @pytest.mark.parametrize("ablation", ["no negative spikes", "no cap"])
 def test_ablations_break_exactness_on_the_same_nets(ablation):
     neuron = functools.partial(CIFNeuron, **({"negative_spikes": False} if ablation == "no negative spikes"
