@@ -10,22 +10,21 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
-ort = pytest.importorskip("onnxruntime")
-
-from detector.cli import main as casc  # noqa: E402
-from detector.convert import convert  # noqa: E402
-from detector.export import OrtSpikingNetwork, SpikingStep, StepExportError, export_steps, load_detector  # noqa: E402
-from detector.export.engine import execution_providers  # noqa: E402
-from detector.export.step import describe, tracing  # noqa: E402
-from detector.neurons import CIFNeuron  # noqa: E402
-from detector.quant import ClipQuan  # noqa: E402
-from detector.randnet import random_qann  # noqa: E402
-from detector.runtime import RunCancelled  # noqa: E402
-from detector.weights import load_manifest  # noqa: E402
+from detector.cli import main as casc
+from detector.convert import convert
+from detector.export import OrtSpikingNetwork, SpikingStep, StepExportError, export_steps, load_detector
+from detector.export.engine import execution_providers
+from detector.export.step import describe, tracing
+from detector.neurons import CIFNeuron
+from detector.quant import ClipQuan
+from detector.randnet import random_qann
+from detector.runtime import RunCancelled
+from detector.weights import load_manifest
 
 
 @pytest.fixture(autouse=True)

@@ -4,10 +4,9 @@ system, probes on the service's health endpoints, sized resources, read-only wei
 
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.33"  # the oldest release whose schemas we check against (still supported upstream)
