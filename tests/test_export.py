@@ -133,6 +133,19 @@ def test_readout_without_batch_axis_is_refused_by_name(tmp_path):
         export_steps(snn, torch.rand(2, 3, 8, 8), tmp_path, "snn")
 
 
+class _NoOnnxOp(nn.Module):
+    def forward(self, x):
+        return torch.special.erfcx(x)  # no ONNX symbolic
+
+
+def test_unexportable_operator_is_refused_naming_its_module(tmp_path):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ClipQuan(4), nn.Conv2d(4, 4, 1), _NoOnnxOp(),
+                        nn.Conv2d(4, 2, 1)).eval()
+    snn = convert(net, analog=["3"])
+    with pytest.raises(StepExportError, match=r"snn first step: cannot be exported to ONNX \(in 3.module\).*erfcx"):
+        export_steps(snn, torch.zeros(1, 3, 8, 8), tmp_path, "snn")
+
+
 def test_export_leaves_the_pytorch_runtime_as_it_was(tmp_path):
     snn = convert(random_qann(3, depth=6))
     x = torch.rand(2, 3, 16, 16)

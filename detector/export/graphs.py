@@ -9,6 +9,7 @@ export per input size and batch.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def _export(module: nn.Module, inputs: tuple, path: Path, input_names: list[str]
     except StepExportError:
         raise
     except Exception as error:  # the exporter's own errors name the operator, not the module
-        raise StepExportError(f"{what}: cannot be exported to ONNX: {error}") from error
+        where = _modules_using(module, inputs, str(error)) if not dynamo else []
+        at = f" (in {', '.join(where)})" if where else ""
+        raise StepExportError(f"{what}: cannot be exported to ONNX{at}: {error}") from error
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -67,6 +70,25 @@ def _compact_uniform_constants(path: Path, min_size: int = 1024) -> None:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     onnx.save(model, str(path))
+
+
+def _modules_using(module: nn.Module, inputs: tuple, message: str) -> list[str]:
+    """Paths of the modules whose forward applies the operator an export error names (from the trace's scopes)."""
+    match = re.search(r"'(aten::\w+?)_?'", message)
+    if match is None:
+        return []
+    op = match.group(1)
+    root = module.snn.model if isinstance(module, SpikingStep) else module
+    # The tracer records a module's path as its scope only when given this map (as torch.onnx does).
+    torch.jit._trace._trace_module_map = {m: name or type(root).__name__ for name, m in root.named_modules()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph, _ = torch.jit._get_trace_graph(module, inputs)
+    finally:
+        torch.jit._trace._trace_module_map = None
+    scopes = [node.scopeName() for node in graph.nodes() if node.kind().rstrip("_") == op]
+    return sorted({scope.rsplit("/", 1)[-1] for scope in scopes if scope})
 
 
 @torch.no_grad()
