@@ -73,8 +73,7 @@ def build(family: str, levels: int, rgb, rounding: str, theta: str | None, bn: b
         if first:
             next(m for m in qann.modules() if isinstance(m, ClipQuan)).levels = first
     else:
-        qann = quantize(model, levels, batches, theta=theta, rounding=rounding, first_levels=first,
-                        bn_batches=batches if bn else [])
+        qann = quantize(model, levels, batches, theta=theta, rounding=rounding, first_levels=first, reestimate_bn=bn)
     return qann, meta
 
 

@@ -8,7 +8,7 @@ ablation in ``docs/results/qann-ablation.md`` has the numbers):
    theta = 1, or a high percentile, leaves most of a deep detector's levels unused;
 2. the ClipQuan swap itself (rounding by default; a first layer may get more levels);
 3. BatchNorm statistics re-estimated on the quantized network, whose activations are not the float
-   network's any more (cumulative averages over ``bn_batches``).
+   network's any more (cumulative averages over the calibration batches).
 
 ``batches`` are whatever ``model(batch)`` accepts: letterboxed image tensors for YOLO, lists of
 image tensors for a torchvision detector.
@@ -127,14 +127,14 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable, desc: str = "Batch
 
 def quantize(model: nn.Module, levels: int, batches: Iterable, theta: str = "mse", percentile: float = 99.9,
              rounding: str = "round", first_levels: int | None = None, site_levels: dict[str, int] | None = None,
-             bn_batches: Iterable | None = None, inplace: bool = False) -> nn.Module:
+             reestimate_bn: bool = True, inplace: bool = False) -> nn.Module:
     """A calibrated QANN of the float ``model`` (a copy unless ``inplace``): see the module docstring.
 
     ``levels``: L of every activation; ``first_levels``: L of the first activation (in registration
     order; the most sensitive layer of a detector), ``site_levels``: L per activation path (wins over
-    both). ``theta``: ``"mse"`` (default) or ``"percentile"``. ``batches`` are used for the thresholds;
-    ``bn_batches`` (default: the same) for the BatchNorm re-estimation, which is skipped when the model
-    has no BatchNorm with running statistics.
+    both). ``theta``: ``"mse"`` (default) or ``"percentile"``. ``batches`` serve the thresholds and the
+    BatchNorm re-estimation (``reestimate_bn=False`` skips it; so does a model without BatchNorms that
+    keep running statistics).
     """
     if theta not in THETA_METHODS:
         raise ValueError(f"theta must be one of {THETA_METHODS}, got {theta!r}")
@@ -160,6 +160,7 @@ def quantize(model: nn.Module, levels: int, batches: Iterable, theta: str = "mse
     for path, module in target.named_modules():
         if isinstance(module, ClipQuan) and path in thresholds:
             module.threshold_param.fill_(thresholds[path])
-    reestimate_batchnorm(target, batches if bn_batches is None else bn_batches)
+    if reestimate_bn:
+        reestimate_batchnorm(target, batches)
     return target
 
