@@ -110,6 +110,7 @@ class SpikingNetwork(nn.Module):
         self.stateful = [m for m in model.modules() if isinstance(m, CallSiteModule)]
         for m in self.stateful:
             m.sim = sim
+        self._traced: set[tuple] = set()  # input signatures whose flow was traced (and passed)
         first = next((m.layer for m in model.modules() if isinstance(m, Synapse)), None)
         # (rank, channels) the first layer expects, for clear input errors; None: not a conv
         self._input_spec = (len(first.kernel_size) + 2, first.in_channels) if isinstance(first, _ConvNd) else None
@@ -196,11 +197,15 @@ class SpikingNetwork(nn.Module):
         recorder = self.sim.recorder
         if recorder is not None:
             recorder.begin_stack(steps)
-        if first:  # learn which synapses receive spikes; refuse hidden non-linear functions
+        signature = (tuple(x.shape[1:]), x.dtype, x.device)
+        if first and signature not in self._traced:
+            # Learn which synapses receive spikes and refuse hidden non-linear functions and constants,
+            # once per input signature (the module tree's flow does not change between runs).
             with SpikeFlowTrace(self.model) as trace:
                 trace.mark(x, ANALOG)
                 out = self.model(x)
             trace.raise_problems()
+            self._traced.add(signature)
         else:
             out = self.model(x)
         if recorder is not None:

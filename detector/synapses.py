@@ -39,8 +39,9 @@ SYNAPTIC_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d,
 class Synapse(CallSiteModule):
     """Wraps one conv / linear / affine layer (weights shared with the QANN it came from).
 
-    Its per-call-site state is whether that call's input carries spikes (synaptic operations) or
-    an analog current (MACs), learnt from the run's flow trace (``flow.SpikeFlowTrace``).
+    ``input_kinds[n]`` says whether its n-th call per step receives spikes (synaptic operations) or
+    an analog current (MACs); the flow trace (``flow.SpikeFlowTrace``) learns it once per input
+    signature and it is kept across runs.
     """
 
     kind = "synapse"
@@ -52,11 +53,15 @@ class Synapse(CallSiteModule):
         self.layer = layer
         self._out_shapes: dict[torch.Size, torch.Size] = {}
         self._fanouts: dict[tuple, torch.Tensor] = {}
-        self._traced_spikes = False
+        self.input_kinds: list[bool] = []
 
     def note_input_kind(self, spikes: bool) -> None:
-        """Called by the flow trace right before this layer runs."""
-        self._traced_spikes = spikes
+        """Called by the flow trace right before this layer runs (its next call)."""
+        index = self._calls
+        if index < len(self.input_kinds):
+            self.input_kinds[index] = spikes
+        else:
+            self.input_kinds.append(spikes)
 
     def apply_layer(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         layer = self.layer
@@ -68,8 +73,8 @@ class Synapse(CallSiteModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sim = self.sim
-        _, spike_input = self.next_state(lambda: self._traced_spikes)
-        self._traced_spikes = False
+        index, _ = self.next_state(lambda: None)
+        spike_input = index < len(self.input_kinds) and self.input_kinds[index]  # untraced: count dense MACs
         if not sim.sleeping:
             y = self.apply_layer(x, bias=True)
             self._out_shapes[x.shape[1:]] = y.shape[1:]
