@@ -47,7 +47,8 @@ def figure_title(runs: list[dict], what: str, machine: bool = False) -> str:
 
 def machine_text(results: dict) -> str:
     m = results.get("machine", {})
-    return f"{m.get('device', '?')}, {m.get('threads', '?')} threads" + (
+    threads = m.get("threads", "?")
+    return f"{m.get('device', '?')}, {threads} thread{'' if threads == 1 else 's'}" + (
         f" of {m['cores']} cores" if m.get("cores") else "")
 
 

@@ -322,8 +322,11 @@ def _distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
+CACHE_FORMAT = 2  # 2: total-step keys for Faster R-CNN, timed methods; older caches are not reused
+
+
 def _config_key(args, timesteps, methods, qann, float_entry, count) -> str:
-    fields = [args.data, args.split, methods, timesteps, args.wake, args.sleep, args.burst, args.max_sleep, args.conf,
+    fields = [CACHE_FORMAT, args.data, args.split, methods, timesteps, args.wake, args.sleep, args.burst, args.max_sleep, args.conf,
               args.iou, args.max_det, args.batch, count, args.calibration_images, args.dtype,
               qann.sha256 or str(qann.path), float_entry.sha256 if float_entry else None]
     return hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:16]
@@ -371,7 +374,7 @@ def estimate_cost(probe: dict[str, float], methods: list[str], timesteps: list[i
     per_image = forwards * probe["forward_s"] + sum(steps.values()) * probe["step_s"]
     parts = ([f"{forwards} forward{'s' * (forwards > 1)}"] if forwards else []) + \
         [f"{name} {'≈ ' * (name == 'CASC' and args.sleep == 'auto')}{n} steps" for name, n in steps.items()]
-    return (f"cost estimate: {images} images × ({' + '.join(parts)}); one forward {probe['forward_s'] * 1e3:.0f} ms, "
+    return (f"cost estimate: {images} image{'s' * (images != 1)} × ({' + '.join(parts)}); one forward {probe['forward_s'] * 1e3:.0f} ms, "
             f"one spiking step {probe['step_s'] * 1e3:.0f} ms (timed here) -> about "
             f"{_duration(images * per_image)} for the detectors, plus loading and mAP")
 

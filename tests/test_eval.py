@@ -12,8 +12,8 @@ import pytest
 
 from detector.data import generate_bundled
 from detector.cli import main as casc
-from eval.runner import (DEFAULT_TIMESTEPS, METHODS, add_arguments, evaluate, format_table, parse_timesteps,
-                         resolve_device, stage_budgets)
+from eval.runner import (DEFAULT_TIMESTEPS, METHODS, add_arguments, estimate_cost, evaluate, format_table,
+                         parse_methods, parse_timesteps, resolve_device, stage_budgets)
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +98,13 @@ def test_two_stage_rcnn_settles_on_the_qann_on_total_steps(tiny_set, tmp_path):
 
 @pytest.mark.parametrize("family", ["yolo", "rcnn"])
 @pytest.mark.parametrize("method", METHODS)
-def test_every_single_method_runs(tiny_set, tmp_path, family, method):
+def test_every_single_method_runs(tiny_set, tmp_path, capsys, family, method):
     model, steps = {"yolo": ("yolov8n-bundled", "1,2"), "rcnn": ("rcnn-r18-bundled", "2,4")}[family]
     results = evaluate(eval_args("--model", model, "--data", f"coco:{tiny_set}", "--limit", "1", "--methods", method,
                                  "--timesteps", steps, "--calibration-images", "2", "--threads", "1",
                                  "--out", str(tmp_path)))
     assert list(results["summary"]) == [method]
+    assert "cost estimate: 1 image × (" in capsys.readouterr().out
     table = format_table(results["summary"], results["schedule"]["timesteps"], family == "rcnn")
     assert all(f"T={t}" in table for t in steps.split(","))
     assert (tmp_path / "map_vs_t.png").is_file() and (tmp_path / "map_vs_latency.png").is_file()
@@ -117,6 +118,16 @@ def test_table_keeps_every_requested_t():
     head = format_table(summary, [1, 6, 24]).splitlines()[0]
     assert [c.strip() for c in head.split("|")[2:6]] == ["T=1", "T=6", "T=24", "T=auto"]
     assert "T≈6.0" in format_table(summary, [1, 6, 24])
+
+
+def test_cost_estimate_counts_passes_and_prices_them():
+    probe = {"forward_s": 0.02, "step_s": 0.05}
+    args = eval_args()  # the defaults: sleep auto, burst = wake
+    text = estimate_cost(probe, parse_methods("ann,qann,casc,if"), [1, 8, 64], 16, args, "yolo", wake=4)
+    assert "16 images × (2 forwards + CASC ≈ 6 steps + IF 64 steps)" in text
+    assert "about 57 s" in text  # 16 × (2 × 0.02 + 70 × 0.05) = 56.6
+    rcnn = estimate_cost(probe, ["casc"], [2, 8], 2, eval_args("--burst", "1"), "rcnn", wake=4)
+    assert "CASC ≈ 48 steps" in rcnn  # two stages, one spike per sleep step: tens of sleep steps each
 
 
 def test_default_timesteps_and_stage_budgets():
