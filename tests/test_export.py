@@ -258,6 +258,8 @@ def test_engine_pads_a_short_batch_and_refuses_other_shapes(tmp_path):
         engine.run(torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="wake must be an integer"):
         engine.run(x, wake=0)
+    with pytest.raises(ValueError, match="one graph per time step"):
+        engine.run(x, mode="multistep")
 
 
 def test_engine_cancel_and_states_on_the_providers_device(tmp_path):

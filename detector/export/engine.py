@@ -127,9 +127,12 @@ class OrtSpikingNetwork:
 
     # --- the schedule -------------------------------------------------------------------
 
-    def run(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
-            max_sleep: int = 256, cancel: threading.Event | None = None) -> RunResult:
-        """``SpikingNetwork.run``'s schedule and result (step mode, ``stats=None``: no spike counting here)."""
+    def run(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
+            burst: int | None = None, max_sleep: int = 256, cancel: threading.Event | None = None) -> RunResult:
+        """``SpikingNetwork.run``'s schedule and result, called the same way (step mode; ``stats=None``: the
+        graphs do not count spikes or energy)."""
+        if mode != "step":
+            raise ValueError(f"the ONNX Runtime engine runs one graph per time step (mode='step'), got mode={mode!r}")
         wake = self.levels if wake is None else wake
         burst = wake if burst is None else burst
         for name, value in (("wake", wake), ("burst", burst), ("max_sleep", max_sleep)):
