@@ -22,6 +22,7 @@ import torch
 
 from detector.cli import main as casc
 from detector.data import ensure_bundled
+from detector import checkpoint
 from detector.weights import sha256_of
 
 WEIGHTS = Path(__file__).resolve().parent
@@ -73,7 +74,7 @@ def compact(source: Path, target: Path) -> str:
     ckpt = torch.load(source, map_location="cpu", weights_only=True)
     ckpt = {k: v for k, v in ckpt.items() if k not in TRAINING_KEYS}
     ckpt["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-    torch.save(ckpt, target)
+    checkpoint.save(ckpt, target)
     return sha256_of(target)
 
 

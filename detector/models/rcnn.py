@@ -61,7 +61,7 @@ from ..fuse import register_bn_pairs
 from ..quant import ClipQuan, qann_levels, to_qann, with_legacy_quant_state
 from ..energy import PJ_PER_MAC, count_macs
 from ..runtime import RunResult, SpikingNetwork
-from ..weights import verify_sha256
+from .. import checkpoint
 
 # --- registrations (what the converter must know about torchvision's detection modules) -------
 
@@ -254,9 +254,7 @@ class RCNNEvent:
 
 def load_checkpoint(path: str | Path, sha256: str | None = None) -> dict:
     """``torch.load(weights_only=True)`` after the file check and the optional sha256 check."""
-    path = Path(path)
-    verify_sha256(path, sha256)
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = checkpoint.load(path, sha256)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a state dict or a checkpoint dict, got {type(data).__name__}")
     return data
@@ -971,11 +969,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _save_checkpoint(path: Path, model: nn.Module, meta: dict, **extra) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state_dict": state, "meta": meta, **extra},
-               tmp)
-    tmp.replace(path)
+    checkpoint.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state_dict": state, "meta": meta,
+                     **extra}, path)
 
 
 def train_from_args(args: argparse.Namespace) -> Path:

@@ -29,7 +29,6 @@ import argparse
 import copy
 import threading
 import math
-import pickle
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -55,7 +54,8 @@ from ..convert import convert, register_linear_module, register_nonlinear_module
 from ..fuse import register_bn_pairs  # noqa: E402
 from ..quant import ClipQuan, activation_references, qann_levels, to_qann, with_legacy_quant_state  # noqa: E402
 from ..runtime import RunResult, SpikingNetwork  # noqa: E402
-from ..weights import verify_sha256  # noqa: E402
+from .. import checkpoint  # noqa: E402
+from ..checkpoint import UnreadableCheckpoint  # noqa: E402
 
 __all__ = [
     "SpikingYOLO", "Detections", "DetectionEvent", "UnsupportedModelError", "build_qann", "load_checkpoint",
@@ -262,13 +262,12 @@ def load_checkpoint(path: str | Path, sha256: str | None = None, levels: int | N
     Metadata: ``names`` (dict), ``imgsz``, ``levels``, ``act``, ``format``.
     """
     path = Path(path)
-    verify_sha256(path, sha256)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError) as error:
+        ckpt = checkpoint.load(path, sha256)  # a modified file of ours is refused here
+    except UnreadableCheckpoint as error:
         if "PytorchStreamReader" in str(error) or "zip archive" in str(error):
-            raise ValueError(f"{path} is not a readable checkpoint: {error}") from error
-        ckpt = None
+            raise
+        ckpt = None  # a pickle: Ultralytics' own format
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
         model = _from_safe(ckpt)
         meta = {"names": _names_dict(ckpt.get("names")), "imgsz": _imgsz_of(ckpt.get("imgsz")),
@@ -352,10 +351,7 @@ def export_checkpoint(model_or_pt: nn.Module | str | Path | "SpikingYOLO", path:
         "names": [names[i] for i in sorted(names)] if names else None,
         "imgsz": int(imgsz if imgsz is not None else meta.get("imgsz") or 640),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return path
+    return checkpoint.save(ckpt, path)
 
 
 # --- the spiking part: the network up to the Detect head's last 1x1 convs ---------------------------------
