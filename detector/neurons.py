@@ -38,10 +38,12 @@ class Neuron(CallSiteModule):
             spikes = torch.empty_like(per_step)
             for t in range(steps):
                 spikes[t] = self.update(state, per_step[t], theta, sim.wake_counts[t], sim.sleeping)
-        counts = spikes.abs().flatten(2).sum(2)  # events per (step, sample); a burst of n is n events
-        sim.note_activity((counts > 0).flatten())
-        if sim.record:
-            sim.recorder.record_spikes(self.site(index), counts, per_step.shape[2:].numel())
+        if sim.sleeping or sim.record:  # wake steps need no activity map (only a silent sleep step settles)
+            counts = spikes.abs().flatten(2).sum(2)  # events per (step, sample); a burst of n is n events
+            if sim.sleeping:
+                sim.note_activity((counts > 0).flatten())
+            if sim.record:
+                sim.recorder.record_spikes(self.site(index), counts, per_step.shape[2:].numel())
         out = spikes if theta == 1.0 else spikes.mul_(theta)
         return out.flatten(0, 1)
 
