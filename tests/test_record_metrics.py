@@ -1,0 +1,38 @@
+"""weights/record_metrics.py: manifest metrics come from casc eval results, with the command."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("record_metrics", ROOT / "weights" / "record_metrics.py")
+record_metrics = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(record_metrics)
+
+
+def _curve(values):
+    return {str(t): {"map50_95": v, "map50": v + 0.1, "steps_mean": float(t)} for t, v in values.items()}
+
+
+def test_metrics_land_on_the_qann_and_float_entries(tmp_path):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"models": [{"name": "q", "metrics": {}}, {"name": "f", "metrics": {"old": 1}}]}))
+    casc = _curve({1: 0.0, 4: 0.3, 5: 0.5, 6: 0.6})
+    casc["auto"] = {"map50_95": 0.6, "map50": 0.7, "steps_mean": 6.0}
+    results = {"command": "casc eval --model q", "model": {"name": "q"}, "float_model": {"name": "f"},
+               "data": {"spec": "bundled", "split": "val", "images": 10}, "schedule": {"wake": 4},
+               "summary": {"ann": {"metrics": {"flat": {"map50_95": 0.62, "map50": 0.8}}},
+                           "qann": {"metrics": {"flat": {"map50_95": 0.6, "map50": 0.7}}},
+                           "casc": {"metrics": casc, "steps_to_99pct_qann": 6}}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    record_metrics.record([path], manifest)
+    entries = {e["name"]: e["metrics"] for e in json.loads(manifest.read_text())["models"]}
+    assert entries["q"]["qann"] == {"map50_95": 0.6, "map50": 0.7}
+    assert entries["q"]["casc_auto"]["steps_mean"] == 6.0 and entries["q"]["casc_steps_to_99pct_qann"] == 6
+    assert entries["q"]["casc_steps_to_95pct_float"] == 6  # 0.95 * 0.62 = 0.589: first reached at T = 6
+    assert entries["q"]["command"] == "casc eval --model q" and entries["q"]["images"] == 10
+    assert entries["f"] == {"old": 1, "data": "bundled", "split": "val", "images": 10, "command": "casc eval --model q",
+                            "ann": {"map50_95": 0.62, "map50": 0.8}}
