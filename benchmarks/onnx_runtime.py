@@ -43,8 +43,8 @@ def timed(fns: dict, repeats: int) -> dict:
 
 
 def _same_detections(a, b) -> bool:
-    return (len(a) == len(b) and torch.equal(a.classes, b.classes) and torch.allclose(a.boxes, b.boxes, atol=1e-3)
-            and torch.allclose(a.scores, b.scores, atol=1e-5))
+    return (len(a) == len(b) and torch.equal(a.boxes.cls, b.boxes.cls)
+            and torch.allclose(a.boxes.xyxy, b.boxes.xyxy, atol=1e-3) and torch.allclose(a.boxes.conf, b.boxes.conf, atol=1e-5))
 
 
 def _sync(device: torch.device) -> None:

@@ -86,15 +86,14 @@ def evaluate(family: str, model, meta, val: int, quantized: bool = True) -> dict
 
         det = SpikingYOLO.from_model(model, names=meta["names"], imgsz=meta["imgsz"]) if quantized else None
         predict = (det.qann_predict if det else _float_yolo(model, meta).qann_predict)
-        run = lambda ims: [as_records(r) for r in predict(ims, conf=0.001, color="rgb")]  # noqa: E731
     else:
         from detector.models.rcnn import SpikingFasterRCNN
 
         det = (SpikingFasterRCNN(model, classes=meta.get("classes"), meta=meta) if quantized
                else SpikingFasterRCNN(model, classes=meta.get("classes"), meta=meta, neuron="if",
                                       calibration=[dataset.load_image(0)]))
-        names = list(meta.get("classes") or [])
-        run = lambda ims: [as_records(r, names) for r in det.qann_predict(ims, score_thresh=0.001)]  # noqa: E731
+        predict = det.qann_predict
+    run = lambda ims: [as_records(r) for r in predict(ims, conf=0.001, color="rgb")]  # noqa: E731
     detections, truth = [], []
     for start in range(0, count, 8):
         idx = list(range(start, min(start + 8, count)))

@@ -77,12 +77,11 @@ def main() -> None:
                     continue
                 t_snn, res = timed(lambda: det.predict([img], mode=mode, burst=burst))
                 r = res[0]
-                ann_uj = (macs1 + macs2 * r["proposals"]) * PJ_PER_MAC * 1e-6
-                T = r["steps"]["total"]
-                print(f"{size:>4} {mode:>9} {burst:>5} {r['steps']['stage1']:>4} (4+{r['steps']['stage1'] - 4:<2})"
-                      f" {r['steps']['stage2']:>4} (4+{r['steps']['stage2'] - 4:<2}) {t_snn:7.2f} {t_float:7.3f} "
-                      f"{t_snn / t_float:6.1f} {t_snn / t_float / T:7.2f} {r['spikes']:9.3g} {r['energy_uj']:10.4g} "
-                      f"{ann_uj:8.4g} {len(r['boxes']):>4}")
+                ann_uj = (macs1 + macs2 * r.proposals) * PJ_PER_MAC * 1e-6
+                t1, t2, T = r.stage_steps["stage1"], r.stage_steps["stage2"], r.steps
+                print(f"{size:>4} {mode:>9} {burst:>5} {t1:>4} (4+{t1 - 4:<2}) {t2:>4} (4+{t2 - 4:<2}) {t_snn:7.2f} "
+                      f"{t_float:7.3f} {t_snn / t_float:6.1f} {t_snn / t_float / T:7.2f} {r.spikes:9.3g} "
+                      f"{r.energy_uj:10.4g} {ann_uj:8.4g} {len(r):>4}")
     print("T1/T2: total steps of stage 1 (backbone+FPN+RPN) and stage 2 (box head), wake + sleep (sleep='auto');\n"
           "ratio = SNN seconds / float forward seconds (whole torchvision forward, same image);\n"
           "ratio/T divides by the total steps T1+T2. Energy: 0.9 pJ/SOP + 4.6 pJ/MAC (45 nm), both stages; "

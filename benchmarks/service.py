@@ -178,14 +178,9 @@ def sleep_bound(models=BUNDLED, images: int = 48, threads: int = 1) -> None:
             sleeps, settled = [], []
             for i in range(0, count, 8):
                 batch = arrays[i:min(i + 8, count)]
-                if name.startswith("yolo"):
-                    out = model.predict(batch, sleep="auto", burst=burst, color="rgb", max_sleep=256)
-                    sleeps += [d.steps - d.wake for d in out]
-                    settled += [d.settled for d in out]
-                else:
-                    out = model.predict(batch, sleep="auto", burst=burst, max_sleep=256)
-                    sleeps += [max(r["steps"]["stage1"], r["steps"]["stage2"]) - model.levels for r in out]
-                    settled += [r["settled"] for r in out]
+                out = model.predict(batch, sleep="auto", burst=burst, color="rgb", max_sleep=256)
+                sleeps += [(max(r.stage_steps.values()) if r.stage_steps else r.steps) - r.wake for r in out]
+                settled += [r.settled for r in out]
             print(f"{name}: burst {burst or 'L (default)'}: sleep steps of 'auto' max {max(sleeps)}, "
                   f"mean {statistics.mean(sleeps):.1f} over {count} images (per stage for R-CNN); all settled: "
                   f"{all(settled)}")

@@ -97,7 +97,7 @@ def main() -> None:
         out64 = det64.raw(x64, wake=L, sleep="auto", burst=1).readout
         rows["err64"].append(max(float((a - b).abs().max()) for a, b in zip(out64, ref64)))
         rows["same_dets64"].append(float(all(
-            torch.equal(a.boxes, b.boxes) and torch.equal(a.classes, b.classes)
+            torch.equal(a.boxes.xyxy, b.boxes.xyxy) and torch.equal(a.boxes.cls, b.boxes.cls)
             for a, b in zip(det64.decode(out64, conf=CONF), det64.decode(ref64, conf=CONF)))))
 
         x32, _ = det32.preprocess([img])
@@ -111,8 +111,8 @@ def main() -> None:
         rows["err32"].append(max(float((a - b).abs().max()) for a, b in zip(out32, ref32)))
         a, b = det32.decode(out32, conf=CONF)[0], det32.decode(ref32, conf=CONF)[0]
         # float32: same classes and boxes within 0.5 px (summation order makes bitwise equality meaningless)
-        rows["same_dets32"].append(float(len(a) == len(b) and torch.equal(a.classes, b.classes)
-                                         and (len(a) == 0 or float((a.boxes - b.boxes).abs().max()) < 0.5)))
+        rows["same_dets32"].append(float(len(a) == len(b) and torch.equal(a.boxes.cls, b.boxes.cls)
+                                         and (len(a) == 0 or float((a.boxes.xyxy - b.boxes.xyxy).abs().max()) < 0.5)))
         rows["ndet"].append(float(len(b)))
         rows["steps"].append(float(steps[0]))
         rows["spikes"].append(float(stats.spikes[0]))

@@ -1,19 +1,17 @@
 """One interface over both detector families (YOLO, Faster R-CNN) for the service.
 
-Images reach the backends as HxWx3 uint8 **RGB** arrays; results are plain JSON-ready dicts.
+Images reach the backends as HxWx3 uint8 **RGB** arrays; both families' ``predict`` / ``stream`` take the same
+arguments and return ``detector.detect.Results``, made plain JSON-ready dicts here.
 """
 
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-
-from detector.models import as_records
 
 
 @dataclass(frozen=True)
@@ -44,17 +42,19 @@ def scale_detections(detections: list[dict], sx: float, sy: float) -> list[dict]
                           round(d["box"][3] * sy, 3)]} for d in detections]
 
 
-def _detections(record: dict) -> list[dict]:
-    return [{"box": [round(float(v), 3) for v in b], "score": float(s), "class_id": int(c), "name": str(n)}
-            for b, s, c, n in zip(record["boxes"], record["scores"], record["classes"], record["names"])]
+def _detections(result) -> list[dict]:
+    return [{"box": [round(v, 3) for v in b], "score": s, "class_id": c, "name": n}
+            for b, s, c, n in zip(result.boxes.xyxy.tolist(), result.boxes.conf.tolist(), result.boxes.cls.tolist(),
+                                  result.labels)]
 
 
-def result_of(record: dict, wake: int | None, settled: bool | None = None) -> dict:
-    return {"detections": _detections(record), "steps": record.get("steps"), "wake": wake,
-            "spikes": record.get("spikes"), "energy_uj": record.get("energy_uj"), "settled": settled}
+def result_of(result, wake: int | None) -> dict:
+    """A ``detector.detect.Results`` as the service's answer."""
+    return {"detections": _detections(result), "steps": result.steps, "wake": wake, "spikes": result.spikes,
+            "energy_uj": result.energy_uj, "settled": result.settled}
 
 
-class Backend(ABC):
+class Backend:
     """Common part: name, family, levels, class names, the checkpoint's sha256 and whether the manifest
     vouches for it (``verified``)."""
 
@@ -88,15 +88,27 @@ class Backend(ABC):
         return type(self.model).__name__
 
     def class_names(self) -> list[str]:
-        return []
+        names = self.model.names
+        return [str(names[i]) for i in sorted(names)]
 
-    @abstractmethod
     def predict(self, images: list[np.ndarray], p: Params, cancel=None) -> list[dict]:
         """One result dict per image. ``cancel``: an event checked between time steps (``RunCancelled``)."""
+        wake = p.wake or self.levels
+        results = self.model.predict(list(images), wake=wake, sleep=p.sleep, conf=p.conf, iou=p.iou,
+                                     max_det=p.max_det, burst=p.burst, max_sleep=p.max_sleep, cancel=cancel,
+                                     batch=max(1, len(images)), color="rgb")
+        return [result_of(r, wake) for r in results]
 
-    @abstractmethod
     def stream(self, image: np.ndarray, p: Params, cancel=None) -> Iterator[dict]:
         """One event dict per time step, then the final result."""
+        wake = p.wake or self.levels
+        for ev in self.model.stream(image, wake=wake, sleep=p.sleep, conf=p.conf, iou=p.iou, max_det=p.max_det,
+                                    burst=p.burst, max_sleep=p.max_sleep, cancel=cancel, color="rgb"):
+            yield {"type": "step", "stage": ev.stage, "t": ev.t, "phase": ev.phase, "wake": ev.wake,
+                   "spikes": ev.spikes, "cumulative_spikes": ev.cumulative_spikes, "settled": ev.settled,
+                   "detections": _detections(ev.detections)}
+            if ev.final:
+                yield {"type": "final", **result_of(ev.detections, wake)}
 
 
 class YOLOBackend(Backend):
@@ -116,30 +128,6 @@ class YOLOBackend(Backend):
         yaml = getattr(self.model.qann, "yaml", {}) or {}
         return str(yaml.get("yaml_file") or yaml.get("arch") or "yolo")
 
-    def class_names(self) -> list[str]:
-        names = self.model.names or {}
-        return [str(names[i]) for i in sorted(names)]
-
-    def predict(self, images, p, cancel=None):
-        wake = p.wake or self.levels
-        dets = self.model.predict(list(images), wake=wake, sleep=p.sleep, conf=p.conf, iou=p.iou,
-                                  max_det=p.max_det, batch=max(1, len(images)), color="rgb", burst=p.burst,
-                                  max_sleep=p.max_sleep, cancel=cancel)
-        return [result_of(as_records(d), wake, d.settled) for d in dets]
-
-    def stream(self, image, p, cancel=None):
-        wake = p.wake or self.levels
-        last = None
-        for ev in self.model.stream(image, wake=wake, sleep=p.sleep, conf=p.conf, iou=p.iou, max_det=p.max_det,
-                                    color="rgb", burst=p.burst, max_sleep=p.max_sleep, cancel=cancel):
-            last = ev
-            yield {"type": "step", "stage": 1, "t": ev.t, "phase": ev.phase, "wake": ev.wake, "spikes": ev.spikes,
-                   "cumulative_spikes": ev.cumulative_spikes, "settled": ev.settled,
-                   "detections": _detections(as_records(ev.detections))}
-        if last is None:
-            raise RuntimeError("the model produced no time step")
-        yield {"type": "final", **result_of(as_records(last.detections), wake, last.detections.settled)}
-
 
 class RCNNBackend(Backend):
     family = "rcnn"
@@ -158,50 +146,6 @@ class RCNNBackend(Backend):
     def input_size(self, size):
         scale = self._scale(size)  # torchvision's resize: floor(side * scale)
         return int(size[0] * scale), int(size[1] * scale)
-
-    def class_names(self) -> list[str]:
-        if self.model.classes:
-            return [str(c) for c in self.model.classes]
-        n = self.model.qann.roi_heads.box_predictor.cls_score.out_features - 1
-        return [str(i) for i in range(n)]
-
-    def _filter(self, res: dict, p: Params) -> dict:
-        """``conf`` is the score threshold; ``iou`` an extra class-wise NMS; ``max_det`` a cap."""
-        import torch
-        from torchvision.ops import batched_nms
-
-        boxes, scores, labels = res["boxes"], res["scores"], res["labels"]
-        keep = scores >= p.conf
-        idx = torch.nonzero(keep).flatten()
-        if idx.numel():
-            idx = idx[batched_nms(boxes[idx].float(), scores[idx].float(), labels[idx], p.iou)]
-        idx = idx[: p.max_det]
-        out = dict(res)
-        out["boxes"], out["scores"], out["labels"] = boxes[idx], scores[idx], labels[idx]
-        if res.get("names") is not None:
-            out["names"] = [res["names"][int(i)] for i in idx]
-        return out
-
-    def _record(self, res: dict, p: Params) -> dict:
-        return result_of(as_records(self._filter(res, p), self.class_names()), p.wake or self.levels,
-                         res.get("settled"))
-
-    def predict(self, images, p, cancel=None):
-        results = self.model.predict(list(images), wake=p.wake or self.levels, sleep=p.sleep, score_thresh=p.conf,
-                                     burst=p.burst, max_sleep=p.max_sleep, cancel=cancel)
-        return [self._record(r, p) for r in results]
-
-    def stream(self, image, p, cancel=None):
-        total = 0.0
-        for ev in self.model.stream(image, wake=p.wake or self.levels, sleep=p.sleep, score_thresh=p.conf,
-                                    burst=p.burst, max_sleep=p.max_sleep, cancel=cancel):
-            total += float(ev.spikes or 0.0)
-            dets = _detections(as_records(self._filter(ev.detections, p), self.class_names())) \
-                if ev.detections is not None else []
-            yield {"type": "step", "stage": ev.stage, "t": ev.t_total, "phase": ev.phase, "wake": ev.wake,
-                   "spikes": ev.spikes, "cumulative_spikes": total, "settled": ev.settled, "detections": dets}
-            if ev.final:
-                yield {"type": "final", **self._record(ev.detections, p)}
 
 
 def load_backend(name_or_path: str, device: str = "cpu", allow_unverified: bool = False, analog=None) -> Backend:
@@ -230,7 +174,7 @@ def load_backend(name_or_path: str, device: str = "cpu", allow_unverified: bool 
                              f"(sha256 {sha256}, expected {manifest[name].sha256}): refusing to serve it")
     kwargs = {"analog": analog} if analog is not None else {}
     model = load_detector(source, device=device, **kwargs)
-    cls = YOLOBackend if hasattr(model, "names") and hasattr(model, "imgsz") else RCNNBackend
+    cls = YOLOBackend if hasattr(model, "imgsz") else RCNNBackend  # a letterbox size: YOLO
     return cls(name, model, sha256=sha256, verified=verified)
 
 

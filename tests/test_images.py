@@ -94,20 +94,17 @@ def test_limits_and_errors():
 
 
 def test_library_readers_use_it(tmp_path):
-    """The YOLO and Faster R-CNN adapters and the dataset loader all read files through detector.images."""
+    """The detectors (both families) and the dataset loader all read files through detector.images."""
     from detector.data.dataset import read_image as dataset_read, read_image_size
-    from detector.models.rcnn import _to_image_tensor
-    from detector.models.yolo import _to_bgr
+    from detector.detect import read_bgr
 
     data, _ = exif_rotated_jpeg(6)
     path = tmp_path / "phone.jpg"
     path.write_bytes(data)
     expected = read_image(path)
     assert (dataset_read(str(path)) == expected).all() and read_image_size(str(path)) == (40, 20)
-    assert (_to_bgr(path, "bgr")[..., ::-1] == expected).all()
-    assert (_to_bgr(Image.open(path), "bgr")[..., ::-1] == expected).all()
-    tensor = _to_image_tensor(path)
-    assert tensor.shape == (3, 40, 20) and np.allclose(tensor.permute(1, 2, 0).numpy() * 255, expected)
+    assert (read_bgr(path, "bgr")[..., ::-1] == expected).all()  # both adapters' reader (SpikingDetector)
+    assert (read_bgr(Image.open(path), "bgr")[..., ::-1] == expected).all()
     sixteen = tmp_path / "depth.png"
     sixteen.write_bytes(encoded(Image.fromarray(np.full((4, 4), 65535, np.uint16)), "PNG"))
-    assert float(_to_image_tensor(sixteen).max()) == 1.0 and (_to_bgr(sixteen, "bgr") == 255).all()
+    assert (read_bgr(sixteen, "bgr") == 255).all()

@@ -73,15 +73,15 @@ def test_exact_two_stages(arch, r18):
         det = SpikingFasterRCNN.from_model(randomise(build_qann_fasterrcnn(arch, num_classes=4, levels=4, **SMALL),
                                                      seed=1).double().eval()).double()
     imgs = [image(0), image(1, 70, 100)]
-    snn = det.predict(imgs, wake=4, sleep="auto", score_thresh=0.0)
+    snn = det.predict(imgs, wake=4, sleep="auto", conf=0.0)
     s = det.internals(imgs, wake=4, sleep="auto")
-    ann = det.qann_predict(imgs, score_thresh=0.0)
+    ann = det.qann_predict(imgs, conf=0.0)
     q = det.internals(imgs, spiking=False)
     assert q["runs"] == [] and len(s["runs"]) == 2
     run1, run2 = s["runs"]
     assert bool(run1.settled.all()) and bool(run2.settled.all())
-    assert [a["steps"]["stage1"] for a in snn] == run1.steps.tolist()
-    assert [a["proposals"] for a in snn] == [len(p) for p in s["proposals"]] == [len(p) for p in q["proposals"]]
+    assert [a.stage_steps["stage1"] for a in snn] == run1.steps.tolist()
+    assert [a.proposals for a in snn] == [len(p) for p in s["proposals"]] == [len(p) for p in q["proposals"]]
     # stage-1 readouts, proposals, stage-2 readouts, detections: all the QANN's
     assert_tree_close(s["features"], q["features"])
     assert_tree_close(s["objectness"], q["objectness"])
@@ -90,19 +90,21 @@ def test_exact_two_stages(arch, r18):
     assert_tree_close(s["class_logits"], q["class_logits"])
     assert_tree_close(s["box_regression"], q["box_regression"])
     for a, b in zip(snn, ann):
-        assert len(a["boxes"]) > 0
-        assert_tree_close([a["boxes"], a["scores"]], [b["boxes"], b["scores"]])
-        assert torch.equal(a["labels"], b["labels"])
-        assert a["settled"] and a["steps"]["stage1"] > 4 and a["steps"]["stage2"] >= 5
-        assert a["spikes"] > 0 and a["energy_uj"] > 0
+        assert len(a) > 0 and b.steps is None and b.settled is None
+        assert_tree_close([a.boxes.xyxy, a.boxes.conf], [b.boxes.xyxy, b.boxes.conf])
+        assert torch.equal(a.boxes.cls, b.boxes.cls)
+        assert a.settled and a.stage_steps["stage1"] > 4 and a.stage_steps["stage2"] >= 5
+        assert a.steps == a.stage_steps["stage1"] + a.stage_steps["stage2"]
+        assert a.spikes > 0 and a.energy_uj > 0
     # and our decoding pipeline is torchvision's own forward of the QANN
     det.qann.roi_heads.score_thresh = 0.0
     try:
         tv = det.qann([im.clone() for im in imgs])
     finally:
         det.qann.roi_heads.score_thresh = 0.05
-    for a, b in zip(ann, tv):
-        assert_tree_close([a["boxes"], a["scores"]], [b["boxes"], b["scores"]])
+    for a, b in zip(ann, tv):  # torchvision's labels are 1-based (0: background), ours 0-based
+        assert_tree_close([a.boxes.xyxy, a.boxes.conf], [b["boxes"], b["scores"]])
+        assert torch.equal(a.boxes.cls + 1, b["labels"])
 
 
 def test_every_call_site_has_its_own_state():
@@ -134,29 +136,35 @@ def test_every_call_site_has_its_own_state():
 
 def test_stream_ends_with_predict_and_multistep_agrees(r18):
     img = image(3)
-    ref = r18.predict([img], score_thresh=0.0)[0]
-    events = list(r18.stream(img, score_thresh=0.0))
+    ref = r18.predict([img], conf=0.0)[0]
+    events = list(r18.stream(img, conf=0.0))
     assert [e.final for e in events] == [False] * (len(events) - 1) + [True]
     assert all(isinstance(e.spikes, float) for e in events)
-    assert sum(e.spikes for e in events) == pytest.approx(ref["spikes"])
-    assert [e.t_total for e in events] == list(range(1, ref["steps"]["total"] + 1))
+    assert sum(e.spikes for e in events) == pytest.approx(ref.spikes)
+    assert np.allclose(np.cumsum([e.spikes for e in events]), [e.cumulative_spikes for e in events])
+    assert [e.t for e in events] == list(range(1, ref.steps + 1))
+    assert [e.detections.steps for e in events] == [e.t for e in events]  # each event's figures so far
     stage1 = [e for e in events if e.stage == 1]
     stage2 = [e for e in events if e.stage == 2]
-    assert [e.t for e in stage1] == list(range(1, ref["steps"]["stage1"] + 1))
-    assert [e.t for e in stage2] == list(range(1, ref["steps"]["stage2"] + 1))
-    assert all(e.detections is None for e in stage1) and all(e.detections is not None for e in stage2)
+    assert [e.stage_t for e in stage1] == list(range(1, ref.stage_steps["stage1"] + 1))
+    assert [e.stage_t for e in stage2] == list(range(1, ref.stage_steps["stage2"] + 1))
+    assert all(len(e.detections) == 0 for e in stage1) and any(len(e.detections) for e in stage2)
     assert stage2[0].phase == "wake" and stage1[-1].settled and events[-1].final
     last = events[-1].detections
-    for key in ("boxes", "scores", "labels"):
-        assert torch.equal(last[key], ref[key])
-    assert last["steps"] == ref["steps"] and last["spikes"] == ref["spikes"]
-    multi = r18.predict([img], score_thresh=0.0, mode="multistep")[0]
-    assert multi["steps"] == ref["steps"]
-    assert_tree_close([multi["boxes"], multi["scores"]], [ref["boxes"], ref["scores"]])
-    # numpy uint8 and path inputs go through the same preprocessing
+    assert torch.equal(last.boxes.xyxy, ref.boxes.xyxy) and torch.equal(last.boxes.conf, ref.boxes.conf)
+    assert torch.equal(last.boxes.cls, ref.boxes.cls)
+    assert (last.steps, last.stage_steps, last.spikes, last.settled) == (ref.steps, ref.stage_steps, ref.spikes, True)
+    assert last.energy_uj == pytest.approx(ref.energy_uj)
+    multi = r18.predict([img], conf=0.0, mode="multistep")[0]
+    assert (multi.steps, multi.stage_steps) == (ref.steps, ref.stage_steps)
+    assert_tree_close([multi.boxes.xyxy, multi.boxes.conf], [ref.boxes.xyxy, ref.boxes.conf])
+    # numpy uint8 inputs (RGB, the family's default; BGR when said) go through the same preprocessing
     arr = (np.random.default_rng(0).random((50, 60, 3)) * 255).astype(np.uint8)
-    out = r18.predict([arr], score_thresh=0.0)
-    assert out[0]["boxes"].shape[1] == 4 and out[0]["boxes"][:, 2].max() <= 60 + 1e-3
+    out = r18.predict([arr], conf=0.0)
+    assert out[0].boxes.xyxy.shape[1] == 4 and out[0].boxes.xyxy[:, 2].max() <= 60 + 1e-3
+    assert out[0].orig_shape == (50, 60) and (out[0].orig_img == arr[..., ::-1]).all()
+    bgr = r18.predict([np.ascontiguousarray(arr[..., ::-1])], conf=0.0, color="bgr")[0]
+    assert torch.equal(bgr.boxes.xyxy, out[0].boxes.xyxy) and torch.equal(bgr.boxes.cls, out[0].boxes.cls)
 
 
 def _write_images(folder, names, size=(80, 64)):
@@ -217,8 +225,9 @@ def test_train_cli_then_convert_and_predict(fmt, tmp_path):
     det = SpikingFasterRCNN.from_checkpoint(ckpt, sha256=digest)
     assert det.levels == 4 and det.classes == saved["meta"]["classes"]
     img = next((data / ("images/train" if fmt == "coco" else "JPEGImages")).glob("*.jpg"))
-    res = det.predict([str(img)], score_thresh=0.0)
-    assert res[0]["boxes"].shape[-1] == 4 and res[0]["steps"]["stage1"] >= 4
+    res = det.predict([str(img)], conf=0.0)
+    assert res[0].boxes.xyxy.shape[-1] == 4 and res[0].stage_steps["stage1"] >= 4 and res[0].path == str(img)
+    assert set(res[0].names.values()) == set(saved["meta"]["classes"])
     if fmt == "coco":  # --float trains the float model; converting it quantizes (levels default 4)
         float_out = tmp_path / "float"
         assert main(args[:args.index("--out")] + ["--out", str(float_out), "--workers", "0", "--float"]) == 0
@@ -256,10 +265,10 @@ def test_clear_errors(tmp_path):
     assert {"Hardswish", "SqueezeExcitation"} <= kinds
     # named as analog islands, it runs (a reported hybrid)
     det = SpikingFasterRCNN.from_model(mobile, analog=analog_candidates(mobile))
-    out = det.predict([image().float()], score_thresh=0.0)
+    out = det.predict([image().float()], conf=0.0)
     run1 = det.internals([image().float()])["runs"][0]
-    assert out[0]["settled"] and bool(run1.settled.all()) and 0 < run1.stats.analog_mac_fraction < 1
-    assert out[0]["steps"]["stage1"] == int(run1.steps[0])
+    assert out[0].settled and bool(run1.settled.all()) and 0 < run1.stats.analog_mac_fraction < 1
+    assert out[0].stage_steps["stage1"] == int(run1.steps[0])
 
 
 # --- the IF baseline and anytime detections ------------------------------------------------------
@@ -291,22 +300,24 @@ def test_if_baseline_approaches_the_float_model(r18_float):
     assert errors[256] < errors[8] / 4, errors
     assert _max_feature_error(det.internals(imgs[:1], wake=8)["features"], ref["features"]) == errors[8]
     # one stream per stage-1 batch serves every t; stage 2 gets wake=t too
-    dets, info = det.detections_at_steps(imgs, [4, 1, 16])
+    dets, info = det.detections_at_steps(imgs, [4, 1, 16], conf=0.05)
     assert sorted(dets) == [1, 4, 16] and all(len(dets[t]) == 2 for t in dets)
     for t in (1, 4, 16):
         assert info["stage1_steps_at"][t] == [t, t] and info["stage2_steps_at"][t] == [t, t]
         assert info["steps_at"][t] == [2 * t, 2 * t]
     # the readout after step t of the long stream is exactly the wake=t run
-    ref16 = det.predict(imgs, wake=16)
+    ref16 = det.predict(imgs, wake=16, conf=0.05)
     for a, b in zip(dets[16], ref16):
-        assert_tree_close([a["boxes"], a["scores"]], [b["boxes"], b["scores"]], atol=1e-9)
-        assert torch.equal(a["labels"], b["labels"])
-    assert info["steps"] == [32, 32] and [r["steps"]["total"] for r in ref16] == [32, 32]
-    assert info["energy_uj"] == pytest.approx([r["energy_uj"] for r in ref16], rel=1e-9)
-    assert info["energy_uj_at"][16] == info["energy_uj"] and all(r["spikes"] > 0 for r in ref16)
+        assert_tree_close([a.boxes.xyxy, a.boxes.conf], [b.boxes.xyxy, b.boxes.conf], atol=1e-9)
+        assert torch.equal(a.boxes.cls, b.boxes.cls)
+        assert (a.steps, a.stage_steps, a.energy_uj) == (b.steps, b.stage_steps, pytest.approx(b.energy_uj, rel=1e-9))
+        assert a.spikes == pytest.approx(b.spikes, rel=1e-9)
+    assert info["steps"] == [32, 32] and [r.steps for r in ref16] == [32, 32]
+    assert info["energy_uj"] == pytest.approx([r.energy_uj for r in ref16], rel=1e-9)
+    assert info["energy_uj_at"][16] == info["energy_uj"] and all(r.spikes > 0 for r in ref16)
     # each t's figure is that of the wake=t run (no sleep: a shorter run is a prefix of the schedule)
     ref4 = det.predict(imgs, wake=4)
-    assert info["energy_uj_at"][4] == pytest.approx([r["energy_uj"] for r in ref4], rel=1e-9)
+    assert info["energy_uj_at"][4] == pytest.approx([r.energy_uj for r in ref4], rel=1e-9)
 
 
 def test_if_baseline_errors_and_qann_choice(r18_float, tmp_path):
@@ -335,36 +346,38 @@ def test_if_baseline_errors_and_qann_choice(r18_float, tmp_path):
     det = SpikingFasterRCNN.from_model(qann, neuron="if", calibration=[image(2)]).double()
     assert det.levels is None and isinstance(det.qann.backbone.body.relu, ClipQuan)
     out = det.predict([image()], wake=4)
-    assert out[0]["steps"] == {"stage1": 4, "stage2": 4, "total": 8}
+    assert (out[0].steps, out[0].stage_steps) == (8, {"stage1": 4, "stage2": 4})
 
 
 def test_casc_detections_at_steps_reach_predict(r18):
     imgs = [image(0), image(1, 70, 100)]
-    ref = r18.predict(imgs, wake=4, sleep="auto", score_thresh=0.0)
-    settle = max(r["steps"]["stage1"] for r in ref), max(r["steps"]["stage2"] for r in ref)
+    ref = r18.predict(imgs, wake=4, sleep="auto", conf=0.0)
+    settle = max(r.stage_steps["stage1"] for r in ref), max(r.stage_steps["stage2"] for r in ref)
     big = max(settle) + 5
     wanted = [1, 3, big, big + 20]
-    dets, info = r18.detections_at_steps(imgs, wanted, wake=4, sleep="auto", score_thresh=0.0)
+    dets, info = r18.detections_at_steps(imgs, wanted, wake=4, sleep="auto", conf=0.0)
     for key in ("energy_uj_at", "steps_at", "stage1_steps_at", "stage2_steps_at"):
         assert sorted(info[key]) == wanted, key  # every requested t
     assert len(dets[1]) == 2 and info["stage1_steps_at"][1] == [1, 1]  # runs (t=1: one wake step each)
     assert info["steps_at"][3] == [6, 6]
     for a, b in zip(dets[big], ref):
-        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
-        assert torch.equal(a["labels"], b["labels"])
-        assert a["steps"] == b["steps"]
+        assert torch.equal(a.boxes.xyxy, b.boxes.xyxy) and torch.equal(a.boxes.conf, b.boxes.conf)
+        assert torch.equal(a.boxes.cls, b.boxes.cls)
+        assert (a.steps, a.stage_steps, a.settled, a.proposals) == (b.steps, b.stage_steps, True, b.proposals)
+        assert a.spikes == pytest.approx(b.spikes) and a.energy_uj == pytest.approx(b.energy_uj, rel=1e-9)
+    assert [r.steps for r in dets[1]] == [2, 2] and not any(r.settled for r in dets[1])  # one step per stage
     assert dets[big + 20] is dets[big]  # both stages settled: computed once
-    assert info["stage1_steps_at"][big] == [r["steps"]["stage1"] for r in ref]
-    assert info["stage2_steps_at"][big] == [r["steps"]["stage2"] for r in ref]
-    assert info["steps"] == info["steps_at"][big + 20] == [r["steps"]["total"] for r in ref]
-    assert info["settled"] == [True, True] and all(r["settled"] for r in ref)
-    assert info["proposals"] == [r["proposals"] for r in ref]
+    assert info["stage1_steps_at"][big] == [r.stage_steps["stage1"] for r in ref]
+    assert info["stage2_steps_at"][big] == [r.stage_steps["stage2"] for r in ref]
+    assert info["steps"] == info["steps_at"][big + 20] == [r.steps for r in ref]
+    assert info["settled"] == [True, True] and all(r.settled for r in ref)
+    assert info["proposals"] == [r.proposals for r in ref]
     # energy: per image, each stage to its budget t; non-decreasing in t; at the largest t predict's
     for i in range(2):
         at = [info["energy_uj_at"][t][i] for t in wanted]
         assert all(0 < e1 <= e2 for e1, e2 in zip(at, at[1:])), at
         assert at[0] < at[-1]
-    assert info["energy_uj_at"][big + 20] == pytest.approx([r["energy_uj"] for r in ref], rel=1e-9)
+    assert info["energy_uj_at"][big + 20] == pytest.approx([r.energy_uj for r in ref], rel=1e-9)
     assert info["energy_uj"] == info["energy_uj_at"][big + 20]
     # the ANN's energy per image: stage 1 once, stage 2 once per RoI (independently counted MACs)
     from detector.energy import PJ_PER_MAC, count_macs
@@ -372,12 +385,12 @@ def test_casc_detections_at_steps_reach_predict(r18):
     x = r18.preprocess(imgs)[0].tensors
     roi = torch.zeros(1, r18.qann.backbone.out_channels, 7, 7, dtype=x.dtype)
     macs1, macs2 = count_macs(r18.qann_stage1, x[:1]), count_macs(r18.qann_stage2, roi)
-    assert info["ann_energy_uj"] == pytest.approx([(macs1 + macs2 * r["proposals"]) * PJ_PER_MAC * 1e-6 for r in ref])
+    assert info["ann_energy_uj"] == pytest.approx([(macs1 + macs2 * r.proposals) * PJ_PER_MAC * 1e-6 for r in ref])
 
 
 def test_internals_are_what_predict_decodes(r18):
     imgs = [image(0), image(1, 70, 100)]
-    ref = r18.predict(imgs, wake=4, sleep="auto", score_thresh=0.0)
+    ref = r18.predict(imgs, wake=4, sleep="auto", conf=0.0)
     out = r18.internals(imgs, wake=4, sleep="auto")
     assert set(out) == {"features", "objectness", "deltas", "proposals", "class_logits", "box_regression", "runs"}
     # the proposals predict uses: recomputed from the spiking stage-1 readouts of an identical run ...
@@ -388,16 +401,16 @@ def test_internals_are_what_predict_decodes(r18):
     assert_tree_close(out["proposals"], again, atol=0)
     # ... and decoding the internals gives predict's detections exactly
     dets = r18.decode(out["class_logits"], out["box_regression"], out["proposals"], image_list, sizes, 0.0)
-    for a, b in zip(dets, ref):
-        for key in ("boxes", "scores", "labels"):
-            assert torch.equal(a[key], b[key]), key
-    assert [r["proposals"] for r in ref] == [len(p) for p in out["proposals"]]
+    for a, b in zip(dets, ref):  # torchvision's 1-based labels, the Results' 0-based classes
+        assert torch.equal(a["boxes"], b.boxes.xyxy) and torch.equal(a["scores"], b.boxes.conf)
+        assert torch.equal(a["labels"] - 1, b.boxes.cls)
+    assert [r.proposals for r in ref] == [len(p) for p in out["proposals"]]
     rows = np.cumsum([0] + [len(p) for p in out["proposals"]])
-    assert [r["steps"]["stage2"] for r in ref] == [int(run2.steps[a:b].max()) for a, b in zip(rows, rows[1:])]
+    assert [r.stage_steps["stage2"] for r in ref] == [int(run2.steps[a:b].max()) for a, b in zip(rows, rows[1:])]
     for r, i in zip(ref, range(2)):
         a, b = int(rows[i]), int(rows[i + 1])
         energy = float(run1.stats.energy_pj[i]) + float(run2.stats.energy_pj[a:b].sum())
-        assert r["energy_uj"] == pytest.approx(energy * 1e-6, rel=1e-12)
+        assert r.energy_uj == pytest.approx(energy * 1e-6, rel=1e-12)
 
 
 def test_cancel_stops_predict_and_stream(r18):
@@ -408,7 +421,7 @@ def test_cancel_stops_predict_and_stream(r18):
     cancel = threading.Event()
     seen = []
     with pytest.raises(RunCancelled):
-        for ev in r18.stream(image(3), score_thresh=0.0, cancel=cancel):
+        for ev in r18.stream(image(3), conf=0.0, cancel=cancel):
             seen.append((ev.stage, ev.t))
             if ev.t == 2:
                 cancel.set()

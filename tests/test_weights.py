@@ -58,19 +58,3 @@ def test_family_detection_and_loading(tmp_path, yolo_checkpoint):
     torch.save(build_fasterrcnn("resnet18_fpn", num_classes=3, min_size=64, max_size=64).state_dict(), rcnn_state)
     assert checkpoint_family(rcnn_state) == "rcnn"
     assert checkpoint_family(yolo_checkpoint) == "yolo"
-
-
-def test_results_of_both_families_have_one_plain_form(yolo_checkpoint):
-    import numpy as np
-
-    from detector.models import as_records
-
-    detector = load_detector(yolo_checkpoint)
-    image = (np.random.default_rng(0).random((48, 80, 3)) * 255).astype(np.uint8)
-    yolo_record = as_records(detector.predict(image, conf=0.0)[0])
-    assert set(yolo_record) == {"boxes", "scores", "classes", "names", "steps", "spikes", "energy_uj"}
-    assert yolo_record["steps"] >= 4 and len(yolo_record["boxes"]) == len(yolo_record["classes"])
-    rcnn_like = {"boxes": torch.tensor([[1.0, 2.0, 3.0, 4.0]]), "scores": torch.tensor([0.5]),
-                 "labels": torch.tensor([2]), "steps": {"stage1": 6, "stage2": 5, "total": 11}}
-    record = as_records(rcnn_like, names=["a", "b"])
-    assert record["classes"] == [1] and record["names"] == ["b"] and record["steps"] == 11

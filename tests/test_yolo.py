@@ -50,8 +50,8 @@ def _max_err(a, b) -> float:
 
 
 def _same(d1, d2) -> bool:
-    return (torch.equal(d1.boxes, d2.boxes) and torch.equal(d1.scores, d2.scores)
-            and torch.equal(d1.classes, d2.classes))
+    return (torch.equal(d1.boxes.xyxy, d2.boxes.xyxy) and torch.equal(d1.boxes.conf, d2.boxes.conf)
+            and torch.equal(d1.boxes.cls, d2.boxes.cls))
 
 
 # --- exactness on real Ultralytics graphs ----------------------------------------------------------------
@@ -189,11 +189,12 @@ def test_predict_real_photos_boxes_inside(photo_detector):
         h, w = cv2.imread(str(photo)).shape[:2]
         assert r.orig_shape == (h, w)
         assert len(r) > 0
-        b = r.boxes
+        b = r.boxes.xyxy
         assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
         assert (b[:, 2] >= b[:, 0]).all() and (b[:, 3] >= b[:, 1]).all()
-        assert r.classes.dtype == torch.int64 and r.steps >= 4 and r.spikes > 0 and r.energy_uj > 0
-        assert all(isinstance(n, str) for n in r.labels) and r.to_list()[0]["name"].startswith("c")
+        assert r.boxes.cls.dtype == torch.int64 and r.steps >= 4 and r.spikes > 0 and r.energy_uj > 0
+        assert r.stage_steps is None and r.settled is True and r.path == str(photo)
+        assert all(isinstance(n, str) for n in r.labels) and r.to_dict()["detections"][0]["name"].startswith("c")
     # same image as path, BGR numpy, RGB numpy, PIL: same detections
     from PIL import Image
 

@@ -2,7 +2,7 @@
 
     from detector.models.rcnn import SpikingFasterRCNN
     det = SpikingFasterRCNN.from_checkpoint("fasterrcnn.pth", arch="resnet50_fpn", levels=4)
-    results = det.predict(["street.jpg"])          # [{"boxes", "scores", "labels", "steps", "spikes", ...}]
+    results = det.predict(["street.jpg"])          # [Results]: .boxes (0-based cls), .steps, .stage_steps, ...
     for event in det.stream("street.jpg"):         # stage-1 steps, then stage-2 steps with detections
         ...
     dets, info = det.detections_at_steps(images, [1, 2, 4, 8, 16, 32])  # anytime detections, one pass
@@ -21,7 +21,8 @@ Pipeline of one image batch:
 5. **Stage 2** (a second SpikingNetwork, its own wake/sleep schedule): box head + box predictor on
    the RoI features, one row per proposal.
 6. ``roi_heads.postprocess_detections`` and ``transform.postprocess``: boxes, scores and labels in
-   original image coordinates, torchvision's output format (labels 1-based, 0 is background).
+   original image coordinates (torchvision's labels are 1-based, 0 the background; ``Results`` classes
+   are 0-based), then ``conf`` / an extra class-wise NMS at ``iou`` / ``max_det`` / ``classes``.
 
 With ``wake = L`` and ``sleep="auto"`` in both stages, every readout equals the QANN's output, so
 proposals and detections equal the QANN's (float64; see DESIGN "Float precision").
@@ -41,7 +42,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -54,6 +55,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+from torchvision.ops import batched_nms
 from torchvision.ops.misc import FrozenBatchNorm2d, SqueezeExcitation
 
 from ..convert import UnsupportedModuleError, convert, register_linear_module, register_nonlinear_module
@@ -61,6 +63,8 @@ from ..fuse import register_bn_pairs
 from ..quant import ClipQuan, qann_levels, to_qann, with_legacy_quant_state
 from ..energy import PJ_PER_MAC, count_macs
 from ..runtime import RunResult, SpikingNetwork
+from ..detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection, SpikingDetector, read_bgr
+from ..detect.base import source_path
 from .. import checkpoint
 
 # --- registrations (what the converter must know about torchvision's detection modules) -------
@@ -235,23 +239,6 @@ def _split_analog(analog: Iterable[str]) -> tuple[list[str], list[str]]:
     return stage1, stage2
 
 
-# --- results and events ---------------------------------------------------------------------
-
-@dataclass
-class RCNNEvent:
-    """One time step of ``SpikingFasterRCNN.stream``."""
-
-    stage: int  # 1 (backbone/FPN/RPN) or 2 (box head)
-    t: int  # steps of this stage so far (wake + sleep)
-    t_total: int  # steps of both stages so far
-    phase: str  # "wake" or "sleep"
-    wake: int
-    spikes: float | None  # spike events in this step
-    settled: bool  # has this stage reached its fixed point
-    detections: dict | None = None  # stage 2: detections decoded from the readouts so far
-    final: bool = False  # the last event; its detections equal predict()'s
-
-
 def load_checkpoint(path: str | Path, sha256: str | None = None) -> dict:
     """``torch.load(weights_only=True)`` after the file check and the optional sha256 check."""
     data = checkpoint.load(path, sha256)
@@ -348,39 +335,21 @@ def save_qann(qann: nn.Module, path: str | Path, meta: dict) -> Path:
 
 # --- the spiking detector -------------------------------------------------------------------
 
-def _to_image_tensor(image: Any) -> torch.Tensor:
-    from PIL import Image
-
-    from ..images import from_pil, read_image
-
-    if isinstance(image, (str, Path)):  # the project's one reader: EXIF orientation, 16-bit, alpha, CMYK
-        image = read_image(image)
-    elif isinstance(image, Image.Image):
-        image = from_pil(image)
+def _to_image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """An HxWx3 RGB array (uint8, or floats in [0, 1]) or a CHW tensor (1 or 3 channels) -> CHW float in [0, 1]."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"numpy images must be HxWx3 RGB, got shape {image.shape}")
         t = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
         return t.float() / 255.0 if image.dtype == np.uint8 else t.float()
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3 or image.shape[0] not in (1, 3):
-            raise ValueError(f"tensor images must be CHW with 1 or 3 channels, got shape {tuple(image.shape)}")
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        return image.float() / 255.0 if image.dtype == torch.uint8 else image
-    raise TypeError(f"unsupported image type {type(image).__name__}: give a CHW float tensor in [0, 1], "
-                    "an HxWx3 uint8 RGB array, a PIL image, or a path")
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"tensor images must be CHW with 1 or 3 channels, got shape {tuple(image.shape)}")
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return image.float() / 255.0 if image.dtype == torch.uint8 else image
 
 
-def _as_list(images) -> list:
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    if isinstance(images, torch.Tensor) and images.dim() == 4:
-        return list(images)
-    return [images]
-
-
-class SpikingFasterRCNN(nn.Module):
+class SpikingFasterRCNN(SpikingDetector, nn.Module):
     """Two spiking stages around torchvision's own Faster R-CNN decoding code.
 
     ``qann``: a quantized torchvision Faster R-CNN (``build_qann_fasterrcnn``, ``to_qann_fasterrcnn``),
@@ -396,7 +365,10 @@ class SpikingFasterRCNN(nn.Module):
     ``analog``: module paths of the Faster R-CNN (e.g. ``"backbone.body.features.1.block.1"``) to keep
     as analog islands (MobileNetV3's Hardswish / squeeze-excitation; see ``analog_candidates``).
     ``self.qann`` is the network converted from (the QANN, or the float model for the IF baseline).
+    Numpy images are RGB (torchvision's convention) unless ``color="bgr"``; tensors are CHW in [0, 1].
     """
+
+    color = "rgb"
 
     def __init__(self, qann: nn.Module, analog: Iterable[str] = (), classes: list[str] | None = None,
                  meta: dict | None = None, neuron: str = "cif", calibration: Iterable[Any] | None = None,
@@ -424,6 +396,7 @@ class SpikingFasterRCNN(nn.Module):
         self.levels = qann_levels(qann) if neuron == "cif" else None
         self.percentile = percentile if neuron == "if" else None
         self.classes = list(classes) if classes else None
+        self.names = class_names(self.classes, qann.roi_heads.box_predictor.cls_score.out_features - 1)
         self.meta = dict(meta or {})
         analog = list(analog)
         a1, a2 = _split_analog(analog)
@@ -453,15 +426,13 @@ class SpikingFasterRCNN(nn.Module):
     def _calibration_batches(self, images, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(preprocessed image batches for stage 1, RoI feature batches for stage 2), the latter computed by
         the float network through the same proposal / RoIAlign path."""
-        images = _as_list(images)
-        if not images:
+        if isinstance(images, (list, tuple)) and not images:
             raise ValueError('neuron="if": calibration=images is empty')
+        images = self._items(images)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"calibration_batch must be an integer >= 1, got {batch_size!r}")
-        was = self.qann.training
-        self.qann.eval()
         batches1, batches2 = [], []
-        try:
+        with _eval_mode(self.qann):
             for i in range(0, len(images), batch_size):
                 image_list, _ = self.preprocess(images[i:i + batch_size])
                 features, objectness, deltas = self.qann_stage1(image_list.tensors)
@@ -471,8 +442,6 @@ class SpikingFasterRCNN(nn.Module):
                 batches1.append(image_list.tensors)
                 if rois.shape[0]:
                     batches2.append(rois)
-        finally:
-            self.qann.train(was)
         if not batches2:
             raise ValueError('neuron="if": the calibration images gave no proposals, so stage 2 (box head) '
                              "cannot be calibrated; give other / more images")
@@ -541,20 +510,19 @@ class SpikingFasterRCNN(nn.Module):
     def device(self) -> torch.device:
         return next(self.qann.parameters()).device
 
-    def preprocess(self, images):
-        """Images -> (ImageList after GeneralizedRCNNTransform, original sizes)."""
-        tensors = [_to_image_tensor(im).to(device=self.device, dtype=self.dtype) for im in _as_list(images)]
-        if not tensors:
-            raise ValueError("no images given")
-        original_sizes = [tuple(t.shape[-2:]) for t in tensors]
-        transform = self.qann.transform
-        was_training = transform.training
-        transform.eval()
-        try:
+    def _split_tensor(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.dim() == 4:
+            return list(x)
+        return [x]
+
+    def _prepare(self, items, color: str) -> Batch:
+        """Images -> ``Batch`` whose ``x`` is the ImageList after GeneralizedRCNNTransform."""
+        images = [None if isinstance(item, torch.Tensor) else read_bgr(item, color) for item in items]
+        tensors = [_to_image_tensor(item if bgr is None else bgr[..., ::-1]).to(device=self.device, dtype=self.dtype)
+                   for item, bgr in zip(items, images)]
+        with _eval_mode(self.qann.transform) as transform:
             image_list, _ = transform(tensors)
-        finally:
-            transform.train(was_training)
-        return image_list, original_sizes
+        return Batch(image_list, [tuple(t.shape[-2:]) for t in tensors], images, [source_path(i) for i in items])
 
     def proposals(self, image_list, features, objectness, deltas) -> list[torch.Tensor]:
         """torchvision's RPN decoding (anchors, box coder, filter_proposals) on given head outputs."""
@@ -565,12 +533,8 @@ class SpikingFasterRCNN(nn.Module):
         num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
         obj, pred = concat_box_prediction_layers(list(objectness), list(deltas))
         boxes = rpn.box_coder.decode(pred.detach(), anchors).view(num_images, -1, 4)
-        was_training = rpn.training
-        rpn.eval()
-        try:
+        with _eval_mode(rpn):
             kept, _ = rpn.filter_proposals(boxes, obj, image_list.image_sizes, num_anchors_per_level)
-        finally:
-            rpn.train(was_training)
         return kept
 
     def roi_features(self, features, proposals, image_list) -> torch.Tensor:
@@ -578,6 +542,8 @@ class SpikingFasterRCNN(nn.Module):
 
     def decode(self, class_logits, box_regression, proposals, image_list, original_sizes,
                score_thresh: float | None = None) -> list[dict]:
+        """torchvision's box decoding: per image ``{"boxes", "scores", "labels"}`` (labels 1-based, 0 the
+        background) in original pixels; ``score_thresh`` None keeps the model's own."""
         heads = self.qann.roi_heads
         saved = heads.score_thresh
         if score_thresh is not None:
@@ -594,40 +560,71 @@ class SpikingFasterRCNN(nn.Module):
         n = self.qann.roi_heads.box_predictor.cls_score.out_features
         return like.new_zeros((0, n)), like.new_zeros((0, 4 * n))
 
-    def _annotate(self, results: list[dict], proposals: list[torch.Tensor], run1: RunResult,
-                  run2: RunResult | None) -> list[dict]:
-        """Each image's steps, settled flag, spikes, SOPs and energy from the two stages' runs (``run2`` is
-        None when no image had a proposal; stage-2 rows are the images' RoIs, in order)."""
-        s1, s2 = run1.stats, run2.stats if run2 is not None else None
-        rows = [len(p) for p in proposals]
-        starts = np.cumsum([0] + rows)
-        for i, res in enumerate(results):
-            a, b = int(starts[i]), int(starts[i + 1])
-            t2 = int(run2.steps[a:b].max()) if run2 is not None and b > a else 0
-            spikes2 = float(s2.spikes[a:b].sum()) if s2 is not None else 0.0
-            energy2 = float(s2.energy_pj[a:b].sum()) if s2 is not None else 0.0
-            sops2 = float(s2.sops[a:b].sum()) if s2 is not None else 0.0
-            res["steps"] = {"stage1": int(run1.steps[i]), "stage2": t2, "total": int(run1.steps[i]) + t2}
-            res["settled"] = bool(run1.settled[i]) and (run2 is None or b == a or bool(run2.settled[a:b].all()))
-            res["spikes"] = float(s1.spikes[i]) + spikes2
-            res["sops"] = float(s1.sops[i]) + sops2
-            res["energy_uj"] = (float(s1.energy_pj[i]) + energy2) * 1e-6
-            res["spikes_stage"] = {"stage1": float(s1.spikes[i]), "stage2": spikes2}
-            res["proposals"] = rows[i]
-            if self.classes:
-                res["names"] = [self.classes[int(k) - 1] if 0 < int(k) <= len(self.classes) else str(int(k))
-                                for k in res["labels"]]
+    def _stages(self, image_list, schedule: Schedule | None, cancel: threading.Event | None = None) -> dict:
+        """Both stages and the glue between them (proposals, RoIAlign): spiking with ``schedule``, else the
+        network converted from. ``runs``: the stages' ``RunResult``s (none for the QANN; stage 2 runs only
+        when some image has a proposal)."""
+        runs = []
+        if schedule is None:
+            features, objectness, deltas = self.qann_stage1(image_list.tensors)
+        else:
+            runs.append(self.stage1.run(image_list.tensors, mode=schedule.mode, cancel=cancel, **schedule.run_kwargs()))
+            features, objectness, deltas = runs[0].readout
+        features = OrderedDict(features)
+        proposals = self.proposals(image_list, features, objectness, deltas)
+        rois = self.roi_features(features, proposals, image_list)
+        if not rois.shape[0]:
+            logits, regression = self._empty_stage2(rois)
+        elif schedule is None:
+            logits, regression = self.qann_stage2(rois)
+        else:
+            runs.append(self.stage2.run(rois, mode=schedule.mode, cancel=cancel, **schedule.run_kwargs()))
+            logits, regression = runs[1].readout
+        return {"features": features, "objectness": objectness, "deltas": deltas, "proposals": proposals,
+                "class_logits": logits, "box_regression": regression, "runs": runs}
+
+    def _infer(self, batch: Batch, schedule: Schedule | None, cancel) -> dict:
+        with _eval_mode(self.qann):
+            return {**self._stages(batch.x, schedule, cancel), "wake": schedule.wake if schedule else None}
+
+    def _results(self, batch: Batch, out: dict, keep: Selection) -> list[Results]:
+        """Decoded detections as ``Results``: score above ``conf``, an extra class-wise NMS at ``iou`` (on top
+        of the model's own), at most ``max_det``, only ``classes``; classes 0-based."""
+        dets = self.decode(out["class_logits"], out["box_regression"], out["proposals"], batch.x, batch.shapes,
+                           keep.conf)
+        results = []
+        for i, det in enumerate(dets):
+            boxes = Boxes(det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu() - 1, batch.shapes[i])
+            if keep.classes is not None:
+                boxes = boxes.select(torch.isin(boxes.cls, torch.tensor(keep.classes)))
+            boxes = boxes.select(batched_nms(boxes.xyxy, boxes.conf, boxes.cls, keep.iou)[:keep.max_det])
+            results.append(batch.result(i, boxes, self.names))
         return results
 
-    def _schedule(self, wake, sleep, sleep2=None):
-        """(wake, sleep, sleep2) checked for this neuron: the IF baseline needs ``wake`` and does not sleep."""
-        if self.neuron == "if":
-            if wake is None:
-                raise ValueError('the IF baseline (neuron="if") has no quantization levels: give wake=T, its number '
-                                 "of time steps (no sleep)")
-            sleep = 0 if sleep == "auto" else sleep
-            sleep2 = 0 if sleep2 == "auto" else sleep2
-        return wake, sleep, sleep2
+    def _postprocess(self, batch: Batch, out: dict, keep: Selection) -> list[Results]:
+        results = self._results(batch, out, keep)
+        if out["runs"]:
+            run1, run2 = (out["runs"] + [None])[:2]
+            for r, figures in zip(results, self._figures(out["proposals"], run1, run2)):
+                _set(r, figures, wake=out["wake"])
+        return results
+
+    def _figures(self, proposals: list[torch.Tensor], run1: RunResult, run2: RunResult | None) -> list[dict]:
+        """Each image's steps (total and per stage), settled flag, spikes, energy and proposal count from the
+        two stages' runs (``run2`` is None when no image had a proposal; its rows are the images' RoIs)."""
+        s1, s2 = run1.stats, run2.stats if run2 is not None else None
+        figures = []
+        for i, (a, b) in enumerate(_row_ranges(proposals)):
+            t1 = int(run1.steps[i])
+            t2 = int(run2.steps[a:b].max()) if run2 is not None and b > a else 0
+            figures.append({
+                "steps": t1 + t2, "stage_steps": {"stage1": t1, "stage2": t2},
+                "settled": bool(run1.settled[i]) and (run2 is None or b == a or bool(run2.settled[a:b].all())),
+                "spikes": float(s1.spikes[i]) + (float(s2.spikes[a:b].sum()) if s2 is not None else 0.0),
+                "energy_uj": (float(s1.energy_pj[i]) + (float(s2.energy_pj[a:b].sum()) if s2 is not None else 0.0))
+                * 1e-6,
+                "proposals": b - a})
+        return figures
 
     @staticmethod
     def _truncated(wake: int, sleep, max_sleep: int, last: int) -> tuple[int, Any, int]:
@@ -639,27 +636,29 @@ class SpikingFasterRCNN(nn.Module):
             return wake, "auto", min(max_sleep, last - wake)
         return wake, min(int(sleep), last - wake), max_sleep
 
-    def _readouts_at(self, net: SpikingNetwork, x: torch.Tensor, timesteps: list[int], wake: int, sleep,
-                     burst: int | None, max_sleep: int) -> Iterator[tuple]:
-        """One stream of ``net`` on ``x``; yields ``(ts, readout, steps used, energy so far, settled, run)`` per sample for the
-        readout after step ``t`` of the schedule, grouping every requested ``t`` that shares it: once the stream
-        ends (settled, or out of sleep steps) every larger ``t`` gets its final readout. A sample that settled
-        at step ``s`` (the silent step included, as ``predict`` counts it) uses ``min(t, s)`` steps. ``run``: the
-        stream's ``RunResult`` on the group served by its last step, else None."""
+    def _readouts_at(self, net: SpikingNetwork, x: torch.Tensor, timesteps: list[int], schedule: Schedule,
+                     wake: int) -> Iterator[tuple]:
+        """One stream of ``net`` on ``x``; yields ``(ts, readout, steps used, energy so far, spikes so far, settled,
+        run)`` per sample for the readout after step ``t`` of the schedule, grouping every requested ``t`` that
+        shares it: once the stream ends (settled, or out of sleep steps) every larger ``t`` gets its final
+        readout. A sample that settled at step ``s`` (the silent step included, as ``predict`` counts it) uses
+        ``min(t, s)`` steps. ``run``: the stream's ``RunResult`` on the group served by its last step, else None."""
         ts = sorted(set(timesteps))
-        w, s, ms = self._truncated(wake, sleep, max_sleep, ts[-1])
+        w, s, ms = self._truncated(wake, schedule.sleep, schedule.max_sleep, ts[-1])
         settle = torch.zeros(x.shape[0], dtype=torch.long)
         energy = torch.zeros(x.shape[0], dtype=torch.float64)
+        spikes = torch.zeros(x.shape[0], dtype=torch.float64)
         pending, last, i = None, None, 0
-        for ev in net.stream(x, wake=w, sleep=s, burst=burst, max_sleep=ms):
+        for ev in net.stream(x, wake=w, sleep=s, burst=schedule.burst, max_sleep=ms):
             settled = ev.settled.cpu()
             settle[settled & (settle == 0)] = ev.t
             energy = energy + ev.energy_pj.cpu()
+            spikes = spikes + ev.spikes.cpu().double()
             if i < len(ts) and ev.t == ts[i]:
                 if pending is not None:
                     yield pending
                 pending = ([ev.t], ev.readout, torch.where(settle > 0, settle, torch.full_like(settle, ev.t)), energy,
-                           settle > 0, ev.result)
+                           spikes, settle > 0, ev.result)
                 i += 1
             last = ev
         rest = ts[i:]
@@ -670,43 +669,10 @@ class SpikingFasterRCNN(nn.Module):
                 if pending is not None:
                     yield pending
                 pending = (rest, last.readout, torch.where(settle > 0, settle, torch.full_like(settle, last.t)), energy,
-                           settle > 0, last.result)
+                           spikes, settle > 0, last.result)
         yield pending
 
-    def _stage2_schedule(self, wake, sleep, burst, wake2, sleep2, burst2):
-        return (wake2 or wake, sleep if sleep2 is None else sleep2, burst2 or burst)
-
     # --- public API ----------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def predict(self, images, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
-                burst: int | None = None, score_thresh: float | None = None, max_sleep: int = 256,
-                wake2: int | None = None, sleep2: int | str | None = None, burst2: int | None = None,
-                cancel: threading.Event | None = None) -> list[dict]:
-        """Detections per image, torchvision's format plus ``steps`` (stage 1, stage 2, total T),
-        ``spikes``, ``sops``, ``energy_uj`` (estimate, both stages), ``settled``, ``proposals``.
-
-        ``wake``/``sleep``/``burst`` apply to both stages unless ``wake2``/``sleep2``/``burst2`` are given
-        (``burst`` defaults to the wake count). IF baseline (``neuron="if"``): ``wake`` (= T) is required and
-        ``sleep="auto"`` means no sleep. ``cancel``: an event checked between steps (``RunCancelled``).
-        """
-        wake, sleep, sleep2 = self._schedule(wake, sleep, sleep2)
-        image_list, original_sizes = self.preprocess(images)
-        run1 = self.stage1.run(image_list.tensors, wake=wake, sleep=sleep, mode=mode, burst=burst,
-                               max_sleep=max_sleep, cancel=cancel)
-        features, objectness, deltas = run1.readout
-        features = OrderedDict(features)
-        proposals = self.proposals(image_list, features, objectness, deltas)
-        rois = self.roi_features(features, proposals, image_list)
-        run2 = None
-        if rois.shape[0] > 0:
-            w2, s2, b2 = self._stage2_schedule(wake, sleep, burst, wake2, sleep2, burst2)
-            run2 = self.stage2.run(rois, wake=w2, sleep=s2, mode=mode, burst=b2, max_sleep=max_sleep, cancel=cancel)
-            logits, regression = run2.readout
-        else:
-            logits, regression = self._empty_stage2(rois)
-        results = self.decode(logits, regression, proposals, image_list, original_sizes, score_thresh)
-        return self._annotate(results, proposals, run1, run2)
 
     @torch.no_grad()
     def internals(self, images, spiking: bool = True, **schedule) -> dict:
@@ -715,151 +681,108 @@ class SpikingFasterRCNN(nn.Module):
         ``predict``) or of the network converted from (``spiking=False``), plus ``runs`` (the stages'
         ``RunResult``s; empty for the QANN)."""
         image_list, _ = self.preprocess(images)
-        runs = []
-        if spiking:
-            wake, sleep, sleep2 = self._schedule(schedule.get("wake"), schedule.get("sleep", "auto"),
-                                                 schedule.get("sleep2"))
-            run1 = self.stage1.run(image_list.tensors, wake=wake, sleep=sleep, burst=schedule.get("burst"),
-                                   mode=schedule.get("mode", "step"), max_sleep=schedule.get("max_sleep", 256))
-            features, objectness, deltas = run1.readout
-            runs.append(run1)
-        else:
-            features, objectness, deltas = self.qann_stage1(image_list.tensors)
-        features = OrderedDict(features)
-        proposals = self.proposals(image_list, features, objectness, deltas)
-        rois = self.roi_features(features, proposals, image_list)
-        if not rois.shape[0]:
-            logits, regression = self._empty_stage2(rois)
-        elif spiking:
-            w2, s2, b2 = self._stage2_schedule(wake, sleep, schedule.get("burst"), schedule.get("wake2"), sleep2,
-                                               schedule.get("burst2"))
-            run2 = self.stage2.run(rois, wake=w2, sleep=s2, burst=b2, mode=schedule.get("mode", "step"),
-                                   max_sleep=schedule.get("max_sleep", 256))
-            logits, regression = run2.readout
-            runs.append(run2)
-        else:
-            logits, regression = self.qann_stage2(rois)
-        return {"features": features, "objectness": objectness, "deltas": deltas, "proposals": proposals,
-                "class_logits": logits, "box_regression": regression, "runs": runs}
+        with _eval_mode(self.qann):
+            return self._stages(image_list, self.schedule(**schedule) if spiking else None)
 
-    @torch.no_grad()
-    def stream(self, image, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
-               score_thresh: float | None = None, max_sleep: int = 256, wake2: int | None = None,
-               sleep2: int | str | None = None, burst2: int | None = None,
-               cancel: threading.Event | None = None) -> Iterator[RCNNEvent]:
-        """Events for one image: every stage-1 step, then every stage-2 step with the detections decoded
-        from stage 2's readouts so far. The last event (``final=True``) equals ``predict(image)``'s result."""
-        images = _as_list(image)
-        if len(images) != 1:
-            raise ValueError("stream takes one image")
-        wake, sleep, sleep2 = self._schedule(wake, sleep, sleep2)
-        image_list, original_sizes = self.preprocess(images)
+    def _events(self, batch: Batch, schedule: Schedule, keep: Selection, cancel) -> Iterator[DetectionEvent]:
+        """Every stage-1 step (no detections yet), then every stage-2 step with the detections decoded from
+        stage 2's readouts so far. The last event (``final=True``) carries ``predict``'s result."""
+        image_list, total, energy = batch.x, 0.0, 0.0
         last1 = None
-        for ev in self.stage1.stream(image_list.tensors, wake=wake, sleep=sleep, burst=burst, max_sleep=max_sleep,
-                                     cancel=cancel):
+        for ev in self.stage1.stream(image_list.tensors, cancel=cancel, **schedule.run_kwargs()):
             last1 = ev
-            yield RCNNEvent(stage=1, t=ev.t, t_total=ev.t, phase=ev.phase, wake=ev.wake, spikes=float(ev.spikes.sum()),
-                            settled=bool(ev.settled.all()))
+            spikes, energy = float(ev.spikes.sum()), energy + float(ev.energy_pj.sum())
+            total += spikes
+            empty = batch.result(0, Boxes.empty(batch.shapes[0]), self.names)
+            _set(empty, {"steps": ev.t, "stage_steps": {"stage1": ev.t, "stage2": 0}, "settled": False,
+                         "spikes": total, "energy_uj": energy * 1e-6}, wake=ev.wake)
+            yield DetectionEvent(stage=1, t=ev.t, stage_t=ev.t, phase=ev.phase, wake=ev.wake, spikes=spikes,
+                                 cumulative_spikes=total, settled=bool(ev.settled.all()), detections=empty)
         run1 = last1.result
-        features, objectness, deltas = run1.readout
-        features = OrderedDict(features)
-        proposals = self.proposals(image_list, features, objectness, deltas)
+        t1 = int(run1.steps.item())
+        features = OrderedDict(run1.readout[0])
+        proposals = self.proposals(image_list, features, *run1.readout[1:])
         rois = self.roi_features(features, proposals, image_list)
+        out = {"proposals": proposals, "wake": schedule.wake}
         pending, run2 = None, None
         if rois.shape[0] > 0:
-            w2, s2, b2 = self._stage2_schedule(wake, sleep, burst, wake2, sleep2, burst2)
-            for ev in self.stage2.stream(rois, wake=w2, sleep=s2, burst=b2, max_sleep=max_sleep, cancel=cancel):
-                logits, regression = ev.readout
-                dets = self.decode(logits, regression, proposals, image_list, original_sizes, score_thresh)[0]
+            for ev in self.stage2.stream(rois, cancel=cancel, **schedule.run_kwargs()):
                 if pending is not None:
                     yield pending
-                pending = RCNNEvent(stage=2, t=ev.t, t_total=run1.steps.item() + ev.t, phase=ev.phase, wake=ev.wake,
-                                    spikes=float(ev.spikes.sum()), settled=bool(ev.settled.all()), detections=dets)
+                spikes, energy = float(ev.spikes.sum()), energy + float(ev.energy_pj.sum())
+                total += spikes
+                found = self._results(batch, dict(out, class_logits=ev.readout[0], box_regression=ev.readout[1]),
+                                      keep)[0]
+                settled = bool(ev.settled.all())
+                _set(found, {"steps": t1 + ev.t, "stage_steps": {"stage1": t1, "stage2": ev.t},
+                             "settled": settled and bool(run1.settled.all()), "spikes": total,
+                             "energy_uj": energy * 1e-6, "proposals": int(rois.shape[0])}, wake=ev.wake)
+                pending = DetectionEvent(stage=2, t=t1 + ev.t, stage_t=ev.t, phase=ev.phase, wake=ev.wake,
+                                         spikes=spikes, cumulative_spikes=total, settled=settled, detections=found)
                 run2 = ev.result
         else:
             logits, regression = self._empty_stage2(rois)
-            dets = self.decode(logits, regression, proposals, image_list, original_sizes, score_thresh)[0]
-            pending = RCNNEvent(stage=2, t=0, t_total=run1.steps.item(), phase="sleep", wake=0, spikes=0.0,
-                                settled=True, detections=dets)
-        pending.detections = self._annotate([pending.detections], proposals, run1, run2)[0]
+            found = self._results(batch, dict(out, class_logits=logits, box_regression=regression), keep)[0]
+            pending = DetectionEvent(stage=2, t=t1, stage_t=0, phase="sleep", wake=0, spikes=0.0,
+                                     cumulative_spikes=total, settled=True, detections=found)
+        _set(pending.detections, self._figures(proposals, run1, run2)[0], wake=schedule.wake)
         pending.final = True
         yield pending
 
-    @torch.no_grad()
-    def detections_at_steps(self, images, timesteps: Iterable[int], wake: int | None = None, sleep: int | str = "auto",
-                            burst: int | None = None, score_thresh: float | None = None,
-                            max_sleep: int = 256) -> tuple[dict[int, list[dict]], dict]:
-        """Anytime detections for evaluation: for every ``t`` in ``timesteps``, the detections (one dict per image,
-        ``predict``'s format: boxes, scores, labels, plus ``steps`` and ``names``) when *each* stage gets a budget
-        of ``t`` steps of its own schedule.
+    def _anytime(self, batch: Batch, ts: list[int], schedule: Schedule,
+                 keep: Selection) -> tuple[dict[int, list[Results]], dict]:
+        """Anytime detections for evaluation: for every ``t`` in ``ts``, the detections when *each* stage gets a
+        budget of ``t`` steps of its own schedule (so ``steps`` at ``t`` is up to ``2 t``).
 
         Stage 1's readout after its step ``t`` (a sample that settled earlier keeps its settled readout), the
         proposals from it, stage 2 on those RoI features and its readout after *its* step ``t``. One stage-1
-        stream up to ``max(timesteps)`` (or until settled) serves every ``t``; stage 2 runs once per distinct
-        stage-1 readout, up to the largest ``t`` that shares it, so after both stages settle every larger ``t``
-        reuses one result (the same dicts). Schedules: CASC ``wake`` (default ``levels``) + ``sleep``; the IF
-        baseline ``wake=t, sleep=0`` (its stream's readout after step ``t`` is the wake=``t`` result; ``wake``
-        and ``sleep`` must be left at their defaults).
+        stream up to ``max(ts)`` (or until settled) serves every ``t``; stage 2 runs once per distinct stage-1
+        readout, up to the largest ``t`` that shares it, so after both stages settle every larger ``t`` reuses
+        one result (the same objects).
 
-        Returns ``(detections, info)``: ``detections[t]`` a list per image (``steps`` per stage and total);
         ``info``: per image ``steps`` and ``settled`` of the run serving the largest ``t`` (total of both
         stages), ``energy_uj_at[t]`` (both stages, each to its budget ``t``), ``energy_uj``, ``stage1_steps_at``
         / ``stage2_steps_at`` / ``steps_at`` (per image, at each ``t``), ``ann_energy_uj`` (per image: stage 1
-        plus stage 2 once per RoI) and stage 1's ``firing_rates``.
-        """
-        ts = sorted({int(t) for t in timesteps}) if timesteps is not None else []
-        if not ts or any(isinstance(t, bool) or t < 1 for t in timesteps):
-            raise ValueError(f"timesteps must be a non-empty list of integers >= 1, got {timesteps!r}")
-        if self.neuron == "if":
-            if wake is not None or sleep not in ("auto", 0):
-                raise ValueError('detections_at_steps on the IF baseline: its schedule at t is wake=t, sleep=0; '
-                                 "leave wake and sleep at their defaults")
-            wake, sleep = ts[-1], 0
-        elif wake is None:
-            wake = self.levels
-        image_list, original_sizes = self.preprocess(images)
+        plus stage 2 once per RoI), ``proposals`` and stage 1's ``firing_rates``."""
+        image_list = batch.x
         n_images = image_list.tensors.shape[0]
-        detections: dict[int, list[dict]] = {}
+        detections: dict[int, list[Results]] = {}
         info: dict[str, Any] = {"energy_uj_at": {}, "stage1_steps_at": {}, "stage2_steps_at": {}, "steps_at": {}}
         settled_at: dict[int, list[bool]] = {}
-        ann_macs1 = ann_macs2 = None
-        for group1, readout, used1, energy1, settled1, run1 in self._readouts_at(self.stage1, image_list.tensors, ts, wake, sleep,
-                                                                 burst, max_sleep):
-            features, objectness, deltas = readout
-            features = OrderedDict(features)
-            proposals = self.proposals(image_list, features, objectness, deltas)
+        ann_macs2, final_rows = None, []
+        ann_macs1 = count_macs(self.qann_stage1, image_list.tensors[:1])
+        none = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
+                torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), None)
+        for group1, readout, used1, energy1, spikes1, settled1, run1 in self._readouts_at(
+                self.stage1, image_list.tensors, ts, schedule, schedule.wake):
+            features = OrderedDict(readout[0])
+            proposals = self.proposals(image_list, features, *readout[1:])
             rois = self.roi_features(features, proposals, image_list)
-            rows = [len(p) for p in proposals]
-            starts = np.cumsum([0] + rows)
             if rois.shape[0]:
-                wake2 = group1[-1] if self.neuron == "if" else wake
-                stage2 = self._readouts_at(self.stage2, rois, group1, wake2, sleep, burst, max_sleep)
+                wake2 = group1[-1] if self.neuron == "if" else schedule.wake
+                stage2 = self._readouts_at(self.stage2, rois, group1, schedule, wake2)
+                ann_macs2 = ann_macs2 or count_macs(self.qann_stage2, rois[:1])
             else:
-                logits, regression = self._empty_stage2(rois)
-                stage2 = [(group1, (logits, regression), torch.zeros(0, dtype=torch.long),
-                           torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), None)]
-            for group2, (logits, regression), used2, energy2, settled2, _ in stage2:
-                dets = self.decode(logits, regression, proposals, image_list, original_sizes, score_thresh)
-                per_image = [(int(starts[i]), int(starts[i + 1])) for i in range(n_images)]
+                stage2 = [(group1, self._empty_stage2(rois), *none)]
+            for group2, (logits, regression), used2, energy2, spikes2, settled2, _ in stage2:
+                dets = self._results(batch, {"class_logits": logits, "box_regression": regression,
+                                             "proposals": proposals}, keep)
+                ranges = _row_ranges(proposals)
                 s1 = [int(used1[i]) for i in range(n_images)]
-                s2 = [int(used2[a:b].max()) if b > a else 0 for a, b in per_image]
-                e = [float(energy1[i]) + float(energy2[a:b].sum()) for i, (a, b) in enumerate(per_image)]
-                settled = [bool(settled1[i]) and bool(settled2[a:b].all()) for i, (a, b) in enumerate(per_image)]
-                for det, a, b in zip(dets, s1, s2):
-                    det["steps"] = {"stage1": a, "stage2": b, "total": a + b}
-                    if self.classes:
-                        det["names"] = [self.classes[int(k) - 1] if 0 < int(k) <= len(self.classes) else str(int(k))
-                                        for k in det["labels"]]
+                s2 = [int(used2[a:b].max()) if b > a else 0 for a, b in ranges]
+                e = [float(energy1[i]) + float(energy2[a:b].sum()) for i, (a, b) in enumerate(ranges)]
+                settled = [bool(settled1[i]) and bool(settled2[a:b].all()) for i, (a, b) in enumerate(ranges)]
+                for i, (det, (a, b)) in enumerate(zip(dets, ranges)):
+                    _set(det, {"steps": s1[i] + s2[i], "stage_steps": {"stage1": s1[i], "stage2": s2[i]},
+                               "settled": settled[i], "spikes": float(spikes1[i]) + float(spikes2[a:b].sum()),
+                               "energy_uj": e[i] * 1e-6, "proposals": b - a}, wake=schedule.wake)
                 for t in group2:
                     detections[t] = dets
                     info["energy_uj_at"][t] = [v * 1e-6 for v in e]
                     info["stage1_steps_at"][t], info["stage2_steps_at"][t] = s1, s2
                     info["steps_at"][t] = [a + b for a, b in zip(s1, s2)]
                     settled_at[t] = settled
-            if ann_macs2 is None and rois.shape[0]:
-                ann_macs2 = self._ann_macs(self.qann_stage2, rois[:1])
-            ann_macs1 = ann_macs1 or self._ann_macs(self.qann_stage1, image_list.tensors[:1])
-            final_rows = rows
+            final_rows = [len(p) for p in proposals]
             if run1 is not None:
                 info["firing_rates"] = run1.stats.firing_rates
         last = ts[-1]
@@ -870,27 +793,37 @@ class SpikingFasterRCNN(nn.Module):
         info["proposals"] = final_rows
         return detections, info
 
-    @staticmethod
-    def _ann_macs(stage: nn.Module, x: torch.Tensor) -> int:
-        """MACs of one forward of an ANN stage for one sample (one image, or one RoI for stage 2)."""
-        return count_macs(stage, x)
-
-    @torch.no_grad()
-    def qann_predict(self, images, score_thresh: float | None = None) -> list[dict]:
-        """The network it was converted from (``self.qann``) through the same pipeline (same decoding code), for
-        comparison: the QANN for CASC, the float ANN (the ANN baseline) for ``neuron="if"``."""
-        image_list, original_sizes = self.preprocess(images)
-        was = self.qann.training
-        self.qann.eval()
-        try:
-            out = self.internals(images, spiking=False)
-        finally:
-            self.qann.train(was)
-        return self.decode(out["class_logits"], out["box_regression"], out["proposals"], image_list, original_sizes,
-                           score_thresh)
-
     def forward(self, images, **kwargs):
         return self.predict(images, **kwargs)
+
+
+def class_names(classes: list[str] | None, n: int) -> dict[int, str]:
+    """0-based class id -> name for ``n`` classes (torchvision's label ``k`` is class ``k - 1``; 0 is the
+    background); ids without a name are named by their number."""
+    return {i: str(classes[i]) if classes and i < len(classes) else str(i) for i in range(n)}
+
+
+def _row_ranges(proposals: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Each image's rows [a, b) among the stage-2 RoIs (the images' proposals, in order)."""
+    starts = np.cumsum([0] + [len(p) for p in proposals])
+    return [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _set(results: Results, figures: dict, wake: int | None) -> None:
+    for name, value in figures.items():
+        setattr(results, name, value)
+    results.wake = wake
+
+
+@contextmanager
+def _eval_mode(module: nn.Module):
+    """``module`` in eval mode for the block (torchvision's transform and RPN behave differently in training)."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
 
 
 # --- training (casc train rcnn) ------------------------------------------------------------------
@@ -1100,7 +1033,7 @@ def train_from_args(args: argparse.Namespace) -> Path:
 
 
 __all__ = [
-    "SpikingFasterRCNN", "RCNNEvent", "RCNNStage1", "RCNNStage2", "ReLUTwoMLPHead", "ARCHS",
+    "SpikingFasterRCNN", "RCNNStage1", "RCNNStage2", "ReLUTwoMLPHead", "ARCHS",
     "build_fasterrcnn", "build_qann_fasterrcnn", "to_qann_fasterrcnn", "analog_candidates", "load_checkpoint",
     "model_from_state_dict", "add_train_arguments", "train_from_args",
 ]

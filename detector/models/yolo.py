@@ -8,7 +8,7 @@ with an error that says so.
 
     qann = build_qann("yolov8n.yaml", levels=4, act="relu")        # Ultralytics DetectionModel, ClipQuan acts
     det = SpikingYOLO.from_model(qann, imgsz=640)                   # or SpikingYOLO.from_checkpoint(path)
-    results = det.predict(["bus.jpg"])                              # list of Detections
+    results = det.predict(["bus.jpg"])                              # list of Results (detector.detect)
     for event in det.stream("bus.jpg"): ...                         # anytime detection, one event per step
 
 The spiking part is the network up to the Detect head's last 1x1 convs (the readouts: the raw per-level
@@ -25,13 +25,9 @@ Ultralytics runs offline from this module: see ``detector.models._ultralytics_en
 
 from __future__ import annotations
 
-import argparse
 import copy
-import threading
-import math
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from . import _ultralytics_env
 
@@ -54,11 +50,13 @@ from ..convert import convert, register_linear_module, register_nonlinear_module
 from ..fuse import register_bn_pairs  # noqa: E402
 from ..quant import ClipQuan, activation_references, qann_levels, to_qann, with_legacy_quant_state  # noqa: E402
 from ..runtime import RunResult, SpikingNetwork  # noqa: E402
+from ..detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection, SpikingDetector, read_bgr  # noqa: E402
+from ..detect.base import source_path  # noqa: E402
 from .. import checkpoint  # noqa: E402
 from ..checkpoint import UnreadableCheckpoint  # noqa: E402
 
 __all__ = [
-    "SpikingYOLO", "Detections", "DetectionEvent", "UnsupportedModelError", "build_qann", "load_checkpoint",
+    "SpikingYOLO", "UnsupportedModelError", "build_qann", "load_checkpoint",
     "export_checkpoint", "check_supported", "attention_paths", "YOLOReadoutNet", "CHECKPOINT_FORMAT",
     "calibration_inputs", "save_qann", "letterbox", "ultralytics_start_checkpoint", "is_qann_checkpoint",
     "quantize_model", "model_act",
@@ -398,78 +396,6 @@ def attention_paths(net: nn.Module) -> list[str]:
     return [p for p, m in net.named_modules() if isinstance(m, Attention)]
 
 
-# --- detections -----------------------------------------------------------------------------------------
-
-@dataclass
-class Detections:
-    """Detections of one image. ``boxes``: xyxy float pixels of the ORIGINAL image (letterbox undone)."""
-
-    boxes: torch.Tensor  # [n, 4] float32
-    scores: torch.Tensor  # [n] float32
-    classes: torch.Tensor  # [n] int64
-    names: dict[int, str]
-    orig_shape: tuple[int, int]  # (height, width)
-    steps: int | None = None  # total time steps T = wake + sleep used (None for the QANN)
-    wake: int | None = None
-    spikes: float | None = None  # spike events for this image, all steps
-    energy_uj: float | None = None  # estimated energy (SOPs at 0.9 pJ + MACs at 4.6 pJ), microjoules
-    settled: bool | None = None  # the spiking network reached its fixed point (None for the QANN)
-
-    def __len__(self) -> int:
-        return int(self.boxes.shape[0])
-
-    @property
-    def labels(self) -> list[str]:
-        return [self.names.get(int(c), str(int(c))) for c in self.classes]
-
-    def to_list(self) -> list[dict]:
-        """Plain dicts (JSON-ready): box, score, class, name."""
-        return [{"box": [float(v) for v in b], "score": float(s), "class": int(c), "name": n}
-                for b, s, c, n in zip(self.boxes, self.scores, self.classes, self.labels)]
-
-
-@dataclass
-class DetectionEvent:
-    """One time step of ``SpikingYOLO.stream``: the detections decoded from the readouts so far."""
-
-    t: int  # total steps so far (wake + sleep)
-    phase: str  # "wake" or "sleep"
-    wake: int  # wake steps so far
-    detections: Detections
-    spikes: float | None  # spike events in this step
-    cumulative_spikes: float | None  # spike events so far
-    settled: bool  # a silent sleep step has confirmed the fixed point
-    final: bool = False  # the run's last step: its detections equal predict's
-
-
-def _to_bgr(image, color: str) -> np.ndarray:
-    """One image as HxWx3 uint8 BGR (Ultralytics' convention). Files and PIL images go through the project's
-    one reader (``detector.images``: EXIF orientation, 16-bit, alpha and CMYK handled)."""
-    from PIL import Image
-
-    from ..images import from_pil, read_image
-
-    if isinstance(image, (str, Path)):
-        return np.ascontiguousarray(read_image(image)[..., ::-1])
-    if isinstance(image, Image.Image):
-        return np.ascontiguousarray(from_pil(image)[..., ::-1])
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"numpy images must be HxWx3, got shape {image.shape}")
-        image = image[..., :3]
-        if image.dtype != np.uint8:
-            raise ValueError(f"numpy images must be uint8, got {image.dtype}")
-        if color == "rgb":
-            image = image[..., ::-1]
-        elif color != "bgr":
-            raise ValueError(f'color must be "bgr" or "rgb", got {color!r}')
-        return np.ascontiguousarray(image)
-    raise TypeError(f"unsupported image type {type(image).__name__}: give a path, a PIL image or an HxWx3 "
-                    "uint8 numpy array")
-
-
 def letterbox(bgr_images: list[np.ndarray], imgsz: int, stride: int = 32) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Ultralytics' letterbox (gray 114 padding) to imgsz x imgsz: a float [B, 3, H, W] RGB batch in 0..1 and
     the original (h, w) of each image."""
@@ -493,20 +419,14 @@ def save_qann(qann: DetectionModel, path: str | Path, names, imgsz: int, act: st
     return export_checkpoint(qann, path, names=names, imgsz=imgsz)
 
 
-def _as_list(images) -> list:
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    return [images]
-
-
-class SpikingYOLO:
+class SpikingYOLO(SpikingDetector):
     """A YOLO QANN converted to a spiking network, with Ultralytics' pre- and post-processing.
 
     Attributes: ``qann`` (the DetectionModel QANN, eval), ``snn`` (the ``SpikingNetwork``; its readouts are
     the raw per-level head maps), ``levels``, ``names``, ``imgsz``, ``analog`` (island paths; the fraction of
     one forward's MACs they keep analog is ``raw(x).stats.analog_mac_fraction``).
 
-    Image inputs: file paths (read with OpenCV), PIL images (RGB, converted), or HxWx3 uint8 numpy arrays
+    Image inputs: file paths and PIL images (through ``detector.images``), or HxWx3 uint8 numpy arrays
     which are taken as **BGR** (OpenCV / Ultralytics convention) unless ``color="rgb"``. Each image is
     letterboxed to ``imgsz`` x ``imgsz`` (gray 114 padding); boxes are returned in original pixels.
     """
@@ -591,18 +511,25 @@ class SpikingYOLO:
 
     # -- pre / post-processing --
 
-    def preprocess(self, images, color: str = "bgr") -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Letterboxed batch [B, 3, imgsz, imgsz] (RGB, 0..1, network dtype) and original (h, w) shapes."""
-        images = _as_list(images)
-        if not images:
-            raise ValueError("no images given")
-        x, shapes = letterbox([_to_bgr(image, color) for image in images], self.imgsz, self.stride)
-        return x.to(self.device, self.dtype), shapes
+    def _split_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """A tensor input is a preprocessed batch [B, 3, imgsz, imgsz] (RGB, 0..1); boxes stay in its pixels."""
+        if x.dim() != 4 or tuple(x.shape[2:]) != (self.imgsz, self.imgsz):
+            raise ValueError(f"tensor input must be [B, 3, {self.imgsz}, {self.imgsz}], got {tuple(x.shape)}")
+        return x
+
+    def _prepare(self, items, color: str) -> Batch:
+        """Letterboxed [B, 3, imgsz, imgsz] batch (RGB, 0..1, network dtype) and each image's (h, w)."""
+        if isinstance(items, torch.Tensor):
+            n = items.shape[0]
+            return Batch(items.to(self.device, self.dtype), None, [None] * n, [None] * n)
+        images = [read_bgr(image, color) for image in items]
+        x, shapes = letterbox(images, self.imgsz, self.stride)
+        return Batch(x.to(self.device, self.dtype), shapes, images, [source_path(i) for i in items])
 
     def decode(self, maps: list[torch.Tensor], shapes: list[tuple[int, int]] | None = None, conf: float = 0.25,
-               iou: float = 0.7, max_det: int = 300, classes: list[int] | None = None,
-               agnostic: bool = False) -> list[Detections]:
-        """Raw head maps (accumulated readouts or QANN output) -> Detections, with Ultralytics' decoding
+               iou: float = 0.7, max_det: int = 300, classes: Sequence[int] | None = None,
+               agnostic: bool = False) -> list[Results]:
+        """Raw head maps (accumulated readouts or QANN output) -> ``Results``, with Ultralytics' decoding
         (DFL + ``Detect._inference``) and ``non_max_suppression``; boxes scaled back to ``shapes``."""
         from ultralytics.utils import ops
         from ultralytics.utils.nms import non_max_suppression
@@ -614,26 +541,21 @@ class SpikingYOLO:
         scores = torch.cat([m[:, reg:].reshape(b, detect.nc, -1) for m in maps], -1)
         with torch.no_grad():
             pred = detect._inference({"boxes": boxes, "scores": scores, "feats": maps})
-            out = non_max_suppression(pred, conf, iou, classes=classes, agnostic=agnostic, max_det=max_det,
-                                      nc=detect.nc, max_time_img=1e9)
+            out = non_max_suppression(pred, conf, iou, classes=None if classes is None else list(classes),
+                                      agnostic=agnostic, max_det=max_det, nc=detect.nc, max_time_img=1e9)
         input_hw = (self.imgsz, self.imgsz)
         results = []
         for i, det in enumerate(out):
             shape = shapes[i] if shapes else input_hw
-            xyxy = det[:, :4].clone()
-            if shapes:
-                xyxy = ops.scale_boxes(input_hw, xyxy, shape)
-            results.append(Detections(boxes=xyxy.float().cpu(), scores=det[:, 4].float().cpu(),
-                                      classes=det[:, 5].long().cpu(), names=self.names,
-                                      orig_shape=(int(shape[0]), int(shape[1]))))
+            xyxy = ops.scale_boxes(input_hw, det[:, :4].clone(), shape) if shapes else det[:, :4]
+            boxes = Boxes(xyxy.cpu(), det[:, 4].cpu(), det[:, 5].long().cpu(),
+                          (int(shape[0]), int(shape[1])))
+            results.append(Results(boxes, self.names))
         return results
 
-    def _inputs(self, images, color):
-        if isinstance(images, torch.Tensor):  # already preprocessed [B, 3, imgsz, imgsz], RGB 0..1
-            if images.dim() != 4 or tuple(images.shape[2:]) != (self.imgsz, self.imgsz):
-                raise ValueError(f"tensor input must be [B, 3, {self.imgsz}, {self.imgsz}], got {tuple(images.shape)}")
-            return images.to(self.device, self.dtype), None
-        return self.preprocess(images, color)
+    def _decoded(self, batch: Batch, maps: list[torch.Tensor], keep: Selection) -> list[Results]:
+        results = self.decode(maps, batch.shapes, keep.conf, keep.iou, keep.max_det, keep.classes)
+        return [batch.result(i, r.boxes, self.names) for i, r in enumerate(results)]
 
     # -- running --
 
@@ -650,103 +572,60 @@ class SpikingYOLO:
         """The QANN's raw per-level maps for a preprocessed batch ``x`` (what the SNN reproduces)."""
         return self.readout_net(x)
 
-    @torch.no_grad()
-    def predict(self, images, wake: int | None = None, sleep: int | str = "auto", conf: float = 0.25,
-                iou: float = 0.7, max_det: int = 300, mode: str = "step", burst: int | None = None, batch: int = 8,
-                color: str = "bgr", classes: list[int] | None = None, max_sleep: int = 256,
-                cancel: threading.Event | None = None) -> list[Detections]:
-        """Spiking detection: one ``Detections`` per image (``wake`` defaults to the QANN's levels; with
-        ``sleep="auto"`` each image runs until its network is quiet). ``images``: path(s), PIL, BGR numpy
-        (``color="rgb"`` for RGB arrays), or a preprocessed tensor batch."""
-        wake = wake if wake is not None else self.levels
-        results: list[Detections] = []
-        items = images if isinstance(images, torch.Tensor) else _as_list(images)
-        for start in range(0, len(items), batch):
-            x, shapes = self._inputs(items[start:start + batch], color)
-            run = self.snn.run(x, wake=wake, sleep=sleep, mode=mode, burst=burst, max_sleep=max_sleep, cancel=cancel)
-            dets = self.decode(run.readout, shapes, conf, iou, max_det, classes)
-            for i, d in enumerate(dets):
-                d.steps, d.wake, d.settled = int(run.steps[i]), wake, bool(run.settled[i])
-                d.spikes = float(run.stats.spikes[i])
-                d.energy_uj = float(run.stats.energy_pj[i]) * 1e-6
-            results.extend(dets)
+    def _infer(self, batch: Batch, schedule: Schedule | None, cancel) -> RunResult | list[torch.Tensor]:
+        if schedule is None:
+            return self.readout_net(batch.x)
+        return self.snn.run(batch.x, mode=schedule.mode, cancel=cancel, **schedule.run_kwargs())
+
+    def _postprocess(self, batch: Batch, out: RunResult | list[torch.Tensor], keep: Selection) -> list[Results]:
+        if not isinstance(out, RunResult):
+            return self._decoded(batch, out, keep)
+        results = self._decoded(batch, out.readout, keep)
+        for i, r in enumerate(results):
+            r.steps, r.wake, r.settled = int(out.steps[i]), out.wake, bool(out.settled[i])
+            r.spikes, r.energy_uj = float(out.stats.spikes[i]), float(out.stats.energy_pj[i]) * 1e-6
         return results
 
-    @torch.no_grad()
-    def qann_predict(self, images, conf: float = 0.25, iou: float = 0.7, max_det: int = 300, batch: int = 8,
-                     color: str = "bgr", classes: list[int] | None = None) -> list[Detections]:
-        """The QANN through the same pre- and post-processing (the reference the SNN reproduces)."""
-        results: list[Detections] = []
-        items = images if isinstance(images, torch.Tensor) else _as_list(images)
-        for start in range(0, len(items), batch):
-            x, shapes = self._inputs(items[start:start + batch], color)
-            results.extend(self.decode(self.readout_net(x), shapes, conf, iou, max_det, classes))
-        return results
-
-    @torch.no_grad()
-    def stream(self, image, wake: int | None = None, sleep: int | str = "auto", conf: float = 0.25,
-               iou: float = 0.7, max_det: int = 300, burst: int | None = None, color: str = "bgr",
-               classes: list[int] | None = None, max_sleep: int = 256,
-               cancel: threading.Event | None = None) -> Iterator[DetectionEvent]:
-        """Anytime detection of one image: after every time step, the detections decoded from the readouts
-        so far, with spike counts. The last event's detections equal ``predict``'s (step mode)."""
-        if isinstance(image, (list, tuple)):
-            if len(image) != 1:
-                raise ValueError("stream takes one image")
-            image = image[0]
-        x, shapes = self._inputs(image if isinstance(image, torch.Tensor) else [image], color)
-        if x.shape[0] != 1:
-            raise ValueError("stream takes one image")
-        wake = wake if wake is not None else self.levels
-        total = 0.0
-        energy = 0.0
-        for event in self.snn.stream(x, wake=wake, sleep=sleep, burst=burst, max_sleep=max_sleep, cancel=cancel):
-            dets = self.decode(event.readout, shapes, conf, iou, max_det, classes)[0]
+    def _events(self, batch: Batch, schedule: Schedule, keep: Selection, cancel) -> Iterator[DetectionEvent]:
+        """After every time step, the detections decoded from the readouts so far, with spike counts. The last
+        event's detections equal ``predict``'s (step mode)."""
+        total = energy = 0.0
+        for event in self.snn.stream(batch.x, cancel=cancel, **schedule.run_kwargs()):
+            found = self._decoded(batch, event.readout, keep)[0]
             spikes = float(event.spikes[0])
             total += spikes
             energy += float(event.energy_pj[0])
-            dets.steps, dets.wake, dets.spikes = event.t, event.wake, total
-            dets.settled, dets.energy_uj = bool(event.settled[0]), energy * 1e-6
-            yield DetectionEvent(t=event.t, phase=event.phase, wake=event.wake, detections=dets,
-                                 spikes=spikes, cumulative_spikes=total, settled=dets.settled,
+            found.steps, found.wake, found.spikes = event.t, event.wake, total
+            found.settled, found.energy_uj = bool(event.settled[0]), energy * 1e-6
+            yield DetectionEvent(stage=1, t=event.t, stage_t=event.t, phase=event.phase, wake=event.wake,
+                                 spikes=spikes, cumulative_spikes=total, settled=found.settled, detections=found,
                                  final=event.result is not None)
 
-    @torch.no_grad()
-    def detections_at_steps(self, images, timesteps: Sequence[int], wake: int | None = None,
-                            sleep: int | str = "auto", conf: float = 0.001, iou: float = 0.7, max_det: int = 300,
-                            burst: int | None = None, color: str = "bgr", max_sleep: int = 256):
-        """Anytime evaluation: ``({t: [Detections per image]}, info)`` for every total step count ``t``, from one
-        run. CASC readouts stop changing once a sample settles, so a ``t`` past the end reuses the final answer;
-        the IF baseline (``neuron="if"``) runs ``wake=max(timesteps)`` steps and its readout after step ``t``
-        (summed, divided by ``t``) is exactly the ``wake=t`` result. Each image's ``Detections`` at ``t`` carry its
-        steps, spikes, energy and settled flag after step ``t``. ``info``: per-image steps used, settled, spikes and
-        energy estimate of the full run, ``energy_uj_at`` (every requested ``t``), ANN energy, firing rates."""
-        wanted = sorted({int(t) for t in timesteps})
-        if not wanted or wanted[0] < 1:
-            raise ValueError(f"timesteps must be positive integers, got {list(timesteps)}")
-        x, shapes = self._inputs(images, color)
-        if self.neuron == "if":
-            wake, sleep = wanted[-1], 0
-        else:
-            wake = wake if wake is not None else self.levels
-        results, settled_at, last = {}, {}, None
-        for event in self.snn.stream(x, wake=wake, sleep=sleep, burst=burst, max_sleep=max_sleep):
+    def _anytime(self, batch: Batch, wanted: list[int], schedule: Schedule,
+                 keep: Selection) -> tuple[dict[int, list[Results]], dict]:
+        """CASC readouts stop changing once a sample settles, so a ``t`` past the end reuses the final answer;
+        the IF baseline runs ``wake=max(t)`` steps and its readout after step ``t`` (summed, divided by ``t``)
+        is exactly the ``wake=t`` result. ``info``: per-image steps used, settled, spikes and energy of the full
+        run, ``energy_uj_at`` (every requested ``t``), ANN energy, firing rates."""
+        readouts, settled_at, last = {}, {}, None
+        for event in self.snn.stream(batch.x, **schedule.run_kwargs()):
             last = event
             if event.t in wanted:
-                results[event.t] = self.decode(event.readout, shapes, conf, iou, max_det)
+                readouts[event.t] = event.readout
                 settled_at[event.t] = event.settled.tolist()
-        final = results.get(last.t) or self.decode(last.readout, shapes, conf, iou, max_det)
-        for t in wanted:
-            results.setdefault(t, final)  # the run ended (settled) before t: nothing changes any more
         run = last.result
         stats = run.stats
         steps = run.steps.tolist()
-        for t in wanted:  # each image's own figures at t (copies: a settled answer serves several t)
+        results = {}
+        for t in wanted:  # past the run's end (settled) nothing changes any more: the final readout
+            found = self._decoded(batch, readouts.get(t, last.readout), keep)
             energy = (stats.energy_pj_until(t) * 1e-6).tolist()
             spikes = stats.spikes_per_step[:t].sum(0).tolist()
             settled = settled_at.get(t, run.settled.tolist())
-            results[t] = [replace(d, steps=min(t, steps[i]), wake=min(t, wake), energy_uj=energy[i], spikes=spikes[i],
-                                  settled=settled[i]) for i, d in enumerate(results[t])]
+            for i, r in enumerate(found):  # each image's own figures after step t
+                r.steps, r.wake, r.energy_uj = min(t, steps[i]), min(t, schedule.wake), energy[i]
+                r.spikes, r.settled = spikes[i], settled[i]
+            results[t] = found
         info = {"steps": steps, "settled": run.settled.tolist(),
                 "spikes": stats.spikes.tolist(), "energy_uj": (stats.energy_pj * 1e-6).tolist(),
                 "energy_uj_at": {t: (stats.energy_pj_until(t) * 1e-6).tolist() for t in wanted},
