@@ -27,6 +27,7 @@ COMMANDS = {
     "serve": ("service.server", "serve spiking detectors over HTTP (FastAPI)"),
     "export": ("detector.export.bundle", "export a detector's QANN and spiking step graphs (ONNX)"),
     "quantize": ("detector.train.quantize", "post-training quantization: a float checkpoint -> a calibrated QANN"),
+    "predict": ("detector.predict", "detect objects in images, folders, globs and videos; annotated output under runs/predict"),
 }
 
 
