@@ -6,6 +6,13 @@ The recipe, run where a GPU is available (a CPU works too, but takes hours):
     python weights/train_bundled.py --family rcnn --device cuda  # float ResNet-18-FPN Faster R-CNN, then its QANN
     python weights/train_bundled.py --export                      # fp16 safe checkpoints + manifest.json
 
+The CPU path (no GPU): post-training calibration and the QAT recipe, then one manifest entry per result:
+
+    casc quantize --model rcnn-r18-bundled-float --levels 8 --data bundled --out runs/qat/rcnn-r18-l8.pt
+    OMP_NUM_THREADS=1 casc train yolo --qat --model yolov8n-bundled-float --data bundled --levels 4 \
+        --iterations 3000 --max-minutes 70 --out runs/qat/yolov8n-l4
+    python weights/train_bundled.py --bundle yolov8n-bundled runs/qat/yolov8n-l4/last.pt "casc train yolo --qat ..."
+
 Each step is a ``casc train`` command; the manifest records them. Metrics measured by ``casc eval``
 are added to the manifest by ``weights/record_metrics.py``.
 """
@@ -100,10 +107,45 @@ def export(runs: Path, data_root: Path, folder: Path) -> Path:
     return manifest
 
 
+def bundle(name: str, source: Path, command: str, folder: Path = WEIGHTS, float_model: str | None = None) -> dict:
+    """Compact ``source`` into ``folder/NAME.pt`` and write its manifest entry (replacing one of that name).
+
+    The entry's family, levels, rounding and size come from the checkpoint itself; its metrics are reset
+    (``weights/record_metrics.py`` fills them from a ``casc eval`` run)."""
+    from detector.quant import qann_levels, quantizers
+    from detector.weights import load_detector, load_manifest
+
+    target = folder / f"{name}.pt"
+    digest = compact(source, target)
+    detector = load_detector(str(target))
+    network = detector.qann
+    family = "yolo" if hasattr(detector, "imgsz") else "rcnn"
+    old = load_manifest(folder / "manifest.json").get(name)
+    entry = {
+        "name": name, "family": family, "kind": "qann", "file": target.name, "sha256": digest,
+        "arch": old.info.get("arch") if old else ("yolov8n" if family == "yolo" else "fasterrcnn_resnet18_fpn"),
+        "act": "relu", "levels": qann_levels(network),
+        "site_levels": sorted({q.levels for _, q in quantizers(network)}),
+        "rounding": sorted({q.rounding for _, q in quantizers(network)}),
+        "float_model": float_model or (old.float_model if old else None), "dataset": "bundled-v1",
+        "imgsz": int(detector.imgsz) if family == "yolo" else IMGSZ, "training_command": command, "metrics": {},
+    }
+    manifest = folder / "manifest.json"
+    data = json.loads(manifest.read_text())
+    models = [m for m in data["models"] if m["name"] != name]
+    position = next((i for i, m in enumerate(data["models"]) if m["name"] == name), len(models))
+    models.insert(position, entry)
+    manifest.write_text(json.dumps({"models": models}, indent=1) + "\n")
+    return entry
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=["yolo", "rcnn"], help="train this family's float model, then its QANN")
     parser.add_argument("--export", action="store_true", help="write weights/*.pt and weights/manifest.json")
+    parser.add_argument("--bundle", nargs=3, metavar=("NAME", "CHECKPOINT", "COMMAND"),
+                        help="compact one QANN checkpoint into weights/NAME.pt with its manifest entry")
+    parser.add_argument("--float-model", default=None, help="with --bundle: the float model it came from")
     parser.add_argument("--runs", default="runs/bundled", help="training outputs")
     parser.add_argument("--weights-dir", default=str(WEIGHTS), help="where --export writes (default: weights/)")
     parser.add_argument("--device", default="0")
@@ -121,6 +163,10 @@ def main() -> int:
     parser.add_argument("--rcnn-minutes", type=float, default=None, help="cap the float R-CNN training by time")
     parser.add_argument("--rcnn-qann-minutes", type=float, default=None, help="cap the R-CNN QANN fine-tuning")
     args = parser.parse_args()
+    if args.bundle:
+        name, source, command = args.bundle
+        print(json.dumps(bundle(name, Path(source), command, Path(args.weights_dir), args.float_model), indent=1))
+        return 0
     runs = Path(args.runs).resolve()
     scale = {k: getattr(args, k) for k in ("yolo_epochs", "yolo_hours", "yolo_qann_epochs", "yolo_batch",
                                             "rcnn_epochs", "rcnn_qann_epochs", "rcnn_qann_lr", "rcnn_batch", "rcnn_minutes",
