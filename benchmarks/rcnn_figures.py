@@ -75,7 +75,7 @@ def main() -> None:
             for burst in args.bursts:
                 if mode == "multistep" and burst != 1:
                     continue
-                t_snn, res = timed(lambda: det.predict([img], mode=mode, burst=burst))
+                t_snn, res = timed(lambda: det.predict([img], mode=mode, burst=burst, conf=0.05))  # torchvision's 0.05
                 r = res[0]
                 ann_uj = (macs1 + macs2 * r.proposals) * PJ_PER_MAC * 1e-6
                 t1, t2, T = r.stage_steps["stage1"], r.stage_steps["stage2"], r.steps
