@@ -172,12 +172,13 @@ class Detectors:
         return 10_000 + self.args.max_sleep  # a step count no run reaches
 
     def probe(self, image: np.ndarray) -> dict[str, float]:
-        """Seconds of one QANN forward and of one spiking step on one image (after a warm-up): the cost estimate."""
-        one_step = 2 if self.family == "rcnn" else 1  # one step of each stage
-        budget = stage_budgets(self.family, [one_step])[one_step]
+        """Seconds of one QANN forward, of one spiking step and of a spiking run's fixed part (setup, decoding),
+        on one image after a warm-up: what the cost estimate prices. Steps from a 1- and a 4-step run."""
+        stages = 2 if self.family == "rcnn" else 1
         forward = _best_of(2, lambda: self._flat(self.qann, [image]))
-        step = _best_of(2, lambda: self._curve(self.qann, [image], [budget], 1, 0)) / one_step
-        return {"forward_s": forward, "step_s": step}
+        short, long = (_best_of(2, lambda k=k: self._curve(self.qann, [image], [k], k, 0)) for k in (1, 4))
+        step = max(long - short, 0.0) / (3 * stages)
+        return {"forward_s": forward, "step_s": step, "run_s": max(short - stages * step, 0.0)}
 
     def _records(self, results, image_ids) -> list[dict]:
         return [dict(as_records(r, self.names), image_id=int(i)) for r, i in zip(results, image_ids)]
@@ -340,6 +341,13 @@ def parse_methods(spec: str) -> list[str]:
     return methods
 
 
+def default_threads() -> int:
+    """Half the cores, at least one. Measured on 2 shared cores: with 2 torch threads a YOLOv8n forward took
+    4 s instead of 20 ms once other work ran beside it (each parallel region waits for a descheduled thread);
+    with 1 thread the whole default run still finished in about 2 minutes under a load of 7."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def resolve_device(spec: str) -> torch.device:
     """``--device`` as a torch device that exists here, or a one-line error saying why not."""
     try:
@@ -371,11 +379,11 @@ def estimate_cost(probe: dict[str, float], methods: list[str], timesteps: list[i
         steps["CASC"] = stages * (wake + sleep)
     if "if" in methods:
         steps["IF"] = max(timesteps)
-    per_image = forwards * probe["forward_s"] + sum(steps.values()) * probe["step_s"]
+    per_image = forwards * probe["forward_s"] + sum(steps.values()) * probe["step_s"] + len(steps) * probe["run_s"]
     parts = ([f"{forwards} forward{'s' * (forwards > 1)}"] if forwards else []) + \
         [f"{name} {'≈ ' * (name == 'CASC' and args.sleep == 'auto')}{n} steps" for name, n in steps.items()]
     return (f"cost estimate: {images} image{'s' * (images != 1)} × ({' + '.join(parts)}); one forward {probe['forward_s'] * 1e3:.0f} ms, "
-            f"one spiking step {probe['step_s'] * 1e3:.0f} ms (timed here) -> about "
+            f"one spiking step {probe['step_s'] * 1e3:.0f} ms + {probe['run_s'] * 1e3:.0f} ms per run (timed here) -> about "
             f"{_duration(images * per_image)} for the detectors, plus loading and mAP")
 
 
@@ -388,8 +396,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     methods = parse_methods(args.methods)
     if args.sleep != "auto":
         args.sleep = int(args.sleep)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads())
     device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     qann, float_entry = model_pair(args.model, args.float_model)
     timesteps = parse_timesteps(args.timesteps or DEFAULT_TIMESTEPS[qann.family])
@@ -541,7 +548,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                         help="float64: CASC reproduces the QANN exactly; float32: rare boundary flips")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's default)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (None: half the cores, at least 1; more threads than free cores "
+                             "make every step wait for a descheduled thread)")
     parser.add_argument("--out", default=None, help="output folder (None: runs/eval/MODEL)")
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from detector.data import generate_bundled
 from detector.cli import main as casc
-from eval.runner import (DEFAULT_TIMESTEPS, METHODS, add_arguments, estimate_cost, evaluate, format_table,
-                         parse_methods, parse_timesteps, resolve_device, stage_budgets)
+from eval.runner import (DEFAULT_TIMESTEPS, METHODS, add_arguments, default_threads, estimate_cost, evaluate,
+                         format_table, parse_methods, parse_timesteps, resolve_device, stage_budgets)
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +121,21 @@ def test_table_keeps_every_requested_t():
 
 
 def test_cost_estimate_counts_passes_and_prices_them():
-    probe = {"forward_s": 0.02, "step_s": 0.05}
+    probe = {"forward_s": 0.02, "step_s": 0.05, "run_s": 0.0}
     args = eval_args()  # the defaults: sleep auto, burst = wake
     text = estimate_cost(probe, parse_methods("ann,qann,casc,if"), [1, 8, 64], 16, args, "yolo", wake=4)
     assert "16 images × (2 forwards + CASC ≈ 6 steps + IF 64 steps)" in text
     assert "about 57 s" in text  # 16 × (2 × 0.02 + 70 × 0.05) = 56.6
+    with_setup = estimate_cost({**probe, "run_s": 0.1}, ["casc", "if"], [1, 64], 16, args, "yolo", wake=4)
+    assert "about 59 s" in with_setup  # 16 × (70 × 0.05 + 2 runs × 0.1) = 59.2
     rcnn = estimate_cost(probe, ["casc"], [2, 8], 2, eval_args("--burst", "1"), "rcnn", wake=4)
     assert "CASC ≈ 48 steps" in rcnn  # two stages, one spike per sleep step: tens of sleep steps each
+
+
+def test_default_threads_leave_half_the_cores(monkeypatch):
+    for cores, threads in ((1, 1), (2, 1), (16, 8), (None, 1)):
+        monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
+        assert default_threads() == threads
 
 
 def test_default_timesteps_and_stage_budgets():
