@@ -113,19 +113,14 @@ class Detectors:
 
     def _flat(self, detector, images) -> list:
         a = self.args
-        if self.family == "yolo":
-            return detector.qann_predict(images, conf=a.conf, iou=a.iou, max_det=a.max_det, color="rgb")
-        return detector.qann_predict(images, score_thresh=a.conf)
+        return detector.qann_predict(images, conf=a.conf, iou=a.iou, max_det=a.max_det, color="rgb")
 
     def _curve(self, detector, images, budgets: list[int], wake, sleep):
         a = self.args
-        if self.family == "yolo":
-            return detector.detections_at_steps(images, budgets, wake=wake, sleep=sleep, conf=a.conf, iou=a.iou,
-                                                max_det=a.max_det, burst=a.burst, color="rgb",
-                                                max_sleep=a.max_sleep)
-        results, info = detector.detections_at_steps(images, budgets, wake=wake, sleep=sleep, burst=a.burst,
-                                                     score_thresh=a.conf, max_sleep=a.max_sleep)
-        return results, self._two_stage_info(info)
+        results, info = detector.detections_at_steps(images, budgets, conf=a.conf, iou=a.iou, max_det=a.max_det,
+                                                     wake=wake, sleep=sleep, burst=a.burst, max_sleep=a.max_sleep,
+                                                     color="rgb")
+        return results, (self._two_stage_info(info) if self.family == "rcnn" else info)
 
     @staticmethod
     def _two_stage_info(info: dict) -> dict:

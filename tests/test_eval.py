@@ -178,8 +178,9 @@ def test_bad_arguments_are_clear_errors(tiny_set, tmp_path):
         evaluate(eval_args(*yolo_argv(tiny_set, tmp_path), "--model", "no-such-model"))
 
 
-def test_quickstart_python_blocks_run_as_written(capsys):
+def test_quickstart_python_blocks_run_as_written(capsys, tmp_path, monkeypatch):
     page = (Path(__file__).parents[1] / "docs" / "quickstart.md").read_text()
+    monkeypatch.chdir(tmp_path)  # the page writes an image into the current folder
     blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     assert len(blocks) >= 3
     namespace: dict = {}
@@ -187,3 +188,4 @@ def test_quickstart_python_blocks_run_as_written(capsys):
         exec(compile(block, "docs/quickstart.md", "exec"), namespace)
     out = capsys.readouterr().out
     assert "YOLO found:" in out and "Faster R-CNN found:" in out and "in the image:" in out
+    assert (tmp_path / "rcnn_boxes.jpg").stat().st_size > 0
