@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from detector.data import open_dataset
+from detector.devices import resolve_device
 from detector.models import as_records
 from detector.weights import ModelEntry, load_manifest, resolve, verify_sha256
 
@@ -343,23 +344,6 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``--device`` as a torch device that exists here, or a one-line error saying why not."""
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"--device {spec!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise ValueError(f"--device {spec}: CUDA is not available here ({why}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {spec}: MPS is not available here; use --device cpu")
-    return device
-
-
 def estimate_cost(probe: dict[str, float], methods: list[str], timesteps: list[int], images: int,
                   args: argparse.Namespace, family: str, wake: int) -> str:
     """The run's cost before it starts: network passes per image, priced with one timed forward and step."""
@@ -540,7 +524,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-det", type=int, default=300, help="detections kept per image (YOLO)")
     parser.add_argument("--calibration-images", type=int, default=32,
                         help="training images for the IF baseline's thresholds")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                         help="float64: CASC reproduces the QANN exactly; float32: rare boundary flips")
     parser.add_argument("--threads", type=int, default=None,
