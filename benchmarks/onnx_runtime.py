@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from detector.data.synthetic import generate_bundled
-from detector.export import load_detector as load_onnx_detector
 from detector.export.bundle import export_detector
 from detector.weights import load_detector
 
@@ -59,7 +58,7 @@ def bench_batch(model: str, batch: int, images: list[Path], work: Path, threads:
     export_detector(model, folder, batch=batch)
     export_s = time.perf_counter() - start
     eager = load_detector(model, device=device)
-    engine = load_onnx_detector(model, engine="onnxruntime", export_dir=folder, provider=provider, threads=threads)
+    engine = load_detector(model, engine="onnxruntime", export_dir=folder, provider=provider, threads=threads)
     x, _ = eager.preprocess(images[:batch])
 
     def run_eager(record: bool):

@@ -20,6 +20,7 @@ from .checkpoint import file_sha256 as sha256_of
 
 WEIGHTS_DIR = Path(os.environ.get("CASC_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
 FAMILIES = ("yolo", "rcnn")
+ENGINES = ("pytorch", "onnxruntime")  # what runs the spiking networks
 
 
 def verify_sha256(path: str | os.PathLike, expected: str | None) -> None:
@@ -102,13 +103,30 @@ def checkpoint_family(path: Path) -> str:
     return "yolo"
 
 
-def load_detector(name_or_path: str | os.PathLike, device="cpu", dtype=None, **kwargs):
-    """A ``SpikingYOLO`` or ``SpikingFasterRCNN`` from a bundled name or a checkpoint path (sha256-checked)."""
+def load_detector(name_or_path: str | os.PathLike, device="cpu", dtype=None, engine: str = "pytorch",
+                  provider: str = "cpu", **kwargs):
+    """A ``SpikingYOLO`` or ``SpikingFasterRCNN`` from a bundled name or a checkpoint path (sha256-checked).
+
+    ``engine="onnxruntime"``: its spiking networks run on ONNX Runtime with ``provider`` (cpu, cuda,
+    tensorrt), the rest on the CPU; ``batch``, ``imgsz``, ``export_dir`` and ``threads`` go to
+    ``detector.export.load_onnx_detector``."""
     import torch
 
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    dtype = dtype or torch.float32
+    if engine == "onnxruntime":
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"device {device}: with the ONNX Runtime engine the spiking networks run on the "
+                             f"provider ({provider}) and the rest on the CPU; choose the GPU with provider='cuda'")
+        try:
+            from .export.detectors import load_onnx_detector
+        except ImportError as error:
+            raise ValueError(f"the ONNX Runtime engine needs the onnx extra (pip install 'casc-detector[onnx]'): "
+                             f"{error}") from None
+        return load_onnx_detector(name_or_path, provider=provider, dtype=dtype, **kwargs)
     entry = resolve(name_or_path)
     verify_sha256(entry.path, entry.sha256)
-    dtype = dtype or torch.float32
     if entry.family == "yolo":
         from .models.yolo import SpikingYOLO
 

@@ -17,14 +17,14 @@ from torch import nn
 
 from detector.cli import main as casc
 from detector.convert import convert
-from detector.export import OrtSpikingNetwork, SpikingStep, StepExportError, export_steps, load_detector
+from detector.export import OrtSpikingNetwork, SpikingStep, StepExportError, export_steps
 from detector.export.engine import execution_providers
 from detector.export.step import describe, tracing
 from detector.neurons import CIFNeuron
 from detector.quant import ClipQuan
 from detector.randnet import random_qann
 from detector.runtime import RunCancelled
-from detector.weights import load_manifest
+from detector.weights import load_detector, load_manifest
 
 
 @pytest.fixture(autouse=True)
@@ -244,7 +244,7 @@ def test_engine_runs_analog_islands_and_lipool(tmp_path):
     assert torch.allclose(got.readout, net(x), atol=1e-5)
 
 
-def test_engine_pads_a_short_batch_and_refuses_other_shapes(tmp_path):
+def test_engine_pads_a_short_batch_slices_a_long_one_and_refuses_other_shapes(tmp_path):
     snn = convert(random_qann(5, depth=6))
     engine = OrtSpikingNetwork(tmp_path, export_steps(snn, torch.zeros(4, 3, 16, 16), tmp_path, "snn"), threads=1)
     x = torch.rand(4, 3, 16, 16)
@@ -252,14 +252,18 @@ def test_engine_pads_a_short_batch_and_refuses_other_shapes(tmp_path):
     one = engine.run(x[1:2])
     assert all(torch.allclose(a[1:2], b) for a, b in zip(_leaves(full.readout), _leaves(one.readout)))
     assert one.steps.tolist() == full.steps[1:2].tolist()
-    with pytest.raises(ValueError, match="does not fit the exported graphs"):
-        engine.run(torch.rand(5, 3, 16, 16))
+    five = engine.run(torch.cat([x, x[1:2]]))  # slices of 4 and 1 rows
+    assert all(torch.equal(a, torch.cat([b, c])) for a, b, c in zip(*map(_leaves, (five.readout, full.readout,
+                                                                                  one.readout))))
+    assert five.steps.tolist() == full.steps.tolist() + one.steps.tolist()
     with pytest.raises(ValueError, match="does not fit the exported graphs"):
         engine.run(torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="wake must be an integer"):
         engine.run(x, wake=0)
     with pytest.raises(ValueError, match="one graph per time step"):
         engine.run(x, mode="multistep")
+    with pytest.raises(NotImplementedError, match="stream and detections_at_steps need the PyTorch engine"):
+        engine.stream(x)
 
 
 def test_engine_cancel_and_states_on_the_providers_device(tmp_path):
@@ -286,23 +290,35 @@ def test_providers_are_selectable_and_missing_ones_refused():
             execution_providers("tensorrt")
 
 
+def _same_detections(expected, got) -> None:
+    assert (got.steps, got.stage_steps, got.settled, got.wake, got.proposals) == \
+        (expected.steps, expected.stage_steps, expected.settled, expected.wake, expected.proposals)
+    assert torch.equal(got.boxes.cls, expected.boxes.cls)
+    assert torch.allclose(got.boxes.xyxy, expected.boxes.xyxy, atol=1e-3)
+    assert torch.allclose(got.boxes.conf, expected.boxes.conf, atol=1e-5)
+    assert expected.spikes > 0 and got.spikes is None and got.energy_uj is None  # the graphs count no spikes
+
+
 @needs_bundled
 def test_bundled_yolo_detections_identical_on_both_engines(yolo_export, tmp_path):
     from detector.data.synthetic import generate_bundled
-    from detector.weights import load_detector as load_torch_detector
 
-    root = generate_bundled(tmp_path / "data", train=1, val=6, workers=1)
+    root = generate_bundled(tmp_path / "data", train=1, val=5, workers=1)
     images = sorted((root / "images" / "val").glob("*.jpg"))
-    torch_det = load_torch_detector("yolov8n-bundled")
+    torch_det = load_detector("yolov8n-bundled")
     ort_det = load_detector("yolov8n-bundled", engine="onnxruntime", export_dir=yolo_export, threads=1)
-    assert ort_det.network.batch == 2
+    assert ort_det.snn.batch == 2
     expected = torch_det.predict(images, sleep="auto", conf=0.1)
-    got = ort_det.predict(images, sleep="auto", conf=0.1)
+    got = ort_det.predict(images, sleep="auto", conf=0.1)  # slices of 2, 2 and 1 (padded) images
     assert sum(len(d) for d in expected) > 0
-    for e, g in zip(expected, got):
-        assert (g.steps, g.settled, g.wake) == (e.steps, e.settled, e.wake)
-        assert torch.equal(g.classes, e.classes)
-        assert torch.allclose(g.boxes, e.boxes, atol=1e-3) and torch.allclose(g.scores, e.scores, atol=1e-5)
+    for e, g in zip(expected, got, strict=True):
+        _same_detections(e, g)
+    (qann,) = ort_det.qann_predict(images[:1], conf=0.1)  # the PyTorch QANN, untouched
+    assert torch.equal(qann.boxes.cls, torch_det.qann_predict(images[:1], conf=0.1)[0].boxes.cls)
+    with pytest.raises(NotImplementedError, match="need the PyTorch engine"):
+        next(ort_det.stream(images[0]))
+    with pytest.raises(NotImplementedError, match="need the PyTorch engine"):
+        ort_det.detections_at_steps(images[:1], [1, 4])
 
 
 def test_float64_graphs_export_and_the_cpu_provider_refuses_them_clearly(tmp_path):
@@ -335,20 +351,19 @@ def test_graphs_are_exported_once_into_the_cache(tmp_path, monkeypatch):
 @needs_bundled
 def test_bundled_faster_rcnn_detections_identical_on_both_engines(rcnn_export, tmp_path):
     from detector.data.synthetic import generate_bundled
-    from detector.weights import load_detector as load_torch_detector
 
     root = generate_bundled(tmp_path / "data", train=1, val=2, workers=1)
     images = sorted((root / "images" / "val").glob("*.jpg"))
-    torch_det = load_torch_detector("rcnn-r18-bundled")
+    torch_det = load_detector("rcnn-r18-bundled")
     ort_det = load_detector("rcnn-r18-bundled", engine="onnxruntime", export_dir=rcnn_export, threads=1)
-    for image in images:
-        (e,), (g,) = torch_det.predict([image], sleep="auto"), ort_det.predict([image], sleep="auto")
-        assert len(e["boxes"]) > 0
-        assert (g["steps"], g["settled"], g["proposals"]) == (e["steps"], e["settled"], e["proposals"])
-        assert torch.equal(g["labels"], e["labels"])
-        assert torch.allclose(g["boxes"], e["boxes"], atol=1e-3) and torch.allclose(g["scores"], e["scores"], atol=1e-5)
+    expected, got = torch_det.predict(images, sleep="auto"), ort_det.predict(images, sleep="auto")
+    assert sum(len(e) for e in expected) > 0
+    for e, g in zip(expected, got, strict=True):
+        _same_detections(e, g)
 
 
 def test_load_detector_engines():
     with pytest.raises(ValueError, match="engine must be one of"):
         load_detector("yolov8n-bundled", engine="tvm")
+    with pytest.raises(ValueError, match="choose the GPU with provider='cuda'"):
+        load_detector("yolov8n-bundled", engine="onnxruntime", device="cuda")

@@ -54,7 +54,8 @@ class OrtSpikingNetwork:
     """One exported spiking network (``first``/``wake``/``sleep`` graphs) run with ONNX Runtime.
 
     ``info`` is the network's entry of ``export.json`` (``graphs.export_steps``); ``folder`` holds its
-    graphs. Inputs have the exported shape; a smaller batch is padded with zero rows (ignored)."""
+    graphs. Inputs have the exported sample shape; a smaller batch is padded with zero rows (ignored), a
+    larger one runs in slices of the exported batch."""
 
     def __init__(self, folder: str | Path, info: dict, dtype: str = "float32", provider: str = "cpu",
                  threads: int | None = None):
@@ -130,7 +131,7 @@ class OrtSpikingNetwork:
     def run(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
             burst: int | None = None, max_sleep: int = 256, cancel: threading.Event | None = None) -> RunResult:
         """``SpikingNetwork.run``'s schedule and result, called the same way (step mode; ``stats=None``: the
-        graphs do not count spikes or energy)."""
+        graphs do not count spikes or energy). A batch larger than the exported one runs in slices of it."""
         if mode != "step":
             raise ValueError(f"the ONNX Runtime engine runs one graph per time step (mode='step'), got mode={mode!r}")
         wake = self.levels if wake is None else wake
@@ -140,6 +141,20 @@ class OrtSpikingNetwork:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if sleep != "auto" and (isinstance(sleep, bool) or not isinstance(sleep, int) or sleep < 0):
             raise ValueError(f'sleep must be an integer >= 0 or "auto", got {sleep!r}')
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.input_shape[1:] or not x.shape[0]:
+            raise ValueError(f"input shape {tuple(x.shape)} does not fit the exported graphs' "
+                             f"{self.input_shape} (any number of rows); export for this size")
+        return _joined([self._run_slice(x[i:i + self.batch], wake, sleep, burst, max_sleep, cancel)
+                        for i in range(0, x.shape[0], self.batch)])
+
+    def stream(self, *args, **kwargs):
+        raise NotImplementedError("the ONNX Runtime engine runs whole schedules and counts no spikes: stream and "
+                                  "detections_at_steps need the PyTorch engine (engine='pytorch')")
+
+    def _run_slice(self, x: torch.Tensor, wake: int, sleep: int | str, burst: int, max_sleep: int,
+                   cancel: threading.Event | None) -> RunResult:
         rows = self._load_input(x)
         settled_at = torch.zeros(rows, dtype=torch.long)
         limit = max_sleep if sleep == "auto" else sleep
@@ -170,13 +185,18 @@ class OrtSpikingNetwork:
                          settled=settled_at > 0, stats=None)
 
     def _load_input(self, x: torch.Tensor) -> int:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         rows = x.shape[0]
-        if tuple(x.shape[1:]) != self.input_shape[1:] or not 1 <= rows <= self.batch:
-            raise ValueError(f"input shape {tuple(x.shape)} does not fit the exported graphs' "
-                             f"{self.input_shape} (up to {self.batch} rows); export for this size")
         values = np.zeros(self.input_shape, self.np_dtype)
         values[:rows] = x.detach().cpu().numpy()
         self._x.update_inplace(values)
         return rows
+
+
+def _joined(runs: list[RunResult]) -> RunResult:
+    """The runs of consecutive slices of a batch as that batch's run (a network never mixes samples)."""
+    if len(runs) == 1:
+        return runs[0]
+    leaves, spec = zip(*(pytree.tree_flatten(r.readout) for r in runs))
+    readout = pytree.tree_unflatten([torch.cat(parts) for parts in zip(*leaves)], spec[0])
+    return RunResult(readout=readout, wake=runs[0].wake, steps=torch.cat([r.steps for r in runs]),
+                     settled=torch.cat([r.settled for r in runs]), stats=None)

@@ -611,19 +611,21 @@ class SpikingFasterRCNN(SpikingDetector, nn.Module):
 
     def _figures(self, proposals: list[torch.Tensor], run1: RunResult, run2: RunResult | None) -> list[dict]:
         """Each image's steps (total and per stage), settled flag, spikes, energy and proposal count from the
-        two stages' runs (``run2`` is None when no image had a proposal; its rows are the images' RoIs)."""
+        two stages' runs (``run2`` is None when no image had a proposal; its rows are the images' RoIs). Spikes
+        and energy are None when the runs have no ``stats`` (an engine that counts no spikes: ONNX Runtime)."""
         s1, s2 = run1.stats, run2.stats if run2 is not None else None
         figures = []
         for i, (a, b) in enumerate(_row_ranges(proposals)):
             t1 = int(run1.steps[i])
             t2 = int(run2.steps[a:b].max()) if run2 is not None and b > a else 0
+            spikes = energy = None
+            if s1 is not None:
+                spikes = float(s1.spikes[i]) + (float(s2.spikes[a:b].sum()) if s2 is not None else 0.0)
+                energy = (float(s1.energy_pj[i]) + (float(s2.energy_pj[a:b].sum()) if s2 is not None else 0.0)) * 1e-6
             figures.append({
                 "steps": t1 + t2, "stage_steps": {"stage1": t1, "stage2": t2},
                 "settled": bool(run1.settled[i]) and (run2 is None or b == a or bool(run2.settled[a:b].all())),
-                "spikes": float(s1.spikes[i]) + (float(s2.spikes[a:b].sum()) if s2 is not None else 0.0),
-                "energy_uj": (float(s1.energy_pj[i]) + (float(s2.energy_pj[a:b].sum()) if s2 is not None else 0.0))
-                * 1e-6,
-                "proposals": b - a})
+                "spikes": spikes, "energy_uj": energy, "proposals": b - a})
         return figures
 
     @staticmethod

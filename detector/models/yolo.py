@@ -583,7 +583,8 @@ class SpikingYOLO(SpikingDetector):
         results = self._decoded(batch, out.readout, keep)
         for i, r in enumerate(results):
             r.steps, r.wake, r.settled = int(out.steps[i]), out.wake, bool(out.settled[i])
-            r.spikes, r.energy_uj = float(out.stats.spikes[i]), float(out.stats.energy_pj[i]) * 1e-6
+            if out.stats is not None:  # None: an engine that counts no spikes (ONNX Runtime)
+                r.spikes, r.energy_uj = float(out.stats.spikes[i]), float(out.stats.energy_pj[i]) * 1e-6
         return results
 
     def _events(self, batch: Batch, schedule: Schedule, keep: Selection, cancel) -> Iterator[DetectionEvent]:
