@@ -2,6 +2,7 @@
 
     casc predict --model yolov8n-bundled bus.jpg photos/ "shots/*.png" clip.mp4
     casc predict --model rcnn-r18-bundled street.jpg --save-txt --save-json --conf 0.4
+    casc predict --model yolov8n-bundled bus.jpg --engine onnxruntime --provider cuda
 
 Each run writes into a new numbered folder under ``--out`` (``runs/predict/exp``, ``exp2``, ...): the annotated
 images and videos (``--no-save``: none), with ``--save-txt`` YOLO labels in ``labels/`` (``cls xc yc w h conf``,
@@ -15,6 +16,8 @@ import argparse
 import glob
 from collections import Counter
 from pathlib import Path
+
+from .weights import ENGINES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
@@ -40,7 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sleep", type=_sleep, default="auto", help="sleep steps, or 'auto' (until quiet)")
     parser.add_argument("--burst", type=int, default=None, help="spikes per neuron per sleep step (default: wake)")
     parser.add_argument("--max-sleep", type=int, default=256, help="the cap of --sleep auto")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (with --engine onnxruntime "
+                        "the host part runs on the CPU: auto means cpu)")
+    parser.add_argument("--engine", default="pytorch", choices=ENGINES,
+                        help="what runs the spiking networks: the PyTorch simulator, or ONNX Runtime on the exported "
+                             "step graphs (exported on first use into the cache; no spike counts)")
+    parser.add_argument("--provider", default="cpu", help="ONNX Runtime's execution provider: cpu, cuda, tensorrt")
     parser.add_argument("--out", default="runs/predict", help="parent folder of the run folders")
     parser.add_argument("--name", default="exp", help="run folder name (numbered when taken: exp2, exp3, ...)")
     parser.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
@@ -174,7 +182,8 @@ def main(args: argparse.Namespace) -> int:
     from .weights import load_detector
 
     sources = find_sources(args.sources)
-    detector = load_detector(args.model, device=str(resolve_device(args.device)))
+    device = "cpu" if args.engine == "onnxruntime" and args.device == "auto" else str(resolve_device(args.device))
+    detector = load_detector(args.model, device=device, engine=args.engine, provider=args.provider)
     outputs = Outputs(run_folder(args.out, args.name), args.save, args.save_txt, args.save_json)
     options = dict(conf=args.conf, iou=args.iou, max_det=args.max_det, classes=args.classes, wake=args.wake,
                    sleep=args.sleep, burst=args.burst, max_sleep=args.max_sleep)

@@ -124,6 +124,22 @@ def test_rcnn_image_and_video(sources, video, tmp_path, capsys):
     assert torch.all(photo.boxes.cls < len(photo.names)) and (run / "000000.jpg").is_file()
 
 
+def test_yolo_on_the_onnx_runtime_engine_writes_the_pytorch_engines_detections(onnx_cache, sources, tmp_path,
+                                                                                capsys):
+    image = sources / "photos" / "000000.jpg"
+    assert main(["predict", "--model", "yolov8n-bundled", str(image), "--engine", "onnxruntime", "--provider", "cpu",
+                 "--save-json", "--out", str(tmp_path)]) == 0
+    assert "T=" in capsys.readouterr().out
+    record = json.loads((tmp_path / "exp" / "json" / "000000.json").read_text())
+    expected = load_detector("yolov8n-bundled").predict([str(image)])[0]
+    assert [d["class"] for d in record["detections"]] == expected.boxes.cls.tolist() and len(expected)
+    assert np.allclose([d["box"] for d in record["detections"]], expected.boxes.xyxy, atol=1e-2)
+    assert (record["steps"], record["settled"]) == (expected.steps, expected.settled)
+    assert record["spikes"] is None and record["energy_uj"] is None  # the graphs count no spikes
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", "yolov8n-bundled", str(image), "--engine", "tvm"])
+
+
 def test_errors_are_one_line(tmp_path, capsys):
     assert main(["predict", "--model", "yolov8n-bundled", str(tmp_path / "nothing.jpg"), "--out", str(tmp_path)]) == 2
     assert "casc predict: error: no such file or folder" in capsys.readouterr().err
