@@ -55,13 +55,18 @@ def result_of(result, wake: int | None) -> dict:
 
 
 class Backend:
-    """Common part: name, family, levels, class names, the checkpoint's sha256 and whether the manifest
-    vouches for it (``verified``)."""
+    """Common part: name, family, levels, class names, the checkpoint's sha256, whether the manifest
+    vouches for it (``verified``) and the ``engine`` running the spiking networks."""
 
     family = "?"
 
-    def __init__(self, name: str, model, sha256: str | None = None, verified: bool = False):
-        self.name, self.model, self.sha256, self.verified = name, model, sha256, verified
+    def __init__(self, name: str, model, sha256: str | None = None, verified: bool = False, engine: str = "pytorch"):
+        self.name, self.model, self.sha256, self.verified, self.engine = name, model, sha256, verified, engine
+
+    @property
+    def streams(self) -> bool:
+        """Whether ``stream`` works: the ONNX Runtime engine runs whole schedules, with no per-step events."""
+        return self.engine == "pytorch"
 
     @property
     def levels(self) -> int:
@@ -71,7 +76,8 @@ class Backend:
         return {"name": self.name, "family": self.family, "architecture": self.architecture(),
                 "levels": self.levels, "classes": self.class_names(), "imgsz": self.imgsz(),
                 "default_wake": self.levels, "default_sleep": "auto", "sha256": self.sha256,
-                "verified": self.verified, "analog": list(getattr(self.model, "analog", None) or [])}
+                "verified": self.verified, "analog": list(getattr(self.model, "analog", None) or []),
+                "engine": self.engine}
 
     def imgsz(self) -> int | None:
         return None
@@ -148,10 +154,12 @@ class RCNNBackend(Backend):
         return int(size[0] * scale), int(size[1] * scale)
 
 
-def load_backend(name_or_path: str, device: str = "cpu", allow_unverified: bool = False, analog=None) -> Backend:
+def load_backend(name_or_path: str, device: str = "cpu", allow_unverified: bool = False, analog=None,
+                 engine: str = "pytorch", provider: str = "cpu", threads: int | None = None) -> Backend:
     """A backend for a manifest name or a checkpoint path. A path is served under the name of the manifest entry
     whose sha256 it matches; a path that matches none is refused unless ``allow_unverified`` (then it is served
-    under its file name, marked unverified, and may not take a bundled model's name)."""
+    under its file name, marked unverified, and may not take a bundled model's name). ``engine``, ``provider``:
+    what runs the spiking networks (``detector.weights.load_detector``); ``threads``: ONNX Runtime's."""
     from detector.weights import load_detector, load_manifest, sha256_of
 
     manifest = load_manifest()
@@ -173,9 +181,11 @@ def load_backend(name_or_path: str, device: str = "cpu", allow_unverified: bool 
             raise ValueError(f"{path.name} has the name of the bundled model {name!r} but not its contents "
                              f"(sha256 {sha256}, expected {manifest[name].sha256}): refusing to serve it")
     kwargs = {"analog": analog} if analog is not None else {}
-    model = load_detector(source, device=device, **kwargs)
+    if engine == "onnxruntime":
+        kwargs.update(provider=provider, threads=threads)
+    model = load_detector(source, device=device, engine=engine, **kwargs)
     cls = YOLOBackend if hasattr(model, "imgsz") else RCNNBackend  # a letterbox size: YOLO
-    return cls(name, model, sha256=sha256, verified=verified)
+    return cls(name, model, sha256=sha256, verified=verified, engine=engine)
 
 
 def default_model_name() -> str:

@@ -36,6 +36,8 @@ class Settings:
     demo_image: str | None = None  # served at GET /demo-image (the web page's demo)
     allow_unverified: bool = False  # serve checkpoint files that match no manifest entry
     analog: str | list[str] | None = None  # YOLO11 hybrids: "auto" or module paths kept analog
+    engine: str = "pytorch"  # what runs the spiking networks: pytorch or onnxruntime (no spike counts, no stream)
+    provider: str = "cpu"  # ONNX Runtime's execution provider: cpu, cuda, tensorrt
     # connections
     body_timeout_s: float = 30.0  # the whole request body must arrive within this (408)
     header_timeout_s: float = 10.0  # request line + headers must arrive within this (connection closed)

@@ -35,6 +35,8 @@ class ModelInfo(BaseModel):
     sha256: Optional[str] = Field(None, description="sha256 of the checkpoint file served")
     verified: bool = Field(description="the sha256 matches an entry of the weights manifest")
     analog: list[str] = Field(default_factory=list, description="modules kept as analog islands (hybrid SNN)")
+    engine: str = Field("pytorch", description="what runs the spiking networks: pytorch, or onnxruntime (no spike "
+                        "counts: spikes and energy_uj are null; no /v1/detect/stream)")
     default: bool = False
 
 

@@ -19,6 +19,8 @@ import argparse
 import sys
 import time
 
+from detector.weights import ENGINES
+
 from .config import Settings
 
 
@@ -64,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-delay-s", type=float, default=d.shutdown_delay_s,
                         help="after SIGTERM, /readyz answers 503 this long before the listener closes")
     parser.add_argument("--device", default=d.device, help="torch device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--engine", default=d.engine, choices=ENGINES,
+                        help="what runs the spiking networks: the PyTorch simulator, or ONNX Runtime on the exported "
+                             "step graphs (exported on first use into the cache; no spike counts, no "
+                             "/v1/detect/stream)")
+    parser.add_argument("--provider", default=d.provider, help="ONNX Runtime's execution provider: cpu, cuda, tensorrt "
+                        "(--threads sets its threads too)")
     parser.add_argument("--demo-image", default=None, help="an image served at /demo-image for the web page")
     parser.add_argument("--log-level", default="info")
 
@@ -97,6 +105,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
                     max_video_frames=args.max_video_frames, max_video_s=args.max_video_s, device=args.device,
                     demo_image=args.demo_image, allow_unverified=args.allow_unverified, analog=analog,
+                    engine=args.engine, provider=args.provider,
                     body_timeout_s=args.body_timeout_s, header_timeout_s=args.header_timeout_s,
                     keep_alive_s=args.keep_alive_s, limit_concurrency=args.limit_concurrency,
                     ws_idle_s=args.ws_idle_s, ws_max_s=args.ws_max_s, allowed_origins=list(args.allow_origin or []),
@@ -200,12 +209,13 @@ def main(args: argparse.Namespace) -> int:
         settings.models = [default_model_name()]
     backends = {}
     for spec in settings.models:
-        backend = load_backend(spec, settings.device, settings.allow_unverified, settings.analog)
+        backend = load_backend(spec, settings.device, settings.allow_unverified, settings.analog, settings.engine,
+                               settings.provider, settings.threads)
         if backend.name in backends:
             raise ValueError(f"two models are named {backend.name!r}")
         backends[backend.name] = backend
         trust = "verified against the manifest" if backend.verified else "UNVERIFIED (--allow-unverified)"
-        print(f"casc serve: loaded {backend.name} ({backend.family}, L={backend.levels}, sha256 "
+        print(f"casc serve: loaded {backend.name} ({backend.family}, L={backend.levels}, {backend.engine}, sha256 "
               f"{backend.sha256[:16]}..., {trust})", file=sys.stderr, flush=True)
     app = create_app(settings, backends)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,

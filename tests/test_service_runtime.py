@@ -506,3 +506,30 @@ def test_heavy_requests_wait_for_ordinary_ones():
         assert order == [(None, None), (None, None), (None, None), (12, None), (None, 1)], order
     assert Params(wake=8).heavy(4) and Params(sleep=8).heavy(4) and Params(burst=1).heavy(4)
     assert not Params().heavy(4) and not Params(wake=4, sleep=4, burst=4).heavy(4)
+
+
+def test_onnx_runtime_engine_is_served_without_spike_counts_or_stream(onnx_cache):
+    import argparse
+
+    from detector.data import ensure_bundled
+    from service.backends import load_backend
+    from service.server import add_arguments, settings_from_args
+
+    data = (ensure_bundled() / "images" / "val" / "000000.jpg").read_bytes()
+    backend = load_backend("yolov8n-bundled", engine="onnxruntime", provider="cpu", threads=1)
+    with TestClient(create_app(Settings(), {backend.name: backend})) as client:
+        (info,) = client.get("/v1/models").json()["models"]
+        assert info["engine"] == "onnxruntime" and info["verified"] is True
+        got = client.post("/v1/detect", content=data, headers={"content-type": "image/jpeg"}).json()
+        r = client.post("/v1/detect/stream", content=data, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 422 and r.json()["error"] == "stream_unsupported"
+    with TestClient(create_app(Settings(), {"torch": load_backend("yolov8n-bundled")})) as client:
+        expected = client.post("/v1/detect", content=data, headers={"content-type": "image/jpeg"}).json()
+    assert got["spikes"] is None and got["energy_uj"] is None and expected["spikes"] > 0 and expected["detections"]
+    assert (got["steps"], got["settled"]) == (expected["steps"], expected["settled"])
+    assert [d["class_id"] for d in got["detections"]] == [d["class_id"] for d in expected["detections"]]
+    assert np.allclose([d["box"] for d in got["detections"]], [d["box"] for d in expected["detections"]], atol=1e-2)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--engine", "onnxruntime", "--provider", "cuda"]))
+    assert (settings.engine, settings.provider) == ("onnxruntime", "cuda")
