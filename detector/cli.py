@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 # family -> module exposing add_train_arguments(parser) and train_from_args(args)
-TRAINERS = {"yolo": "detector.train.yolo", "rcnn": "detector.models.rcnn"}
+TRAINERS = {"yolo": "detector.train.yolo", "rcnn": "detector.train.rcnn"}
 # command -> module exposing add_arguments(parser) and main(args) -> exit code
 COMMANDS = {
     "eval": ("eval.runner", "mAP against time steps for ANN, QANN, CASC SNN and the IF baseline"),

@@ -182,3 +182,41 @@ def resolve_path(name):
     from detector.weights import resolve
 
     return resolve(name).path
+
+
+def test_rcnn_qat_from_a_float_checkpoint_starts_calibrated_and_can_freeze_thresholds(tmp_path):
+    from test_rcnn import _coco_fixture
+
+    from detector.models.rcnn import _unwrap_state_dict, load_checkpoint, model_from_state_dict
+
+    data = tmp_path / "coco"
+    _coco_fixture(data)
+    common = ["train", "rcnn", "--arch", "resnet18_fpn", "--data", str(data), "--epochs", "1", "--batch", "2",
+              "--lr", "0.001", "--min-size", "64", "--max-size", "96", "--representation-size", "32", "--workers", "0",
+              "--warmup-iters", "2"]
+    assert casc(common + ["--float", "--train-bn", "--out", str(tmp_path / "float")]) == 0
+    assert casc(common + ["--weights", str(tmp_path / "float" / "last.pt"), "--levels", "4", "--theta", "freeze",
+                          "--calibrate-images", "4", "--out", str(tmp_path / "qann")]) == 0
+    state, meta = _unwrap_state_dict(load_checkpoint(tmp_path / "qann" / "last.pt"))
+    trained = model_from_state_dict(state, meta, levels=None)
+    thresholds = [q.threshold for _, q in quantizers(trained)]
+    assert all(t != 1.0 for t in thresholds)  # calibrated, not the old theta = 1 start
+    # frozen: what calibration chose on the same images, untouched by the epoch of training
+    from detector.data import open_dataset
+    from detector.models.rcnn import calibration_inputs
+
+    fstate, fmeta = _unwrap_state_dict(load_checkpoint(tmp_path / "float" / "last.pt"))
+    start = model_from_state_dict(fstate, fmeta, levels=None)
+    ds = open_dataset(f"coco:{data}", "train")
+    images = [ds.load_image(i) for i in range(min(4, len(ds)))]
+    expected = [q.threshold for _, q in quantizers(quantize(start, 4, calibration_inputs(images)))]
+    assert thresholds == pytest.approx(expected, rel=1e-6)
+
+
+def test_rcnn_parameter_groups_put_thresholds_apart_without_decay():
+    from detector.train.rcnn import parameter_groups
+
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), ClipQuan(4, 2.0), nn.Conv2d(2, 1, 1))
+    groups = parameter_groups(net, "learn", 1e-4)
+    assert [len(g["params"]) for g in groups] == [4, 1] and groups[1]["weight_decay"] == 0.0
+    assert len(parameter_groups(net, "freeze", 1e-4)) == 1 and not net[1].learnable
