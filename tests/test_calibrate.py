@@ -220,3 +220,12 @@ def test_rcnn_parameter_groups_put_thresholds_apart_without_decay():
     groups = parameter_groups(net, "learn", 1e-4)
     assert [len(g["params"]) for g in groups] == [4, 1] and groups[1]["weight_decay"] == 0.0
     assert len(parameter_groups(net, "freeze", 1e-4)) == 1 and not net[1].learnable
+
+
+def test_quantizing_a_silu_model_warns_that_the_if_baseline_needs_relu(capsys):
+    from detector.train.yolo import warn_if_silu
+
+    warn_if_silu("silu")
+    assert "IF baseline converts ReLU networks only" in capsys.readouterr().err
+    warn_if_silu("relu")
+    assert capsys.readouterr().err == ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -87,6 +88,8 @@ def train(model: str | Path = "yolov8n.yaml", data: str | Path = "coco8.yaml", l
         raise FileNotFoundError(f"data YAML not found: {data}")
     if act is not None and act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    if not float_model:
+        warn_if_silu(act or ("silu" if model_path.suffix in {".yaml", ".yml"} else load_checkpoint(model_path)[1]["act"]))
     out = Path(out).resolve()
     if model_path.suffix == ".pt" and not resume:
         model = model_path = ultralytics_start_checkpoint(model_path, out)
@@ -158,6 +161,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="the float model to distil from (default: --model when it is float)")
 
 
+def warn_if_silu(act: str) -> None:
+    """A SiLU QANN converts with CASC, but the IF baseline (and so casc eval's IF curve) needs a ReLU model."""
+    if act == "silu":
+        print("casc train yolo: warning: quantizing a SiLU model; the CASC SNN is exact to its QANN, but the IF "
+              "baseline converts ReLU networks only (train the float model with --act relu to compare with it)",
+              file=sys.stderr)
+
+
 def train_qat(args: argparse.Namespace) -> Path:
     """``casc train yolo --qat``: quantize a float checkpoint (or take a QANN) and fine-tune it."""
     from ..calibrate import quantize
@@ -173,6 +184,7 @@ def train_qat(args: argparse.Namespace) -> Path:
     teacher = None
     if not meta["quantized"]:
         teacher = model
+        warn_if_silu(meta["act"])
         rgb = calibration_images(args.data, args.calibrate_images)
         model = quantize(model, args.levels, calibration_inputs(rgb, imgsz), theta=args.theta_init,
                          first_levels=args.first_levels)
@@ -187,7 +199,7 @@ def train_qat(args: argparse.Namespace) -> Path:
     summary = finetune(model, dataset, imgsz, out, save, iterations=args.iterations, batch=args.batch, lr=args.lr,
                        theta=args.theta, theta_lr=args.theta_lr, teacher=teacher if args.distill else None,
                        distill=args.distill, ema=args.ema, max_minutes=args.max_minutes, save_every=args.save_every,
-                       log=print)
+                       log=lambda message: print(message, flush=True))
     summary.pop("model")
     (out / "summary.json").write_text(json.dumps({**summary, "command": vars(args)}, indent=1, default=str))
     return Path(summary["checkpoint"])
