@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean wheelhouse docker-test
+.PHONY: install demo test test-fast bench clean wheelhouse docker-test
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The inner loop: the core's unit and exactness tests (no detector training, no servers, no export).
+FAST_TESTS := tests/test_quant.py tests/test_neurons.py tests/test_pooling.py tests/test_soundness.py \
+	tests/test_run_result.py tests/test_checkpoint.py tests/test_metrics.py tests/test_record_metrics.py \
+	tests/test_images.py tests/test_k8s.py
+test-fast: install
+	$(BIN)/python -m pytest -q $(FAST_TESTS)
 
 bench: install
 	$(BIN)/python benchmarks/runtime.py
