@@ -70,9 +70,8 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load(path: str | Path, sha256: str | None = None) -> dict:
-    """The checkpoint dict at ``path``: file sha256 checked against ``sha256`` when given, content digest
-    checked when the file carries one, loaded with ``weights_only=True``."""
+def verify_file(path: str | Path, sha256: str | None) -> None:
+    """``FileNotFoundError`` unless ``path`` is a file; ``CheckpointError`` unless it matches ``sha256`` (if given)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -81,6 +80,13 @@ def load(path: str | Path, sha256: str | None = None) -> dict:
         if actual.lower() != str(sha256).strip().lower():
             raise CheckpointError(f"sha256 mismatch for {path}: expected {sha256}, file has {actual} "
                                   "(corrupt or different file)")
+
+
+def load(path: str | Path, sha256: str | None = None) -> dict:
+    """The checkpoint dict at ``path``: file sha256 checked against ``sha256`` when given, content digest
+    checked when the file carries one, loaded with ``weights_only=True``."""
+    path = Path(path)
+    verify_file(path, sha256)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, ValueError) as error:

@@ -17,22 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import file_sha256 as sha256_of
+from .checkpoint import verify_file as verify_sha256
 
 WEIGHTS_DIR = Path(os.environ.get("CASC_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
 FAMILIES = ("yolo", "rcnn")
 ENGINES = ("pytorch", "onnxruntime")  # what runs the spiking networks
-
-
-def verify_sha256(path: str | os.PathLike, expected: str | None) -> None:
-    """Raise ``FileNotFoundError`` / ``ValueError`` unless ``path`` exists and matches ``expected``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if expected is not None:
-        actual = sha256_of(path)
-        if actual.lower() != str(expected).strip().lower():
-            raise ValueError(f"sha256 mismatch for {path}: expected {expected}, file has {actual} "
-                             "(corrupt or different file)")
 
 
 @dataclass

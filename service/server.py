@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 
+from detector.devices import resolve_device
 from detector.weights import ENGINES
 
 from .config import Settings
@@ -112,24 +113,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     shutdown_delay_s=args.shutdown_delay_s)
 
 
-def check_device(device: str) -> None:
-    """A one-line error for a device this machine does not have (instead of a traceback at load time)."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine (torch "
-                             f"{torch.__version__}, no CUDA device or driver); use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
-
-
 def guarded_h11(header_timeout_s: float):
     """uvicorn's h11 protocol with a header deadline: a connection that has not sent a complete request line
     and headers within ``header_timeout_s`` (of opening, or of its previous response) is closed."""
@@ -202,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
     from .memory import limit_arenas
 
     settings = settings_from_args(args)
-    check_device(settings.device)
+    resolve_device(settings.device)  # a one-line error for a device this machine does not have
     limit_arenas()
     torch.set_num_threads(settings.threads)
     if not settings.models:
