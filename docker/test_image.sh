@@ -240,9 +240,9 @@ with httpx.Client(base_url=url, timeout=120) as client:
             r = client.post("/v1/detect", params={"conf": conf, "model": model},
                             files={"file": ("scene.png", f, "image/png")})
         assert r.status_code == 200, (r.status_code, r.text)
-        # The service names the class index "class_id" (the library's to_list() says "class").
+        # The service names the class index "class_id" (the library's Results.to_dict() says "class").
         served = [{**d, "class": d.get("class", d.get("class_id"))} for d in r.json()["detections"]]
-        local = detector.predict(image, conf=conf)[0].to_list()
+        local = detector.predict(image, conf=conf)[0].to_dict()["detections"]
         assert len(served) == len(local), (conf, len(served), len(local))
         key = lambda d: (d["class"], round(d["score"], 3), [round(v) for v in d["box"]])
         for a, b in zip(sorted(served, key=key), sorted(local, key=key)):
