@@ -114,8 +114,11 @@ def test_classes_iou_and_max_det_select_the_detections(detectors, found, image_p
     assert torch.equal(top.boxes.conf, every.boxes.conf[:2])
     from torchvision.ops import box_iou
 
-    strict = det.predict([str(image_path)], conf=0.05, iou=0.05)[0]
-    assert len(strict) < len(every)
+    # At a low score threshold the detector's own NMS (IoU 0.7) keeps overlapping boxes of one class;
+    # a strict IoU removes some of them, whatever the model's accuracy.
+    loose = det.predict([str(image_path)], conf=0.001)[0]
+    strict = det.predict([str(image_path)], conf=0.001, iou=0.05)[0]
+    assert len(strict) < len(loose)
     for c in set(strict.boxes.cls.tolist()):  # no two boxes of one class overlap by more than iou
         boxes = strict.boxes.xyxy[strict.boxes.cls == c]
         overlap = box_iou(boxes, boxes) - torch.eye(len(boxes))
