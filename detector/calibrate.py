@@ -30,6 +30,15 @@ from .quant import QUANTIZABLE_ACTIVATIONS, ClipQuan, ROUNDING, activation_refer
 THETA_METHODS = ("mse", "percentile")
 
 
+def _forward_all(model: nn.Module, batches: Iterable, desc: str) -> int:
+    """Run ``model`` on every batch (with a progress bar); returns how many batches there were."""
+    count = 0
+    for batch in tqdm(batches, desc=desc, file=sys.stderr, leave=False, disable=None):
+        model(batch)
+        count += 1
+    return count
+
+
 @torch.no_grad()
 def activation_samples(model: nn.Module, batches: Iterable, types: tuple[type[nn.Module], ...] = QUANTIZABLE_ACTIVATIONS,
                        per_call: int = 4096, seed: int = 0, desc: str = "activations") -> dict[str, torch.Tensor]:
@@ -51,10 +60,7 @@ def activation_samples(model: nn.Module, batches: Iterable, types: tuple[type[nn
     was_training = model.training
     model.eval()
     try:
-        count = 0
-        for batch in tqdm(batches, desc=desc, file=sys.stderr, leave=False, disable=None):
-            model(batch)
-            count += 1
+        count = _forward_all(model, batches, desc)
     finally:
         for handle in handles:
             handle.remove()
@@ -111,11 +117,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable, desc: str = "Batch
         m.momentum = None  # cumulative moving average: every batch weighs the same
         m.train()
     try:
-        count = 0
-        for batch in tqdm(batches, desc=desc, file=sys.stderr, leave=False, disable=None):
-            model(batch)
-            count += 1
-        if not count:
+        if not _forward_all(model, batches, desc):
             raise ValueError("BatchNorm re-estimation needs at least one batch")
     finally:
         for m, momentum in zip(norms, momenta):

@@ -354,12 +354,16 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
         worker = worker_for(p.model)
         return worker, p.params(worker.backend, settings)
 
-    async def run_job(worker: ModelWorker, job: Job, deadline: float):
+    def submit(worker: ModelWorker, job: Job) -> None:
+        """Queue ``job``; a full queue answers 503 with Retry-After."""
         try:
             worker.submit(job)
         except QueueFull as error:
             metrics.reject(worker.backend.name, "queue_full")
             raise ServiceError(503, "queue_full", str(error), {"Retry-After": "1"}) from None
+
+    async def run_job(worker: ModelWorker, job: Job, deadline: float):
+        submit(worker, job)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(job.future), max(0.001, deadline - time.monotonic()))
         except asyncio.TimeoutError:
@@ -519,11 +523,7 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
 
     async def first_event(worker: ModelWorker, job: Job, events: asyncio.Queue, deadline: float) -> dict:
         """The stream's first event, or a 504 / the model's error before any byte is sent."""
-        try:
-            worker.submit(job)
-        except QueueFull as error:
-            metrics.reject(worker.backend.name, "queue_full")
-            raise ServiceError(503, "queue_full", str(error), {"Retry-After": "1"}) from None
+        submit(worker, job)
         try:
             first = await asyncio.wait_for(events.get(), max(0.001, deadline - time.monotonic()))
         except asyncio.TimeoutError:
