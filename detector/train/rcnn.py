@@ -193,8 +193,9 @@ def train_from_args(args: argparse.Namespace) -> Path:
         return Path(args.resume)
 
     started = time.monotonic()
+    deadline = None if args.max_minutes is None else started + args.max_minutes * 60
     for epoch in range(start, args.epochs):
-        if args.max_minutes is not None and time.monotonic() - started > args.max_minutes * 60:
+        if deadline is not None and time.monotonic() > deadline:
             print(f"stopping before epoch {epoch + 1}: --max-minutes {args.max_minutes} reached", file=sys.stderr)
             break
         model.train()
@@ -227,6 +228,10 @@ def train_from_args(args: argparse.Namespace) -> Path:
                 warmup.step()
             running += float(loss.detach())
             bar.set_postfix(loss=f"{running / (i + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if deadline is not None and time.monotonic() > deadline:  # a CPU epoch can outlast the cap: save now
+                print(f"stopping in epoch {epoch + 1} after {i + 1} batches: --max-minutes {args.max_minutes} "
+                      "reached", file=sys.stderr)
+                break
         if warmup is not None:  # leave the base lr for the multi-step schedule
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"]
@@ -234,7 +239,9 @@ def train_from_args(args: argparse.Namespace) -> Path:
         model.eval()
         save_checkpoint(path, model, meta, epoch=epoch, optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                         loss=running / max(len(loader), 1))
+                         loss=running / max(i + 1, 1))
+        if deadline is not None and time.monotonic() > deadline:
+            break
     return path
 
 
