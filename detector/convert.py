@@ -21,53 +21,28 @@ from .islands import AnalogIsland
 from .neurons import CIFNeuron, IFNeuron, Neuron
 from .pooling import MAX_POOLS, LIPool
 from .quant import QUANTIZABLE_ACTIVATIONS, ClipQuan, calibrate_thresholds, qann_levels, unshare_modules
+from .rules import ModuleRules, resolve
 from .runtime import SpikingNetwork
 from .state import SimulationState
 from .synapses import SYNAPTIC_LAYERS, Synapse
 
-# Parameter-free leaf modules that are linear in their input: spikes pass through unchanged
-# (they commute with summing over time).
-_LINEAR_LEAVES: list[type[nn.Module]] = [
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
-    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
-]
-# Modules that compute something non-linear and cannot spike: refused unless kept analog.
-_NONLINEAR: list[type[nn.Module]] = [
-    nn.Sigmoid, nn.Tanh, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softmax, nn.LogSoftmax,
-    nn.Softmin, nn.MultiheadAttention, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.PReLU,
-    nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
-    nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
-]
-
 NEURONS: dict[str, Callable[..., Neuron]] = {"cif": CIFNeuron, "if": IFNeuron}
-
-
-def register_linear_module(module_type: type[nn.Module]) -> None:
-    """Declare a parameter-free module whose output is linear in its inputs (e.g. a concat)."""
-    _LINEAR_LEAVES.append(module_type)
-
-
-def register_nonlinear_module(module_type: type[nn.Module]) -> None:
-    """Declare a module that computes a non-linear function of its input (e.g. an attention block)."""
-    _NONLINEAR.append(module_type)
 
 
 def _activation_types(neuron: str | Callable) -> tuple[type[nn.Module], ...]:
     return (nn.ReLU, ClipQuan) if neuron == "if" else (ClipQuan,)
 
 
-def _module_problems(model: nn.Module, neuron, analog: set[str]) -> list[tuple[str, str, str]]:
+def _module_problems(model: nn.Module, neuron, analog: set[str], rules: ModuleRules) -> list[tuple[str, str, str]]:
     spiking = _activation_types(neuron)
-    allowed_leaves = (*spiking, *SYNAPTIC_LAYERS, *BATCHNORMS, *MAX_POOLS, *_LINEAR_LEAVES)
+    allowed_leaves = (*spiking, *SYNAPTIC_LAYERS, *BATCHNORMS, *MAX_POOLS, *rules.linear)
     problems = []
 
     def visit(module: nn.Module, path: str) -> None:
         if path in analog:
             return
         kind = type(module).__name__
-        if isinstance(module, tuple(_NONLINEAR)):
+        if isinstance(module, rules.nonlinear):
             problems.append((path, kind, "non-linear module that cannot spike"))
         elif isinstance(module, QUANTIZABLE_ACTIVATIONS) and not isinstance(module, spiking):
             why = ("activation not quantized: run to_qann(model, levels) first" if neuron != "if"
@@ -79,7 +54,7 @@ def _module_problems(model: nn.Module, neuron, analog: set[str]) -> list[tuple[s
             # A parameter-free leaf is judged by the functions it applies (the run's flow trace);
             # one with weights does arithmetic we cannot see.
             problems.append((path, kind, "unknown module with weights: not known to be linear "
-                                         "(register_linear_module if it is, or keep it analog)"))
+                                         "(declare it in ModuleRules(linear=...) if it is, or keep it analog)"))
         for name, child in module.named_children():
             visit(child, f"{path}.{name}" if path else name)
 
@@ -91,14 +66,16 @@ def _has_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
 
 
-def validate(model: nn.Module, neuron: str | Callable = "cif", analog: Iterable[str] = ()) -> None:
-    """Raise a clear error if ``model`` cannot be converted (every offending module listed)."""
+def validate(model: nn.Module, neuron: str | Callable = "cif", analog: Iterable[str] = (),
+             rules: ModuleRules | None = None) -> None:
+    """Raise a clear error if ``model`` cannot be converted (every offending module listed). ``rules``: the
+    model adapter's ``ModuleRules``, merged with the built-in ones (``detector.rules.resolve``)."""
     analog = set(analog)
     paths = {p for p, _ in model.named_modules()}
     unknown = sorted(analog - paths)
     if unknown:
         raise ValueError(f"analog=[...] names modules that do not exist: {', '.join(unknown)}")
-    problems = _module_problems(model, neuron, analog)
+    problems = _module_problems(model, neuron, analog, resolve(rules))
     if problems:
         raise UnsupportedModuleError(
             problems, "Modules that must stay analog can be kept as analog islands: convert(..., analog=[paths]).")
@@ -157,6 +134,7 @@ def convert(
     calibration: Iterable[torch.Tensor] | None = None,
     percentile: float = 99.9,
     analog: Iterable[str] = (),
+    rules: ModuleRules | None = None,
 ) -> SpikingNetwork:
     """Convert a QANN (``neuron="cif"``) or a float ReLU ANN (``neuron="if"``) to a SpikingNetwork.
 
@@ -164,12 +142,14 @@ def convert(
     BatchNorm folded. ``neuron`` may also be a callable ``threshold -> Neuron`` (ablations).
     For ``"if"`` give per-site ``thresholds`` or ``calibration`` batches (the ``percentile`` of
     each site's activations becomes its threshold). ``analog`` lists module paths kept as
-    analog islands; every other non-linear module is refused with an error naming it.
+    analog islands; every other non-linear module is refused with an error naming it. ``rules``: what the
+    model adapter declares about its module types (``ModuleRules``: linear, non-linear, (conv, bn) pairs),
+    merged with the built-in rules; nothing else changes what a conversion accepts or folds.
     """
     if isinstance(neuron, str) and neuron not in NEURONS:
         raise ValueError(f"unknown neuron {neuron!r}; choose from {sorted(NEURONS)} or pass a callable")
     analog = set(analog)
-    validate(model, neuron, analog)
+    validate(model, neuron, analog, rules)
     net = copy.deepcopy(model).eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -179,7 +159,7 @@ def convert(
             if calibration is None:
                 raise ValueError('convert(neuron="if") needs calibration batches or thresholds')
             thresholds = calibrate_thresholds(net, calibration, percentile)
-    folded, kept = fold_batchnorm(net)
+    folded, kept = fold_batchnorm(net, rules)
     sim = SimulationState()
     _rewrite(net, "", neuron, thresholds or {}, analog, {}, qann_levels(model))
     return SpikingNetwork(net, sim, levels=qann_levels(model), neuron=neuron if isinstance(neuron, str) else "custom",

@@ -5,7 +5,7 @@ before it, it costs nothing; a BatchNorm with no such layer (after an add, at th
 a ``ChannelAffine`` synapse whose shift is gated like any bias. Both are exact, so folding is only
 done where the order is known for certain: consecutive children of an ``nn.Sequential``, and
 (conv, bn) attribute pairs that a model adapter declares for a module class whose forward is
-known (``register_bn_pairs``).
+known (``ModuleRules.bn_pairs``, see ``detector.rules``).
 """
 
 from __future__ import annotations
@@ -14,18 +14,11 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .rules import ModuleRules, resolve
 from .synapses import ChannelAffine
 
 BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FrozenBatchNorm2d)
 FOLD_TARGETS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-_BN_PAIRS: dict[type[nn.Module], list[tuple[str, str]]] = {}
-
-
-def register_bn_pairs(module_type: type[nn.Module], pairs: list[tuple[str, str]]) -> None:
-    """Declare that ``module_type.forward`` applies attribute ``bn`` directly to the output of ``conv``
-    (and uses that conv output nowhere else), for each ``(conv, bn)`` in ``pairs``."""
-    _BN_PAIRS[module_type] = list(pairs)
 
 
 def batchnorm_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,22 +44,23 @@ def fold_into(layer: nn.Module, bn: nn.Module) -> None:
     layer.bias = nn.Parameter((old_bias * scale + shift).to(layer.weight.dtype))
 
 
-def _known_pairs(model: nn.Module):
+def _known_pairs(model: nn.Module, rules: ModuleRules):
     for parent in model.modules():
         names = list(parent._modules)
         if type(parent).forward is nn.Sequential.forward:
             for a, b in zip(names, names[1:]):
                 yield parent, a, b
-        for module_type, pairs in _BN_PAIRS.items():
+        for module_type, pairs in rules.bn_pairs.items():
             if isinstance(parent, module_type):
                 yield from ((parent, conv, bn) for conv, bn in pairs)
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module) -> tuple[int, int]:
-    """Fold every BatchNorm of ``model`` (in place); returns (folded, kept as ChannelAffine)."""
+def fold_batchnorm(model: nn.Module, rules: ModuleRules | None = None) -> tuple[int, int]:
+    """Fold every BatchNorm of ``model`` (in place); returns (folded, kept as ChannelAffine). ``rules``: the
+    model adapter's ``ModuleRules`` (their ``bn_pairs``), merged with the built-in and registered ones."""
     folded = 0
-    for parent, conv_name, bn_name in list(_known_pairs(model)):
+    for parent, conv_name, bn_name in list(_known_pairs(model, resolve(rules))):
         conv, bn = parent._modules.get(conv_name), parent._modules.get(bn_name)
         if isinstance(conv, FOLD_TARGETS) and isinstance(bn, BATCHNORMS):
             fold_into(conv, bn)

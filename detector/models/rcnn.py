@@ -27,10 +27,10 @@ Pipeline of one image batch:
 With ``wake = L`` and ``sleep="auto"`` in both stages, every readout equals the QANN's output, so
 proposals and detections equal the QANN's (float64; see DESIGN "Float precision").
 
-Adapter work done here: (conv, bn) pairs of torchvision's BasicBlock / Bottleneck / ResNet stem are
-registered so that (Frozen)BatchNorm folds; ``TwoMLPHead`` (functional ``F.relu``) is replaced by
-``ReLUTwoMLPHead`` (same parameters, ReLU modules); FPN's ``LastLevelMaxPool`` (a stride-2
-subsampling) is registered linear; squeeze-excitation is registered non-linear.
+Adapter work done here: ``MODULE_RULES`` (passed to every ``convert``) declares the (conv, bn) pairs of
+torchvision's BasicBlock / Bottleneck / ResNet stem so that (Frozen)BatchNorm folds, FPN's
+``LastLevelMaxPool`` (a stride-2 subsampling) linear and squeeze-excitation non-linear; ``TwoMLPHead``
+(functional ``F.relu``) is replaced by ``ReLUTwoMLPHead`` (same parameters, ReLU modules).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 from torchvision.ops import batched_nms
 from torchvision.ops.misc import FrozenBatchNorm2d, SqueezeExcitation
 
-from ..convert import UnsupportedModuleError, convert, register_linear_module, register_nonlinear_module
-from ..fuse import register_bn_pairs
+from ..convert import UnsupportedModuleError, convert
+from ..rules import ModuleRules, resolve
 from ..quant import ClipQuan, qann_levels, to_qann, with_legacy_quant_state
 from ..energy import PJ_PER_MAC, count_macs
 from ..runtime import RunResult, SpikingNetwork
@@ -63,17 +63,21 @@ from ..detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection,
 from ..detect.base import source_path
 from .. import checkpoint
 
-# --- registrations (what the converter must know about torchvision's detection modules) -------
+# --- what the converter must know about torchvision's detection modules (convert(..., rules=)) -------
 
-# BasicBlock / Bottleneck apply bn_i directly to conv_i's output; the ResNet stem (kept as
-# children "conv1", "bn1", ... of IntermediateLayerGetter, which runs its children in order) too.
-register_bn_pairs(tv_resnet.BasicBlock, [("conv1", "bn1"), ("conv2", "bn2")])
-register_bn_pairs(tv_resnet.Bottleneck, [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")])
-register_bn_pairs(IntermediateLayerGetter, [("conv1", "bn1")])
-# F.max_pool2d(kernel_size=1, stride=2): a subsampling, linear in its input.
-register_linear_module(LastLevelMaxPool)
-# x * hardsigmoid(fc(avgpool(x))): a product of signals, cannot spike (keep it analog).
-register_nonlinear_module(SqueezeExcitation)
+MODULE_RULES = ModuleRules(
+    # BasicBlock / Bottleneck apply bn_i directly to conv_i's output; the ResNet stem (kept as
+    # children "conv1", "bn1", ... of IntermediateLayerGetter, which runs its children in order) too.
+    bn_pairs={
+        tv_resnet.BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+        tv_resnet.Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+        IntermediateLayerGetter: (("conv1", "bn1"),),
+    },
+    # F.max_pool2d(kernel_size=1, stride=2): a subsampling, linear in its input.
+    linear=(LastLevelMaxPool,),
+    # x * hardsigmoid(fc(avgpool(x))): a product of signals, cannot spike (keep it analog).
+    nonlinear=(SqueezeExcitation,),
+)
 
 RESNET_ARCHS = {
     "resnet18_fpn": "resnet18",
@@ -210,11 +214,10 @@ def analog_candidates(model: nn.Module) -> list[str]:
 
     Outermost non-linear modules only (e.g. a whole SqueezeExcitation, not its Hardsigmoid).
     """
-    from ..convert import _NONLINEAR  # the registry convert() checks
-
+    nonlinear = resolve(MODULE_RULES).nonlinear  # what convert(..., rules=MODULE_RULES) refuses
     found: list[str] = []
     for path, module in model.named_modules():
-        if path and isinstance(module, tuple(_NONLINEAR)) and not any(path.startswith(p + ".") for p in found):
+        if path and isinstance(module, nonlinear) and not any(path.startswith(p + ".") for p in found):
             found.append(path)
     return found
 
@@ -401,14 +404,14 @@ class SpikingFasterRCNN(SpikingDetector, nn.Module):
         self.qann_stage2 = RCNNStage2(qann.roi_heads.box_head, qann.roi_heads.box_predictor)
         try:
             if neuron == "cif":
-                self.stage1: SpikingNetwork = convert(self.qann_stage1, analog=a1)
-                self.stage2: SpikingNetwork = convert(self.qann_stage2, analog=a2)
+                self.stage1: SpikingNetwork = convert(self.qann_stage1, analog=a1, rules=MODULE_RULES)
+                self.stage2: SpikingNetwork = convert(self.qann_stage2, analog=a2, rules=MODULE_RULES)
             else:
                 batches1, batches2 = self._calibration_batches(calibration, calibration_batch)
                 self.stage1 = convert(self.qann_stage1, neuron="if", calibration=batches1, percentile=percentile,
-                                      analog=a1)
+                                      analog=a1, rules=MODULE_RULES)
                 self.stage2 = convert(self.qann_stage2, neuron="if", calibration=batches2, percentile=percentile,
-                                      analog=a2)
+                                      analog=a2, rules=MODULE_RULES)
         except UnsupportedModuleError as error:
             hint = ""
             if any("mobilenet" in type(m).__name__.lower() or isinstance(m, SqueezeExcitation) for m in qann.modules()):

@@ -46,8 +46,8 @@ from ultralytics.nn.tasks import DetectionModel, yaml_model_load  # noqa: E402
 
 _ultralytics_env.after_import()
 
-from ..convert import convert, register_linear_module, register_nonlinear_module  # noqa: E402
-from ..fuse import register_bn_pairs  # noqa: E402
+from ..convert import convert  # noqa: E402
+from ..rules import ModuleRules  # noqa: E402
 from ..quant import ClipQuan, activation_references, qann_levels, to_qann, with_legacy_quant_state  # noqa: E402
 from ..runtime import RunResult, SpikingNetwork  # noqa: E402
 from ..detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection, SpikingDetector, read_bgr  # noqa: E402
@@ -65,11 +65,12 @@ __all__ = [
 CHECKPOINT_FORMAT = "casc-yolo"
 CHECKPOINT_VERSION = 2  # 2: ClipQuan levels and rounding per module in the state dict (1: all floor)
 
-# --- registries (module types whose forward the converter cannot see) ---------------------------------
-
-register_linear_module(Concat)  # torch.cat: linear
-register_bn_pairs(Conv, [("conv", "bn")])  # Conv.forward = act(bn(conv(x))); DWConv is a Conv subclass
-register_nonlinear_module(Attention)  # q.k softmax products: analog island or refused
+# What the converter must know about Ultralytics' modules (their forward it cannot see).
+MODULE_RULES = ModuleRules(
+    linear=(Concat,),  # torch.cat: linear
+    bn_pairs={Conv: (("conv", "bn"),)},  # Conv.forward = act(bn(conv(x))); DWConv is a Conv subclass
+    nonlinear=(Attention,),  # q.k softmax products: analog island or refused
+)
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
     Conv, DWConv, C2f, C3, C3k2, C3k, Bottleneck, SPPF, SPP, Concat, nn.Upsample, C2PSA, PSABlock, nn.Sequential)
@@ -469,9 +470,9 @@ class SpikingYOLO(SpikingDetector):
         if neuron == "if":
             batches = [b.to(device=device, dtype=dtype) for b in calibration]
             self.snn: SpikingNetwork = convert(self.readout_net, neuron="if", calibration=batches,
-                                               percentile=percentile, analog=analog)
+                                               percentile=percentile, analog=analog, rules=MODULE_RULES)
         else:
-            self.snn = convert(self.readout_net, analog=analog)
+            self.snn = convert(self.readout_net, analog=analog, rules=MODULE_RULES)
         self.decoder: Detect = copy.deepcopy(self.qann.model[-1]).eval()
         self.decoder.dynamic = True  # recompute anchors per call (shape and dtype may change)
         self.decoder.export = False
