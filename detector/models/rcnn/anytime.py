@@ -1,0 +1,211 @@
+"""The two stages of ``SpikingFasterRCNN`` step by step: the stream's events and anytime detections at many T.
+
+``TwoStageSteps`` holds what ``SpikingDetector.stream`` and ``detections_at_steps`` ask of a two-stage
+detector (``_events``, ``_anytime``) and the per-image figures both stages' runs add up to. It is mixed into
+``SpikingFasterRCNN``, which provides the stages (``stage1`` / ``stage2`` and the networks they were converted
+from, ``qann_stage1`` / ``qann_stage2``) and the glue between them (``proposals``, ``roi_features``,
+``_results``, ``_empty_stage2``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ...detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection
+from ...energy import PJ_PER_MAC, count_macs
+from ...runtime import RunResult, SpikingNetwork
+
+
+class TwoStageSteps:
+    """Stage 1 then stage 2, step by step (mixed into ``SpikingFasterRCNN``; see the module docstring)."""
+
+    def _figures(self, proposals: list[torch.Tensor], run1: RunResult, run2: RunResult | None) -> list[dict]:
+        """Each image's steps (total and per stage), settled flag, spikes, energy and proposal count from the
+        two stages' runs (``run2`` is None when no image had a proposal; its rows are the images' RoIs). Spikes
+        and energy are None when the runs have no ``stats`` (an engine that counts no spikes: ONNX Runtime)."""
+        s1, s2 = run1.stats, run2.stats if run2 is not None else None
+        figures = []
+        for i, (a, b) in enumerate(row_ranges(proposals)):
+            t1 = int(run1.steps[i])
+            t2 = int(run2.steps[a:b].max()) if run2 is not None and b > a else 0
+            spikes = energy = None
+            if s1 is not None:
+                spikes = float(s1.spikes[i]) + (float(s2.spikes[a:b].sum()) if s2 is not None else 0.0)
+                energy = (float(s1.energy_pj[i]) + (float(s2.energy_pj[a:b].sum()) if s2 is not None else 0.0)) * 1e-6
+            figures.append({
+                "steps": t1 + t2, "stage_steps": {"stage1": t1, "stage2": t2},
+                "settled": bool(run1.settled[i]) and (run2 is None or b == a or bool(run2.settled[a:b].all())),
+                "spikes": spikes, "energy_uj": energy, "proposals": b - a})
+        return figures
+
+    @staticmethod
+    def _truncated(wake: int, sleep, max_sleep: int, last: int) -> tuple[int, Any, int]:
+        """A schedule whose first ``last`` steps are those of (wake, sleep) and that stops there (a stream of
+        wake W' <= W has the same first W' steps: wake steps do not depend on how many follow)."""
+        if last <= wake:
+            return last, 0, max_sleep
+        if sleep == "auto":
+            return wake, "auto", min(max_sleep, last - wake)
+        return wake, min(int(sleep), last - wake), max_sleep
+
+    def _readouts_at(self, net: SpikingNetwork, x: torch.Tensor, timesteps: list[int], schedule: Schedule,
+                     wake: int) -> Iterator[tuple]:
+        """One stream of ``net`` on ``x``; yields ``(ts, readout, steps used, energy so far, spikes so far, settled,
+        run)`` per sample for the readout after step ``t`` of the schedule, grouping every requested ``t`` that
+        shares it: once the stream ends (settled, or out of sleep steps) every larger ``t`` gets its final
+        readout. A sample that settled at step ``s`` (the silent step included, as ``predict`` counts it) uses
+        ``min(t, s)`` steps. ``run``: the stream's ``RunResult`` on the group served by its last step, else None."""
+        ts = sorted(set(timesteps))
+        w, s, ms = self._truncated(wake, schedule.sleep, schedule.max_sleep, ts[-1])
+        settle = torch.zeros(x.shape[0], dtype=torch.long)
+        energy = torch.zeros(x.shape[0], dtype=torch.float64)
+        spikes = torch.zeros(x.shape[0], dtype=torch.float64)
+        pending, last, i = None, None, 0
+        for ev in net.stream(x, wake=w, sleep=s, burst=schedule.burst, max_sleep=ms):
+            settled = ev.settled.cpu()
+            settle[settled & (settle == 0)] = ev.t
+            energy = energy + ev.energy_pj.cpu()
+            spikes = spikes + ev.spikes.cpu().double()
+            if i < len(ts) and ev.t == ts[i]:
+                if pending is not None:
+                    yield pending
+                pending = ([ev.t], ev.readout, torch.where(settle > 0, settle, torch.full_like(settle, ev.t)), energy,
+                           spikes, settle > 0, ev.result)
+                i += 1
+            last = ev
+        rest = ts[i:]
+        if rest:
+            if pending is not None and pending[0][-1] == last.t:
+                pending[0].extend(rest)
+            else:
+                if pending is not None:
+                    yield pending
+                pending = (rest, last.readout, torch.where(settle > 0, settle, torch.full_like(settle, last.t)), energy,
+                           spikes, settle > 0, last.result)
+        yield pending
+
+    def _events(self, batch: Batch, schedule: Schedule, keep: Selection, cancel) -> Iterator[DetectionEvent]:
+        """Every stage-1 step (no detections yet), then every stage-2 step with the detections decoded from
+        stage 2's readouts so far. The last event (``final=True``) carries ``predict``'s result."""
+        image_list, total, energy = batch.x, 0.0, 0.0
+        last1 = None
+        for ev in self.stage1.stream(image_list.tensors, cancel=cancel, **schedule.run_kwargs()):
+            last1 = ev
+            spikes, energy = float(ev.spikes.sum()), energy + float(ev.energy_pj.sum())
+            total += spikes
+            empty = batch.result(0, Boxes.empty(batch.shapes[0]), self.names)
+            set_figures(empty, {"steps": ev.t, "stage_steps": {"stage1": ev.t, "stage2": 0}, "settled": False,
+                         "spikes": total, "energy_uj": energy * 1e-6}, wake=ev.wake)
+            yield DetectionEvent(stage=1, t=ev.t, stage_t=ev.t, phase=ev.phase, wake=ev.wake, spikes=spikes,
+                                 cumulative_spikes=total, settled=bool(ev.settled.all()), detections=empty)
+        run1 = last1.result
+        t1 = int(run1.steps.item())
+        features = OrderedDict(run1.readout[0])
+        proposals = self.proposals(image_list, features, *run1.readout[1:])
+        rois = self.roi_features(features, proposals, image_list)
+        out = {"proposals": proposals, "wake": schedule.wake}
+        pending, run2 = None, None
+        if rois.shape[0] > 0:
+            for ev in self.stage2.stream(rois, cancel=cancel, **schedule.run_kwargs()):
+                if pending is not None:
+                    yield pending
+                spikes, energy = float(ev.spikes.sum()), energy + float(ev.energy_pj.sum())
+                total += spikes
+                found = self._results(batch, dict(out, class_logits=ev.readout[0], box_regression=ev.readout[1]),
+                                      keep)[0]
+                settled = bool(ev.settled.all())
+                set_figures(found, {"steps": t1 + ev.t, "stage_steps": {"stage1": t1, "stage2": ev.t},
+                             "settled": settled and bool(run1.settled.all()), "spikes": total,
+                             "energy_uj": energy * 1e-6, "proposals": int(rois.shape[0])}, wake=ev.wake)
+                pending = DetectionEvent(stage=2, t=t1 + ev.t, stage_t=ev.t, phase=ev.phase, wake=ev.wake,
+                                         spikes=spikes, cumulative_spikes=total, settled=settled, detections=found)
+                run2 = ev.result
+        else:
+            logits, regression = self._empty_stage2(rois)
+            found = self._results(batch, dict(out, class_logits=logits, box_regression=regression), keep)[0]
+            pending = DetectionEvent(stage=2, t=t1, stage_t=0, phase="sleep", wake=0, spikes=0.0,
+                                     cumulative_spikes=total, settled=True, detections=found)
+        set_figures(pending.detections, self._figures(proposals, run1, run2)[0], wake=schedule.wake)
+        pending.final = True
+        yield pending
+
+    def _anytime(self, batch: Batch, ts: list[int], schedule: Schedule,
+                 keep: Selection) -> tuple[dict[int, list[Results]], dict]:
+        """Anytime detections for evaluation: for every ``t`` in ``ts``, the detections when *each* stage gets a
+        budget of ``t`` steps of its own schedule (so ``steps`` at ``t`` is up to ``2 t``).
+
+        Stage 1's readout after its step ``t`` (a sample that settled earlier keeps its settled readout), the
+        proposals from it, stage 2 on those RoI features and its readout after *its* step ``t``. One stage-1
+        stream up to ``max(ts)`` (or until settled) serves every ``t``; stage 2 runs once per distinct stage-1
+        readout, up to the largest ``t`` that shares it, so after both stages settle every larger ``t`` reuses
+        one result (the same objects).
+
+        ``info``: per image ``steps`` and ``settled`` of the run serving the largest ``t`` (total of both
+        stages), ``energy_uj_at[t]`` (both stages, each to its budget ``t``), ``energy_uj``, ``stage1_steps_at``
+        / ``stage2_steps_at`` / ``steps_at`` (per image, at each ``t``), ``ann_energy_uj`` (per image: stage 1
+        plus stage 2 once per RoI), ``proposals`` and stage 1's ``firing_rates``."""
+        image_list = batch.x
+        n_images = image_list.tensors.shape[0]
+        detections: dict[int, list[Results]] = {}
+        info: dict[str, Any] = {"energy_uj_at": {}, "stage1_steps_at": {}, "stage2_steps_at": {}, "steps_at": {}}
+        settled_at: dict[int, list[bool]] = {}
+        ann_macs2, final_rows = None, []
+        ann_macs1 = count_macs(self.qann_stage1, image_list.tensors[:1])
+        none = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
+                torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), None)
+        for group1, readout, used1, energy1, spikes1, settled1, run1 in self._readouts_at(
+                self.stage1, image_list.tensors, ts, schedule, schedule.wake):
+            features = OrderedDict(readout[0])
+            proposals = self.proposals(image_list, features, *readout[1:])
+            rois = self.roi_features(features, proposals, image_list)
+            if rois.shape[0]:
+                wake2 = group1[-1] if self.neuron == "if" else schedule.wake
+                stage2 = self._readouts_at(self.stage2, rois, group1, schedule, wake2)
+                ann_macs2 = ann_macs2 or count_macs(self.qann_stage2, rois[:1])
+            else:
+                stage2 = [(group1, self._empty_stage2(rois), *none)]
+            for group2, (logits, regression), used2, energy2, spikes2, settled2, _ in stage2:
+                dets = self._results(batch, {"class_logits": logits, "box_regression": regression,
+                                             "proposals": proposals}, keep)
+                ranges = row_ranges(proposals)
+                s1 = [int(used1[i]) for i in range(n_images)]
+                s2 = [int(used2[a:b].max()) if b > a else 0 for a, b in ranges]
+                e = [float(energy1[i]) + float(energy2[a:b].sum()) for i, (a, b) in enumerate(ranges)]
+                settled = [bool(settled1[i]) and bool(settled2[a:b].all()) for i, (a, b) in enumerate(ranges)]
+                for i, (det, (a, b)) in enumerate(zip(dets, ranges)):
+                    set_figures(det, {"steps": s1[i] + s2[i], "stage_steps": {"stage1": s1[i], "stage2": s2[i]},
+                               "settled": settled[i], "spikes": float(spikes1[i]) + float(spikes2[a:b].sum()),
+                               "energy_uj": e[i] * 1e-6, "proposals": b - a}, wake=schedule.wake)
+                for t in group2:
+                    detections[t] = dets
+                    info["energy_uj_at"][t] = [v * 1e-6 for v in e]
+                    info["stage1_steps_at"][t], info["stage2_steps_at"][t] = s1, s2
+                    info["steps_at"][t] = [a + b for a, b in zip(s1, s2)]
+                    settled_at[t] = settled
+            final_rows = [len(p) for p in proposals]
+            if run1 is not None:
+                info["firing_rates"] = run1.stats.firing_rates
+        last = ts[-1]
+        info["steps"] = info["steps_at"][last]
+        info["energy_uj"] = info["energy_uj_at"][last]
+        info["settled"] = settled_at[last]
+        info["ann_energy_uj"] = [(ann_macs1 + (ann_macs2 or 0) * n) * PJ_PER_MAC * 1e-6 for n in final_rows]
+        info["proposals"] = final_rows
+        return detections, info
+
+
+def row_ranges(proposals: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Each image's rows [a, b) among the stage-2 RoIs (the images' proposals, in order)."""
+    starts = np.cumsum([0] + [len(p) for p in proposals])
+    return [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def set_figures(results: Results, figures: dict, wake: int | None) -> None:
+    """Each figure (steps, stage_steps, settled, spikes, energy_uj, ...) as an attribute of ``results``."""
+    for name, value in figures.items():
+        setattr(results, name, value)
+    results.wake = wake

@@ -1,0 +1,274 @@
+"""The torchvision Faster R-CNN and its QANN form: building, quantizing, checkpoints, calibration inputs.
+
+``build_fasterrcnn`` builds a float torchvision model (never downloading weights), ``to_qann_fasterrcnn``
+quantizes it (``TwoMLPHead``, whose ReLUs are functional, becomes ``ReLUTwoMLPHead``: same parameters,
+ReLU modules), ``model_from_state_dict`` / ``load_float_for_calibration`` read checkpoints back.
+
+``MODULE_RULES`` is what the converter must know about torchvision's detection modules (pass it as
+``convert(..., rules=MODULE_RULES)``): the (conv, bn) pairs of BasicBlock / Bottleneck / the ResNet stem,
+so that (Frozen)BatchNorm folds; FPN's ``LastLevelMaxPool`` (a stride-2 subsampling) is linear;
+squeeze-excitation is non-linear (kept analog or refused).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection import faster_rcnn as tv_frcnn
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d, SqueezeExcitation
+
+from ... import checkpoint
+from ...quant import ClipQuan, qann_levels, to_qann, with_legacy_quant_state
+from ...rules import ModuleRules, resolve
+
+MODULE_RULES = ModuleRules(
+    # BasicBlock / Bottleneck apply bn_i directly to conv_i's output; the ResNet stem (kept as
+    # children "conv1", "bn1", ... of IntermediateLayerGetter, which runs its children in order) too.
+    bn_pairs={
+        tv_resnet.BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+        tv_resnet.Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+        IntermediateLayerGetter: (("conv1", "bn1"),),
+    },
+    # F.max_pool2d(kernel_size=1, stride=2): a subsampling, linear in its input.
+    linear=(LastLevelMaxPool,),
+    # x * hardsigmoid(fc(avgpool(x))): a product of signals, cannot spike (keep it analog).
+    nonlinear=(SqueezeExcitation,),
+)
+
+RESNET_ARCHS = {
+    "resnet18_fpn": "resnet18",
+    "resnet34_fpn": "resnet34",
+    "resnet50_fpn": "resnet50",
+    "resnet101_fpn": "resnet101",
+    "resnet152_fpn": "resnet152",
+}
+ARCHS = (*RESNET_ARCHS, "resnet50_fpn_v2", "mobilenet_v3_large_fpn", "mobilenet_v3_large_320_fpn")
+CHECKPOINT_FORMAT = "casc-fasterrcnn"
+CHECKPOINT_VERSION = 2  # 2: ClipQuan levels and rounding per module in the state dict (1: all floor)
+
+
+# --- the model ------------------------------------------------------------------------------
+
+class ReLUTwoMLPHead(tv_frcnn.TwoMLPHead):
+    """torchvision's ``TwoMLPHead`` with its two functional ``F.relu`` as modules (same state dict)."""
+
+    def __init__(self, in_channels: int, representation_size: int):
+        super().__init__(in_channels, representation_size)
+        self.relu6 = nn.ReLU()
+        self.relu7 = nn.ReLU()
+
+    @classmethod
+    def from_head(cls, head: tv_frcnn.TwoMLPHead) -> "ReLUTwoMLPHead":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.fc6, new.fc7 = head.fc6, head.fc7
+        new.relu6, new.relu7 = nn.ReLU(), nn.ReLU()
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(start_dim=1)
+        return self.relu7(self.fc7(self.relu6(self.fc6(x))))
+
+
+def build_fasterrcnn(arch: str = "resnet18_fpn", num_classes: int = 91, min_size: int = 800, max_size: int = 1333,
+                     representation_size: int | None = None, frozen_bn: bool = True, trainable_layers: int = 3,
+                     fpn_channels: int = 256, **kwargs) -> tv_frcnn.FasterRCNN:
+    """A float torchvision Faster R-CNN, randomly initialised (never downloads weights).
+
+    ``arch``: resnet18_fpn ... resnet152_fpn (``resnet_fpn_backbone``; FrozenBatchNorm2d unless
+    ``frozen_bn=False``), resnet50_fpn_v2, mobilenet_v3_large_fpn, mobilenet_v3_large_320_fpn
+    (torchvision builders with ``weights=None, weights_backbone=None``). ``representation_size``:
+    width of the box head (1024 in torchvision; 256 or 512 make a slim head). ``fpn_channels``: width of
+    the ResNet FPN (256 in torchvision; 128 halves the FPN, RPN and box-head input). Other keyword
+    arguments go to ``FasterRCNN`` (e.g. ``rpn_pre_nms_top_n_test``, ``rpn_post_nms_top_n_test``,
+    ``box_detections_per_img``, ``box_score_thresh``).
+    """
+    kwargs = dict(kwargs, min_size=min_size, max_size=max_size)
+    if arch in RESNET_ARCHS:
+        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        backbone = resnet_fpn_backbone(backbone_name=RESNET_ARCHS[arch], weights=None, norm_layer=norm,
+                                       trainable_layers=trainable_layers)
+        if fpn_channels != backbone.out_channels:
+            in_channels = [block[0].in_channels for block in backbone.fpn.inner_blocks]
+            backbone.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, extra_blocks=LastLevelMaxPool())
+            backbone.out_channels = fpn_channels
+        rep = representation_size or 1024
+        resolution = 7
+        box_head = ReLUTwoMLPHead(backbone.out_channels * resolution**2, rep)
+        predictor = tv_frcnn.FastRCNNPredictor(rep, num_classes)
+        return tv_frcnn.FasterRCNN(backbone, num_classes=None, box_head=box_head, box_predictor=predictor, **kwargs)
+    if arch == "resnet50_fpn_v2":
+        model = tv_frcnn.fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+        if representation_size and representation_size != 1024:
+            model.roi_heads.box_head = tv_frcnn.FastRCNNConvFCHead(
+                (model.backbone.out_channels, 7, 7), [256, 256, 256, 256], [representation_size],
+                norm_layer=nn.BatchNorm2d)
+            model.roi_heads.box_predictor = tv_frcnn.FastRCNNPredictor(representation_size, num_classes)
+        return model
+    if arch in ("mobilenet_v3_large_fpn", "mobilenet_v3_large_320_fpn"):
+        builder = getattr(tv_frcnn, f"fasterrcnn_{arch}")
+        kwargs.pop("min_size"), kwargs.pop("max_size")  # these builders fix their own sizes
+        model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+        model.transform.min_size, model.transform.max_size = (min_size,), max_size
+        return model
+    raise ValueError(f"unknown Faster R-CNN arch {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def to_qann_fasterrcnn(model: nn.Module, levels: int = 4, threshold: float = 1.0, learnable: bool = False,
+                       inplace: bool = False) -> nn.Module:
+    """Quantize a float torchvision Faster R-CNN: ``TwoMLPHead`` -> ``ReLUTwoMLPHead``, every ReLU -> ClipQuan.
+
+    Returns a copy unless ``inplace``. A model that is already a QANN is returned as is.
+    """
+    target = model if inplace else copy.deepcopy(model)
+    heads = getattr(target, "roi_heads", None)
+    if heads is not None and type(heads.box_head) is tv_frcnn.TwoMLPHead:
+        heads.box_head = ReLUTwoMLPHead.from_head(heads.box_head)
+    has_relu = any(isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.LeakyReLU)) for m in target.modules())
+    if not has_relu and any(isinstance(m, ClipQuan) for m in target.modules()):
+        return target
+    return to_qann(target, levels, threshold=threshold, learnable=learnable, inplace=True)
+
+
+def build_qann_fasterrcnn(arch: str = "resnet18_fpn", num_classes: int = 91, levels: int = 4, min_size: int = 800,
+                          max_size: int = 1333, representation_size: int | None = None, **kwargs) -> nn.Module:
+    """``to_qann_fasterrcnn(build_fasterrcnn(...), levels)``."""
+    return to_qann_fasterrcnn(build_fasterrcnn(arch, num_classes, min_size, max_size, representation_size, **kwargs),
+                              levels, inplace=True)
+
+
+def analog_candidates(model: nn.Module) -> list[str]:
+    """Paths (in the Faster R-CNN's own naming) of the modules that cannot spike: pass them as ``analog``.
+
+    Outermost non-linear modules only (e.g. a whole SqueezeExcitation, not its Hardsigmoid).
+    """
+    nonlinear = resolve(MODULE_RULES).nonlinear  # what convert(..., rules=MODULE_RULES) refuses
+    found: list[str] = []
+    for path, module in model.named_modules():
+        if path and isinstance(module, nonlinear) and not any(path.startswith(p + ".") for p in found):
+            found.append(path)
+    return found
+
+
+# --- checkpoints and calibration inputs ------------------------------------------------------
+
+def load_checkpoint(path: str | Path, sha256: str | None = None) -> dict:
+    """``torch.load(weights_only=True)`` after the file check and the optional sha256 check."""
+    data = checkpoint.load(path, sha256)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a state dict or a checkpoint dict, got {type(data).__name__}")
+    return data
+
+
+def _unwrap_state_dict(data: dict) -> tuple[dict, dict]:
+    """(state dict, metadata) from our checkpoint, torchvision reference checkpoints or a bare state dict."""
+    if data.get("format") == CHECKPOINT_FORMAT:
+        return data["state_dict"], dict(data.get("meta", {}))
+    if "model" in data and isinstance(data["model"], dict):  # torchvision detection reference
+        return data["model"], {}
+    if "state_dict" in data and isinstance(data["state_dict"], dict):
+        return data["state_dict"], dict(data.get("meta", {}))
+    return data, {}
+
+
+def _infer_from_state_dict(state: dict) -> dict:
+    info = {}
+    w = state.get("roi_heads.box_predictor.cls_score.weight")
+    if w is not None:
+        info["num_classes"] = int(w.shape[0])
+        info["representation_size"] = int(w.shape[1])
+    fpn = state.get("backbone.fpn.layer_blocks.0.0.weight")
+    if fpn is not None:
+        info["fpn_channels"] = int(fpn.shape[0])
+    return info
+
+
+def model_from_state_dict(state: dict, meta: dict, arch: str | None = None, num_classes: int | None = None,
+                          levels: int | None = 4, **build_kwargs) -> nn.Module:
+    """Build the model that ``state`` belongs to and load it (strict). Returns a QANN unless ``levels`` is None
+    and the checkpoint is a float one."""
+    inferred = _infer_from_state_dict(state)
+    arch = arch or meta.get("arch") or "resnet50_fpn"
+    num_classes = num_classes or meta.get("num_classes") or inferred.get("num_classes") or 91
+    kwargs = {k: meta[k] for k in ("min_size", "max_size", "representation_size") if meta.get(k) is not None}
+    if "representation_size" not in kwargs and "representation_size" in inferred and arch != "resnet50_fpn_v2":
+        kwargs["representation_size"] = inferred["representation_size"]
+    if arch in RESNET_ARCHS and "fpn_channels" in inferred:
+        kwargs["fpn_channels"] = inferred["fpn_channels"]
+    kwargs.update(build_kwargs)
+    model = build_fasterrcnn(arch, num_classes, **kwargs)
+    is_qann = any(k.endswith("threshold_param") for k in state)
+    if is_qann:
+        saved = meta.get("levels")
+        if saved is not None and levels is not None and saved != levels:
+            raise ValueError(f"checkpoint is a QANN with levels={saved}, asked for levels={levels}")
+        model = to_qann_fasterrcnn(model, saved or levels or 4, inplace=True)
+        model.load_state_dict(with_legacy_quant_state(model, state), strict=True)
+    else:
+        model.load_state_dict(state, strict=True)
+        if levels is not None:
+            model = to_qann_fasterrcnn(model, levels, inplace=True)
+    return model
+
+
+def load_float_for_calibration(path: str | Path, sha256: str | None = None) -> tuple[nn.Module, dict]:
+    """(float model, metadata) of a Faster R-CNN checkpoint with trainable ``BatchNorm2d`` layers, so that
+    ``detector.calibrate`` can re-estimate their statistics after quantization (frozen BatchNorms cannot)."""
+    state, meta = _unwrap_state_dict(load_checkpoint(path, sha256))
+    if any(k.endswith("threshold_param") for k in state):
+        raise ValueError(f"{path} is already a QANN; quantize the float checkpoint it came from")
+    arch = meta.get("arch") or "resnet50_fpn"
+    frozen = {"frozen_bn": False} if arch in RESNET_ARCHS else {}
+    state = dict(state)
+    inferred = _infer_from_state_dict(state)
+    kwargs = {k: meta[k] for k in ("min_size", "max_size", "representation_size") if meta.get(k) is not None}
+    if arch in RESNET_ARCHS and "fpn_channels" in inferred:
+        kwargs["fpn_channels"] = inferred["fpn_channels"]
+    model = build_fasterrcnn(arch, meta.get("num_classes") or inferred.get("num_classes") or 91, **kwargs, **frozen)
+    for name, buffer in model.state_dict().items():  # FrozenBatchNorm2d state dicts have no batch counter
+        if name.endswith("num_batches_tracked"):
+            state.setdefault(name, torch.zeros_like(buffer))
+    model.load_state_dict(state, strict=True)
+    return model.eval(), dict(meta, arch=arch)
+
+
+def _to_image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """An HxWx3 RGB array (uint8, or floats in [0, 1]) or a CHW tensor (1 or 3 channels) -> CHW float in [0, 1]."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"numpy images must be HxWx3 RGB, got shape {image.shape}")
+        t = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
+        return t.float() / 255.0 if image.dtype == np.uint8 else t.float()
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"tensor images must be CHW with 1 or 3 channels, got shape {tuple(image.shape)}")
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return image.float() / 255.0 if image.dtype == torch.uint8 else image
+
+
+def calibration_inputs(rgb_images: list[np.ndarray], batch: int = 8) -> list[list[torch.Tensor]]:
+    """RGB uint8 images as the lists of CHW tensors a torchvision detector takes, in batches."""
+    tensors = [_to_image_tensor(im) for im in rgb_images]
+    return [tensors[i:i + batch] for i in range(0, len(tensors), batch)]
+
+
+def save_checkpoint(path: Path, model: nn.Module, meta: dict, **extra) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    checkpoint.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state_dict": state, "meta": meta,
+                     **extra}, path)
+
+
+def save_qann(qann: nn.Module, path: str | Path, meta: dict) -> Path:
+    """Write a quantized Faster R-CNN (e.g. from ``detector.calibrate.quantize``) in our checkpoint format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, qann, dict(meta, levels=qann_levels(qann)))
+    return path
