@@ -36,6 +36,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from detector.models.yolo import prepare_ultralytics  # noqa: E402
+
+prepare_ultralytics()  # offline, before the asset paths below import ultralytics
+
 
 def tiny_model(path: Path, imgsz: int) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))

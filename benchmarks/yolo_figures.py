@@ -31,9 +31,13 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def images(n: int, seed: int = 0) -> list[np.ndarray]:
     import cv2
-    import ultralytics
 
     from pathlib import Path
+
+    from detector.models.yolo import prepare_ultralytics
+
+    prepare_ultralytics()  # offline, before ultralytics is imported
+    import ultralytics
 
     assets = Path(ultralytics.__file__).parent / "assets"
     base = [cv2.imread(str(assets / name)) for name in ("bus.jpg", "zidane.jpg")]

@@ -70,7 +70,7 @@ def test_rcnn_rules_name_squeeze_excitation_only_when_passed():
 
 def test_yolo_rules_do_not_leak_into_other_conversions():
     yolo = pytest.importorskip("detector.models.yolo")
-    rules = yolo.MODULE_RULES
+    rules = yolo.module_rules()
     from ultralytics.nn.modules.block import Attention
     from ultralytics.nn.modules.conv import Concat, Conv
 

@@ -31,7 +31,7 @@ from torch import nn
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
-pytest.importorskip("detector.models.yolo")
+pytest.importorskip("detector.models.yolo").prepare_ultralytics()  # offline, before ultralytics is imported
 from PIL import Image  # noqa: E402
 
 from detector.randnet import randomise_batchnorm, randomise_class_biases  # noqa: E402

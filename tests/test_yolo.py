@@ -7,6 +7,8 @@ and randomised class biases (so there are detections above ``conf`` to compare).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 yolo = pytest.importorskip("detector.models.yolo")
+yolo.prepare_ultralytics()  # offline, before ultralytics is imported
 
 from detector import ClipQuan  # noqa: E402
 from detector.models.yolo import (  # noqa: E402
@@ -345,6 +348,36 @@ def test_offline_environment():
     assert (Path(USER_CONFIG_DIR) / "Arial.ttf").is_file()
     assert uutils.ONLINE is False and checks.ONLINE is False
     assert checks.AUTOINSTALL is False or "YOLO_AUTOINSTALL" in os.environ
+
+
+_IMPORT_THEN_PREPARE = """
+import os, sys
+from pathlib import Path
+root, before = Path(sys.argv[1]), dict(os.environ)
+import detector, detector.models, detector.models.yolo as yolo
+assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())
+assert "ultralytics" not in sys.modules
+assert not [p for p in root.rglob("*") if p.is_file()], "files written at import"
+yolo.prepare_ultralytics()
+assert os.environ["YOLO_OFFLINE"] == "1" and os.environ["YOLO_AUTOINSTALL"] == "false"
+assert Path(os.environ["YOLO_CONFIG_DIR"]).is_relative_to(root / "cache")
+assert (Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics" / "Arial.ttf").is_file()
+import ultralytics.utils as uutils
+assert uutils.ONLINE is False and uutils.checks.AUTOINSTALL is False
+"""
+
+
+def test_importing_the_adapter_changes_nothing_until_prepare_ultralytics(tmp_path):
+    """``import detector.models.yolo`` sets no variable, writes no file and does not import Ultralytics;
+    ``prepare_ultralytics()`` sets the offline environment before Ultralytics is imported."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("YOLO_")}
+    for name in ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME"):
+        env[name] = str(tmp_path / name.lower())
+        Path(env[name]).mkdir()
+    env["CASC_CACHE_DIR"] = str(tmp_path / "cache")
+    done = subprocess.run([sys.executable, "-c", _IMPORT_THEN_PREPARE, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
 
 
 # --- anytime evaluation and the IF baseline ---------------------------------------------------------------

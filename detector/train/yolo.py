@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from .recipe import add_qat_arguments
-from ..models.yolo import (ACTIVATIONS, _check_yaml, _yaml_dict, build_qann, export_checkpoint, is_qann_checkpoint,
-                           letterbox, load_checkpoint, model_act, quantize_model, save_qann,
-                           ultralytics_start_checkpoint)
+from ..models.yolo import (ACTIVATIONS, build_qann, export_checkpoint, is_qann_checkpoint, letterbox, load_checkpoint,
+                           model_act, prepare_ultralytics, quantize_model, save_qann, ultralytics_start_checkpoint)
+from ..models.yolo.model import _check_yaml, _yaml_dict
 
 
 def calibration_batches(data: str | Path, imgsz: int, images: int = 64, batch: int = 16) -> list[torch.Tensor]:
@@ -38,6 +38,7 @@ def calibration_batches(data: str | Path, imgsz: int, images: int = 64, batch: i
 # --- training with the Ultralytics trainer -----------------------------------------------------------------
 
 def _trainer_class():
+    prepare_ultralytics()
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     class QANNDetectionTrainer(DetectionTrainer):

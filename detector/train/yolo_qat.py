@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..models.yolo import letterbox, prepare_ultralytics
 from ..quant import ClipQuan
 
 THETA_MODES = ("learn", "freeze")
@@ -37,8 +38,6 @@ THETA_MODES = ("learn", "freeze")
 
 def _batch(dataset, indices: list[int], imgsz: int, flip: random.Random) -> dict:
     """Ultralytics' training batch (``img``, ``cls``, ``bboxes`` normalised xywh, ``batch_idx``)."""
-    from ..models.yolo import letterbox
-
     images, cls, boxes, owner = [], [], [], []
     for n, i in enumerate(indices):
         rgb = dataset.load_image(i)
@@ -94,6 +93,7 @@ def finetune(qann, dataset, imgsz: int, out: Path, save, iterations: int = 1000,
     ``save(model, path)`` writes a checkpoint; ``out`` is the folder (``last.pt`` is the latest).
     ``teacher``: the float model for distillation (weight ``distill``). Returns a summary dict:
     iterations done, seconds, the last smoothed loss, and the checkpoint path."""
+    prepare_ultralytics()
     from ultralytics.cfg import get_cfg
     from ultralytics.utils.torch_utils import ModelEMA
 

@@ -1,6 +1,9 @@
-"""Make Ultralytics run fully offline. Imported by ``detector.models.yolo`` before ``ultralytics``.
+"""Ultralytics, fully offline: ``prepare_ultralytics()`` before anything imports ``ultralytics``.
 
-What it does, without overriding anything a user set themselves:
+Nothing happens at import: the code paths that need Ultralytics (building or loading a YOLO model, the
+spiking YOLO, training, the ``casc`` command) call ``prepare_ultralytics()`` first, or reach the Ultralytics
+classes through ``ultralytics_api()``, which calls it. It does, once, without overriding anything a user
+set themselves:
 
 * ``YOLO_OFFLINE=1`` (no hub, no DNS probe, no event sync, no AutoUpdate attempts) unless set;
 * ``YOLO_AUTOINSTALL=false`` (``check_requirements`` never runs pip) unless set;
@@ -8,7 +11,9 @@ What it does, without overriding anything a user set themselves:
   ``~/.cache/casc-detector/ultralytics``, a temp dir if that is not writable) unless set; its settings get
   ``sync=False``;
 * ``Arial.ttf`` / ``Arial.Unicode.ttf`` in ``$YOLO_CONFIG_DIR/Ultralytics/``: a copy of matplotlib's DejaVuSans,
-  added only when missing, so Ultralytics' plotting never downloads a font.
+  added only when missing, so Ultralytics' plotting never downloads a font;
+* then imports ``ultralytics`` and turns its online checks and auto-install off (also when a user
+  imported Ultralytics before us).
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
-_OWNED_CONFIG = False
-_USER_AUTOINSTALL = "YOLO_AUTOINSTALL" in os.environ
+_prepared = False
 
 
 def _config_root() -> Path:
@@ -50,23 +55,25 @@ def _install_fonts(config_dir: Path) -> None:
         pass
 
 
-def prepare() -> None:
-    """Set the environment (only where unset) and fonts; call before ``import ultralytics``."""
-    global _OWNED_CONFIG
+def _set_environment() -> bool:
+    """The environment (only where unset) and fonts, before ``import ultralytics``; True if the config
+    directory is ours."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    owned = False
     if "ultralytics" not in sys.modules and not os.environ.get("YOLO_CONFIG_DIR"):
         os.environ["YOLO_CONFIG_DIR"] = str(_config_root())
-        _OWNED_CONFIG = True
+        owned = True
     if os.environ.get("YOLO_CONFIG_DIR"):
         _install_fonts(Path(os.environ["YOLO_CONFIG_DIR"]))
+    return owned
 
 
-def after_import() -> None:
+def _after_import(user_autoinstall: bool, owned_config: bool) -> None:
     """Belt and braces once Ultralytics is imported (also when the user imported it before us)."""
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR, checks
 
-    if not _USER_AUTOINSTALL:
+    if not user_autoinstall:
         checks.AUTOINSTALL = False  # never pip-install from inside a run
     if os.environ.get("YOLO_OFFLINE", "").lower() in {"1", "true", "yes", "on", "y", "t"}:
         import ultralytics.utils as uutils
@@ -74,8 +81,31 @@ def after_import() -> None:
         uutils.ONLINE = False
         checks.ONLINE = False
     _install_fonts(Path(USER_CONFIG_DIR).parent)
-    if _OWNED_CONFIG and SETTINGS.get("sync", False):
+    if owned_config and SETTINGS.get("sync", False):
         try:
             SETTINGS.update({"sync": False})
         except Exception:  # settings file not writable: events stay off anyway while offline
             pass
+
+
+def prepare_ultralytics() -> None:
+    """Make Ultralytics run offline (see the module docstring) and import it. Call it before anything
+    imports ``ultralytics``; later calls do nothing."""
+    global _prepared
+    if _prepared:
+        return
+    user_autoinstall = "YOLO_AUTOINSTALL" in os.environ
+    owned_config = _set_environment()
+    import ultralytics  # noqa: F401
+
+    _after_import(user_autoinstall, owned_config)
+    _prepared = True
+
+
+def ultralytics_api() -> ModuleType:
+    """``detector.models.yolo.ultralytics_api``, the Ultralytics classes this adapter uses, imported after
+    ``prepare_ultralytics()``."""
+    prepare_ultralytics()
+    from . import ultralytics_api as api
+
+    return api
