@@ -59,7 +59,7 @@ def start(model: str | list[str], threads: int, extra: list[str], defaults: bool
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     models = [x for m in ([model] if isinstance(model, str) else model) for x in ("--model", m)]
     tuning = [] if defaults else ["--queue-size", "256", "--timeout-s", "120"]
-    proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", *models, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "casc", "serve", *models, "--port", str(port),
                              "--threads", str(threads), "--log-level", "warning", "--allow-unverified", *tuning,
                              *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

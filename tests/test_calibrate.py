@@ -10,7 +10,7 @@ from torch import nn
 
 from detector import ClipQuan, convert
 from detector.calibrate import mse_threshold, percentile_threshold, quantize, reestimate_batchnorm
-from detector.cli import main as casc
+from casc.cli import main as casc
 from detector.quant import quantizers, to_qann, with_legacy_quant_state
 from detector.randnet import random_qann
 

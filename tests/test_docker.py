@@ -84,7 +84,7 @@ def test_compose_file():
 def test_dockerignore_keeps_the_context_small():
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert lines[[i for i, l in enumerate(lines) if not l.startswith("#")][0]] == "*", "an allowlist"
-    for needed in ("!detector/", "!service/", "!weights/", "!docker/", "!requirements.txt", "!wheelhouse/"):
+    for needed in ("!detector/", "!casc/", "!service/", "!weights/", "!docker/", "!requirements.txt", "!wheelhouse/"):
         assert needed in lines
     assert "!.venv/" not in lines
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from detector.data import generate_bundled
-from detector.cli import main as casc
+from casc.cli import main as casc
 from eval.runner import (DEFAULT_TIMESTEPS, METHODS, add_arguments, default_threads, estimate_cost, evaluate,
                          format_table, parse_methods, parse_timesteps, stage_budgets)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from detector.cli import main as casc
+from casc.cli import main as casc
 from detector.convert import convert
 from detector.export import OrtSpikingNetwork, SpikingStep, StepExportError, export_steps
 from detector.export.engine import execution_providers

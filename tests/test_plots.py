@@ -5,7 +5,7 @@ import json
 import matplotlib.lines
 import pytest
 
-from detector.cli import main as casc
+from casc.cli import main as casc
 from eval.compare import load_results, plot_runs
 from eval.plots import (layer_stage, plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency, plot_map_vs_t,
                         schedule_text)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.cli import main
+from casc.cli import main
 from detector.devices import resolve_device
 from detector.data import ensure_bundled
 from detector.predict import find_sources, run_folder, saved_suffix

@@ -203,7 +203,7 @@ def _voc_fixture(root):
 
 @pytest.mark.parametrize("fmt", ["coco", "voc"])
 def test_train_cli_then_convert_and_predict(fmt, tmp_path):
-    from detector.cli import main
+    from casc.cli import main
 
     data = tmp_path / fmt
     (_coco_fixture if fmt == "coco" else _voc_fixture)(data)

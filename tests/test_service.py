@@ -1,4 +1,4 @@
-"""The HTTP service against a real ``uvicorn`` process (``python -m detector.cli serve``) on 127.0.0.1.
+"""The HTTP service against a real ``uvicorn`` process (``python -m casc serve``) on 127.0.0.1.
 
 A tiny random-init YOLOv8n QANN (nc=3, imgsz 64, randomised BN statistics and class biases so there are
 boxes) is exported once per session (served with ``--allow-unverified``: it is in no manifest); the server runs
@@ -70,7 +70,7 @@ def start_server(ckpt: Path, *extra: str) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="casc-serve-", suffix=".log")[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "detector.cli", "serve", "--model", str(ckpt), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "casc", "serve", "--model", str(ckpt), "--host", "127.0.0.1",
            "--port", str(port), "--threads", "1", "--max-pixels", str(MAX_PIXELS), "--max-upload-mb",
            str(MAX_UPLOAD_MB), "--timeout-s", "60", "--demo-image", str(BUS), "--max-video-frames", "20",
            "--log-level", "warning", "--allow-unverified", "--header-timeout-s", str(HEADER_TIMEOUT_S),
@@ -566,7 +566,7 @@ def test_sigterm_readiness_drain_exit_zero(tiny_ckpt):
 
 def serve_fails(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "detector.cli", "serve", "--port", str(free_port()), *args],
+    return subprocess.run([sys.executable, "-m", "casc", "serve", "--port", str(free_port()), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
 
@@ -736,9 +736,9 @@ def schemathesis_given(strategy):
 
 def test_serve_without_model_and_empty_manifest_is_a_clear_error(tmp_path):
     env = {**os.environ, "CASC_WEIGHTS": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "detector.cli", "serve", "--port", str(free_port())], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, "-m", "casc", "serve", "--port", str(free_port())], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no --model given" in r.stderr and "manifest" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "detector.cli", "serve", "--model", str(tmp_path / "missing.pt")],
+    r = subprocess.run([sys.executable, "-m", "casc", "serve", "--model", str(tmp_path / "missing.pt")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "neither a bundled model" in r.stderr

@@ -274,7 +274,7 @@ def _tiny_dataset(root: Path) -> Path:
 def test_casc_train_yolo_end_to_end(tmp_path, capsys):
     from ultralytics import YOLO
 
-    from detector.cli import main
+    from casc.cli import main
 
     data = _tiny_dataset(tmp_path / "ds")
     out = tmp_path / "run"

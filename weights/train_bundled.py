@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from detector.cli import main as casc
+from casc.cli import main as casc
 from detector.data import ensure_bundled
 from detector import checkpoint
 from detector.weights import sha256_of

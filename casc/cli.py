@@ -7,8 +7,9 @@
     casc plot DIR [DIR ...]        several evaluations on one axis (eval/compare.py)
     casc serve ...                 the HTTP service (service/)
 
-Each sub-command lives in the module that owns the work; this file only wires them, and imports
-a module when its command is used (so ``casc demo`` does not import Ultralytics).
+The application layer: each sub-command lives in the module that owns the work (``detector``,
+``eval``, ``service``); this file only wires them, and imports a module when its command is used.
+Ultralytics is made offline (``detector.models.yolo.prepare_ultralytics``) before any command runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
+
+from detector import __version__
+from detector.models.yolo import prepare_ultralytics
 
 # family -> module exposing add_train_arguments(parser) and train_from_args(args)
 TRAINERS = {"yolo": "detector.train.yolo", "rcnn": "detector.train.rcnn"}
@@ -51,7 +55,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _fidelity(args: argparse.Namespace) -> int:
-    from .fidelity import fidelity_table, format_table
+    from detector.fidelity import fidelity_table, format_table
 
     rows = fidelity_table(levels=tuple(args.levels), nets=args.nets, depth=args.depth, seed=args.seed)
     print(format_table(rows))
@@ -60,7 +64,7 @@ def _fidelity(args: argparse.Namespace) -> int:
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casc", description="Spiking object detectors by CASC conversion")
-    parser.add_argument("--version", action="version", version=f"casc {_version()}")
+    parser.add_argument("--version", action="version", version=f"casc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", formatter_class=HELP, help="the main job: mAP vs time steps of the bundled detectors (ANN, QANN, "
@@ -95,12 +99,6 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def _train(module, args: argparse.Namespace) -> int:
     path = module.train_from_args(args)
     print(f"checkpoint: {path}")
@@ -109,13 +107,10 @@ def _train(module, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    prepare_ultralytics()  # offline, before a sub-command (or its options) imports Ultralytics
     args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"casc {args.command}: error: {error}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
