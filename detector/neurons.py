@@ -15,29 +15,26 @@ from .state import CallSiteModule
 class Neuron(CallSiteModule):
     """Shared machinery: state per call site, the time loop over a stack, spike recording."""
 
-    kind = "neuron"  # subclasses define threshold_at(index) and update(state, current, theta, k, sleep)
-
-    def init_state(self, like: torch.Tensor):
-        return (torch.zeros_like(like), torch.zeros_like(like))  # membrane m, spike count C
+    kind = "neuron"  # subclasses define threshold_at(index), first_update(...) and update(state, ...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sim = self.sim
         steps = sim.steps
         rows = sim.rows_per_step(x, self.site(self._calls))
         per_step = x.unflatten(0, (steps, rows))
-        index, state = self.next_state(lambda: self.init_state(per_step[0]))
-        if state[0].shape != per_step.shape[1:]:
+        index, state = self.next_state(list)  # empty until the first step creates it
+        if state and state[0].shape != per_step.shape[1:]:
             raise RuntimeError(
                 f"{self.site(index)}: input shape {tuple(per_step.shape[1:])} differs from the state's "
                 f"{tuple(state[0].shape)}; call reset() before running inputs of another size"
             )
         theta = self.threshold_at(index)
         if steps == 1:
-            spikes = self.update(state, per_step[0], theta, sim.wake_counts[0], sim.sleeping).unsqueeze(0)
+            spikes = self._step(state, per_step[0], theta, sim.wake_counts[0], sim.sleeping).unsqueeze(0)
         else:
             spikes = torch.empty_like(per_step)
             for t in range(steps):
-                spikes[t] = self.update(state, per_step[t], theta, sim.wake_counts[t], sim.sleeping)
+                spikes[t] = self._step(state, per_step[t], theta, sim.wake_counts[t], sim.sleeping)
         if sim.sleeping or sim.record:  # wake steps need no activity map (only a silent sleep step settles)
             counts = spikes.abs().flatten(2).sum(2)  # events per (step, sample); a burst of n is n events
             if sim.sleeping:
@@ -46,6 +43,14 @@ class Neuron(CallSiteModule):
                 sim.recorder.record_spikes(self.site(index), counts, per_step.shape[2:].numel())
         out = spikes if theta == 1.0 else spikes.mul_(theta)
         return out.flatten(0, 1)
+
+    def _step(self, state: list, current, theta, k, sleep) -> torch.Tensor:
+        if state:
+            return self.update(state, current, theta, k, sleep)
+        # The first step starts from the initial state, which its update folds in: no state to fill first.
+        new_state, spikes = self.first_update(current, theta, k, sleep)
+        state.extend(new_state)
+        return spikes
 
 
 class CIFNeuron(Neuron):
@@ -89,25 +94,40 @@ class CIFNeuron(Neuron):
     def threshold_at(self, index: int) -> float:
         return self.threshold
 
-    def init_state(self, like: torch.Tensor):
-        membrane = torch.full_like(like, self.precharge * self.threshold) if self.precharge else torch.zeros_like(like)
-        return (membrane, torch.zeros_like(like))
-
     def cap(self, k: int) -> int:
         return k if self.levels is None else k * self.levels // self.wake_levels
+
+    def _floor(self, m: torch.Tensor, theta: float) -> torch.Tensor:
+        return torch.floor(m) if theta == 1.0 else torch.div(m, theta, rounding_mode="floor")
+
+    def first_update(self, current, theta, k, sleep):
+        """``update`` from the initial state (membrane ``precharge * theta``, no spikes yet): ``([m, C], s)``."""
+        m = current + self.precharge * theta if self.precharge else current.clone()
+        s = self._floor(m, theta)
+        gamma = self.sim.burst if sleep else 1
+        s.clamp_(0, gamma)  # C = 0: no spike to take back
+        if self.spike_cap:
+            s.clamp_(max=self.cap(k))
+        m.sub_(s, alpha=theta)
+        return [m, s.clone()], s
 
     def update(self, state, current, theta, k, sleep):
         m, count = state
         m.add_(current)
-        s = torch.floor(m) if theta == 1.0 else torch.floor(m / theta)
+        s = self._floor(m, theta)
         gamma = self.sim.burst if sleep else 1
-        # Clamping to [-gamma, gamma] and then to [-C, cap - C] is clamping to their intersection
-        # (both hold 0): at most gamma spikes, never below 0 or above the cap in total.
-        s.clamp_(-gamma, gamma)
-        if self.spike_cap:
-            s.clamp_(max=self.cap(k) - count)
-        s.clamp_(min=count.neg() if self.negative_spikes else 0)
-        count.add_(s)
+        if self.negative_spikes and self.spike_cap:
+            # Clamping s to [-gamma, gamma] and then C + s to [0, cap] keeps at most gamma spikes, never
+            # below 0 or above the cap in total, with scalar bounds only: the new count, then s from it.
+            total = s.clamp_(-gamma, gamma).add_(count).clamp_(0, self.cap(k))
+            s = total - count
+            state[1] = total
+        else:  # the ablations: one bound dropped, so the exactness tests can tell the method from a near miss
+            s.clamp_(-gamma, gamma)
+            if self.spike_cap:
+                s.clamp_(max=self.cap(k) - count)
+            s.clamp_(min=count.neg() if self.negative_spikes else 0)
+            count.add_(s)
         m.sub_(s, alpha=theta)
         return s
 
@@ -142,8 +162,14 @@ class IFNeuron(Neuron):
                 f"{len(self.site_thresholds)} call site(s)")
         return self.site_thresholds[index]
 
+    def first_update(self, current, theta, k, sleep):
+        m = current.clone()
+        s = (m >= theta).to(m.dtype)
+        m.sub_(s, alpha=theta)
+        return [m], s
+
     def update(self, state, current, theta, k, sleep):
-        m, _ = state
+        (m,) = state
         m.add_(current)
         s = (m >= theta).to(m.dtype)
         m.sub_(s, alpha=theta)
