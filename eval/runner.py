@@ -28,7 +28,7 @@ from tqdm import tqdm
 from detector.data import open_dataset
 from detector.devices import resolve_device
 from detector.models import as_records
-from detector.weights import ModelEntry, load_manifest, resolve, verify_sha256
+from detector.weights import ENGINES, ModelEntry, load_detector, load_manifest, resolve
 
 from .metrics import coco_metrics, voc_metrics
 from .plots import plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency, plot_map_vs_t, schedule_text
@@ -90,27 +90,13 @@ class Detectors:
         needs_float = {"ann", "if"} & set(methods)
         if needs_float and float_entry is None:
             raise ValueError(f"methods {sorted(needs_float)} need the float model: pass --float-model")
-        for entry in (qann, float_entry):
-            if entry is not None:
-                verify_sha256(entry.path, entry.sha256)
-        if self.family == "yolo":
-            from detector.models.yolo import SpikingYOLO, letterbox
-
-            self.qann = SpikingYOLO.from_checkpoint(qann.path, device=device, dtype=dtype)
-            self.names = [self.qann.names[i] for i in sorted(self.qann.names)]
-            if needs_float:
-                batches = [letterbox([im[..., ::-1] for im in calibration[i:i + 8]], self.qann.imgsz)[0]
-                           for i in range(0, len(calibration), 8)]
-                self.float = SpikingYOLO.from_checkpoint(float_entry.path, device=device, dtype=dtype, neuron="if",
-                                                         calibration=batches, imgsz=self.qann.imgsz)
-        else:
-            from detector.models.rcnn import SpikingFasterRCNN
-
-            self.qann = SpikingFasterRCNN.from_checkpoint(qann.path).to(device=device, dtype=dtype)
-            self.names = list(self.qann.classes)
-            if needs_float:
-                self.float = SpikingFasterRCNN.from_checkpoint(float_entry.path, neuron="if",
-                                                               calibration=calibration).to(device=device, dtype=dtype)
+        engine = {"engine": args.engine, "provider": args.provider, "batch": args.batch, "threads": args.threads} \
+            if args.engine != "pytorch" else {}
+        self.qann = load_detector(_source(qann), device=device, dtype=dtype, **engine)
+        self.names = [self.qann.names[i] for i in sorted(self.qann.names)]
+        if needs_float:  # the IF baseline: thresholds from these images' activations, on the PyTorch engine
+            self.float = load_detector(_source(float_entry), device=device, dtype=dtype, neuron="if",
+                                       calibration=calibration)
 
     def _flat(self, detector, images) -> list:
         a = self.args
@@ -178,6 +164,12 @@ class Detectors:
 
     def _records(self, results, image_ids) -> list[dict]:
         return [dict(as_records(r, self.names), image_id=int(i)) for r, i in zip(results, image_ids)]
+
+
+def _source(entry: ModelEntry):
+    """What ``load_detector`` takes for ``entry``: its manifest name (checked against the manifest's sha256), else
+    its checkpoint path."""
+    return entry.name if entry.sha256 else entry.path
 
 
 def _best_of(runs: int, work) -> float:
@@ -325,7 +317,8 @@ CACHE_FORMAT = 2  # 2: total-step keys for Faster R-CNN, timed methods; older ca
 def _config_key(args, timesteps, methods, qann, float_entry, count) -> str:
     fields = [CACHE_FORMAT, args.data, args.split, methods, timesteps, args.wake, args.sleep, args.burst, args.max_sleep, args.conf,
               args.iou, args.max_det, args.batch, count, args.calibration_images, args.dtype,
-              qann.sha256 or str(qann.path), float_entry.sha256 if float_entry else None]
+              qann.sha256 or str(qann.path), float_entry.sha256 if float_entry else None,
+              args.engine, args.provider if args.engine == "onnxruntime" else None]
     return hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()[:16]
 
 
@@ -385,7 +378,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if count == 0:
         raise ValueError(f"{args.data} ({args.split}) has no images")
     calibration_set = _calibration_dataset(args.data, dataset)
-    calibration = [calibration_set.load_image(i) for i in range(min(args.calibration_images, len(calibration_set)))]
+    calibration = [calibration_set.image_path(i) for i in range(min(args.calibration_images, len(calibration_set)))]
     detectors = Detectors(qann, float_entry, methods, calibration, args, device, dtype)
     if list(detectors.names) != list(dataset.classes):
         raise ValueError(f"the model's classes {detectors.names} are not the dataset's {dataset.classes}")
@@ -415,7 +408,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         "schedule": {"wake": wake, "sleep": args.sleep, "burst": args.burst or wake, "max_sleep": args.max_sleep,
                      "timesteps": timesteps,
                      "stage_budgets": {str(t): b for t, b in stage_budgets(qann.family, timesteps).items()}},
-        "machine": {"device": str(device), "threads": torch.get_num_threads(), "cpu": platform.processor(),
+        "machine": {"device": str(device), "engine": args.engine,
+                    "provider": args.provider if args.engine == "onnxruntime" else None, "threads": torch.get_num_threads(), "cpu": platform.processor(),
                     "cores": os.cpu_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "casc": _version()},
@@ -525,6 +519,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-images", type=int, default=32,
                         help="training images for the IF baseline's thresholds")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--engine", default="pytorch", choices=ENGINES,
+                        help="what runs the CASC network: pytorch (eager), or onnxruntime (its exported step graphs, "
+                             "exported on first use; no spike counts, so no energy; ann, qann and the IF baseline "
+                             "stay on PyTorch)")
+    parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                        help="ONNX Runtime execution provider with --engine onnxruntime")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                         help="float64: CASC reproduces the QANN exactly; float32: rare boundary flips")
     parser.add_argument("--threads", type=int, default=None,

@@ -82,6 +82,23 @@ def test_torchrun_two_processes_give_the_numbers_of_one(tiny_set, tmp_path):
     assert gathered["summary"]["qann"]["metrics"] == single["qann"]["metrics"]
 
 
+def test_onnxruntime_engine_gives_the_pytorch_curve_without_energy(tiny_set, tmp_path, monkeypatch):
+    """casc eval --engine onnxruntime: the CASC curve (every T and auto) from the exported step graphs equals
+    the PyTorch engine's in float32 (the same detections on these images); no energy (no spike counts)."""
+    monkeypatch.setenv("CASC_ONNX_CACHE", str(tmp_path / "onnx"))
+    argv = yolo_argv(tiny_set, tmp_path / "torch", "--methods", "qann,casc", "--dtype", "float32")
+    expected = evaluate(eval_args(*argv))
+    argv[argv.index("--out") + 1] = str(tmp_path / "ort")
+    got = evaluate(eval_args(*argv, "--engine", "onnxruntime"))
+    assert got["machine"]["engine"] == "onnxruntime" and got["machine"]["provider"] == "cpu"
+    for key in ("1", "4", "8", "auto"):
+        e, g = expected["summary"]["casc"]["metrics"][key], got["summary"]["casc"]["metrics"][key]
+        assert (g["map50_95"], g["map50"], g["steps_mean"]) == (e["map50_95"], e["map50"], e["steps_mean"]), key
+    assert got["summary"]["qann"]["metrics"]["flat"] == expected["summary"]["qann"]["metrics"]["flat"]
+    assert all(v is None for v in got["summary"]["casc"]["energy_uj_at"].values())
+    assert expected["summary"]["casc"]["energy_uj_at"]["8"] > 0
+
+
 def test_two_stage_rcnn_settles_on_the_qann_on_total_steps(tiny_set, tmp_path):
     results = evaluate(eval_args("--model", "rcnn-r18-bundled", "--data", f"coco:{tiny_set}", "--limit", "2",
                                  "--timesteps", "2,8", "--methods", "qann,casc", "--dtype", "float64",

@@ -19,7 +19,7 @@ import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 from torch.utils import _pytree as pytree
 
-from ..runtime import RunCancelled, RunResult
+from ..runtime import RunCancelled, RunResult, StepEvent
 
 # provider name -> ONNX Runtime execution providers, in order of preference
 PROVIDERS = {
@@ -134,6 +134,25 @@ class OrtSpikingNetwork:
         graphs do not count spikes or energy). A batch larger than the exported one runs in slices of it."""
         if mode != "step":
             raise ValueError(f"the ONNX Runtime engine runs one graph per time step (mode='step'), got mode={mode!r}")
+        wake, burst = self._check(x, wake, sleep, burst, max_sleep)
+        runs = []
+        for i in range(0, x.shape[0], self.batch):
+            for event in self._steps(x[i:i + self.batch], wake, sleep, burst, max_sleep, cancel, every_step=False):
+                pass
+            runs.append(event.result)
+        return _joined(runs)
+
+    def stream(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
+               max_sleep: int = 256, record: bool = True, cancel: threading.Event | None = None):
+        """``SpikingNetwork.stream``: a ``StepEvent`` after every step with the readouts so far, the last one
+        carrying the ``RunResult``. ``spikes`` / ``energy_pj`` / ``stats`` are None whatever ``record`` says (the
+        graphs count none), and the batch must fit the exported one (the readouts are read back every step)."""
+        wake, burst = self._check(x, wake, sleep, burst, max_sleep)
+        if x.shape[0] > self.batch:
+            raise ValueError(f"stream takes at most the exported batch ({self.batch} rows), got {x.shape[0]}")
+        yield from self._steps(x, wake, sleep, burst, max_sleep, cancel, every_step=True)
+
+    def _check(self, x, wake, sleep, burst, max_sleep) -> tuple[int, int]:
         wake = self.levels if wake is None else wake
         burst = wake if burst is None else burst
         for name, value in (("wake", wake), ("burst", burst), ("max_sleep", max_sleep)):
@@ -146,43 +165,55 @@ class OrtSpikingNetwork:
         if tuple(x.shape[1:]) != self.input_shape[1:] or not x.shape[0]:
             raise ValueError(f"input shape {tuple(x.shape)} does not fit the exported graphs' "
                              f"{self.input_shape} (any number of rows); export for this size")
-        return _joined([self._run_slice(x[i:i + self.batch], wake, sleep, burst, max_sleep, cancel)
-                        for i in range(0, x.shape[0], self.batch)])
+        return wake, burst
 
-    def stream(self, *args, **kwargs):
-        raise NotImplementedError("the ONNX Runtime engine runs whole schedules and counts no spikes: stream and "
-                                  "detections_at_steps need the PyTorch engine (engine='pytorch')")
+    def _readout(self, parity: int, rows: int, k: int):
+        totals = [torch.from_numpy(v.numpy()[:rows]) / k for v in self._states[parity][self._n_states:]]
+        return pytree.tree_unflatten(totals, self._readout_spec)
 
-    def _run_slice(self, x: torch.Tensor, wake: int, sleep: int | str, burst: int, max_sleep: int,
-                   cancel: threading.Event | None) -> RunResult:
+    def _steps(self, x: torch.Tensor, wake: int, sleep: int | str, burst: int, max_sleep: int,
+               cancel: threading.Event | None, every_step: bool):
+        """The schedule on one slice; ``StepEvent``s after every step (``every_step``) or only the last."""
         rows = self._load_input(x)
         settled_at = torch.zeros(rows, dtype=torch.long)
         limit = max_sleep if sleep == "auto" else sleep
+        done = parity = 0
+
+        def finished() -> bool:
+            return done >= limit or (sleep == "auto" and bool((settled_at > 0).all()))
+
+        def event(t: int, phase: str, k: int) -> StepEvent:
+            ev = StepEvent(t=t, phase=phase, wake=k, readout=self._readout(parity, rows, k), spikes=None,
+                           energy_pj=None, settled=settled_at > 0)
+            if k == wake and finished():
+                used = torch.full_like(settled_at, done)
+                if sleep == "auto":
+                    used = torch.where(settled_at > 0, settled_at, used)
+                ev.result = RunResult(readout=ev.readout, wake=wake, steps=used + wake, settled=settled_at > 0,
+                                      stats=None)
+            return ev
 
         def check_cancel(t: int) -> None:
             if cancel is not None and cancel.is_set():
                 raise RunCancelled(f"run cancelled after {t} time steps")
 
-        check_cancel(0)
-        self._step("first")
-        parity = 0
-        for k in range(2, wake + 1):
+        for k in range(1, wake + 1):
             check_cancel(k - 1)
-            self._step(("wake", parity), k=k)
-            parity = 1 - parity
-        done = 0
-        while done < limit and not (sleep == "auto" and bool((settled_at > 0).all())):
+            if k == 1:
+                self._step("first")
+            else:
+                self._step(("wake", parity), k=k)
+                parity = 1 - parity
+            if every_step or (k == wake and finished()):
+                yield event(k, "wake", k)
+        while not finished():
             check_cancel(wake + done)
             active = torch.from_numpy(self._step(("sleep", parity), k=wake, burst=burst)[:rows].copy())
             parity = 1 - parity
             done += 1
             settled_at[~active & (settled_at == 0)] = done
-        used = torch.full_like(settled_at, done)
-        if sleep == "auto":
-            used = torch.where(settled_at > 0, settled_at, used)
-        totals = [torch.from_numpy(v.numpy()[:rows]) / wake for v in self._states[parity][self._n_states:]]
-        return RunResult(readout=pytree.tree_unflatten(totals, self._readout_spec), wake=wake, steps=used + wake,
-                         settled=settled_at > 0, stats=None)
+            if every_step or finished():
+                yield event(wake + done, "sleep", wake)
 
     def _load_input(self, x: torch.Tensor) -> int:
         rows = x.shape[0]

@@ -68,8 +68,11 @@ class TwoStageSteps:
         for ev in net.stream(x, wake=w, sleep=s, burst=schedule.burst, max_sleep=ms):
             settled = ev.settled.cpu()
             settle[settled & (settle == 0)] = ev.t
-            energy = energy + ev.energy_pj.cpu()
-            spikes = spikes + ev.spikes.cpu().double()
+            if ev.energy_pj is None:  # an engine that counts no spikes (ONNX Runtime)
+                energy = spikes = None
+            else:
+                energy = energy + ev.energy_pj.cpu()
+                spikes = spikes + ev.spikes.cpu().double()
             if i < len(ts) and ev.t == ts[i]:
                 if pending is not None:
                     yield pending
@@ -95,11 +98,10 @@ class TwoStageSteps:
         last1 = None
         for ev in self.stage1.stream(image_list.tensors, cancel=cancel, **schedule.run_kwargs()):
             last1 = ev
-            spikes, energy = float(ev.spikes.sum()), energy + float(ev.energy_pj.sum())
-            total += spikes
+            spikes, total, energy = _counted(ev, total, energy)
             empty = batch.result(0, Boxes.empty(batch.shapes[0]), self.names)
             set_figures(empty, {"steps": ev.t, "stage_steps": {"stage1": ev.t, "stage2": 0}, "settled": False,
-                         "spikes": total, "energy_uj": energy * 1e-6}, wake=ev.wake)
+                         "spikes": total, "energy_uj": _uj(energy)}, wake=ev.wake)
             yield DetectionEvent(stage=1, t=ev.t, stage_t=ev.t, phase=ev.phase, wake=ev.wake, spikes=spikes,
                                  cumulative_spikes=total, settled=bool(ev.settled.all()), detections=empty)
         run1 = last1.result
@@ -113,14 +115,13 @@ class TwoStageSteps:
             for ev in self.stage2.stream(rois, cancel=cancel, **schedule.run_kwargs()):
                 if pending is not None:
                     yield pending
-                spikes, energy = float(ev.spikes.sum()), energy + float(ev.energy_pj.sum())
-                total += spikes
+                spikes, total, energy = _counted(ev, total, energy)
                 found = self._results(batch, dict(out, class_logits=ev.readout[0], box_regression=ev.readout[1]),
                                       keep)[0]
                 settled = bool(ev.settled.all())
                 set_figures(found, {"steps": t1 + ev.t, "stage_steps": {"stage1": t1, "stage2": ev.t},
                              "settled": settled and bool(run1.settled.all()), "spikes": total,
-                             "energy_uj": energy * 1e-6, "proposals": int(rois.shape[0])}, wake=ev.wake)
+                             "energy_uj": _uj(energy), "proposals": int(rois.shape[0])}, wake=ev.wake)
                 pending = DetectionEvent(stage=2, t=t1 + ev.t, stage_t=ev.t, phase=ev.phase, wake=ev.wake,
                                          spikes=spikes, cumulative_spikes=total, settled=settled, detections=found)
                 run2 = ev.result
@@ -174,20 +175,23 @@ class TwoStageSteps:
                 ranges = row_ranges(proposals)
                 s1 = [int(used1[i]) for i in range(n_images)]
                 s2 = [int(used2[a:b].max()) if b > a else 0 for a, b in ranges]
-                e = [float(energy1[i]) + float(energy2[a:b].sum()) for i, (a, b) in enumerate(ranges)]
+                counted = energy1 is not None and (rois.shape[0] == 0 or energy2 is not None)
+                e = [float(energy1[i]) + float(energy2[a:b].sum()) if counted else None
+                     for i, (a, b) in enumerate(ranges)]
                 settled = [bool(settled1[i]) and bool(settled2[a:b].all()) for i, (a, b) in enumerate(ranges)]
                 for i, (det, (a, b)) in enumerate(zip(dets, ranges)):
+                    spikes = float(spikes1[i]) + float(spikes2[a:b].sum()) if counted else None
                     set_figures(det, {"steps": s1[i] + s2[i], "stage_steps": {"stage1": s1[i], "stage2": s2[i]},
-                               "settled": settled[i], "spikes": float(spikes1[i]) + float(spikes2[a:b].sum()),
-                               "energy_uj": e[i] * 1e-6, "proposals": b - a}, wake=schedule.wake)
+                               "settled": settled[i], "spikes": spikes, "energy_uj": _uj(e[i]), "proposals": b - a},
+                                wake=schedule.wake)
                 for t in group2:
                     detections[t] = dets
-                    info["energy_uj_at"][t] = [v * 1e-6 for v in e]
+                    info["energy_uj_at"][t] = [_uj(v) for v in e]
                     info["stage1_steps_at"][t], info["stage2_steps_at"][t] = s1, s2
                     info["steps_at"][t] = [a + b for a, b in zip(s1, s2)]
                     settled_at[t] = settled
             final_rows = [len(p) for p in proposals]
-            if run1 is not None:
+            if run1 is not None and run1.stats is not None:
                 info["firing_rates"] = run1.stats.firing_rates
         last = ts[-1]
         info["steps"] = info["steps_at"][last]
@@ -196,6 +200,19 @@ class TwoStageSteps:
         info["ann_energy_uj"] = [(ann_macs1 + (ann_macs2 or 0) * n) * PJ_PER_MAC * 1e-6 for n in final_rows]
         info["proposals"] = final_rows
         return detections, info
+
+
+def _counted(event, total: float | None, energy: float | None) -> tuple:
+    """(spikes of this step, spikes so far, energy so far in pJ) after a streamed step; all None from an engine
+    that counts no spikes (ONNX Runtime)."""
+    if event.spikes is None:
+        return None, None, None
+    spikes = float(event.spikes.sum())
+    return spikes, total + spikes, energy + float(event.energy_pj.sum())
+
+
+def _uj(picojoules: float | None) -> float | None:
+    return None if picojoules is None else picojoules * 1e-6
 
 
 def row_ranges(proposals: list[torch.Tensor]) -> list[tuple[int, int]]:

@@ -113,7 +113,7 @@ class SpikingYOLO(SpikingDetector):
                              "from_checkpoint(path, levels=L) for a float checkpoint")
         if neuron == "if" and (quantized or not calibration):
             raise ValueError('neuron="if" (the plain IF baseline) converts a float ReLU model and needs calibration '
-                             "batches (letterboxed images, see calibration_inputs / letterbox)")
+                             "images (anything predict takes) or letterboxed batches (see calibration_inputs)")
         self.neuron = neuron
         self.qann = copy.deepcopy(qann).to(device=device, dtype=dtype).eval()
         for p in self.qann.parameters():
@@ -138,7 +138,7 @@ class SpikingYOLO(SpikingDetector):
                 "fraction of MACs left analog is reported in the run statistics (analog_mac_fraction)")
         self.analog = analog
         if neuron == "if":
-            batches = [b.to(device=device, dtype=dtype) for b in calibration]
+            batches = [b.to(device=device, dtype=dtype) for b in self._calibration_batches(calibration)]
             self.snn: SpikingNetwork = convert(self.readout_net, neuron="if", calibration=batches,
                                                percentile=percentile, analog=analog, rules=module_rules())
         else:
@@ -146,6 +146,13 @@ class SpikingYOLO(SpikingDetector):
         self.decoder: Detect = copy.deepcopy(self.qann.model[-1]).eval()
         self.decoder.dynamic = True  # recompute anchors per call (shape and dtype may change)
         self.decoder.export = False
+
+    def _calibration_batches(self, calibration: Sequence) -> list[torch.Tensor]:
+        """Letterboxed batches (4-D tensors) as given; images (paths, PIL, arrays in ``color``) letterboxed here."""
+        items = list(calibration)
+        if all(isinstance(b, torch.Tensor) and b.dim() == 4 for b in items):
+            return items
+        return [self._prepare(items[i:i + 16], self.color).x for i in range(0, len(items), 16)]
 
     # -- constructors --
 
@@ -264,11 +271,14 @@ class SpikingYOLO(SpikingDetector):
         total = energy = 0.0
         for event in self.snn.stream(batch.x, cancel=cancel, **schedule.run_kwargs()):
             found = self._decoded(batch, event.readout, keep)[0]
-            spikes = float(event.spikes[0])
-            total += spikes
-            energy += float(event.energy_pj[0])
+            spikes = None if event.spikes is None else float(event.spikes[0])  # None: the engine counts none
+            if spikes is None:
+                total = energy = None
+            else:
+                total += spikes
+                energy += float(event.energy_pj[0])
             found.steps, found.wake, found.spikes = event.t, event.wake, total
-            found.settled, found.energy_uj = bool(event.settled[0]), energy * 1e-6
+            found.settled, found.energy_uj = bool(event.settled[0]), None if energy is None else energy * 1e-6
             yield DetectionEvent(stage=1, t=event.t, stage_t=event.t, phase=event.phase, wake=event.wake,
                                  spikes=spikes, cumulative_spikes=total, settled=found.settled, detections=found,
                                  final=event.result is not None)
@@ -286,20 +296,22 @@ class SpikingYOLO(SpikingDetector):
                 readouts[event.t] = event.readout
                 settled_at[event.t] = event.settled.tolist()
         run = last.result
-        stats = run.stats
+        stats = run.stats  # None: an engine that counts no spikes (ONNX Runtime), so no spikes or energy
         steps = run.steps.tolist()
+        nothing = [None] * len(steps)
         results = {}
         for t in wanted:  # past the run's end (settled) nothing changes any more: the final readout
             found = self._decoded(batch, readouts.get(t, last.readout), keep)
-            energy = (stats.energy_pj_until(t) * 1e-6).tolist()
-            spikes = stats.spikes_per_step[:t].sum(0).tolist()
+            energy = nothing if stats is None else (stats.energy_pj_until(t) * 1e-6).tolist()
+            spikes = nothing if stats is None else stats.spikes_per_step[:t].sum(0).tolist()
             settled = settled_at.get(t, run.settled.tolist())
             for i, r in enumerate(found):  # each image's own figures after step t
                 r.steps, r.wake, r.energy_uj = min(t, steps[i]), min(t, schedule.wake), energy[i]
                 r.spikes, r.settled = spikes[i], settled[i]
             results[t] = found
-        info = {"steps": steps, "settled": run.settled.tolist(),
-                "spikes": stats.spikes.tolist(), "energy_uj": (stats.energy_pj * 1e-6).tolist(),
-                "energy_uj_at": {t: (stats.energy_pj_until(t) * 1e-6).tolist() for t in wanted},
-                "ann_energy_uj": stats.ann_energy_pj * 1e-6, "firing_rates": stats.firing_rates}
+        info = {"steps": steps, "settled": run.settled.tolist()}
+        if stats is not None:
+            info.update({"spikes": stats.spikes.tolist(), "energy_uj": (stats.energy_pj * 1e-6).tolist(),
+                         "energy_uj_at": {t: (stats.energy_pj_until(t) * 1e-6).tolist() for t in wanted},
+                         "ann_energy_uj": stats.ann_energy_pj * 1e-6, "firing_rates": stats.firing_rates})
         return results, info
