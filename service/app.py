@@ -415,9 +415,6 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
             data, fields = await upload(request, IMAGE_CONTENT_TYPES | {"application/octet-stream"}, "image",
                                         body_held, deadline)
             worker, params = merge_params(query, fields)
-            if kind == "stream" and not worker.backend.streams:
-                raise ServiceError(422, "stream_unsupported", f"model {worker.backend.name!r} runs on the "
-                                   f"{worker.backend.engine} engine, which has no per-step events: use /v1/detect")
             job = await decoded_job(kind, data, worker, params, held, deadline, **job_fields)
         finally:  # the body's bytes: only the resized image stays while queued
             await release(body_held)

@@ -64,11 +64,6 @@ class Backend:
         self.name, self.model, self.sha256, self.verified, self.engine = name, model, sha256, verified, engine
 
     @property
-    def streams(self) -> bool:
-        """Whether ``stream`` works: the ONNX Runtime engine runs whole schedules, with no per-step events."""
-        return self.engine == "pytorch"
-
-    @property
     def levels(self) -> int:
         return int(self.model.levels)
 

@@ -36,7 +36,7 @@ class Settings:
     demo_image: str | None = None  # served at GET /demo-image (the web page's demo)
     allow_unverified: bool = False  # serve checkpoint files that match no manifest entry
     analog: str | list[str] | None = None  # YOLO11 hybrids: "auto" or module paths kept analog
-    engine: str = "pytorch"  # what runs the spiking networks: pytorch or onnxruntime (no spike counts, no stream)
+    engine: str = "pytorch"  # what runs the spiking networks: pytorch or onnxruntime (no spike counts)
     provider: str = "cpu"  # ONNX Runtime's execution provider: cpu, cuda, tensorrt
     # connections
     body_timeout_s: float = 30.0  # the whole request body must arrive within this (408)

@@ -36,7 +36,7 @@ class ModelInfo(BaseModel):
     verified: bool = Field(description="the sha256 matches an entry of the weights manifest")
     analog: list[str] = Field(default_factory=list, description="modules kept as analog islands (hybrid SNN)")
     engine: str = Field("pytorch", description="what runs the spiking networks: pytorch, or onnxruntime (no spike "
-                        "counts: spikes and energy_uj are null; no /v1/detect/stream)")
+                        "counts: spikes and energy_uj are null)")
     default: bool = False
 
 

@@ -5,6 +5,7 @@ WebSocket limits and Origin checks, offline docs, model digests."""
 
 from __future__ import annotations
 
+import json
 import io
 import threading
 import time
@@ -508,7 +509,7 @@ def test_heavy_requests_wait_for_ordinary_ones():
     assert not Params().heavy(4) and not Params(wake=4, sleep=4, burst=4).heavy(4)
 
 
-def test_onnx_runtime_engine_is_served_without_spike_counts_or_stream(onnx_cache):
+def test_onnx_runtime_engine_is_served_and_streams_without_spike_counts(onnx_cache):
     import argparse
 
     from detector.data import ensure_bundled
@@ -522,7 +523,12 @@ def test_onnx_runtime_engine_is_served_without_spike_counts_or_stream(onnx_cache
         assert info["engine"] == "onnxruntime" and info["verified"] is True
         got = client.post("/v1/detect", content=data, headers={"content-type": "image/jpeg"}).json()
         r = client.post("/v1/detect/stream", content=data, headers={"content-type": "image/jpeg"})
-        assert r.status_code == 422 and r.json()["error"] == "stream_unsupported"
+        assert r.status_code == 200
+        lines = [json.loads(line) for line in r.text.splitlines() if line]
+        steps, final = [x for x in lines if x["type"] == "step"], lines[-1]
+        assert final["type"] == "final" and len(steps) == got["steps"]
+        assert all(x["spikes"] is None for x in steps) and final["spikes"] is None
+        assert [d["class_id"] for d in final["detections"]] == [d["class_id"] for d in got["detections"]]
     with TestClient(create_app(Settings(), {"torch": load_backend("yolov8n-bundled")})) as client:
         expected = client.post("/v1/detect", content=data, headers={"content-type": "image/jpeg"}).json()
     assert got["spikes"] is None and got["energy_uj"] is None and expected["spikes"] > 0 and expected["detections"]

@@ -4,8 +4,8 @@ The PyTorch detector is loaded as usual and keeps its pre- and post-processing (
 decoding and NMS; Faster R-CNN: torchvision's transform, proposals, RoIAlign, box decoding) and its QANN
 (``qann_predict``); its spiking networks (YOLO ``snn``, Faster R-CNN ``stage1`` / ``stage2``) are replaced by
 ``OrtSpikingNetwork``s running the exported step graphs. ``predict`` gives the same detections, steps and
-settled flags; ``spikes`` / ``energy_uj`` are None (the graphs count no spikes), and ``stream`` /
-``detections_at_steps`` are refused (they need per-step spike counts). Graphs come from a ``casc export``
+settled flags, ``stream`` / ``detections_at_steps`` the same detections step by step (for a batch that fits the
+exported one); ``spikes`` / ``energy_uj`` are None (the graphs count no spikes). Graphs come from a ``casc export``
 folder or are exported on first use into a cache folder (``$CASC_ONNX_CACHE``, else ``~/.cache/casc/onnx``),
 keyed by model, checksum, size, batch and dtype.
 """
