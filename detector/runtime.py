@@ -50,20 +50,21 @@ def _same_mapping(like: dict, values: dict) -> dict:
     return out
 
 
-def tree_add(a, b):
-    """Elementwise sum of two trees of the same structure (``a`` may be None)."""
-    if a is None:
-        return b
-    if isinstance(a, torch.Tensor):
-        return a + b
-    if isinstance(a, tuple):
-        items = [tree_add(x, y) for x, y in zip(a, b)]
-        return type(a)(*items) if hasattr(a, "_fields") else tuple(items)
-    if isinstance(a, list):
-        return [tree_add(x, y) for x, y in zip(a, b)]
-    if isinstance(a, dict):
-        return _same_mapping(a, {k: tree_add(a[k], b[k]) for k in a})
-    return a
+def accumulate(total, out):
+    """``total + out`` for two trees of the same structure, added into ``total``'s tensors in place (a step's
+    readout allocates nothing); ``total`` None: a copy of ``out``, which the run then owns."""
+    if total is None:
+        return tree_map(torch.clone, out)
+    if isinstance(total, torch.Tensor):
+        return total.add_(out)
+    if isinstance(total, (tuple, list)):
+        for a, b in zip(total, out):
+            accumulate(a, b)
+        return total
+    if isinstance(total, dict):
+        for k in total:
+            accumulate(total[k], out[k])
+    return total
 
 
 class RunCancelled(RuntimeError):
@@ -250,13 +251,13 @@ class SpikingNetwork(nn.Module):
         if mode == "step":
             for k in range(1, wake + 1):
                 check_cancel()
-                total = tree_add(total, self._forward_stack(x, False, [k], batch, first=k == 1))
+                total = accumulate(total, self._forward_stack(x, False, [k], batch, first=k == 1))
                 t += 1
                 if stream or (k == wake and finished()):
                     yield event("wake", k)
         else:
             stacked = x.unsqueeze(0).expand(wake, *x.shape).reshape(wake * batch, *x.shape[1:])
-            total = self._forward_stack(stacked, False, list(range(1, wake + 1)), batch, first=True)
+            total = accumulate(None, self._forward_stack(stacked, False, list(range(1, wake + 1)), batch, first=True))
             t = wake
             if finished():
                 yield event("wake", wake)
@@ -272,7 +273,7 @@ class SpikingNetwork(nn.Module):
                 chunk = min(2 * chunk, sleep_chunk)
             if zeros is None or zeros.shape[0] != steps * batch:
                 zeros = x.new_zeros((steps * batch, *x.shape[1:]))
-            total = tree_add(total, self._forward_stack(zeros, True, [wake] * steps, batch))
+            total = accumulate(total, self._forward_stack(zeros, True, [wake] * steps, batch))
             silent = ~sim.activity.cpu()  # [steps, batch]
             for s in range(steps):
                 newly = silent[s] & (settled_at == 0)
