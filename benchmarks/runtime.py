@@ -1,11 +1,15 @@
-"""Runtime cost of the spiking simulation on a YOLOv8n-sized QANN (issue 2's benchmark).
+"""Runtime cost of the spiking simulation on a YOLOv8n-sized QANN or a bundled Faster R-CNN.
 
 Prints, per batch size and execution mode: float-ANN and QANN forward time, SNN seconds per wake
 step and per sleep step, total steps used by sleep="auto", and the ratio
 SNN time / (T x ANN forward) measured in the same run, with and without spike/SOP recording.
-Also checks fidelity on the chosen device: max |SNN readout - QANN output| in float64.
+For Faster R-CNN each stage runs its own schedule on the same input (stage 2 on the QANN's RoIs), so
+the ratio is (stage-1 SNN + stage-2 SNN) / (T1 x stage-1 ANN + T2 x stage-2 ANN), the ANN's BatchNorms
+folded as deployed. Also checks fidelity on the chosen device: max |SNN readout - QANN output| in float64.
 
     python benchmarks/runtime.py                       # CPU, imgsz 320, batch 1 and 8
+    python benchmarks/runtime.py --model yolov8n-bundled --threads 1
+    python benchmarks/runtime.py --model rcnn-r18-bundled-l8 --threads 1
     python benchmarks/runtime.py --device cuda --batch 1 8 32
     python benchmarks/runtime.py --burst 1             # the paper's one spike per sleep step (default: burst sleep)
 """
@@ -21,6 +25,7 @@ import torch
 from detector import convert
 from detector.models.yolo import SpikingYOLO, YOLOReadoutNet, build_qann
 from detector.randnet import random_qann, randomise_batchnorm
+from detector.weights import resolve
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -113,6 +118,58 @@ def measure(batch: int, imgsz: int, device: torch.device, repeats: int, model: s
     return rows
 
 
+@torch.no_grad()
+def measure_rcnn(batch: int, device: torch.device, repeats: int, model: str, burst: int | None = None) -> list[dict]:
+    from collections import OrderedDict
+
+    from detector import fold_batchnorm
+    from detector.data import open_dataset
+    from detector.models.rcnn import MODULE_RULES, RCNNStage1, RCNNStage2, load_float_for_calibration
+    from detector.weights import load_detector, load_manifest, resolve
+
+    detector = load_detector(model, device=device)
+    entry = resolve(model)
+    float_model, _ = load_float_for_calibration(load_manifest()[entry.float_model].path)
+    float_model.eval()
+    ann1 = RCNNStage1(float_model.backbone, float_model.rpn.head).to(device).eval()
+    ann2 = RCNNStage2(float_model.roi_heads.box_head, float_model.roi_heads.box_predictor).to(device).eval()
+    for stage in (ann1, ann2):
+        fold_batchnorm(stage, rules=MODULE_RULES)  # as deployed
+    dataset = open_dataset("bundled", "val")
+    image_list = detector.preprocess([dataset.load_image(i % len(dataset)) for i in range(batch)], color="rgb")[0]
+    x = image_list.tensors
+    features, objectness, deltas = detector.qann_stage1(x)
+    features = OrderedDict(features)
+    rois = detector.roi_features(features, detector.proposals(image_list, features, objectness, deltas), image_list)
+    ann_s = (timed(lambda: ann1(x), repeats, device), timed(lambda: ann2(rois), repeats, device))
+    qann_s = timed(lambda: detector.qann_stage1(x), repeats, device) + timed(lambda: detector.qann_stage2(rois),
+                                                                            repeats, device)
+    wake = detector.levels
+    rows = []
+    for mode in ("step", "multistep"):
+        for record in (False, True):
+            stages = []
+            for snn, inputs in ((detector.stage1, x), (detector.stage2, rois)):
+                wake_s = timed(lambda: snn.run(inputs, wake=wake, sleep=0, mode=mode, record=record), repeats,
+                               device) / wake
+                runs = []
+                total_s = timed(lambda: runs.append(snn.run(inputs, wake=wake, sleep="auto", mode=mode,
+                                                            record=record, burst=burst)), repeats, device)
+                stages.append((wake_s, total_s, int(runs[-1].steps.max()), runs[-1].steps.double().mean()))
+            (w1, s1, t1, m1), (w2, s2, t2, m2) = stages
+            rows.append({
+                "batch": batch, "imgsz": int(x.shape[-1]), "mode": mode, "record": record, "model": model,
+                "burst": burst if burst is not None else wake, "rois": int(rois.shape[0]),
+                "ann_forward_s": ann_s[0] + ann_s[1], "qann_forward_s": qann_s,
+                "snn_wake_step_s": w1 + w2, "snn_sleep_step_s": (s1 - wake * w1) / max(t1 - wake, 1)
+                + (s2 - wake * w2) / max(t2 - wake, 1),
+                "steps_auto_mean": float(m1 + m2), "steps_auto_max": t1 + t2, "stage_steps": [t1, t2],
+                "snn_total_s": s1 + s2, "ratio_snn_over_T_ann": (s1 + s2) / (t1 * ann_s[0] + t2 * ann_s[1]),
+                "sleep_over_wake": ((s1 + s2) - wake * (w1 + w2)) / max(t1 + t2 - 2 * wake, 1) / (w1 + w2),
+            })
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -134,7 +191,12 @@ def main() -> None:
     print(f"fidelity (YOLOv8n QANN L=4, float64, imgsz {check['imgsz']}): max |SNN - QANN| = "
           f"{check['max_abs_error_float64']:.2e}, steps {check['steps']}; {check['random_nets']} random QANNs, "
           f"both modes: max error {check['random_nets_max_abs_error_float64']:.2e}")
-    rows = [row for batch in args.batch for row in measure(batch, args.imgsz, device, args.repeats, args.model, args.burst)]
+    two_stage = args.model is not None and resolve(args.model).family == "rcnn"
+    if two_stage:
+        rows = [row for batch in args.batch for row in measure_rcnn(batch, device, args.repeats, args.model, args.burst)]
+    else:
+        rows = [row for batch in args.batch
+                for row in measure(batch, args.imgsz, device, args.repeats, args.model, args.burst)]
     print(f"network: {args.model or 'random-init YOLOv8n QANN L=4'}, imgsz {rows[0]['imgsz']}, "
           f"sleep burst {rows[0]['burst']}")
     print("| batch | mode | record | ANN ms | QANN ms | wake step ms | sleep step ms | T auto (mean/max) "
