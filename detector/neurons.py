@@ -20,29 +20,32 @@ class Neuron(CallSiteModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sim = self.sim
         steps = sim.steps
-        rows = sim.rows_per_step(x, self.site(self._calls))
-        per_step = x.unflatten(0, (steps, rows))
+        if x.dim() == 0 or x.shape[0] != steps * sim.batch:
+            sim.rows_per_step(x, self.site(self._calls))  # raises: the layout is not step-major
         index, state = self.next_state(list)  # empty until the first step creates it
-        if state and state[0].shape != per_step.shape[1:]:
+        shape = x.shape[1:]
+        if state and state[0].shape[1:] != shape:
             raise RuntimeError(
-                f"{self.site(index)}: input shape {tuple(per_step.shape[1:])} differs from the state's "
+                f"{self.site(index)}: input shape {(sim.batch, *shape)} differs from the state's "
                 f"{tuple(state[0].shape)}; call reset() before running inputs of another size"
             )
         theta = self.threshold_at(index)
-        if steps == 1:
-            spikes = self._step(state, per_step[0], theta, sim.wake_counts[0], sim.sleeping).unsqueeze(0)
+        if steps == 1:  # step mode: the stack is the step itself, no per-step views
+            spikes = self._step(state, x, theta, sim.wake_counts[0], sim.sleeping)
+            per_step = spikes.unsqueeze(0)
         else:
-            spikes = torch.empty_like(per_step)
+            current = x.unflatten(0, (steps, sim.batch))
+            per_step = torch.empty_like(current)
             for t in range(steps):
-                spikes[t] = self._step(state, per_step[t], theta, sim.wake_counts[t], sim.sleeping)
+                per_step[t] = self._step(state, current[t], theta, sim.wake_counts[t], sim.sleeping)
+            spikes = per_step.flatten(0, 1)
         if sim.sleeping or sim.record:  # wake steps need no activity map (only a silent sleep step settles)
-            counts = spikes.abs().flatten(2).sum(2)  # events per (step, sample); a burst of n is n events
+            counts = per_step.abs().flatten(2).sum(2)  # events per (step, sample); a burst of n is n events
             if sim.sleeping:
                 sim.note_activity((counts > 0).flatten())
             if sim.record:
-                sim.recorder.record_spikes(self.site(index), counts, per_step.shape[2:].numel())
-        out = spikes if theta == 1.0 else spikes.mul_(theta)
-        return out.flatten(0, 1)
+                sim.recorder.record_spikes(self.site(index), counts, shape.numel())
+        return spikes if theta == 1.0 else spikes.mul_(theta)
 
     def _step(self, state: list, current, theta, k, sleep) -> torch.Tensor:
         if state:
