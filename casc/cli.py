@@ -3,6 +3,9 @@
     casc demo                      the main job: mAP vs time steps of the bundled detectors
     casc fidelity                  exactness of the conversion on random detector-like networks
     casc train yolo|rcnn ...       train / fine-tune a QANN (see ``casc train yolo --help``)
+    casc quantize ...              post-training quantization of a float checkpoint into a QANN
+    casc predict ...               detections on images, folders, globs and videos (annotated output)
+    casc export ...                the QANN and the spiking step graphs as ONNX
     casc eval ...                  mAP-vs-timestep curves (eval/)
     casc plot DIR [DIR ...]        several evaluations on one axis (eval/compare.py)
     casc serve ...                 the HTTP service (service/)
