@@ -20,7 +20,12 @@ from torch import nn
 # Activations that `to_qann` replaces by ClipQuan: all are ReLU-like (zero or small for
 # negative input, increasing), which a clipped staircase approximates after fine-tuning.
 QUANTIZABLE_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.SiLU, nn.LeakyReLU, nn.ReLU6)
-ROUNDING = {"round": 0.5, "floor": 0.0}  # phi: the shift inside the floor
+ROUNDING = {"round": 0.5, "floor": 0.0}  # the shift inside the floor
+# Added to that shift, in both the QANN and the CIF neurons' initial membrane (``ClipQuan.phi``): an input that lies
+# exactly on a level boundary (common with fp16 weights and thresholds, whose sums land on a lattice) then rounds
+# up in both networks, whichever order their float sums were taken in. 2^-16 of a level is above float32's and
+# float64's summation error there and far below anything that changes an answer.
+TIE_MARGIN = 2.0 ** -16
 ROUNDING_MODES = ("floor", "round")  # the integer codes of the ``quant_rounding`` buffer
 
 
@@ -83,7 +88,8 @@ class ClipQuan(nn.Module):
 
     @property
     def phi(self) -> float:
-        return ROUNDING[self.rounding]
+        """The shift inside the floor, in levels: 1/2 rounds, 0 floors (each plus ``TIE_MARGIN``)."""
+        return ROUNDING[self.rounding] + TIE_MARGIN
 
     def set_learnable(self, learnable: bool) -> None:
         """Make the threshold a trainable parameter (or a fixed buffer), keeping its value."""
@@ -99,7 +105,7 @@ class ClipQuan(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         theta = self.threshold_param.to(z.dtype)
         clipped = torch.clamp(z / theta, 0.0, 1.0)
-        stepped = torch.floor(clipped * self._levels + ROUNDING[self._rounding]) / self._levels
+        stepped = torch.floor(clipped * self._levels + (ROUNDING[self._rounding] + TIE_MARGIN)) / self._levels
         # Straight-through: forward value is the staircase, gradient that of the clip.
         return theta * (clipped + (stepped - clipped).detach())
 

@@ -122,5 +122,4 @@ def load_detector(name_or_path: str | os.PathLike, device="cpu", dtype=None, eng
         return SpikingYOLO.from_checkpoint(entry.path, sha256=entry.sha256, device=device, dtype=dtype, **kwargs)
     from .models.rcnn import SpikingFasterRCNN
 
-    model = SpikingFasterRCNN.from_checkpoint(entry.path, sha256=entry.sha256, **kwargs)
-    return model.to(device=device, dtype=dtype)
+    return SpikingFasterRCNN.from_checkpoint(entry.path, sha256=entry.sha256, device=device, dtype=dtype, **kwargs)

@@ -91,6 +91,12 @@ def _split_analog(analog: Iterable[str]) -> tuple[list[str], list[str]]:
     return stage1, stage2
 
 
+# A QANN's objectness logits are sums of a few quantization levels, so many anchors tie exactly; the spiking
+# readouts equal them only to the last bits (1e-14 in float64), which would break those ties the other way and
+# keep other proposals. Snapping both to one grid, far finer than any score that matters, keeps the ties.
+OBJECTNESS_GRID = 2.0 ** -16
+
+
 class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
     """Two spiking stages around torchvision's own Faster R-CNN decoding code.
 
@@ -218,6 +224,7 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
                         levels: int | None = None, sha256: str | None = None, analog: Iterable[str] = (),
                         classes: list[str] | None = None, neuron: str = "cif",
                         calibration: Iterable[Any] | None = None, percentile: float = 99.9,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         **build_kwargs) -> "SpikingFasterRCNN":
         """From a state-dict file: our training checkpoint (arch, classes, sizes, levels from its metadata), a
         torchvision float state dict (``arch`` / ``num_classes`` as given or inferred from the box predictor;
@@ -226,7 +233,9 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         ``neuron="if"``: the IF baseline; a float checkpoint is not quantized (``levels`` must be None) and
         ``calibration`` images set the thresholds (see the class docstring).
         ``sha256`` is checked before loading. ``build_kwargs`` go to ``build_fasterrcnn``
-        (e.g. ``min_size``, ``max_size``, ``rpn_post_nms_top_n_test``).
+        (e.g. ``min_size``, ``max_size``, ``rpn_post_nms_top_n_test``). The model is moved to ``device`` and
+        ``dtype`` before it is converted, so BatchNorms fold in that precision (folded in float32 and then cast
+        to float64, a layer is off by 1e-7 and no longer reproduces the float64 QANN exactly).
         """
         if neuron == "if" and levels is not None:
             raise ValueError('from_checkpoint(neuron="if"): levels=... (quantization) applies to CASC only')
@@ -239,6 +248,7 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         if not is_qann and levels is None and neuron != "if":
             levels = 4
         qann = model_from_state_dict(state, meta, arch=arch, num_classes=num_classes, levels=levels, **build_kwargs)
+        qann = qann.to(device=device, dtype=dtype)
         return cls(qann, analog=analog, classes=classes or meta.get("classes"), meta=meta, neuron=neuron,
                    calibration=calibration, percentile=percentile)
 
@@ -274,6 +284,7 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         num_images = len(anchors)
         num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
         obj, pred = concat_box_prediction_layers(list(objectness), list(deltas))
+        obj = torch.round(obj / OBJECTNESS_GRID) * OBJECTNESS_GRID
         boxes = rpn.box_coder.decode(pred.detach(), anchors).view(num_images, -1, 4)
         with _eval_mode(rpn):
             kept, _ = rpn.filter_proposals(boxes, obj, image_list.image_sizes, num_anchors_per_level)
