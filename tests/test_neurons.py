@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from torch import nn
 
+from detector import ClipQuan, convert
 from detector.neurons import CIFNeuron, IFNeuron
 from detector.state import SimulationState
 
@@ -93,3 +95,19 @@ def test_invalid_thresholds_rejected():
         CIFNeuron(threshold=0)
     with pytest.raises(ValueError, match="thresholds"):
         IFNeuron([1.0, -2.0])
+
+
+@pytest.mark.parametrize("rounding", ["round", "floor"])
+def test_inputs_on_level_boundaries_quantize_alike_in_both_networks(rounding):
+    """An input exactly on a level boundary (fp16 weights put many sums there) or within float error of one: the
+    QANN computes z * L / theta, the CIF network sums it over the wake steps in another order. The shared tie
+    margin makes both land on the same level."""
+    levels = 3  # thirds are inexact in binary, so the two orders round differently
+    quant = ClipQuan(levels, threshold=1.0, rounding=rounding).double()
+    net = nn.Sequential(nn.Identity(), quant)
+    shift = 0.5 if rounding == "round" else 0.0
+    edges = torch.tensor([(k - shift) / levels for k in range(1, levels + 1)], dtype=torch.float64)
+    z = torch.cat([edges, torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)]).view(-1, 1)
+    snn = convert(net)
+    got = snn.run(z, wake=levels, sleep="auto").readout
+    assert torch.equal(got, net(z))

@@ -428,3 +428,21 @@ def test_cancel_stops_predict_and_stream(r18):
     assert seen == [(1, 1), (1, 2)]
     with pytest.raises(RunCancelled):
         r18.predict([image(3)], cancel=cancel)
+
+
+def test_bundled_qann_reproduced_in_float64_on_val_images():
+    """The bundled (fp16-stored, QAT) Faster R-CNN loaded in float64 gives its QANN's detections exactly: it is
+    converted in float64 (BatchNorms folded in float32 were off by 1e-7) and boundary ties round alike."""
+    from detector.data import open_dataset
+    from detector.weights import load_detector, load_manifest
+
+    if "rcnn-r18-bundled" not in load_manifest():
+        pytest.skip("no bundled weights")
+    det = load_detector("rcnn-r18-bundled", dtype=torch.float64)
+    dataset = open_dataset("bundled", "val")
+    images = [dataset.load_image(i) for i in (4, 7)]  # two images where either cause changed the proposals
+    expected, got = det.qann_predict(images, conf=0.001, color="rgb"), det.predict(images, conf=0.001, color="rgb")
+    for e, g in zip(expected, got, strict=True):
+        assert g.settled and torch.equal(e.boxes.cls, g.boxes.cls)
+        assert torch.allclose(e.boxes.xyxy, g.boxes.xyxy, atol=1e-6) and torch.allclose(e.boxes.conf, g.boxes.conf,
+                                                                                          atol=1e-9)
