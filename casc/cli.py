@@ -39,7 +39,7 @@ COMMANDS = {
 
 
 # The main job: both bundled detectors on a subset of the bundled val split (about 10 minutes on 2 cores).
-DEMO_RUNS = (("yolov8n-bundled", 128), ("rcnn-r18-bundled-l8", 32))  # the most accurate QANN of each family
+DEMO_RUNS = (("yolov8n-bundled", 128), ("rcnn-r18-bundled", 32))  # the L = 4 QANN of each family
 HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
