@@ -30,17 +30,25 @@ from detector.weights import resolve
 
 def timed(fn, repeats: int, device: torch.device) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    return timed_alternating({"fn": fn}, repeats, device)["fn"]
+
+
+def timed_alternating(fns: dict, repeats: int, device: torch.device) -> dict:
+    """Median seconds of each function, run in alternating rounds after one warm-up each, so that a ratio of
+    two of them is measured under the same machine load."""
+    for fn in fns.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 @torch.no_grad()
@@ -93,15 +101,15 @@ def measure(batch: int, imgsz: int, device: torch.device, repeats: int, model: s
         x = detector.preprocess([images[i % len(images)] for i in range(batch)])[0]
     else:
         x = torch.rand(batch, 3, imgsz, imgsz, device=device)
-    ann_s = timed(lambda: ann(x), repeats, device)
     qann_s = timed(lambda: detector.qann_raw(x), repeats, device)
     rows = []
     for mode in ("step", "multistep"):
         for record in (False, True):
             wake_s = timed(lambda: snn.run(x, wake=4, sleep=0, mode=mode, record=record), repeats, device) / 4
             runs = []  # the timed runs' results (the last one's steps are reported)
-            total_s = timed(lambda: runs.append(snn.run(x, wake=4, sleep="auto", mode=mode, record=record,
-                                                        burst=burst)), repeats, device)
+            both = timed_alternating({"ann": lambda: ann(x), "snn": lambda: runs.append(snn.run(
+                x, wake=4, sleep="auto", mode=mode, record=record, burst=burst))}, repeats, device)
+            ann_s, total_s = both["ann"], both["snn"]
             used = runs[-1].steps
             steps = int(used.max())
             sleep_steps = steps - 4
@@ -141,21 +149,21 @@ def measure_rcnn(batch: int, device: torch.device, repeats: int, model: str, bur
     features, objectness, deltas = detector.qann_stage1(x)
     features = OrderedDict(features)
     rois = detector.roi_features(features, detector.proposals(image_list, features, objectness, deltas), image_list)
-    ann_s = (timed(lambda: ann1(x), repeats, device), timed(lambda: ann2(rois), repeats, device))
     qann_s = timed(lambda: detector.qann_stage1(x), repeats, device) + timed(lambda: detector.qann_stage2(rois),
                                                                             repeats, device)
     wake = detector.levels
     rows = []
     for mode in ("step", "multistep"):
         for record in (False, True):
-            stages = []
-            for snn, inputs in ((detector.stage1, x), (detector.stage2, rois)):
+            stages, ann_s = [], []
+            for snn, ann, inputs in ((detector.stage1, ann1, x), (detector.stage2, ann2, rois)):
                 wake_s = timed(lambda: snn.run(inputs, wake=wake, sleep=0, mode=mode, record=record), repeats,
                                device) / wake
                 runs = []
-                total_s = timed(lambda: runs.append(snn.run(inputs, wake=wake, sleep="auto", mode=mode,
-                                                            record=record, burst=burst)), repeats, device)
-                stages.append((wake_s, total_s, int(runs[-1].steps.max()), runs[-1].steps.double().mean()))
+                both = timed_alternating({"ann": lambda: ann(inputs), "snn": lambda: runs.append(snn.run(
+                    inputs, wake=wake, sleep="auto", mode=mode, record=record, burst=burst))}, repeats, device)
+                ann_s.append(both["ann"])
+                stages.append((wake_s, both["snn"], int(runs[-1].steps.max()), runs[-1].steps.double().mean()))
             (w1, s1, t1, m1), (w2, s2, t2, m2) = stages
             rows.append({
                 "batch": batch, "imgsz": int(x.shape[-1]), "mode": mode, "record": record, "model": model,
