@@ -91,12 +91,6 @@ def _split_analog(analog: Iterable[str]) -> tuple[list[str], list[str]]:
     return stage1, stage2
 
 
-# A QANN's objectness logits are sums of a few quantization levels, so many anchors tie exactly; the spiking
-# readouts equal them only to the last bits (1e-14 in float64), which would break those ties the other way and
-# keep other proposals. Snapping both to one grid, far finer than any score that matters, keeps the ties.
-OBJECTNESS_GRID = 2.0 ** -16
-
-
 class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
     """Two spiking stages around torchvision's own Faster R-CNN decoding code.
 
@@ -284,7 +278,6 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         num_images = len(anchors)
         num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
         obj, pred = concat_box_prediction_layers(list(objectness), list(deltas))
-        obj = torch.round(obj / OBJECTNESS_GRID) * OBJECTNESS_GRID
         boxes = rpn.box_coder.decode(pred.detach(), anchors).view(num_images, -1, 4)
         with _eval_mode(rpn):
             kept, _ = rpn.filter_proposals(boxes, obj, image_list.image_sizes, num_anchors_per_level)
