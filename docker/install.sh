@@ -1,7 +1,8 @@
 #!/bin/sh
-# Install the pinned set into a virtual environment (builder stage of docker/Dockerfile and
-# docker/Dockerfile.cuda). Same order as the Makefile: torch/torchvision, ultralytics --no-deps (it
-# would pull the GUI opencv-python), requirements.txt (headless OpenCV), then this package --no-deps.
+# Install the pinned set into a virtual environment (docker/Dockerfile and docker/Dockerfile.cuda;
+# docker/Dockerfile.jetson installs into the base image's Python). Same order as the Makefile:
+# torch/torchvision, ultralytics --no-deps (it would pull the GUI opencv-python), requirements.txt
+# (headless OpenCV), then this package --no-deps.
 #
 #   install.sh deps VENV REQUIREMENTS   torch, ultralytics and requirements.txt (a cacheable layer)
 #   install.sh package VENV SRC         this package (SRC: pyproject.toml + packages, or its wheel)
@@ -48,12 +49,13 @@ fi
 if [ "$phase" = package ]; then
     # shellcheck disable=SC2086
     $pip $offline --no-deps "$src"
-    "$py" -I - <<'PY'
+    CASC_SRC=$src "$py" -I - <<'PY'
+import os
 from pathlib import Path
 import detector, service
 static = Path(service.__file__).parent / "static"
 # The web page's files are package data: without them the service cannot start (create_app mounts it).
-assert not (Path("/src/service/static").is_dir() and not static.is_dir()), (
+assert not ((Path(os.environ["CASC_SRC"]) / "service/static").is_dir() and not static.is_dir()), (
     f"{static} is missing from the installed package: pyproject.toml needs "
     "[tool.setuptools.package-data] service = [\"static/*\"]")
 print("install.sh: casc-detector", detector.__file__)

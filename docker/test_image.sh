@@ -137,6 +137,16 @@ fi
 log "wheelhouse: $(ls wheelhouse/*.whl | wc -l) wheels, $(du -sh wheelhouse | cut -f1)"
 
 # --- 4. offline build --------------------------------------------------------------------------
+# The build needs about three wheelhouses of free disk where the engine keeps its data: one for the
+# synced build context and two for the installed virtual environment. Say so before starting,
+# rather than failing with "no space left on device" minutes into the build.
+ROOT_DIR=$("${DOCKER_BIN[@]}" info --format '{{.DockerRootDir}}' 2>/dev/null || true)
+if [[ -d "$ROOT_DIR" ]]; then
+    need_kb=$(( 3 * $(du -sk wheelhouse | cut -f1) + 1024 * 1024 ))
+    free_kb=$(df -Pk "$ROOT_DIR" | awk 'NR == 2 {print $4}')
+    log "disk: $(( free_kb / 1024 / 1024 )) GB free at $ROOT_DIR, the build needs about $(( need_kb / 1024 / 1024 )) GB"
+    (( free_kb >= need_kb )) || die "not enough disk for the image build at $ROOT_DIR: $(( free_kb / 1024 )) MB free, about $(( need_kb / 1024 )) MB needed"
+fi
 log "building $TAG offline (--network none)"
 s=$(date +%s)
 "${DOCKER_BIN[@]}" build --progress plain --network none -f docker/Dockerfile \

@@ -38,15 +38,19 @@ def test_hadolint_passes(dockerfile):
 def test_dockerfile_conventions(dockerfile):
     text = dockerfile.read_text()
     froms = [line for line in text.splitlines() if line.startswith("FROM ")]
-    assert len(froms) >= 2, "multi-stage build"
+    assert froms, "no FROM"
     assert text.lstrip().startswith("#") and "ARG " in text.split("FROM ", 1)[0], "base image is a build argument"
     assert "HEALTHCHECK" in text and "/healthz" in text
     last_user = [line for line in text.splitlines() if line.startswith("USER ")][-1]
     assert "root" not in last_user and last_user.split()[1] not in ("0", "0:0"), "non-root user"
     assert "/weights" in text and "CASC_BUNDLED_WEIGHTS" in text
     assert "opencv-python " not in text and "gcc" not in text and "build-essential" not in text
-    runtime = text.split("AS runtime", 1)[1]
-    assert "apt-get install" not in runtime, "no packages (build tools) added to the final stage"
+    final_stage = text.split(froms[-1], 1)[1]
+    assert "apt-get install" not in final_stage, "no packages (build tools) added to the final stage"
+    # Wheels and sources come in through bind mounts, and the 5 GB virtual environment is built in
+    # place: a COPY of it from another stage doubles the disk a build needs (CI ran out of it).
+    assert "--mount=type=bind" in final_stage
+    assert "COPY --from" not in text and "COPY detector/" not in text and "COPY wheelhouse" not in text
     if dockerfile.name == "Dockerfile.jetson":
         assert "SKIP_TORCH=1" in text, "torch comes from the Jetson base image"
 
