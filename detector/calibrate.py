@@ -71,21 +71,25 @@ def activation_samples(model: nn.Module, batches: Iterable, types: tuple[type[nn
 
 
 def mse_threshold(z: torch.Tensor, activation: nn.Module, levels: int, rounding: str = "round",
-                  candidates: int = 100) -> float:
+                  candidates: int = 100, signed: bool = False) -> float:
     """The theta minimising ``mean((ClipQuan_theta(z) - activation(z))**2)`` over a grid of candidates
-    (quantiles of the positive inputs from the median up, and the maximum)."""
+    (quantiles of the positive inputs from the median up, and the maximum). ``signed``: for a
+    ``SignedClipQuan`` (clip range ``[-theta, theta]``, quantiles of ``|z|``; ``activation`` is then
+    normally ``nn.Identity()``)."""
     target = activation(z)
-    positive = z[z > 0]
+    magnitudes = z.abs() if signed else z
+    positive = magnitudes[magnitudes > 0]
     if positive.numel() == 0:  # a dead activation: any positive threshold gives zeros
         return 1.0
     grid = torch.quantile(positive[:1_000_000] if positive.numel() > 1_000_000 else positive,
                           torch.linspace(0.5, 1.0, candidates, dtype=z.dtype))
     grid = torch.unique(grid.clamp_min(1e-6))
     phi = ROUNDING[rounding]
+    lower = -1.0 if signed else 0.0
     errors = []
     for chunk in grid.split(25):  # [c, n] at a time keeps memory bounded
         theta = chunk[:, None]
-        stepped = torch.floor(torch.clamp(z[None] / theta, 0, 1) * levels + phi) / levels * theta
+        stepped = torch.floor(torch.clamp(z[None] / theta, lower, 1) * levels + phi) / levels * theta
         errors.append(((stepped - target[None]) ** 2).mean(1))
     return float(grid[torch.cat(errors).argmin()])
 

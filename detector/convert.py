@@ -48,6 +48,8 @@ def _module_problems(model: nn.Module, neuron, analog: set[str], rules: ModuleRu
             why = ("activation not quantized: run to_qann(model, levels) first" if neuron != "if"
                    else "the IF baseline converts ReLU networks only")
             problems.append((path, kind, why))
+        elif neuron == "if" and isinstance(module, ClipQuan) and module.signed:
+            problems.append((path, kind, "signed quantizer: the IF baseline's neurons fire positive spikes only"))
         elif isinstance(module, MAX_POOLS) and getattr(module, "return_indices", False):
             problems.append((path, kind, "max-pool returning indices is not supported"))
         elif not module._modules and not isinstance(module, allowed_leaves) and _has_tensors(module):
@@ -124,6 +126,7 @@ def _make_neuron(activation: nn.Module, path: str, neuron, thresholds, wake_leve
     if isinstance(made, CIFNeuron):
         reference = CIFNeuron.for_quantizer(activation, wake_levels)
         made.precharge, made.levels, made.wake_levels = reference.precharge, reference.levels, reference.wake_levels
+        made.signed = reference.signed
     return made
 
 

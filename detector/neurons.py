@@ -60,7 +60,8 @@ class CIFNeuron(Neuron):
     """Consistent IF neuron (``docs/method.md``) with signed, capped spikes.
 
     Per step: ``m += I``; ``s = floor(m / theta)`` clamped so that ``0 <= C + s <= cap(k)`` and
-    ``|s| <= 1`` (``<= burst`` in sleep steps); ``C += s``; ``m -= theta * s``. The membrane starts
+    ``|s| <= 1`` (``<= burst`` in sleep steps); ``C += s``; ``m -= theta * s``. A ``signed`` neuron
+    (the neuron of a ``SignedClipQuan``) keeps ``-cap(k) <= C + s <= cap(k)`` instead. The membrane starts
     at ``precharge * theta`` (1/2 realises a rounding ClipQuan exactly, 0 the floor form).
     ``cap(k) = k`` when the layer has as many levels as the network has wake steps; a layer with
     fewer levels ``L`` in a network of ``W`` wake steps fires at ``theta = W/L`` times the QANN's
@@ -72,7 +73,8 @@ class CIFNeuron(Neuron):
     kind = "cif"
 
     def __init__(self, threshold: float = 1.0, negative_spikes: bool = True, spike_cap: bool = True,
-                 precharge: float = 0.0, levels: int | None = None, wake_levels: int | None = None):
+                 precharge: float = 0.0, levels: int | None = None, wake_levels: int | None = None,
+                 signed: bool = False):
         super().__init__()
         if not threshold > 0:
             raise ValueError(f"neuron threshold must be > 0, got {threshold!r}")
@@ -85,6 +87,7 @@ class CIFNeuron(Neuron):
         self.spike_cap = spike_cap
         self.precharge = float(precharge)
         self.levels, self.wake_levels = levels, wake_levels
+        self.signed = bool(signed)
 
     @classmethod
     def for_quantizer(cls, quantizer, wake_levels: int, **flags) -> "CIFNeuron":
@@ -92,7 +95,7 @@ class CIFNeuron(Neuron):
         levels = quantizer.levels
         return cls(quantizer.threshold * wake_levels / levels, precharge=quantizer.phi,
                    levels=None if levels == wake_levels else levels,
-                   wake_levels=None if levels == wake_levels else wake_levels, **flags)
+                   wake_levels=None if levels == wake_levels else wake_levels, signed=quantizer.signed, **flags)
 
     def threshold_at(self, index: int) -> float:
         return self.threshold
@@ -110,9 +113,11 @@ class CIFNeuron(Neuron):
         """``update`` from the initial state (membrane ``precharge * theta``, no spikes yet): ``([m, C], s)``."""
         m = current + self.precharge * theta if self.precharge else current.clone()
         s = self._floor(m, theta)
-        s.clamp_(0, self.sim.burst if sleep else 1)  # C = 0: no spike to take back
+        gamma = self.sim.burst if sleep else 1
+        s.clamp_(-gamma if self.signed and self.negative_spikes else 0, gamma)  # C = 0: unsigned, no spike to take back
         if self.spike_cap:
-            s.clamp_(max=self.cap(k))
+            cap = self.cap(k)
+            s.clamp_(-cap if self.signed else None, cap)
         m.sub_(s, alpha=theta)
         return [m, s.clone()], s
 
@@ -124,12 +129,18 @@ class CIFNeuron(Neuron):
         if self.negative_spikes and self.spike_cap:
             # Clamping s to [-gamma, gamma] and then C + s to [0, cap] keeps at most gamma spikes, never below 0
             # or above the cap in total, with scalar bounds only and in place: the new count, then s from it.
-            s.clamp_(-gamma, gamma).add_(count).clamp_(0, self.cap(k)).sub_(count)
+            cap = self.cap(k)
+            s.clamp_(-gamma, gamma).add_(count).clamp_(-cap if self.signed else 0, cap).sub_(count)
         else:  # the ablations: one bound dropped, so the exactness tests can tell the method from a near miss
             s.clamp_(-gamma, gamma)
             if self.spike_cap:
                 s.clamp_(max=self.cap(k) - count)
-            s.clamp_(min=count.neg() if self.negative_spikes else 0)
+                if self.signed:
+                    s.clamp_(min=-self.cap(k) - count)
+            if not self.negative_spikes:
+                s.clamp_(min=0)
+            elif not self.signed:
+                s.clamp_(min=count.neg())
         count.add_(s)
         m.sub_(s, alpha=theta)
         return s
@@ -140,6 +151,8 @@ class CIFNeuron(Neuron):
         quant = f", precharge={self.precharge:g}" if self.precharge else ""
         if self.levels is not None:
             quant += f", levels={self.levels}/{self.wake_levels}"
+        if self.signed:
+            quant += ", signed"
         return f"threshold={self.threshold:g}{quant}{flags}"
 
 

@@ -102,9 +102,15 @@ class ClipQuan(nn.Module):
         else:
             self.register_buffer("threshold_param", value)
 
+    lower = 0.0  # the clip range is [lower * theta, theta]: 0 (one-sided, ReLU-like), -1 for SignedClipQuan
+
+    @property
+    def signed(self) -> bool:
+        return self.lower < 0
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         theta = self.threshold_param.to(z.dtype)
-        clipped = torch.clamp(z / theta, 0.0, 1.0)
+        clipped = torch.clamp(z / theta, self.lower, 1.0)
         stepped = torch.floor(clipped * self._levels + (ROUNDING[self._rounding] + TIE_MARGIN)) / self._levels
         # Straight-through: forward value is the staircase, gradient that of the clip.
         return theta * (clipped + (stepped - clipped).detach())
@@ -112,6 +118,18 @@ class ClipQuan(nn.Module):
     def extra_repr(self) -> str:
         return (f"levels={self.levels}, threshold={self.threshold:g}, rounding={self.rounding}, "
                 f"learnable={self.learnable}")
+
+
+class SignedClipQuan(ClipQuan):
+    """``ClipQuan`` over ``[-theta, theta]``: ``2 * levels + 1`` values, for signals that have no ReLU to quantize.
+
+    It quantizes a signed analog signal where the network has none, so that the next layer receives spikes
+    (Faster R-CNN's FPN outputs before the RPN head and the box head). Its CIF neuron takes negative
+    spikes below zero as well (``CIFNeuron(signed=True)``: a count in ``[-cap, cap]``). Not a ReLU, so the
+    IF baseline cannot reproduce it.
+    """
+
+    lower = -1.0
 
 
 def _check_levels(levels) -> int:

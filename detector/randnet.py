@@ -13,7 +13,7 @@ import random
 import torch
 from torch import nn
 
-from .quant import ClipQuan
+from .quant import ClipQuan, SignedClipQuan
 
 
 def _randomise_batchnorm(bn: nn.BatchNorm2d, rng: torch.Generator) -> nn.BatchNorm2d:
@@ -99,11 +99,13 @@ class RandomQANN(nn.Module):
 
 
 def random_qann(seed: int, levels: int = 4, depth: int = 8, channels: int = 6, in_channels: int = 3,
-                classes: int = 3, rounding: str = "round", first_levels: int | None = None) -> RandomQANN:
+                classes: int = 3, rounding: str = "round", first_levels: int | None = None,
+                signed: float = 0.0) -> RandomQANN:
     """A random QANN with about ``depth`` ClipQuan layers on the longest path (eval mode).
 
     ``rounding``: every ClipQuan's mode; ``first_levels``: the first layer's level count (the
-    per-layer levels case: the network then runs ``max`` of both wake steps)."""
+    per-layer levels case: the network then runs ``max`` of both wake steps); ``signed``: the fraction
+    of quantizers made ``SignedClipQuan`` (drawn apart, so the rest of the net is the same as without)."""
     pick = random.Random(seed)
     rng = torch.Generator().manual_seed(seed)
     blocks = nn.ModuleList([ConvUnit(in_channels, channels, levels, rng, pick)])
@@ -128,6 +130,12 @@ def random_qann(seed: int, levels: int = 4, depth: int = 8, channels: int = 6, i
     for module in net.modules():
         if isinstance(module, ClipQuan):
             module.rounding = rounding
+    if signed:
+        flip = random.Random(seed + 1)
+        for parent in list(net.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, ClipQuan) and flip.random() < signed:
+                    setattr(parent, name, SignedClipQuan(child.levels, child.threshold, rounding=child.rounding))
     if first_levels is not None:
         blocks[0].act.levels = first_levels
     return net

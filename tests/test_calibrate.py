@@ -51,6 +51,24 @@ def test_mse_threshold_beats_percentiles_on_heavy_tailed_activations():
     assert mse_threshold(-torch.rand(100), nn.ReLU(), 4) == 1.0  # a dead activation keeps a valid threshold
 
 
+def test_signed_mse_threshold_is_the_best_for_a_signed_quantizer():
+    """For a SignedClipQuan (FPN outputs: signed, no ReLU) the threshold minimises the error over both signs."""
+    from detector.quant import SignedClipQuan
+
+    torch.manual_seed(0)
+    z = torch.distributions.Laplace(0.0, 1.0).sample((50_000,))
+    z = torch.where(z < 0, 3 * z, z)  # the negative half wider: a one-sided choice would clip it
+    for levels in (2, 4):
+        best = mse_threshold(z, nn.Identity(), levels, signed=True)
+
+        def error(theta):
+            return float(((SignedClipQuan(levels, theta)(z) - z) ** 2).mean())
+
+        others = (percentile_threshold(z.abs(), 99.9), float(z.abs().max()), 1.0,
+                  mse_threshold(z, nn.ReLU(), levels))  # the one-sided optimum, which ignores the negative half
+        assert all(error(best) < 0.999 * error(other) for other in others), (levels, best, others)
+
+
 def test_batchnorm_reestimation_gives_the_statistics_of_the_batches():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), ClipQuan(4)).eval()

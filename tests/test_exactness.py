@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from detector import CIFNeuron, convert
+from detector.errors import UnsupportedModuleError
+from detector.quant import SignedClipQuan, qann_levels
 from detector.randnet import random_qann
 
 LEVELS = (2, 4, 8)
@@ -159,3 +161,43 @@ def test_float32_flips_are_rare_and_bounded():
         err = max_error(convert(q32).run(x.float(), wake=4, sleep="auto").readout, q32(x.float()))
         flips += err > 1e-4
     assert flips <= 4  # DESIGN §1 measured 5 of 150; they are reported by the fidelity table
+
+
+@pytest.mark.parametrize("L", LEVELS)
+@pytest.mark.parametrize("rounding", ["round", "floor"])
+def test_signed_quantizers_are_reproduced_exactly(L, rounding):
+    """SignedClipQuan (levels -L..L, for signals with no ReLU, e.g. FPN outputs) mixed into the random nets:
+    exact in both modes, with one-spike and burst sleep, and for a first layer with more levels."""
+    signed_sites = 0
+    for index in range(20):
+        seed = 10_000 * L + 3000 + index
+        qann = random_qann(seed, levels=L, depth=2 + index % 19, rounding=rounding, signed=0.5,
+                           first_levels=2 * L if index % 4 == 0 else None).double()
+        signed_sites += sum(1 for m in qann.modules() if isinstance(m, SignedClipQuan))
+        x = (torch.rand(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) - 0.5) * 4
+        snn = convert(qann)
+        wake = qann_levels(qann)
+        for mode in ("step", "multistep"):
+            for burst in (1, wake):
+                res = snn.run(x, wake=wake, sleep="auto", mode=mode, max_sleep=300, burst=burst)
+                assert max_error(res.readout, qann(x)) <= 1e-6, f"net {index} L={L} {mode} burst={burst}"
+                assert bool(res.settled.all())
+    assert signed_sites >= 20
+
+
+def test_signed_quantizer_needs_negative_counts():
+    """Without the signed neuron (counts kept >= 0, the unsigned CIF) the same nets are not reproduced, so the
+    test above can tell the signed neuron from the plain one; the IF baseline refuses a signed quantizer."""
+    broken = 0
+    for index in range(20):
+        qann = random_qann(4000 + index, levels=4, depth=2 + index % 19, signed=0.5).double()
+        x = (torch.rand(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(index)) - 0.5) * 4
+        snn = convert(qann)
+        for neuron in snn.modules():
+            if isinstance(neuron, CIFNeuron):
+                neuron.signed = False
+        broken += max_error(snn.run(x, wake=4, sleep="auto").readout, qann(x)) > 1e-6
+    assert broken >= 10, broken
+    signed = next(p for p, m in qann.named_modules() if isinstance(m, SignedClipQuan))
+    with pytest.raises(UnsupportedModuleError, match=signed.replace(".", r"\.") + r".*signed quantizer"):
+        convert(qann, neuron="if", thresholds={})

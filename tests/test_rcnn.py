@@ -446,3 +446,41 @@ def test_bundled_qann_reproduced_in_float64_on_val_images():
         assert g.settled and torch.equal(e.boxes.cls, g.boxes.cls)
         assert torch.allclose(e.boxes.xyxy, g.boxes.xyxy, atol=1e-6) and torch.allclose(e.boxes.conf, g.boxes.conf,
                                                                                           atol=1e-9)
+
+
+def test_spiking_fpn_is_exact_and_drives_the_heads_with_spikes(r18, tmp_path):
+    """add_spiking_fpn: signed quantizers on the RPN head's inputs (one per FPN level) and on the RoI features,
+    calibrated; the spiking network still reproduces that QANN exactly (float64), the RPN conv and the box
+    head take spikes (no dense MACs left in stage 2, fewer in stage 1), the checkpoint loads back as a
+    spiking-FPN model, and the IF baseline refuses the signed quantizers by name."""
+    from detector.models.rcnn import add_spiking_fpn, has_spiking_fpn, save_checkpoint
+    from detector.quant import SignedClipQuan
+
+    calibration = [[image(5), image(6, 70, 100)]]
+    qann = add_spiking_fpn(r18.qann, calibration=calibration)
+    assert has_spiking_fpn(qann) and not has_spiking_fpn(r18.qann)  # a copy: the fixture keeps its model
+    signed = {p: m for p, m in qann.named_modules() if isinstance(m, SignedClipQuan)}
+    assert sorted(signed) == ["roi_heads.box_head.input_quant", *(f"rpn.head.input_quants.{i}" for i in range(5))]
+    assert all(m.levels == 4 and m.threshold != 1.0 for m in signed.values())  # calibrated (MSE), not the default
+    det = SpikingFasterRCNN.from_model(qann).double()
+    imgs = [image(0), image(1, 70, 100)]
+    s, q = det.internals(imgs, wake=4, sleep="auto"), det.internals(imgs, spiking=False)
+    for key in ("objectness", "deltas", "proposals", "class_logits", "box_regression"):
+        assert_tree_close(s[key], q[key])
+    plain = r18.internals(imgs, wake=4, sleep="auto")
+    (p1, p2), (f1, f2) = [r.stats for r in plain["runs"]], [r.stats for r in s["runs"]]
+    assert float(p2.analog_macs.sum()) > 0 and float(f2.analog_macs.sum()) == 0
+    assert float(f1.analog_macs.sum()) < float(p1.analog_macs.sum())
+    snn, ann = det.predict(imgs, wake=4, sleep="auto", conf=0.0), det.qann_predict(imgs, conf=0.0)
+    for a, b in zip(snn, ann, strict=True):
+        assert len(a) > 0 and torch.equal(a.boxes.cls, b.boxes.cls)
+        assert_tree_close([a.boxes.xyxy, a.boxes.conf], [b.boxes.xyxy, b.boxes.conf])
+
+    path = tmp_path / "sfpn.pt"
+    save_checkpoint(path, qann.float(), {"arch": "resnet18_fpn", "num_classes": 4, "levels": 4, **SMALL})
+    loaded = SpikingFasterRCNN.from_checkpoint(path, dtype=torch.float64)
+    assert has_spiking_fpn(loaded.qann)
+    assert {p: m.threshold for p, m in loaded.qann.named_modules() if isinstance(m, SignedClipQuan)} == \
+        pytest.approx({p: m.threshold for p, m in signed.items()})
+    with pytest.raises(UnsupportedModuleError, match=r"rpn_head\.input_quants\.0 \(SignedClipQuan\)"):
+        SpikingFasterRCNN(qann, neuron="if", calibration=[image(5)])

@@ -4,7 +4,8 @@ SGD with warm-up and a multi-step schedule, as torchvision's detection reference
 is either a ``casc quantize`` checkpoint (calibrated thresholds, BatchNorm re-estimated: the recommended
 start) or a float checkpoint with ``--levels``, quantized here with calibrated thresholds (its frozen
 BatchNorms cannot be re-estimated). ``--theta learn|freeze`` and the other shared QAT options have the
-same names as in ``casc train yolo``.
+same names as in ``casc train yolo``. ``--spiking-fpn`` adds the signed FPN-output quantizers
+(``add_spiking_fpn``) to a QANN start before fine-tuning.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 from torchvision.models.detection import faster_rcnn as tv_frcnn
 
 from ..calibrate import quantize
-from ..models.rcnn import (ARCHS, _unwrap_state_dict, build_fasterrcnn, calibration_inputs, load_checkpoint,
-                           model_from_state_dict, save_checkpoint, to_qann_fasterrcnn)
+from ..models.rcnn import (ARCHS, _unwrap_state_dict, add_spiking_fpn, build_fasterrcnn, calibration_inputs,
+                           has_spiking_fpn, load_checkpoint, model_from_state_dict, save_checkpoint,
+                           to_qann_fasterrcnn)
 from ..quant import ClipQuan, qann_levels
 from .recipe import add_qat_arguments
 
@@ -90,6 +92,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-bn", action="store_true",
                         help="trainable BatchNorm in the backbone (training from scratch); a QANN fine-tuned "
                              "from such weights freezes the learnt statistics again")
+    parser.add_argument("--spiking-fpn", action="store_true",
+                        help="quantize the FPN outputs where they enter the RPN head and the box head (signed "
+                             "quantizers, calibrated on --calibrate-images images), so those layers receive spikes")
     parser.add_argument("--out", default="runs/rcnn")
     parser.add_argument("--resume", default=None, help="continue from this checkpoint (model, optimizer, scheduler, epoch)")
     parser.add_argument("--device", default="auto")
@@ -163,8 +168,14 @@ def train_from_args(args: argparse.Namespace) -> Path:
         model = build_fasterrcnn(arch, num_classes, **build)
         if levels is not None:
             model = to_qann_fasterrcnn(model, levels, inplace=True)
+    if args.spiking_fpn and not has_spiking_fpn(model):
+        if levels is None:
+            raise ValueError("--spiking-fpn quantizes a QANN's FPN outputs; it does not apply to --float")
+        images = [ds.load_image(i) for i in range(min(args.calibrate_images, len(ds)))]
+        model = add_spiking_fpn(model, calibration=calibration_inputs(images), inplace=True)
     rep = model.roi_heads.box_predictor.cls_score.in_features
     meta = {"arch": arch, "num_classes": num_classes, "levels": levels, "classes": classes,
+            "spiking_fpn": has_spiking_fpn(model),
             "min_size": int(model.transform.min_size[0]), "max_size": int(model.transform.max_size),
             "representation_size": int(rep), "fpn_channels": int(model.backbone.out_channels), "data": str(args.data)}
     model.to(device)

@@ -2,7 +2,9 @@
 
 ``build_fasterrcnn`` builds a float torchvision model (never downloading weights), ``to_qann_fasterrcnn``
 quantizes it (``TwoMLPHead``, whose ReLUs are functional, becomes ``ReLUTwoMLPHead``: same parameters,
-ReLU modules), ``model_from_state_dict`` / ``load_float_for_calibration`` read checkpoints back.
+ReLU modules), ``add_spiking_fpn`` quantizes the FPN's signed outputs where they enter the RPN head and
+the box head (so those layers receive spikes), ``model_from_state_dict`` / ``load_float_for_calibration``
+read checkpoints back.
 
 ``MODULE_RULES`` is what the converter must know about torchvision's detection modules (pass it as
 ``convert(..., rules=MODULE_RULES)``): the (conv, bn) pairs of BasicBlock / Bottleneck / the ResNet stem,
@@ -22,11 +24,13 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import faster_rcnn as tv_frcnn
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d, SqueezeExcitation
 
 from ... import checkpoint
-from ...quant import ClipQuan, qann_levels, to_qann, with_legacy_quant_state
+from ...calibrate import activation_samples, mse_threshold
+from ...quant import ClipQuan, SignedClipQuan, qann_levels, to_qann, with_legacy_quant_state
 from ...rules import ModuleRules, resolve
 
 MODULE_RULES = ModuleRules(
@@ -64,6 +68,7 @@ class ReLUTwoMLPHead(tv_frcnn.TwoMLPHead):
         super().__init__(in_channels, representation_size)
         self.relu6 = nn.ReLU()
         self.relu7 = nn.ReLU()
+        self.input_quant: nn.Module | None = None  # add_spiking_fpn: a SignedClipQuan on the RoI features
 
     @classmethod
     def from_head(cls, head: tv_frcnn.TwoMLPHead) -> "ReLUTwoMLPHead":
@@ -71,11 +76,33 @@ class ReLUTwoMLPHead(tv_frcnn.TwoMLPHead):
         nn.Module.__init__(new)
         new.fc6, new.fc7 = head.fc6, head.fc7
         new.relu6, new.relu7 = nn.ReLU(), nn.ReLU()
+        new.input_quant = None
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
         x = x.flatten(start_dim=1)
         return self.relu7(self.fc7(self.relu6(self.fc6(x))))
+
+
+class QuantizedInputRPNHead(RPNHead):
+    """torchvision's ``RPNHead`` with a ``SignedClipQuan`` per feature level on its inputs (same head parameters)."""
+
+    @classmethod
+    def from_head(cls, head: RPNHead, quantizers: list[nn.Module]) -> "QuantizedInputRPNHead":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, child in head.named_children():
+            setattr(new, name, child)
+        new.input_quants = nn.ModuleList(quantizers)
+        return new
+
+    def forward(self, x: list[torch.Tensor]):
+        if len(x) != len(self.input_quants):
+            raise ValueError(f"the RPN head has input quantizers for {len(self.input_quants)} feature levels, "
+                             f"got {len(x)} feature maps")
+        return super().forward([quant(f) for quant, f in zip(self.input_quants, x)])
 
 
 def build_fasterrcnn(arch: str = "resnet18_fpn", num_classes: int = 91, min_size: int = 800, max_size: int = 1333,
@@ -136,6 +163,51 @@ def to_qann_fasterrcnn(model: nn.Module, levels: int = 4, threshold: float = 1.0
     if not has_relu and any(isinstance(m, ClipQuan) for m in target.modules()):
         return target
     return to_qann(target, levels, threshold=threshold, learnable=learnable, inplace=True)
+
+
+def add_spiking_fpn(qann: nn.Module, calibration: list | None = None, inplace: bool = False) -> nn.Module:
+    """The spiking-FPN form of a Faster R-CNN QANN: its FPN outputs reach the RPN head and the box head as spikes.
+
+    The FPN's outputs are signed sums with no ReLU, so in the plain QANN the RPN conv (over every level) and
+    the box head's first layer take analog currents and do dense MACs at every time step. Here a
+    ``SignedClipQuan`` with the QANN's level count (values -L..L) sits on each RPN input level and on the RoI
+    features, so those layers are driven by signed spikes instead. ``calibration``: image batches (lists of
+    CHW tensors, ``calibration_inputs``) whose signals set each new threshold to its quantization-MSE optimum,
+    the RPN inputs first and the RoI features then (they depend on the proposals); without it every threshold
+    is 1 (for a state dict to load into). Needs a ``ReLUTwoMLPHead`` box head (the ResNet-FPN archs). A model
+    that already has the quantizers is returned as is.
+    """
+    levels = qann_levels(qann)
+    if levels is None:
+        raise ValueError("add_spiking_fpn takes a QANN (to_qann_fasterrcnn or casc quantize first)")
+    target = qann if inplace else copy.deepcopy(qann)
+    if isinstance(target.rpn.head, QuantizedInputRPNHead):
+        return target
+    box_head = target.roi_heads.box_head
+    if not isinstance(box_head, ReLUTwoMLPHead):
+        raise ValueError(f"add_spiking_fpn needs the ResNet-FPN archs' two-layer box head, this model has "
+                         f"{type(box_head).__name__}")
+    feature_levels = len(target.rpn.anchor_generator.sizes)
+    target.rpn.head = QuantizedInputRPNHead.from_head(
+        target.rpn.head, [SignedClipQuan(levels) for _ in range(feature_levels)])
+    box_head.input_quant = SignedClipQuan(levels)
+    if calibration is not None:
+        calibration = list(calibration)
+        for group in (list(target.rpn.head.input_quants), [box_head.input_quant]):
+            paths = {p: m for p, m in target.named_modules() if any(m is q for q in group)}
+            samples = activation_samples(target, calibration, types=(SignedClipQuan,), desc="spiking FPN")
+            with torch.no_grad():
+                for path, quantizer in paths.items():
+                    quantizer.threshold_param.fill_(mse_threshold(samples[path], nn.Identity(), levels,
+                                                                  quantizer.rounding, signed=True))
+    return target
+
+
+def has_spiking_fpn(model_or_state: nn.Module | dict) -> bool:
+    """Whether a Faster R-CNN (or its state dict) has the spiking-FPN quantizers of ``add_spiking_fpn``."""
+    if isinstance(model_or_state, dict):
+        return any(k.startswith("rpn.head.input_quants.") for k in model_or_state)
+    return isinstance(model_or_state.rpn.head, QuantizedInputRPNHead)
 
 
 def build_qann_fasterrcnn(arch: str = "resnet18_fpn", num_classes: int = 91, levels: int = 4, min_size: int = 800,
@@ -211,6 +283,8 @@ def model_from_state_dict(state: dict, meta: dict, arch: str | None = None, num_
         if saved is not None and levels is not None and saved != levels:
             raise ValueError(f"checkpoint is a QANN with levels={saved}, asked for levels={levels}")
         model = to_qann_fasterrcnn(model, saved or levels or 4, inplace=True)
+        if has_spiking_fpn(state):
+            model = add_spiking_fpn(model, inplace=True)
         model.load_state_dict(with_legacy_quant_state(model, state), strict=True)
     else:
         model.load_state_dict(state, strict=True)
