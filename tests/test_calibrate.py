@@ -178,6 +178,27 @@ def test_casc_quantize_refuses_a_qann_with_a_clear_error(capsys):
     assert "already a QANN" in capsys.readouterr().err
 
 
+def test_casc_quantize_spiking_fpn_from_a_float_or_a_qann_faster_rcnn(tmp_path, capsys):
+    """--spiking-fpn: a float Faster R-CNN is quantized and gets the FPN-output quantizers; a QANN gets only
+    those (its own quantizers unchanged); a YOLO model is refused with a clear error."""
+    from detector.models.rcnn import has_spiking_fpn
+    from detector.quant import SignedClipQuan
+    from detector.weights import load_detector
+
+    common = ["--data", "bundled", "--images", "2", "--batch", "2", "--spiking-fpn"]
+    for name in ("rcnn-r18-bundled-float", "rcnn-r18-bundled"):
+        out = tmp_path / f"{name}-sfpn.pt"
+        assert casc(["quantize", "--model", name, *common, "--out", str(out)]) == 0
+        net = load_detector(str(out)).qann
+        assert has_spiking_fpn(net)
+        signed = [q for _, q in quantizers(net) if isinstance(q, SignedClipQuan)]
+        assert len(signed) == 6 and all(q.threshold != 1.0 for q in signed)
+    bundled = {p: q.threshold for p, q in quantizers(load_detector("rcnn-r18-bundled").qann)}
+    assert {p: t for p, t in ((p, q.threshold) for p, q in quantizers(net)) if p in bundled} == bundled
+    assert casc(["quantize", "--model", "yolov8n-bundled-float", *common, "--out", str(tmp_path / "y.pt")]) == 2
+    assert "--spiking-fpn applies to Faster R-CNN" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("theta", ["learn", "freeze"])
 def test_yolo_qat_recipe_trains_thresholds_or_keeps_them(theta, tmp_path):
     from detector.models.yolo import load_checkpoint

@@ -31,10 +31,15 @@ def calibration_images(data: str, count: int, split: str = "train") -> list:
 
 def quantize_checkpoint(model: str, data: str, out: str | Path, levels: int = 4, images: int = 256,
                         batch: int = 16, theta: str = "mse", percentile: float = 99.9, rounding: str = "round",
-                        first_levels: int | None = None, split: str = "train") -> Path:
-    """Quantize the float checkpoint ``model`` (a bundled name or a path) and write the QANN to ``out``."""
+                        first_levels: int | None = None, split: str = "train", spiking_fpn: bool = False) -> Path:
+    """Quantize the float checkpoint ``model`` (a bundled name or a path) and write the QANN to ``out``.
+
+    ``spiking_fpn`` (Faster R-CNN): also quantize the FPN outputs where they enter the heads
+    (``add_spiking_fpn``); ``model`` may then be a QANN already, which gets only those quantizers."""
     entry = resolve(model)
     verify_sha256(entry.path, entry.sha256)
+    if spiking_fpn and entry.family != "rcnn":
+        raise ValueError(f"--spiking-fpn applies to Faster R-CNN; {model} is a {entry.family} model")
     rgb = calibration_images(data, images, split)
     options = dict(theta=theta, percentile=percentile, rounding=rounding, first_levels=first_levels)
     if entry.family == "yolo":
@@ -47,9 +52,17 @@ def quantize_checkpoint(model: str, data: str, out: str | Path, levels: int = 4,
         return yolo.save_qann(qann, out, names=meta["names"], imgsz=meta["imgsz"], act=meta["act"])
     from ..models import rcnn
 
-    float_model, meta = rcnn.load_float_for_calibration(entry.path, sha256=entry.sha256)
-    qann = quantize(float_model, levels, rcnn.calibration_inputs(rgb, batch), **options)
-    return rcnn.save_qann(qann, out, meta)
+    state, meta = rcnn._unwrap_state_dict(rcnn.load_checkpoint(entry.path, entry.sha256))
+    if any(k.endswith("threshold_param") for k in state):
+        if not spiking_fpn:
+            raise ValueError(f"{model} is already a QANN; quantize the float checkpoint it came from")
+        qann = rcnn.model_from_state_dict(state, meta, levels=None).eval()
+    else:
+        float_model, meta = rcnn.load_float_for_calibration(entry.path, sha256=entry.sha256)
+        qann = quantize(float_model, levels, rcnn.calibration_inputs(rgb, batch), **options)
+    if spiking_fpn:
+        qann = rcnn.add_spiking_fpn(qann, calibration=rcnn.calibration_inputs(rgb, batch), inplace=True)
+    return rcnn.save_qann(qann, out, dict(meta, spiking_fpn=spiking_fpn))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--percentile", type=float, default=99.9, help="with --theta percentile")
     parser.add_argument("--rounding", choices=sorted(ROUNDING), default="round",
                         help="ClipQuan rounding (round: floor(Lz/θ + 1/2); floor: the paper's form)")
+    parser.add_argument("--spiking-fpn", action="store_true",
+                        help="Faster R-CNN: also quantize the FPN outputs where they enter the RPN head and the box "
+                             "head (signed quantizers), so those layers receive spikes; --model may then be a QANN")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -77,6 +93,7 @@ def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     path = quantize_checkpoint(args.model, args.data, args.out, levels=args.levels, images=args.images,
                                batch=args.batch, theta=args.theta, percentile=args.percentile,
-                               rounding=args.rounding, first_levels=args.first_levels, split=args.split)
+                               rounding=args.rounding, first_levels=args.first_levels, split=args.split,
+                               spiking_fpn=args.spiking_fpn)
     print(f"QANN written to {path} ({time.monotonic() - started:.0f} s)")
     return 0
