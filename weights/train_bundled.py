@@ -130,6 +130,10 @@ def bundle(name: str, source: Path, command: str, folder: Path = WEIGHTS, float_
         "float_model": float_model or (old.float_model if old else None), "dataset": "bundled-v1",
         "imgsz": int(detector.imgsz) if family == "yolo" else IMGSZ, "training_command": command, "metrics": {},
     }
+    if family == "rcnn":
+        from detector.models.rcnn import has_spiking_fpn
+
+        entry["spiking_fpn"] = has_spiking_fpn(network)
     manifest = folder / "manifest.json"
     data = json.loads(manifest.read_text())
     models = [m for m in data["models"] if m["name"] != name]
