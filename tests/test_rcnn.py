@@ -449,10 +449,12 @@ def test_bundled_qann_reproduced_in_float64_on_val_images():
 
 
 def test_spiking_fpn_is_exact_and_drives_the_heads_with_spikes(r18, tmp_path):
-    """add_spiking_fpn: signed quantizers on the RPN head's inputs (one per FPN level) and on the RoI features,
-    calibrated; the spiking network still reproduces that QANN exactly (float64), the RPN conv and the box
-    head take spikes (no dense MACs left in stage 2, fewer in stage 1), the checkpoint loads back as a
-    spiking-FPN model, and the IF baseline refuses the signed quantizers by name."""
+    """add_spiking_fpn: signed quantizers on the FPN output convs' inputs, the RPN head's inputs (one per level)
+    and the RoI features, calibrated; the spiking network still reproduces that QANN exactly (float64), those
+    layers take spikes (no dense MACs left in stage 2; in stage 1 only the first conv, on the image), the
+    checkpoint loads back as a spiking-FPN model (with or without the FPN convs' quantizers), and the IF
+    baseline refuses the signed quantizers by name."""
+    from detector.energy import count_macs
     from detector.models.rcnn import add_spiking_fpn, has_spiking_fpn, save_checkpoint
     from detector.quant import SignedClipQuan
 
@@ -460,7 +462,8 @@ def test_spiking_fpn_is_exact_and_drives_the_heads_with_spikes(r18, tmp_path):
     qann = add_spiking_fpn(r18.qann, calibration=calibration)
     assert has_spiking_fpn(qann) and not has_spiking_fpn(r18.qann)  # a copy: the fixture keeps its model
     signed = {p: m for p, m in qann.named_modules() if isinstance(m, SignedClipQuan)}
-    assert sorted(signed) == ["roi_heads.box_head.input_quant", *(f"rpn.head.input_quants.{i}" for i in range(5))]
+    assert sorted(signed) == [*(f"backbone.fpn.layer_input_quants.{i}" for i in range(4)),
+                              "roi_heads.box_head.input_quant", *(f"rpn.head.input_quants.{i}" for i in range(5))]
     assert all(m.levels == 4 and m.threshold != 1.0 for m in signed.values())  # calibrated (MSE), not the default
     det = SpikingFasterRCNN.from_model(qann).double()
     imgs = [image(0), image(1, 70, 100)]
@@ -470,17 +473,20 @@ def test_spiking_fpn_is_exact_and_drives_the_heads_with_spikes(r18, tmp_path):
     plain = r18.internals(imgs, wake=4, sleep="auto")
     (p1, p2), (f1, f2) = [r.stats for r in plain["runs"]], [r.stats for r in s["runs"]]
     assert float(p2.analog_macs.sum()) > 0 and float(f2.analog_macs.sum()) == 0
-    assert float(f1.analog_macs.sum()) < float(p1.analog_macs.sum())
+    image_list, _ = det.preprocess(imgs)  # stage 1's only dense MACs: the first conv on the image, in the 4 wake steps
+    assert float(f1.analog_macs.sum()) == 4 * count_macs(det.qann.backbone.body.conv1, image_list.tensors)
+    assert float(p1.analog_macs.sum()) > 20 * float(f1.analog_macs.sum())
     snn, ann = det.predict(imgs, wake=4, sleep="auto", conf=0.0), det.qann_predict(imgs, conf=0.0)
     for a, b in zip(snn, ann, strict=True):
         assert len(a) > 0 and torch.equal(a.boxes.cls, b.boxes.cls)
         assert_tree_close([a.boxes.xyxy, a.boxes.conf], [b.boxes.xyxy, b.boxes.conf])
 
-    path = tmp_path / "sfpn.pt"
-    save_checkpoint(path, qann.float(), {"arch": "resnet18_fpn", "num_classes": 4, "levels": 4, **SMALL})
-    loaded = SpikingFasterRCNN.from_checkpoint(path, dtype=torch.float64)
-    assert has_spiking_fpn(loaded.qann)
-    assert {p: m.threshold for p, m in loaded.qann.named_modules() if isinstance(m, SignedClipQuan)} == \
-        pytest.approx({p: m.threshold for p, m in signed.items()})
+    for model in (qann, add_spiking_fpn(r18.qann, fpn_convs=False)):
+        path = tmp_path / "sfpn.pt"
+        save_checkpoint(path, model.float(), {"arch": "resnet18_fpn", "num_classes": 4, "levels": 4, **SMALL})
+        loaded = SpikingFasterRCNN.from_checkpoint(path, dtype=torch.float64)
+        assert has_spiking_fpn(loaded.qann)
+        assert {p: m.threshold for p, m in loaded.qann.named_modules() if isinstance(m, SignedClipQuan)} == \
+            pytest.approx({p: m.threshold for p, m in model.named_modules() if isinstance(m, SignedClipQuan)})
     with pytest.raises(UnsupportedModuleError, match=r"rpn_head\.input_quants\.0 \(SignedClipQuan\)"):
         SpikingFasterRCNN(qann, neuron="if", calibration=[image(5)])

@@ -34,7 +34,7 @@ def quantize_checkpoint(model: str, data: str, out: str | Path, levels: int = 4,
                         first_levels: int | None = None, split: str = "train", spiking_fpn: bool = False) -> Path:
     """Quantize the float checkpoint ``model`` (a bundled name or a path) and write the QANN to ``out``.
 
-    ``spiking_fpn`` (Faster R-CNN): also quantize the FPN outputs where they enter the heads
+    ``spiking_fpn`` (Faster R-CNN): also quantize the FPN's signed signals where they enter the next layers
     (``add_spiking_fpn``); ``model`` may then be a QANN already, which gets only those quantizers."""
     entry = resolve(model)
     verify_sha256(entry.path, entry.sha256)
@@ -82,8 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounding", choices=sorted(ROUNDING), default="round",
                         help="ClipQuan rounding (round: floor(Lz/θ + 1/2); floor: the paper's form)")
     parser.add_argument("--spiking-fpn", action="store_true",
-                        help="Faster R-CNN: also quantize the FPN outputs where they enter the RPN head and the box "
-                             "head (signed quantizers), so those layers receive spikes; --model may then be a QANN")
+                        help="Faster R-CNN: also quantize the FPN's signed signals where they enter its output "
+                             "convs, the RPN head and the box head (signed quantizers), so those layers receive "
+                             "spikes; --model may then be a QANN")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 

@@ -93,8 +93,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trainable BatchNorm in the backbone (training from scratch); a QANN fine-tuned "
                              "from such weights freezes the learnt statistics again")
     parser.add_argument("--spiking-fpn", action="store_true",
-                        help="quantize the FPN outputs where they enter the RPN head and the box head (signed "
-                             "quantizers, calibrated on --calibrate-images images), so those layers receive spikes")
+                        help="quantize the FPN's signed signals where they enter its output convs, the RPN head "
+                             "and the box head (signed quantizers, calibrated on --calibrate-images images), so "
+                             "those layers receive spikes")
     parser.add_argument("--out", default="runs/rcnn")
     parser.add_argument("--resume", default=None, help="continue from this checkpoint (model, optimizer, scheduler, epoch)")
     parser.add_argument("--device", default="auto")

@@ -2,8 +2,8 @@
 
 ``build_fasterrcnn`` builds a float torchvision model (never downloading weights), ``to_qann_fasterrcnn``
 quantizes it (``TwoMLPHead``, whose ReLUs are functional, becomes ``ReLUTwoMLPHead``: same parameters,
-ReLU modules), ``add_spiking_fpn`` quantizes the FPN's signed outputs where they enter the RPN head and
-the box head (so those layers receive spikes), ``model_from_state_dict`` / ``load_float_for_calibration``
+ReLU modules), ``add_spiking_fpn`` quantizes the FPN's signed signals where they enter its output convs,
+the RPN head and the box head (so those layers receive spikes), ``model_from_state_dict`` / ``load_float_for_calibration``
 read checkpoints back.
 
 ``MODULE_RULES`` is what the converter must know about torchvision's detection modules (pass it as
@@ -86,6 +86,24 @@ class ReLUTwoMLPHead(tv_frcnn.TwoMLPHead):
         return self.relu7(self.fc7(self.relu6(self.fc6(x))))
 
 
+class QuantizedInputFPN(FeaturePyramidNetwork):
+    """torchvision's ``FeaturePyramidNetwork`` with a ``SignedClipQuan`` on the input of each 3x3 output conv (the
+    lateral + top-down sum), same FPN parameters."""
+
+    @classmethod
+    def from_fpn(cls, fpn: FeaturePyramidNetwork, quantizers: list[nn.Module]) -> "QuantizedInputFPN":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, child in fpn.named_children():
+            setattr(new, name, child)
+        new.layer_input_quants = nn.ModuleList(quantizers)
+        return new
+
+    def get_result_from_layer_blocks(self, x: torch.Tensor, idx: int) -> torch.Tensor:
+        idx = idx + len(self.layer_blocks) if idx < 0 else idx
+        return super().get_result_from_layer_blocks(self.layer_input_quants[idx](x), idx)
+
+
 class QuantizedInputRPNHead(RPNHead):
     """torchvision's ``RPNHead`` with a ``SignedClipQuan`` per feature level on its inputs (same head parameters)."""
 
@@ -165,17 +183,19 @@ def to_qann_fasterrcnn(model: nn.Module, levels: int = 4, threshold: float = 1.0
     return to_qann(target, levels, threshold=threshold, learnable=learnable, inplace=True)
 
 
-def add_spiking_fpn(qann: nn.Module, calibration: list | None = None, inplace: bool = False) -> nn.Module:
-    """The spiking-FPN form of a Faster R-CNN QANN: its FPN outputs reach the RPN head and the box head as spikes.
+def add_spiking_fpn(qann: nn.Module, calibration: list | None = None, fpn_convs: bool = True,
+                    inplace: bool = False) -> nn.Module:
+    """The spiking-FPN form of a Faster R-CNN QANN: its FPN's signed signals reach the next layers as spikes.
 
-    The FPN's outputs are signed sums with no ReLU, so in the plain QANN the RPN conv (over every level) and
-    the box head's first layer take analog currents and do dense MACs at every time step. Here a
-    ``SignedClipQuan`` with the QANN's level count (values -L..L) sits on each RPN input level and on the RoI
-    features, so those layers are driven by signed spikes instead. ``calibration``: image batches (lists of
-    CHW tensors, ``calibration_inputs``) whose signals set each new threshold to its quantization-MSE optimum,
-    the RPN inputs first and the RoI features then (they depend on the proposals); without it every threshold
-    is 1 (for a state dict to load into). Needs a ``ReLUTwoMLPHead`` box head (the ResNet-FPN archs). A model
-    that already has the quantizers is returned as is.
+    The FPN has no ReLU, so in the plain QANN its 3x3 output convs (on the lateral + top-down sums), the RPN
+    conv (on every level) and the box head's first layer take analog currents and do dense MACs at every time
+    step: most of the spiking network's energy. Here a ``SignedClipQuan`` with the QANN's level count (values
+    -L..L) sits on each of those inputs, so the layers are driven by signed spikes instead: on the RPN head's
+    input levels and on the RoI features, and with ``fpn_convs`` (default) on the FPN output convs' inputs.
+    ``calibration``: image batches (lists of CHW tensors, ``calibration_inputs``) whose signals set each new
+    threshold to its quantization-MSE optimum, in data-flow order (FPN convs, RPN inputs, then the RoI features,
+    which depend on the proposals); without it every threshold is 1 (for a state dict to load into). Needs a
+    ``ReLUTwoMLPHead`` box head (the ResNet-FPN archs). A model that already has them is returned as is.
     """
     levels = qann_levels(qann)
     if levels is None:
@@ -187,13 +207,20 @@ def add_spiking_fpn(qann: nn.Module, calibration: list | None = None, inplace: b
     if not isinstance(box_head, ReLUTwoMLPHead):
         raise ValueError(f"add_spiking_fpn needs the ResNet-FPN archs' two-layer box head, this model has "
                          f"{type(box_head).__name__}")
-    feature_levels = len(target.rpn.anchor_generator.sizes)
+    fpn = getattr(target.backbone, "fpn", None)
+    if fpn_convs and not isinstance(fpn, FeaturePyramidNetwork):
+        raise ValueError("add_spiking_fpn(fpn_convs=True) needs a backbone with a torchvision FeaturePyramidNetwork")
+    groups = []
+    if fpn_convs:
+        target.backbone.fpn = QuantizedInputFPN.from_fpn(fpn, [SignedClipQuan(levels) for _ in fpn.layer_blocks])
+        groups.append(list(target.backbone.fpn.layer_input_quants))
     target.rpn.head = QuantizedInputRPNHead.from_head(
-        target.rpn.head, [SignedClipQuan(levels) for _ in range(feature_levels)])
+        target.rpn.head, [SignedClipQuan(levels) for _ in target.rpn.anchor_generator.sizes])
     box_head.input_quant = SignedClipQuan(levels)
+    groups += [list(target.rpn.head.input_quants), [box_head.input_quant]]
     if calibration is not None:
         calibration = list(calibration)
-        for group in (list(target.rpn.head.input_quants), [box_head.input_quant]):
+        for group in groups:
             paths = {p: m for p, m in target.named_modules() if any(m is q for q in group)}
             samples = activation_samples(target, calibration, types=(SignedClipQuan,), desc="spiking FPN")
             with torch.no_grad():
@@ -284,7 +311,8 @@ def model_from_state_dict(state: dict, meta: dict, arch: str | None = None, num_
             raise ValueError(f"checkpoint is a QANN with levels={saved}, asked for levels={levels}")
         model = to_qann_fasterrcnn(model, saved or levels or 4, inplace=True)
         if has_spiking_fpn(state):
-            model = add_spiking_fpn(model, inplace=True)
+            model = add_spiking_fpn(model, fpn_convs=any(k.startswith("backbone.fpn.layer_input_quants.") for k in state),
+                                    inplace=True)
         model.load_state_dict(with_legacy_quant_state(model, state), strict=True)
     else:
         model.load_state_dict(state, strict=True)
