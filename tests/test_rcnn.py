@@ -372,6 +372,10 @@ def test_casc_detections_at_steps_reach_predict(r18):
     assert info["steps"] == info["steps_at"][big + 20] == [r.steps for r in ref]
     assert info["settled"] == [True, True] and all(r.settled for r in ref)
     assert info["proposals"] == [r.proposals for r in ref]
+    # firing rates of both stages' neurons (the box head's too, which the per-layer plot shows as stage 2)
+    sites = set(info["firing_rates"])
+    assert {"box_head.relu6", "box_head.relu7"} <= sites and any(k.startswith("backbone.") for k in sites)
+    assert all(0 <= v <= 4 for v in info["firing_rates"].values())  # at most the burst (4) per step
     # energy: per image, each stage to its budget t; non-decreasing in t; at the largest t predict's
     for i in range(2):
         at = [info["energy_uj_at"][t][i] for t in wanted]

@@ -148,7 +148,7 @@ class TwoStageSteps:
         ``info``: per image ``steps`` and ``settled`` of the run serving the largest ``t`` (total of both
         stages), ``energy_uj_at[t]`` (both stages, each to its budget ``t``), ``energy_uj``, ``stage1_steps_at``
         / ``stage2_steps_at`` / ``steps_at`` (per image, at each ``t``), ``ann_energy_uj`` (per image: stage 1
-        plus stage 2 once per RoI), ``proposals`` and stage 1's ``firing_rates``."""
+        plus stage 2 once per RoI), ``proposals`` and both stages' ``firing_rates`` (of the largest ``t``)."""
         image_list = batch.x
         n_images = image_list.tensors.shape[0]
         detections: dict[int, list[Results]] = {}
@@ -169,7 +169,10 @@ class TwoStageSteps:
                 ann_macs2 = ann_macs2 or count_macs(self.qann_stage2, rois[:1])
             else:
                 stage2 = [(group1, self._empty_stage2(rois), *none)]
-            for group2, (logits, regression), used2, energy2, spikes2, settled2, _ in stage2:
+            rates2: dict[str, float] = {}
+            for group2, (logits, regression), used2, energy2, spikes2, settled2, run2 in stage2:
+                if run2 is not None and run2.stats is not None:
+                    rates2 = run2.stats.firing_rates
                 dets = self._results(batch, {"class_logits": logits, "box_regression": regression,
                                              "proposals": proposals}, keep)
                 ranges = row_ranges(proposals)
@@ -191,8 +194,8 @@ class TwoStageSteps:
                     info["steps_at"][t] = [a + b for a, b in zip(s1, s2)]
                     settled_at[t] = settled
             final_rows = [len(p) for p in proposals]
-            if run1 is not None and run1.stats is not None:
-                info["firing_rates"] = run1.stats.firing_rates
+            if run1 is not None and run1.stats is not None:  # stage 2's sites are box_head.* / box_predictor.*
+                info["firing_rates"] = {**run1.stats.firing_rates, **rates2}
         last = ts[-1]
         info["steps"] = info["steps_at"][last]
         info["energy_uj"] = info["energy_uj_at"][last]
