@@ -235,6 +235,24 @@ def test_engine_schedule_equals_the_pytorch_runtime_on_random_nets(tmp_path):
     assert len(flips) <= compared // 10, flips
 
 
+def test_engine_runs_signed_neurons_like_the_pytorch_runtime(tmp_path):
+    """Signed quantizers (the spiking FPN's) are traced into the graphs with the runtime's own update: the engine's
+    counts go below zero as the runtime's do (test_exactness shows the unsigned bound breaks these nets)."""
+    signed_nets = 0
+    for seed in range(6):
+        qann = random_qann(100 + seed, depth=8, signed=0.5)
+        signed_nets += any(getattr(m, "signed", False) for m in qann.modules())
+        snn = convert(qann)
+        x = (torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) - 0.5) * 4
+        folder = tmp_path / str(seed)
+        folder.mkdir()
+        engine = OrtSpikingNetwork(folder, export_steps(snn, torch.zeros(3, 3, 16, 16), folder, "snn"), threads=1)
+        expected, got = snn.run(x, record=False), engine.run(x)
+        assert _readout_error(expected, got) <= 1e-4, seed
+        assert torch.equal(got.steps, expected.steps) and torch.equal(got.settled, expected.settled)
+    assert signed_nets >= 5
+
+
 def test_engine_runs_analog_islands_and_lipool(tmp_path):
     """An island's state (cumulative input, previous output) and a LIPool's are carried like a neuron's."""
     torch.manual_seed(0)
