@@ -492,9 +492,11 @@ def test_slow_body_gets_408_and_the_connection_closes(server, client):
             except OSError:
                 break
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-        assert b'"body_timeout"' in answer and time.monotonic() - start < BODY_TIMEOUT_S + 3
-        closed, _ = closed_within(s, 3)
-        assert closed
+        answered_after = time.monotonic() - start
+        closed, rest = closed_within(s, 3)  # the body can come in a segment of its own
+        answer += rest
+        assert b'"body_timeout"' in answer and answered_after < BODY_TIMEOUT_S + 3, answer[:300]
+        assert closed, "the connection stayed open after the 408"
     assert_healthy(client)
 
 
