@@ -176,14 +176,15 @@ def yolo_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rcnn_export(tmp_path_factory):
-    """``casc export`` of the bundled Faster R-CNN (batch 1: stage 2 takes up to 1000 RoIs)."""
+    """``casc export`` of the bundled spiking-FPN Faster R-CNN (batch 1: stage 2 takes up to 1000 RoIs; its signed
+    neurons traced into the graphs)."""
     out = tmp_path_factory.mktemp("rcnn-onnx")
-    assert casc(["export", "--model", "rcnn-r18-bundled", "--format", "onnx", "--out", str(out)]) == 0
+    assert casc(["export", "--model", "rcnn-r18-bundled-sfpn", "--format", "onnx", "--out", str(out)]) == 0
     return out
 
 
 @needs_bundled
-@pytest.mark.parametrize("model, networks", [("yolov8n-bundled", ["snn"]), ("rcnn-r18-bundled", ["stage1", "stage2"])])
+@pytest.mark.parametrize("model, networks", [("yolov8n-bundled", ["snn"]), ("rcnn-r18-bundled-sfpn", ["stage1", "stage2"])])
 def test_casc_export_writes_checked_graphs(capsys, request, model, networks):
     tmp_path = request.getfixturevalue("yolo_export" if model.startswith("yolo") else "rcnn_export")
     print(*(p.name for p in tmp_path.glob("*.onnx")))  # the fixture's own output went to its capture
@@ -418,12 +419,20 @@ def test_bundled_faster_rcnn_detections_identical_on_both_engines(rcnn_export, t
 
     root = generate_bundled(tmp_path / "data", train=1, val=2, workers=1)
     images = sorted((root / "images" / "val").glob("*.jpg"))
-    torch_det = load_detector("rcnn-r18-bundled")
-    ort_det = load_detector("rcnn-r18-bundled", engine="onnxruntime", export_dir=rcnn_export, threads=1)
+    torch_det = load_detector("rcnn-r18-bundled-sfpn")
+    ort_det = load_detector("rcnn-r18-bundled-sfpn", engine="onnxruntime", export_dir=rcnn_export, threads=1)
     expected, got = torch_det.predict(images, sleep="auto"), ort_det.predict(images, sleep="auto")
     assert sum(len(e) for e in expected) > 0
-    for e, g in zip(expected, got, strict=True):
-        _same_detections(e, g)
+    # Where PyTorch's own float32 run flips a quantization boundary (the second image here: even its float32 QANN
+    # differs from its float64 QANN), the graphs are compared with the float64 run, which they reproduce.
+    exact = load_detector("rcnn-r18-bundled-sfpn", dtype=torch.float64).predict(images, sleep="auto")
+    for e, g, e64 in zip(expected, got, exact, strict=True):
+        try:
+            _same_detections(e, g)
+        except AssertionError:
+            assert not torch.equal(e.boxes.cls, e64.boxes.cls), "the engines differ where float32 did not flip"
+            assert torch.equal(g.boxes.cls, e64.boxes.cls)
+            assert torch.allclose(g.boxes.xyxy, e64.boxes.xyxy.float(), atol=1e-2)
     # Before stage 1 settles its readout is a spike count / k, where one float32 boundary flip moves a feature by
     # theta / k and so a proposal and the boxes from it: detections are compared once both stages have settled.
     _same_anytime(torch_det, ort_det, images[:1], [2, 4, 12], same_boxes_at=[12])

@@ -434,15 +434,17 @@ def test_cancel_stops_predict_and_stream(r18):
         r18.predict([image(3)], cancel=cancel)
 
 
-def test_bundled_qann_reproduced_in_float64_on_val_images():
-    """The bundled (fp16-stored, QAT) Faster R-CNN loaded in float64 gives its QANN's detections exactly: it is
-    converted in float64 (BatchNorms folded in float32 were off by 1e-7) and boundary ties round alike."""
+@pytest.mark.parametrize("name", ["rcnn-r18-bundled", "rcnn-r18-bundled-sfpn"])
+def test_bundled_qann_reproduced_in_float64_on_val_images(name):
+    """The bundled (fp16-stored, QAT) Faster R-CNNs, plain and spiking-FPN, loaded in float64 give their QANN's
+    detections exactly: converted in float64 (BatchNorms folded in float32 were off by 1e-7), boundary ties
+    rounding alike."""
     from detector.data import open_dataset
     from detector.weights import load_detector, load_manifest
 
-    if "rcnn-r18-bundled" not in load_manifest():
+    if name not in load_manifest():
         pytest.skip("no bundled weights")
-    det = load_detector("rcnn-r18-bundled", dtype=torch.float64)
+    det = load_detector(name, dtype=torch.float64)
     dataset = open_dataset("bundled", "val")
     images = [dataset.load_image(i) for i in (4, 7)]  # two images where either cause changed the proposals
     expected, got = det.qann_predict(images, conf=0.001, color="rgb"), det.predict(images, conf=0.001, color="rgb")

@@ -58,3 +58,15 @@ def test_family_detection_and_loading(tmp_path, yolo_checkpoint):
     torch.save(build_fasterrcnn("resnet18_fpn", num_classes=3, min_size=64, max_size=64).state_dict(), rcnn_state)
     assert checkpoint_family(rcnn_state) == "rcnn"
     assert checkpoint_family(yolo_checkpoint) == "yolo"
+
+
+def test_the_demo_runs_bundled_qanns_of_both_families():
+    from casc.cli import DEMO_RUNS
+
+    manifest = load_manifest()
+    families = set()
+    for name, limit in DEMO_RUNS:
+        entry = manifest[name]
+        assert entry.kind == "qann" and entry.path.is_file() and limit > 0, name
+        families.add(entry.family)
+    assert families == {"yolo", "rcnn"}
