@@ -118,8 +118,9 @@ def plot_map_vs_t(runs: list[dict], path: Path, metric: str = "map50_95") -> plt
             ax.plot(auto["T"], auto["map"], linestyle="none", marker="*", ms=16, color=_shade("tab:orange", k),
                     markeredgecolor="black", label=f"{_label(results, 'casc', several)}, sleep=auto "
                                                    f"(mean T={auto['T']:.1f})")
+            # below the star for the first run, above it for the next: two runs' stars often nearly coincide
             ax.annotate(f"auto\nT={auto['T']:.1f}", (auto["T"], auto["map"]), textcoords="offset points",
-                        xytext=(8, -22), fontsize=9)
+                        xytext=(8, -22) if k % 2 == 0 else (8, 8), fontsize=9)
         for method, point in flat_points(results, metric).items():
             color, style, _ = FLAT_STYLE[method]
             ax.axhline(point["map"], color=_shade(color, k), linestyle=style, lw=1.3,
