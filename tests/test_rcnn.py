@@ -235,6 +235,18 @@ def test_train_cli_then_convert_and_predict(fmt, tmp_path):
         assert meta["levels"] is None
         det = SpikingFasterRCNN.from_checkpoint(float_out / "last.pt")
         assert det.levels == 4 and len(det.predict([str(img)])) == 1
+        # --spiking-fpn: the signed FPN quantizers, calibrated on the training images, trained and saved with it
+        from detector.models.rcnn import has_spiking_fpn
+
+        sfpn_out = tmp_path / "sfpn"
+        sfpn_args = args[:args.index("--out")] + ["--out", str(sfpn_out), "--workers", "0", "--spiking-fpn",
+                                                  "--calibrate-images", "2"]
+        assert main(sfpn_args) == 0
+        saved = torch.load(sfpn_out / "last.pt", weights_only=True)
+        assert saved["meta"]["spiking_fpn"] is True and has_spiking_fpn(saved["state_dict"])
+        det = SpikingFasterRCNN.from_checkpoint(sfpn_out / "last.pt")
+        assert has_spiking_fpn(det.qann) and len(det.predict([str(img)])) == 1
+        assert main(sfpn_args + ["--float"]) == 2  # a float model has no QANN to add the quantizers to
 
 
 def test_float_torchvision_state_dict_is_quantized_on_load(tmp_path):
