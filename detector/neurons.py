@@ -103,6 +103,13 @@ class CIFNeuron(Neuron):
     def cap(self, k: int) -> int:
         return k if self.levels is None else k * self.levels // self.wake_levels
 
+    def lowest_count(self, k: int) -> int | None:
+        """The least total spike count allowed after wake step ``k``: 0, or ``-cap(k)`` for a signed neuron
+        (None: unbounded, a signed neuron in the no-cap ablation)."""
+        if not self.signed:
+            return 0
+        return -self.cap(k) if self.spike_cap else None
+
     @staticmethod
     def _floor(m: torch.Tensor, theta: float) -> torch.Tensor:
         # floor(m / theta) as a division then an in-place floor: one new tensor (torch.div's floor rounding
@@ -116,8 +123,7 @@ class CIFNeuron(Neuron):
         gamma = self.sim.burst if sleep else 1
         s.clamp_(-gamma if self.signed and self.negative_spikes else 0, gamma)  # C = 0: unsigned, no spike to take back
         if self.spike_cap:
-            cap = self.cap(k)
-            s.clamp_(-cap if self.signed else None, cap)
+            s.clamp_(self.lowest_count(k), self.cap(k))
         m.sub_(s, alpha=theta)
         return [m, s.clone()], s
 
@@ -129,18 +135,16 @@ class CIFNeuron(Neuron):
         if self.negative_spikes and self.spike_cap:
             # Clamping s to [-gamma, gamma] and then C + s to [0, cap] keeps at most gamma spikes, never below 0
             # or above the cap in total, with scalar bounds only and in place: the new count, then s from it.
-            cap = self.cap(k)
-            s.clamp_(-gamma, gamma).add_(count).clamp_(-cap if self.signed else 0, cap).sub_(count)
+            s.clamp_(-gamma, gamma).add_(count).clamp_(self.lowest_count(k), self.cap(k)).sub_(count)
         else:  # the ablations: one bound dropped, so the exactness tests can tell the method from a near miss
             s.clamp_(-gamma, gamma)
             if self.spike_cap:
                 s.clamp_(max=self.cap(k) - count)
-                if self.signed:
-                    s.clamp_(min=-self.cap(k) - count)
+            lowest = self.lowest_count(k)
             if not self.negative_spikes:
                 s.clamp_(min=0)
-            elif not self.signed:
-                s.clamp_(min=count.neg())
+            elif lowest is not None:
+                s.clamp_(min=lowest - count)
         count.add_(s)
         m.sub_(s, alpha=theta)
         return s

@@ -53,12 +53,12 @@ def quantize_checkpoint(model: str, data: str, out: str | Path, levels: int = 4,
     from ..models import rcnn
 
     state, meta = rcnn._unwrap_state_dict(rcnn.load_checkpoint(entry.path, entry.sha256))
-    if any(k.endswith("threshold_param") for k in state):
+    if rcnn.is_qann_state(state):
         if not spiking_fpn:
             raise ValueError(f"{model} is already a QANN; quantize the float checkpoint it came from")
         qann = rcnn.model_from_state_dict(state, meta, levels=None).eval()
     else:
-        float_model, meta = rcnn.load_float_for_calibration(entry.path, sha256=entry.sha256)
+        float_model, meta = rcnn.float_for_calibration(state, meta)
         qann = quantize(float_model, levels, rcnn.calibration_inputs(rgb, batch), **options)
     if spiking_fpn:
         qann = rcnn.add_spiking_fpn(qann, calibration=rcnn.calibration_inputs(rgb, batch), inplace=True)

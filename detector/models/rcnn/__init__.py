@@ -26,7 +26,9 @@ from .model import (
     build_fasterrcnn,
     build_qann_fasterrcnn,
     calibration_inputs,
+    float_for_calibration,
     has_spiking_fpn,
+    is_qann_state,
     load_checkpoint,
     load_float_for_calibration,
     model_from_state_dict,
@@ -40,5 +42,5 @@ __all__ = [
     "SpikingFasterRCNN", "RCNNStage1", "RCNNStage2", "ReLUTwoMLPHead", "ARCHS", "CHECKPOINT_FORMAT", "MODULE_RULES",
     "build_fasterrcnn", "build_qann_fasterrcnn", "to_qann_fasterrcnn", "analog_candidates", "load_checkpoint",
     "model_from_state_dict", "save_checkpoint", "load_float_for_calibration", "calibration_inputs", "save_qann",
-    "class_names", "add_spiking_fpn", "has_spiking_fpn",
+    "class_names", "add_spiking_fpn", "has_spiking_fpn", "is_qann_state", "float_for_calibration",
 ]

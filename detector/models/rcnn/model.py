@@ -61,6 +61,18 @@ CHECKPOINT_VERSION = 2  # 2: ClipQuan levels and rounding per module in the stat
 
 # --- the model ------------------------------------------------------------------------------
 
+def _adopt(cls: type[nn.Module], module: nn.Module, **extra: nn.Module | None) -> nn.Module:
+    """An instance of ``cls`` (a subclass of ``module``'s class) holding ``module``'s own children, plus ``extra``:
+    the same parameters and state-dict keys under another forward."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name, child in module.named_children():
+        setattr(new, name, child)
+    for name, child in extra.items():
+        setattr(new, name, child)
+    return new
+
+
 class ReLUTwoMLPHead(tv_frcnn.TwoMLPHead):
     """torchvision's ``TwoMLPHead`` with its two functional ``F.relu`` as modules (same state dict)."""
 
@@ -72,12 +84,7 @@ class ReLUTwoMLPHead(tv_frcnn.TwoMLPHead):
 
     @classmethod
     def from_head(cls, head: tv_frcnn.TwoMLPHead) -> "ReLUTwoMLPHead":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.fc6, new.fc7 = head.fc6, head.fc7
-        new.relu6, new.relu7 = nn.ReLU(), nn.ReLU()
-        new.input_quant = None
-        return new
+        return _adopt(cls, head, relu6=nn.ReLU(), relu7=nn.ReLU(), input_quant=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
@@ -92,12 +99,7 @@ class QuantizedInputFPN(FeaturePyramidNetwork):
 
     @classmethod
     def from_fpn(cls, fpn: FeaturePyramidNetwork, quantizers: list[nn.Module]) -> "QuantizedInputFPN":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name, child in fpn.named_children():
-            setattr(new, name, child)
-        new.layer_input_quants = nn.ModuleList(quantizers)
-        return new
+        return _adopt(cls, fpn, layer_input_quants=nn.ModuleList(quantizers))
 
     def get_result_from_layer_blocks(self, x: torch.Tensor, idx: int) -> torch.Tensor:
         idx = idx + len(self.layer_blocks) if idx < 0 else idx
@@ -109,12 +111,7 @@ class QuantizedInputRPNHead(RPNHead):
 
     @classmethod
     def from_head(cls, head: RPNHead, quantizers: list[nn.Module]) -> "QuantizedInputRPNHead":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        for name, child in head.named_children():
-            setattr(new, name, child)
-        new.input_quants = nn.ModuleList(quantizers)
-        return new
+        return _adopt(cls, head, input_quants=nn.ModuleList(quantizers))
 
     def forward(self, x: list[torch.Tensor]):
         if len(x) != len(self.input_quants):
@@ -278,6 +275,11 @@ def _unwrap_state_dict(data: dict) -> tuple[dict, dict]:
     return data, {}
 
 
+def is_qann_state(state: dict) -> bool:
+    """Whether a Faster R-CNN state dict is a QANN's (it has ClipQuan thresholds)."""
+    return any(k.endswith("threshold_param") for k in state)
+
+
 def _infer_from_state_dict(state: dict) -> dict:
     info = {}
     w = state.get("roi_heads.box_predictor.cls_score.weight")
@@ -304,8 +306,7 @@ def model_from_state_dict(state: dict, meta: dict, arch: str | None = None, num_
         kwargs["fpn_channels"] = inferred["fpn_channels"]
     kwargs.update(build_kwargs)
     model = build_fasterrcnn(arch, num_classes, **kwargs)
-    is_qann = any(k.endswith("threshold_param") for k in state)
-    if is_qann:
+    if is_qann_state(state):
         saved = meta.get("levels")
         if saved is not None and levels is not None and saved != levels:
             raise ValueError(f"checkpoint is a QANN with levels={saved}, asked for levels={levels}")
@@ -325,8 +326,13 @@ def load_float_for_calibration(path: str | Path, sha256: str | None = None) -> t
     """(float model, metadata) of a Faster R-CNN checkpoint with trainable ``BatchNorm2d`` layers, so that
     ``detector.calibrate`` can re-estimate their statistics after quantization (frozen BatchNorms cannot)."""
     state, meta = _unwrap_state_dict(load_checkpoint(path, sha256))
-    if any(k.endswith("threshold_param") for k in state):
+    if is_qann_state(state):
         raise ValueError(f"{path} is already a QANN; quantize the float checkpoint it came from")
+    return float_for_calibration(state, meta)
+
+
+def float_for_calibration(state: dict, meta: dict) -> tuple[nn.Module, dict]:
+    """``load_float_for_calibration`` of a float state dict and its metadata already read."""
     arch = meta.get("arch") or "resnet50_fpn"
     frozen = {"frozen_bn": False} if arch in RESNET_ARCHS else {}
     state = dict(state)

@@ -43,8 +43,8 @@ from ...detect.base import source_path
 from ...quant import qann_levels
 from ...runtime import SpikingNetwork
 from .anytime import TwoStageSteps, set_figures
-from .model import (MODULE_RULES, ReLUTwoMLPHead, _to_image_tensor, _unwrap_state_dict, load_checkpoint,
-                    model_from_state_dict, to_qann_fasterrcnn)
+from .model import (MODULE_RULES, ReLUTwoMLPHead, _to_image_tensor, _unwrap_state_dict, is_qann_state,
+                    load_checkpoint, model_from_state_dict, to_qann_fasterrcnn)
 
 
 class RCNNStage1(nn.Module):
@@ -238,8 +238,7 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
                              "activations set each call site's threshold (the percentile)")
         data = load_checkpoint(path, sha256)
         state, meta = _unwrap_state_dict(data)
-        is_qann = any(k.endswith("threshold_param") for k in state)
-        if not is_qann and levels is None and neuron != "if":
+        if not is_qann_state(state) and levels is None and neuron != "if":
             levels = 4
         qann = model_from_state_dict(state, meta, arch=arch, num_classes=num_classes, levels=levels, **build_kwargs)
         qann = qann.to(device=device, dtype=dtype)
