@@ -156,3 +156,51 @@ def test_onnx_runtime_sessions_step_like_the_pytorch_ones(tmp_path):
     assert onnx.run(seq[0]).keyframe is False
     with pytest.raises(ValueError, match="exported batch"):
         engine.session().run(torch.cat([seq[0]] * 2))
+
+
+# --- the detectors: predict_video on the bundled video split's frames --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moving_frames():
+    from detector.data.video import render_sequence
+
+    return [img[..., ::-1].copy() for img, *_ in render_sequence(1, "static", 4)]  # BGR, as OpenCV decodes
+
+
+@pytest.mark.parametrize("model", ["yolov8n-bundled", "rcnn-r18-bundled-sfpn"])
+def test_predict_video_by_delta_equals_the_qann_in_float64(model, moving_frames):
+    """Every frame's detections are the QANN's (float64); later frames are delta frames that cost fewer steps and
+    spikes than a fresh run (Faster R-CNN: stage 1 by delta, stage 2 fresh on each frame's RoIs)."""
+    from detector.weights import load_detector
+
+    det = load_detector(model, dtype=torch.float64)
+    delta = list(det.predict_video(moving_frames))
+    fresh = list(det.predict_video(iter(moving_frames), delta=False))
+    reference = det.qann_predict(moving_frames)
+    assert [r.keyframe for r in delta] == [True, False, False, False] and all(r.keyframe for r in fresh)
+    for got, want in zip(delta, reference):
+        assert torch.equal(got.boxes.cls, want.boxes.cls) and torch.allclose(got.boxes.xyxy, want.boxes.xyxy)
+        assert torch.allclose(got.boxes.conf, want.boxes.conf, atol=1e-9) and got.settled
+    for d, f in zip(delta[1:], fresh[1:]):
+        first_stage = (d.stage_steps or {"stage1": d.steps})["stage1"], (f.stage_steps or {"stage1": f.steps})["stage1"]
+        assert first_stage[0] < first_stage[1] and d.spikes < f.spikes and d.energy_uj < f.energy_uj
+    if model.startswith("yolo"):  # the readouts themselves, not only the decoded boxes
+        session = det.snn.session()
+        for frame in moving_frames:
+            x, _ = det.preprocess([frame])
+            assert max_error(session.run(x).readout, det.qann_raw(x)) <= 1e-9
+
+
+def test_predict_video_refusals(moving_frames, tmp_path):
+    from detector.weights import load_detector
+
+    det = load_detector("yolov8n-bundled")
+    with pytest.raises(ValueError, match="not a video file"):
+        next(det.predict_video(str(tmp_path / "frames.txt")))
+    with pytest.raises(FileNotFoundError, match="no video file"):
+        next(det.predict_video(str(tmp_path / "missing.mp4")))
+    with pytest.raises(TypeError, match="video source"):
+        next(det.predict_video(3))
+    with pytest.raises(ValueError, match="keyframe_every"):
+        next(det.predict_video(moving_frames, keyframe_every=0))
