@@ -233,13 +233,11 @@ class SpikingDetector(ABC):
         return self._run(images, self.schedule(wake, sleep, burst, max_sleep, mode),
                          _selection(conf, iou, max_det, classes), batch, color, cancel)
 
-    @torch.no_grad()
-    def predict_video(self, source, delta: bool = True, keyframe_every: int | None = KEYFRAME_EVERY,
-                      conf: float = 0.25, iou: float = 0.7, max_det: int = 300, classes: Sequence[int] | None = None,
-                      wake: int | None = None, burst: int | None = None, max_sleep: int = 256, mode: str = "step",
-                      cancel: threading.Event | None = None, color: str | None = None) -> Iterator[Results]:
-        """Spiking detection on the frames of a video: one ``Results`` per frame, as they come. ``source``: a video
-        file, or a list or iterator of frames (what ``predict`` takes, one image each).
+    def video(self, delta: bool = True, keyframe_every: int | None = KEYFRAME_EVERY, conf: float = 0.25,
+              iou: float = 0.7, max_det: int = 300, classes: Sequence[int] | None = None, wake: int | None = None,
+              burst: int | None = None, max_sleep: int = 256, mode: str = "step",
+              color: str | None = None) -> "VideoPredictor":
+        """A predictor for the frames of one video, called once per frame: ``vp(frame) -> Results``.
 
         ``delta``: keep the network's state from frame to frame and feed only each frame's change (exact: every
         frame's detections are the QANN's; a changed frame takes a couple of steps); every ``keyframe_every``-th
@@ -250,11 +248,19 @@ class SpikingDetector(ABC):
             raise ValueError("delta frames need a network that settles (CASC); the IF baseline (neuron='if') has no "
                              "fixed point: pass delta=False")
         schedule = self.schedule(wake, "auto", burst, max_sleep, mode)
-        keep = _selection(conf, iou, max_det, classes)
-        frames, frame_color = frames_of(source)
         session = self._video_session(schedule, keyframe_every) if delta else None
+        return VideoPredictor(self, schedule, _selection(conf, iou, max_det, classes), session, color or self.color)
+
+    @torch.no_grad()
+    def predict_video(self, source, delta: bool = True, keyframe_every: int | None = KEYFRAME_EVERY,
+                      cancel: threading.Event | None = None, color: str | None = None, **options) -> Iterator[Results]:
+        """Spiking detection on the frames of a video: one ``Results`` per frame, as they come. ``source``: a video
+        file, or a list or iterator of frames (what ``predict`` takes, one image each). ``delta``, ``keyframe_every``
+        and ``options`` (conf, iou, max_det, classes, wake, burst, max_sleep, mode): see ``video``."""
+        frames, frame_color = frames_of(source)
+        predictor = self.video(delta, keyframe_every, color=color or frame_color, **options)
         for frame in frames:
-            yield self._timed([frame], schedule, keep, color or frame_color or self.color, cancel, session)[0]
+            yield predictor(frame, cancel=cancel)
 
     @torch.no_grad()
     def qann_predict(self, images, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
@@ -288,6 +294,19 @@ class SpikingDetector(ABC):
         ts, schedule = self.anytime_schedule(timesteps, wake, sleep, burst, max_sleep)
         batch = self._prepare(self._items(images), color or self.color)
         return self._anytime(batch, ts, schedule, _selection(conf, iou, max_det, classes))
+
+
+class VideoPredictor:
+    """The frames of one video through a detector (``SpikingDetector.video``): ``vp(frame)`` per frame. With delta
+    frames it holds the network's state between calls; a cancelled or failed frame makes the next a keyframe."""
+
+    def __init__(self, detector: SpikingDetector, schedule: Schedule, keep: Selection, session: Any, color: str):
+        self.detector, self.schedule, self.keep, self.session, self.color = detector, schedule, keep, session, color
+
+    @torch.no_grad()
+    def __call__(self, frame, cancel: threading.Event | None = None, color: str | None = None) -> Results:
+        """This frame's ``Results`` (``keyframe``: whether it ran the whole schedule)."""
+        return self.detector._timed([frame], self.schedule, self.keep, color or self.color, cancel, self.session)[0]
 
 
 def _selection(conf: float, iou: float, max_det: int, classes: Sequence[int] | None) -> Selection:
