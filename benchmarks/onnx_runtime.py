@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from detector.data.synthetic import generate_bundled
-from detector.export.bundle import export_detector
-from detector.weights import load_detector
+from detector.weights import export_detector, load_detector
 
 
 def timed(fns: dict, repeats: int) -> dict:

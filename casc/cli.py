@@ -32,7 +32,7 @@ COMMANDS = {
     "eval": ("eval.runner", "mAP against time steps for ANN, QANN, CASC SNN and the IF baseline"),
     "plot": ("eval.compare", "draw several casc eval results (e.g. YOLO and Faster R-CNN) on one axis"),
     "serve": ("service.server", "serve spiking detectors over HTTP (FastAPI)"),
-    "export": ("detector.export.bundle", "export a detector's QANN and spiking step graphs (ONNX)"),
+    "export": ("detector.export.cli", "export a detector's QANN and spiking step graphs (ONNX)"),
     "quantize": ("detector.train.quantize", "post-training quantization: a float checkpoint -> a calibrated QANN"),
     "predict": ("detector.predict", "detect objects in images, folders, globs and videos; annotated output under runs/predict"),
 }

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from .checkpoint import file_sha256 as sha256_of
 from .checkpoint import verify_file as verify_sha256
+from .families import FAMILIES, get_family
 
 WEIGHTS_DIR = Path(os.environ.get("CASC_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
-FAMILIES = ("yolo", "rcnn")
 ENGINES = ("pytorch", "onnxruntime")  # what runs the spiking networks
 
 
@@ -54,7 +54,8 @@ def load_manifest(path: str | os.PathLike | None = None) -> dict[str, ModelEntry
         try:
             family, kind = item["family"], item["kind"]
             if family not in FAMILIES or kind not in ("float", "qann"):
-                raise ValueError(f"family must be one of {FAMILIES} and kind float|qann, got {family}/{kind}")
+                raise ValueError(f"family must be one of {', '.join(FAMILIES)} and kind float|qann, got "
+                                 f"{family}/{kind}")
             entries[item["name"]] = ModelEntry(
                 name=item["name"], family=family, kind=kind, path=path.parent / item["file"], sha256=item["sha256"],
                 info={k: v for k, v in item.items() if k not in ("name", "family", "kind", "file", "sha256")})
@@ -93,33 +94,63 @@ def checkpoint_family(path: Path) -> str:
 
 
 def load_detector(name_or_path: str | os.PathLike, device="cpu", dtype=None, engine: str = "pytorch",
-                  provider: str = "cpu", **kwargs):
-    """A ``SpikingYOLO`` or ``SpikingFasterRCNN`` from a bundled name or a checkpoint path (sha256-checked).
+                  provider: str = "cpu", batch: int = 1, imgsz: int | None = None, export_dir=None,
+                  threads: int | None = None, **kwargs):
+    """The detector of a bundled name or a checkpoint path (sha256-checked), built by its family's adapter
+    (``detector.families``): a ``SpikingYOLO`` or a ``SpikingFasterRCNN``.
 
-    ``engine="onnxruntime"``: its spiking networks run on ONNX Runtime with ``provider`` (cpu, cuda,
-    tensorrt), the rest on the CPU; ``batch``, ``imgsz``, ``export_dir`` and ``threads`` go to
-    ``detector.export.load_onnx_detector``."""
+    ``engine="onnxruntime"``: its spiking networks run on ONNX Runtime with ``provider`` (cpu, cuda, tensorrt) and
+    ``threads`` intra-op threads, the rest on the CPU; graphs for ``batch`` images of ``imgsz`` (larger batches
+    run in slices of it) from ``export_dir`` (a ``casc export`` folder; its own size, batch and dtype) or exported
+    on first use into the cache (``detector.export.detectors.cache_root``). ``kwargs`` go to the adapter's
+    ``from_checkpoint``."""
     import torch
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     dtype = dtype or torch.float32
-    if engine == "onnxruntime":
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"device {device}: with the ONNX Runtime engine the spiking networks run on the "
-                             f"provider ({provider}) and the rest on the CPU; choose the GPU with provider='cuda'")
-        try:
-            from .export.detectors import load_onnx_detector
-        except ImportError as error:
-            raise ValueError(f"the ONNX Runtime engine needs the onnx extra (pip install 'casc-detector[onnx]'): "
-                             f"{error}") from None
-        return load_onnx_detector(name_or_path, provider=provider, dtype=dtype, **kwargs)
     entry = resolve(name_or_path)
     verify_sha256(entry.path, entry.sha256)
-    if entry.family == "yolo":
-        from .models.yolo import SpikingYOLO
+    family = get_family(entry.family)
+    if engine == "pytorch":
+        return family.load(entry.path, sha256=entry.sha256, device=device, dtype=dtype, imgsz=imgsz, **kwargs)
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"device {device}: with the ONNX Runtime engine the spiking networks run on the "
+                         f"provider ({provider}) and the rest on the CPU; choose the GPU with provider='cuda'")
+    try:
+        from .export.bundle import read_manifest
+        from .export.detectors import attach_onnx_networks, cache_folder, has_graphs
+    except ImportError as error:
+        raise ValueError(f"the ONNX Runtime engine needs the onnx extra (pip install 'casc-detector[onnx]'): "
+                         f"{error}") from None
+    dtype_name = str(dtype).removeprefix("torch.")
+    if export_dir is not None:
+        folder = Path(export_dir)
+        manifest = read_manifest(folder)
+        if manifest["name"] != entry.name:
+            raise ValueError(f"{folder} holds the graphs of {manifest['name']}, not of {name_or_path}")
+    else:
+        folder = cache_folder(entry.name, entry.sha256 or sha256_of(entry.path), imgsz, batch, dtype_name)
+        if not has_graphs(folder):
+            export_detector(name_or_path, folder, imgsz=imgsz, batch=batch, dtype=dtype_name)
+        manifest = read_manifest(folder)
+    detector = family.load(entry.path, sha256=entry.sha256, dtype=getattr(torch, manifest["dtype"]),
+                           imgsz=manifest["imgsz"], **kwargs)
+    return attach_onnx_networks(detector, family, folder, provider=provider, threads=threads)
 
-        return SpikingYOLO.from_checkpoint(entry.path, sha256=entry.sha256, device=device, dtype=dtype, **kwargs)
-    from .models.rcnn import SpikingFasterRCNN
 
-    return SpikingFasterRCNN.from_checkpoint(entry.path, sha256=entry.sha256, device=device, dtype=dtype, **kwargs)
+def export_detector(model: str | os.PathLike, out: str | os.PathLike, imgsz: int | None = None, batch: int = 1,
+                    dtype: str = "float32") -> Path:
+    """Export a bundled model (by name) or checkpoint (by path) to ``out`` (``casc export``); returns
+    ``out/export.json``."""
+    import torch
+
+    from .export.bundle import DTYPES, export_graphs
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    entry = resolve(model)
+    family = get_family(entry.family)
+    det = load_detector(model, dtype=getattr(torch, dtype), imgsz=imgsz)
+    return export_graphs(det, family, out, imgsz=imgsz, batch=batch, dtype=dtype,
+                         about={"model": str(model), "name": entry.name, "sha256": entry.sha256})

@@ -395,22 +395,21 @@ def test_float64_graphs_export_and_the_cpu_provider_refuses_them_clearly(tmp_pat
 
 
 @needs_bundled
-def test_graphs_are_exported_once_into_the_cache(tmp_path, monkeypatch):
-    from detector.export import bundle, detectors
+def test_graphs_are_exported_once_into_the_cache(onnx_cache, monkeypatch):
+    from detector import weights
+    from detector.export.detectors import cache_folder
 
     exports = []
-
-    def fake_export(model, folder, imgsz=None, batch=1, dtype="float32"):
-        exports.append((model, batch))
-        folder.mkdir(parents=True)
-        (folder / bundle.MANIFEST).write_text(json.dumps({"format": bundle.FORMAT}))
-
-    monkeypatch.setenv("CASC_ONNX_CACHE", str(tmp_path))
-    monkeypatch.setattr(detectors, "export_detector", fake_export)
-    first = detectors._cached_export("yolov8n-bundled", None, 1, "float32")
-    assert detectors._cached_export("yolov8n-bundled", None, 1, "float32") == first
-    assert detectors._cached_export("yolov8n-bundled", None, 8, "float32") != first
-    assert exports == [("yolov8n-bundled", 1), ("yolov8n-bundled", 8)] and first.parent == tmp_path
+    real = weights.export_detector
+    monkeypatch.setattr(weights, "export_detector", lambda *a, **k: exports.append(a) or real(*a, **k))
+    first = weights.load_detector("yolov8n-bundled", engine="onnxruntime", threads=1)
+    again = weights.load_detector("yolov8n-bundled", engine="onnxruntime", threads=1)
+    assert len(exports) <= 1 and type(first.snn) is type(again.snn) is OrtSpikingNetwork
+    folder = cache_folder("yolov8n-bundled", "d1", None, 1, "float32")
+    assert folder.parent == onnx_cache and folder == cache_folder("yolov8n-bundled", "d1", None, 1, "float32")
+    assert len({folder, cache_folder("yolov8n-bundled", "d2", None, 1, "float32"),
+                cache_folder("yolov8n-bundled", "d1", None, 8, "float32"),
+                cache_folder("yolov8n-bundled", "d1", 320, 1, "float32")}) == 4
 
 
 @needs_bundled

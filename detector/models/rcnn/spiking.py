@@ -383,6 +383,21 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         with _eval_mode(self.qann):
             return self._stages(image_list, self.schedule(**schedule) if spiking else None)
 
+    def export_networks(self, imgsz: int | None, batch: int, dtype: torch.dtype) -> tuple[int, dict]:
+        """(input size, {stage: (spiking network, the QANN part it reproduces, example input)}) for ``casc export``.
+        Stage 1 sees the padded image batch (default: the transform's max size padded to 32); stage 2 every
+        image's RoIs (the RPN keeps at most post_nms_top_n per image), RoIAligned to the box head's input."""
+        stride = 32  # torchvision pads every image batch to a multiple of 32
+        imgsz = imgsz or -(-int(self.qann.transform.max_size) // stride) * stride
+        if imgsz % stride:
+            raise ValueError(f"imgsz {imgsz} must be a multiple of {stride} for Faster R-CNN")
+        qann = self.qann
+        images = torch.zeros(batch, 3, imgsz, imgsz, dtype=dtype)
+        pool = qann.roi_heads.box_roi_pool
+        size = pool.output_size if isinstance(pool.output_size, (tuple, list)) else (pool.output_size,) * 2
+        rois = torch.zeros(batch * qann.rpn.post_nms_top_n(), qann.backbone.out_channels, *size, dtype=dtype)
+        return imgsz, {"stage1": (self.stage1, self.qann_stage1, images), "stage2": (self.stage2, self.qann_stage2, rois)}
+
     def forward(self, images, **kwargs):
         return self.predict(images, **kwargs)
 

@@ -255,6 +255,14 @@ class SpikingYOLO(SpikingDetector):
         return self.snn.run(x, wake=wake if wake is not None else self.levels, sleep=sleep, mode=mode, burst=burst,
                             max_sleep=max_sleep)
 
+    def export_networks(self, imgsz: int | None, batch: int, dtype: torch.dtype) -> tuple[int, dict]:
+        """(input size, {network: (spiking network, the QANN part it reproduces, example input)}) for ``casc
+        export``: the one network on letterboxed ``imgsz`` images (this detector's size; another is refused)."""
+        if imgsz is not None and imgsz != self.imgsz:
+            raise ValueError(f"this detector runs at imgsz {self.imgsz}; load it with imgsz={imgsz} to export that")
+        example = torch.zeros(batch, 3, self.imgsz, self.imgsz, dtype=dtype)
+        return self.imgsz, {"snn": (self.snn, self.readout_net, example)}
+
     @torch.no_grad()
     def qann_raw(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The QANN's raw per-level maps for a preprocessed batch ``x`` (what the SNN reproduces)."""
