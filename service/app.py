@@ -30,6 +30,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from detector.detect import KEYFRAME_EVERY
+
 from .backends import Backend, Params, load_backend, scale_detections, warmup
 from .config import IMAGE_CONTENT_TYPES, Settings
 from .errors import ServiceError
@@ -400,6 +402,7 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
         width, height = job.size or (int(job.image.shape[1]), int(job.image.shape[0]))
         return {"model": worker.backend.name, "image": {"width": width, "height": height},
                 **{k: result.get(k) for k in ("steps", "wake", "spikes", "energy_uj", "settled")},
+                **({"keyframe": result["keyframe"]} if job.kind == "frame" else {}),
                 "detections": scale_detections(result.get("detections") or [], *job.scale),
                 "sleep": params.sleep, "burst": params.burst, "max_sleep": params.max_sleep,
                 "timings": {"decode_ms": round(decode_ms, 3), "queue_ms": round((started - job.enqueued) * 1000, 3),
@@ -546,8 +549,12 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
                   "application/x-ndjson": {"schema": VideoFrame.model_json_schema()}}}},
               openapi_extra=VIDEO_BODY)
     async def video(request: Request, query: dict = _depends(_detect_query),
-                    every: Optional[int] = Query(None, ge=1, le=1000, description="process every N-th frame (1)")):
-        reject_unknown(request.query_params.keys(), QUERY_NAMES | {"every"}, "query")
+                    every: Optional[int] = Query(None, ge=1, le=1000, description="process every N-th frame (1)"),
+                    delta: bool = Query(True, description="keep the network's state from frame to frame and feed "
+                                        "only each frame's change (exact; a changed frame takes about 2 steps)"),
+                    keyframe_every: int = Query(KEYFRAME_EVERY, ge=1, le=1000, description="with delta: run the "
+                                                "whole schedule every N processed frames")):
+        reject_unknown(request.query_params.keys(), QUERY_NAMES | VIDEO_QUERY_NAMES | {"every"}, "query")
         deadline = time.monotonic() + settings.timeout_s
         held: list[int] = []
         try:
@@ -566,17 +573,19 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
         except BaseException:
             os.unlink(path)
             raise
-        return StreamingResponse(video_lines(worker, params, capture, info, every, path, deadline),
+        video_predictor = worker.backend.video(params, delta, keyframe_every)
+        return StreamingResponse(video_lines(worker, params, capture, info, every, path, deadline, video_predictor),
                                  media_type="application/x-ndjson")
 
-    async def video_lines(worker, params, capture, info, every, path, deadline):
+    async def video_lines(worker, params, capture, info, every, path, deadline, video_predictor):
         processed, index, truncated = 0, 0, False
         try:
             frame = info.pop("first")
             while frame is not None:
                 if index % every == 0:
                     image, scale = fit_frame(frame[..., ::-1], worker.backend)
-                    job = Job("predict", image, params, scale=scale, heavy=params.heavy(worker.backend.levels))
+                    job = Job("frame", image, params, scale=scale, heavy=params.heavy(worker.backend.levels),
+                              video=video_predictor)
                     try:
                         result = await _run_patient(worker, job, deadline)
                     except ServiceError as error:
@@ -587,7 +596,7 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
                     line = {"type": "frame", "frame": index, "time_s": round(index / info["fps"], 4)
                             if info["fps"] > 0 else 0.0,
                             "detections": scale_detections(result.get("detections") or [], *scale),
-                            **{k: result.get(k) for k in ("steps", "spikes", "energy_uj", "settled")}}
+                            **{k: result.get(k) for k in ("steps", "spikes", "energy_uj", "settled", "keyframe")}}
                     yield (json.dumps(line) + "\n").encode()
                 index += 1
                 if index >= settings.max_video_frames:
@@ -625,19 +634,23 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
             return
         await websocket.accept()
         try:
-            reject_unknown(websocket.query_params.keys(), QUERY_NAMES, "query")
-            worker, params = merge_params(dict(websocket.query_params), {})
+            reject_unknown(websocket.query_params.keys(), QUERY_NAMES | VIDEO_QUERY_NAMES, "query")
+            query = dict(websocket.query_params)
+            delta, keyframe_every = video_options(query)
+            worker, params = merge_params({k: v for k, v in query.items() if k not in VIDEO_QUERY_NAMES}, {})
+            video_predictor = worker.backend.video(params, delta, keyframe_every)
         except ServiceError as error:
             await websocket.send_json(error.body())
             await websocket.close(code=WS_CLOSE_POLICY)
             return
-        await LiveSession(websocket, worker, params).run()
+        await LiveSession(websocket, worker, params, video_predictor).run()
 
     class LiveSession:
-        """One live WebSocket: a receiver task keeps only the newest frame; the main loop answers it."""
+        """One live WebSocket: a receiver task keeps only the newest frame; the main loop answers it. Frames go
+        through the connection's own video predictor (delta frames unless ``delta=false``)."""
 
-        def __init__(self, websocket: WebSocket, worker: ModelWorker, params: Params):
-            self.ws, self.worker, self.params = websocket, worker, params
+        def __init__(self, websocket: WebSocket, worker: ModelWorker, params: Params, video_predictor):
+            self.ws, self.worker, self.params, self.video = websocket, worker, params, video_predictor
             self.latest = None
             self.wake_up, self.closed = asyncio.Event(), asyncio.Event()
             self.received = self.dropped = 0
@@ -689,7 +702,7 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
                 if len(data) > settings.max_upload_bytes:
                     raise ServiceError(413, "upload_too_large", "frame exceeds the upload limit")
                 held.append(await budget.reserve(len(data), deadline))
-                job = await decoded_job("predict", data, self.worker, self.params, held, deadline)
+                job = await decoded_job("frame", data, self.worker, self.params, held, deadline, video=self.video)
                 result = await run_job(self.worker, job, deadline)
                 metrics.add_result(self.worker.backend.name, result.get("spikes"))
                 return {"type": "detections", "frame": seq, "dropped": self.dropped,
@@ -741,6 +754,24 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+VIDEO_QUERY_NAMES = {"delta", "keyframe_every"}
+
+
+def video_options(query: dict) -> tuple[bool, int]:
+    """(delta, keyframe_every) of a live stream's query string: ``delta`` true/false (default true),
+    ``keyframe_every`` 1..1000 (default KEYFRAME_EVERY)."""
+    delta = str(query.get("delta", "true")).lower()
+    if delta not in ("true", "false", "1", "0"):
+        raise ServiceError(422, "invalid_parameter", "delta: must be true or false")
+    try:
+        keyframe_every = int(query.get("keyframe_every", KEYFRAME_EVERY))
+    except ValueError:
+        keyframe_every = 0
+    if not 1 <= keyframe_every <= 1000:
+        raise ServiceError(422, "invalid_parameter", "keyframe_every: must be an integer 1..1000")
+    return delta in ("true", "1"), keyframe_every
 
 
 def _every(fields: dict, every: int | None) -> int:

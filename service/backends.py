@@ -49,9 +49,10 @@ def _detections(result) -> list[dict]:
 
 
 def result_of(result, wake: int | None) -> dict:
-    """A ``detector.detect.Results`` as the service's answer."""
+    """A ``detector.detect.Results`` as the service's answer (``keyframe``: a video frame that ran the whole
+    schedule; False: a delta frame, which fed only its change)."""
     return {"detections": _detections(result), "steps": result.steps, "wake": wake, "spikes": result.spikes,
-            "energy_uj": result.energy_uj, "settled": result.settled}
+            "energy_uj": result.energy_uj, "settled": result.settled, "keyframe": result.keyframe}
 
 
 class Backend:
@@ -99,6 +100,17 @@ class Backend:
                                      max_det=p.max_det, burst=p.burst, max_sleep=p.max_sleep, cancel=cancel,
                                      batch=max(1, len(images)), color="rgb")
         return [result_of(r, wake) for r in results]
+
+    def video(self, p: Params, delta: bool = True, keyframe_every: int | None = None):
+        """A per-frame predictor for one video or live connection (``SpikingDetector.video``): its own delta
+        sessions, never shared. Fixed sleep counts do not apply to delta frames (they sleep until quiet)."""
+        return self.model.video(delta=delta, keyframe_every=keyframe_every, conf=p.conf, iou=p.iou,
+                                max_det=p.max_det, wake=p.wake or self.levels, burst=p.burst, max_sleep=p.max_sleep,
+                                color="rgb")
+
+    def frame(self, video, image: np.ndarray, p: Params, cancel=None) -> dict:
+        """One frame through ``video`` (what ``video()`` made)."""
+        return result_of(video(image, cancel=cancel), p.wake or self.levels)
 
     def stream(self, image: np.ndarray, p: Params, cancel=None) -> Iterator[dict]:
         """One event dict per time step, then the final result."""

@@ -102,7 +102,10 @@ class VideoFrame(BaseModel):
     frame: int
     time_s: float
     detections: list[Detection]
-    steps: Optional[int]
+    steps: Optional[int] = Field(description="steps of this frame: a keyframe's whole schedule, or a delta frame's "
+                                 "change step and sleep until quiet")
     spikes: Optional[float]
     energy_uj: Optional[float]
     settled: Optional[bool] = None
+    keyframe: Optional[bool] = Field(None, description="true: this frame ran the whole schedule; false: a delta "
+                                                       "frame, which fed only its change from the previous one")

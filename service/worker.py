@@ -52,7 +52,7 @@ def inference_failed(backend: Backend, error: BaseException) -> ServiceError:
 
 @dataclass
 class Job:
-    kind: str  # "predict" or "stream"
+    kind: str  # "predict", "stream" or "frame" (a video frame through ``video``, its client's own predictor)
     image: object
     params: Params
     future: Future = field(default_factory=Future)
@@ -65,6 +65,7 @@ class Job:
     scale: tuple[float, float] = (1.0, 1.0)  # model-input pixels -> original pixels (x, y)
     size: tuple[int, int] | None = None  # the original image's (width, height)
     heavy: bool = False  # costs more than a default request: served when no ordinary job waits
+    video: object = None  # frame jobs: the client's per-frame predictor (Backend.video)
 
 
 _STOP = object()
@@ -146,6 +147,9 @@ class ModelWorker:
             if job.kind == "stream":
                 self._stream(job)
                 continue
+            if job.kind == "frame":
+                self._frame(job)
+                continue
             batch = [job]
             for other in list(self.backlog):  # earlier arrivals with the same settings join first
                 if len(batch) >= self.max_batch:
@@ -212,6 +216,23 @@ class ModelWorker:
                 j.future.set_exception(inference_failed(self.backend, error))
             else:
                 j.future.set_result(result)
+
+    def _frame(self, job: Job) -> None:
+        """A video frame, alone: its predictor holds the video's state (a cancelled or failed frame leaves the next
+        one a keyframe, see ``DeltaSession``)."""
+        if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():
+            return
+        self.busy = True
+        job.started = time.perf_counter()
+        try:
+            job.future.set_result(self.backend.frame(job.video, job.image, job.params, cancel=job.cancelled))
+        except RunCancelled:
+            job.future.set_exception(ServiceError(504, "timeout", "cancelled"))
+        except Exception as error:  # noqa: BLE001
+            job.future.set_exception(inference_failed(self.backend, error))
+        finally:
+            self.busy = False
+            release_freed()
 
     def _stream(self, job: Job) -> None:
         if job.cancelled.is_set() or not job.future.set_running_or_notify_cancel():

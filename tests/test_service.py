@@ -272,12 +272,51 @@ def test_video(client, tmp_path):
     assert end == {"type": "end", "frames": 7, "processed": 4, "every": 2, "fps": 10.0, "width": 64, "height": 48,
                    "truncated": False}
     assert frames[1]["time_s"] == pytest.approx(0.2) and frames[0]["steps"] >= 5
+    # delta frames by default: the first frame runs the whole schedule, the later ones only their change
+    assert [f["keyframe"] for f in frames] == [True, False, False, False]
+    assert all(f["steps"] < frames[0]["steps"] for f in frames[1:])
+    r = client.post("/v1/video", files={"file": ("clip.avi", data, "video/x-msvideo")},
+                    params={"every": 2, "conf": 0.01, "delta": "false"})
+    fresh = [json.loads(x) for x in r.text.splitlines()][:-1]
+    assert all(f["keyframe"] for f in fresh) and all(f["steps"] >= 5 for f in fresh)
+    r = client.post("/v1/video", files={"file": ("clip.avi", data, "video/x-msvideo")},
+                    params={"every": 2, "keyframe_every": 2})
+    assert [json.loads(x)["keyframe"] for x in r.text.splitlines()[:-1]] == [True, False, True, False]
+    r = client.post("/v1/video", files={"file": ("clip.avi", data, "video/x-msvideo")}, params={"keyframe_every": 0})
+    assert r.status_code == 422 and r.json()["error"] == "invalid_parameter"
     # raw body, and the frame limit (--max-video-frames 20)
     long_clip = make_video(tmp_path / "long.avi", frames=25).read_bytes()
     r = client.post("/v1/video", content=long_clip, headers={"content-type": "video/x-msvideo"},
                     params={"every": 10})
     lines = [json.loads(x) for x in r.text.splitlines()]
     assert [x["frame"] for x in lines[:-1]] == [0, 10] and lines[-1]["truncated"] and lines[-1]["frames"] == 20
+
+
+def test_live_streams_keep_their_own_delta_state(server, client):
+    """Two live connections take turns on one model: each connection's frames are delta frames of its own video,
+    and each answer equals a fresh detection of that frame (the sessions never see each other's state)."""
+    ws_client = pytest.importorskip("websockets.sync.client")
+    rng = np.random.default_rng(5)
+    scenes = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(2)]
+    videos = [[encode(np.roll(scene, 3 * t, axis=1), "PNG") for t in range(3)] for scene in scenes]
+    # conf 0.6: the tiny random model's low-score boxes all hug the image border, where float32 noise reorders NMS
+    url = server.replace("http", "ws") + "/v1/stream?conf=0.6"
+    with ws_client.connect(url, max_size=None) as a, ws_client.connect(url, max_size=None) as b:
+        answers = {0: [], 1: []}
+        for t in range(3):
+            for i, ws in enumerate((a, b)):
+                ws.send(videos[i][t])
+                answers[i].append(json.loads(ws.recv(timeout=60)))
+    for i in (0, 1):
+        assert [x["keyframe"] for x in answers[i]] == [True, False, False], answers[i]
+        for t, answer in enumerate(answers[i]):
+            fresh = client.post("/v1/detect", content=videos[i][t], headers={"content-type": "image/png"},
+                                params={"conf": 0.6}).json()
+            # the same detections; near-equal scores may come in another order (float32 summation order)
+            got, want = (sorted(x["detections"], key=lambda d: (d["class_id"], d["box"], d["score"])) for x in (answer, fresh))
+            assert got and [d["class_id"] for d in got] == [d["class_id"] for d in want]
+            for d, e in zip(got, want):
+                assert d["box"] == pytest.approx(e["box"], abs=0.05) and d["score"] == pytest.approx(e["score"], abs=1e-3)
 
 
 def test_websocket_live(server):

@@ -71,6 +71,14 @@ class FakeBackend(Backend):
             raise RuntimeError("Input and output sizes should be greater than 0 (secret /srv/internal/path)")
         return [self._result(im, p) for im in images]
 
+    def video(self, p, delta=True, keyframe_every=None):
+        return {"frames": 0, "delta": delta}  # the connection's own state: a frame count
+
+    def frame(self, video, image, p, cancel=None):
+        (result,) = self.predict([image], p, cancel)
+        video["frames"] += 1
+        return {**result, "keyframe": video["frames"] == 1 or not video["delta"]}
+
     def stream(self, image, p, cancel=None):
         for t in range(1, 4):
             self._run(cancel)
@@ -191,6 +199,7 @@ def test_websocket_latest_frame_wins():
             # frame 0 started at once; 1-3 were replaced by newer frames while it ran; 4 (the newest) answered
             assert [a["frame"] for a in answers] == [0, 4] and answers[-1]["dropped"] == 3
             assert answers[-1]["detections"][0]["box"] == [0.0, 0.0, 32.0, 24.0]
+            assert [a["keyframe"] for a in answers] == [True, False]  # the connection's own video state
             ws.send_text("hello")
             assert ws.receive_json()["error"] == "bad_message"
         assert "casc_ws_dropped_frames_total 3" in client.get("/metrics").text
