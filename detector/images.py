@@ -117,13 +117,15 @@ def working_bytes(image: Image.Image, target: tuple[int, int]) -> int:
         w, h = -(-w // reduction), -(-h // reduction)
     stored = STORED_BYTES.get(image.mode, 4)
     oriented = stored if _orientation(image) != 1 else 0
+    strips = 0
     if image.mode in SIXTEEN_BIT_MODES:
         per_pixel = stored + 2  # the 8-bit copy and its oriented copy (orientation is applied after)
+        strips = min(w * h, STRIP_PIXELS) * 8  # one strip as int64
     elif image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
         per_pixel = stored + oriented + 16
     else:
         per_pixel = stored + oriented + (0 if image.mode == "RGB" else 4)
-    return w * h * (per_pixel + 1) + target[0] * target[1] * 7 + STRIP_PIXELS * 8  # + 1: the decoder's buffers
+    return w * h * (per_pixel + 1) + target[0] * target[1] * 7 + strips  # + 1: the decoder's own buffers
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -135,6 +137,57 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+SOF_HUFFMAN_DCT = {0xC0, 0xC1, 0xC2}  # baseline, extended, progressive: each coded block costs at least one bit
+NO_LENGTH = {0x01, *range(0xD0, 0xD9)}  # TEM, RSTn, SOI: markers without a length field
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def jpeg_scan_complete(data: bytes) -> bool:
+    """False when a Huffman-coded JPEG's scans hold fewer bits than its frame header's blocks need (one bit per
+    8x8 block at the very least): a header claiming, say, 6000 x 6000 over a small scan, which decoders fill with
+    gray. True for anything else (other formats, arithmetic coding, unparsable files: the decoder judges those)."""
+    if data[:2] != b"\xff\xd8":
+        return True
+    blocks, scan_bytes, i = 0, 0, 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return True  # not where a marker should be: left to the decoder
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:
+            break
+        if marker in NO_LENGTH:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        segment = data[i + 4:i + 2 + length]
+        if marker in SOF_HUFFMAN_DCT and len(segment) >= 6:
+            height, width, count = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big"), segment[5]
+            factors = [(segment[6 + 3 * c + 1] >> 4, segment[6 + 3 * c + 1] & 15) for c in range(count)
+                       if 6 + 3 * c + 1 < len(segment)]
+            hmax, vmax = max((f[0] for f in factors), default=1) or 1, max((f[1] for f in factors), default=1) or 1
+            blocks = sum(_ceil(_ceil(width * h, hmax), 8) * _ceil(_ceil(height * v, vmax), 8) for h, v in factors)
+        i += 2 + length
+        if marker == 0xDA:  # entropy-coded data up to the next marker that is neither a stuffed 0xFF nor RSTn
+            start = i
+            while True:
+                i = data.find(b"\xff", i)
+                if i < 0 or i + 1 >= len(data):
+                    i = len(data)
+                    break
+                if data[i + 1] == 0x00 or 0xD0 <= data[i + 1] <= 0xD7:
+                    i += 2
+                    continue
+                break
+            scan_bytes += i - start
+    return scan_bytes * 8 >= blocks
 
 
 def fit_size(size: tuple[int, int], fit: tuple[int, int]) -> tuple[int, int]:

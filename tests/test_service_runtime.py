@@ -363,10 +363,10 @@ def test_exif_orientation_and_sixteen_bit_in_replies():
 def test_bytes_in_flight_are_bounded():
     backend = FakeBackend(delay=0.6, fit_box=(64, 64))
     with TestClient(app_with(backend, max_inflight_mb=1.0, timeout_s=5)) as client:
-        big = png(w=400, h=400)  # 160,000 px x 8 bytes while decoding: more than the whole 1 MB budget
+        big = png(w=500, h=500)  # 250,000 px x 5 bytes while decoding (RGB): more than the whole 1 MB budget
         r = client.post("/v1/detect", content=big, headers={"content-type": "image/png"})
         assert r.status_code == 413 and r.json()["error"] == "image_too_large"
-        fits = png(w=300, h=300)  # 720 KB while decoding: one at a time, the others wait their turn
+        fits = png(w=300, h=300)  # 450 KB while decoding: two at a time, the third waits its turn
         responses = post_many(client, 3, bodies=[fits] * 3)
         assert [r.status_code for r in responses] == [200] * 3
         assert client.app.state.service is not None
@@ -424,13 +424,20 @@ def test_origin_allow_list():
         assert refused.value.code == 1008
         r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **other})
         assert r.status_code == 403 and r.json()["error"] == "origin_not_allowed"
-        same = {"origin": "http://svc:8000"}  # the page this server serves
+        same = {"origin": "http://127.0.0.1:8000"}  # the page this server serves (--host 127.0.0.1 --port 8000)
         assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **same}).status_code == 200
-        with client.websocket_connect("/v1/stream", headers={"origin": "http://testserver"}) as ws:  # its Host
+        with client.websocket_connect("/v1/stream", headers={"origin": "http://localhost:8000"}) as ws:
             ws.send_bytes(png())
             assert ws.receive_json()["type"] == "detections"
+        # DNS rebinding: the page's origin matches the Host header it made the browser send; still refused
+        rebound = {"origin": "http://evil.example", "host": "evil.example"}
+        r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **rebound})
+        assert r.status_code == 403 and r.json()["error"] == "origin_not_allowed"
     with TestClient(app_with(backend, allowed_origins=["http://evil.example"]), base_url="http://svc:8000") as client:
         assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **other}).status_code == 200
+    with TestClient(app_with(backend, host="detect.example", port=443)) as client:  # a public name
+        page = {"origin": "http://detect.example:443"}
+        assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **page}).status_code == 200
 
 
 # --- docs offline, model listing ---------------------------------------------------------------------------
