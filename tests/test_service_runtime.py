@@ -546,3 +546,77 @@ def test_onnx_runtime_engine_is_served_and_streams_without_spike_counts(onnx_cac
     add_arguments(parser)
     settings = settings_from_args(parser.parse_args(["--engine", "onnxruntime", "--provider", "cuda"]))
     assert (settings.engine, settings.provider) == ("onnxruntime", "cuda")
+
+
+# --- admission, replies in the service's words, the schema's bounds -------------------------------------------
+
+def test_admission_refuses_excess_at_once_and_always_answers_probes():
+    backend = FakeBackend(delay=1.5)
+    with TestClient(app_with(backend, limit_concurrency=1, timeout_s=10)) as client:
+        slow = threading.Thread(target=lambda: client.post("/v1/detect", content=png(),
+                                                           headers={"content-type": "image/png"}))
+        slow.start()
+        time.sleep(0.4)  # the one admitted request is in flight
+        start = time.monotonic()
+        r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png"})
+        assert r.status_code == 503 and r.json()["error"] == "busy" and r.headers["retry-after"] == "1"
+        assert time.monotonic() - start < 0.5, "an excess request must be refused at once, not queued"
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            assert client.get(probe).status_code == 200, probe
+        slow.join()
+        assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png"}).status_code == 200
+
+
+def test_replies_carry_no_library_text_for_bombs_and_forged_jpegs():
+    import struct
+    import zlib
+
+    backend = FakeBackend()
+    with TestClient(app_with(backend, max_pixels=40_000_000)) as client:
+        ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)  # a header that says 30000 x 30000
+        chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body  # noqa: E731
+                                    + struct.pack(">I", zlib.crc32(kind + body)))
+        bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+        r = client.post("/v1/detect", content=bomb, headers={"content-type": "image/png"})
+        assert r.status_code == 413 and r.json()["error"] == "image_too_large", r.text
+        assert "Pillow" not in r.text and "DOS" not in r.text and "decompression" not in r.text.lower(), r.text
+        small = jpeg(64, 48)
+        sof = small.find(b"\xff\xc0")
+        forged = small[:sof + 5] + struct.pack(">HH", 6000, 6000) + small[sof + 9:]  # SOF 6000 x 6000, tiny scan
+        r = client.post("/v1/detect", content=forged, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 422 and r.json()["error"] == "bad_image", r.text
+        r = client.post("/v1/detect", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+        assert r.status_code == 400 and r.json()["error"] == "bad_multipart" and "boundary" in r.json()["detail"]
+
+
+def test_video_temp_files_count_against_the_disk_budget():
+    backend = FakeBackend()
+    with TestClient(app_with(backend, max_video_disk_mb=0.01)) as client:  # 10 KB of temp files in all
+        fake_mkv = b"\x1a\x45\xdf\xa3" + b"\0" * 20_000
+        r = client.post("/v1/video", content=fake_mkv, headers={"content-type": "video/x-matroska"})
+        assert r.status_code == 413 and r.json()["error"] == "video_too_large", r.text
+        r = client.post("/v1/video", content=fake_mkv[:5000], headers={"content-type": "video/x-matroska"})
+        assert r.status_code == 422 and r.json()["error"] == "bad_video"  # saved, refused, space given back
+        r = client.post("/v1/video", content=fake_mkv[:5000], headers={"content-type": "video/x-matroska"})
+        assert r.status_code == 422, "the disk budget was not released after a refused video"
+
+
+def test_openapi_states_the_enforced_bounds_and_every_ref_resolves():
+    import re
+
+    from service.app import sleep_pattern
+
+    backend = FakeBackend()  # levels 4: wake at most 16
+    with TestClient(app_with(backend, max_sleep=5)) as client:
+        schema = client.get("/openapi.json").json()
+    text = json.dumps(schema)
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', text))
+    assert "#/$defs/" not in text and refs <= set(schema["components"]["schemas"]), refs
+    detect = schema["paths"]["/v1/detect"]["post"]
+    query = {p["name"]: p["schema"] for p in detect["parameters"]}
+    form = detect["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    for declared in (query["wake"]["anyOf"][0], query["burst"]["anyOf"][0], form["wake"]):
+        assert declared["maximum"] == 16
+    assert query["max_sleep"]["anyOf"][0]["maximum"] == 5 and form["max_sleep"]["maximum"] == 5
+    assert form["sleep"]["pattern"] == sleep_pattern(5) and re.match(sleep_pattern(5), "5")
+    assert not re.match(sleep_pattern(5), "6") and re.match(sleep_pattern(5), "auto")
