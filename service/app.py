@@ -52,6 +52,7 @@ VIDEO_TYPES = {"application/octet-stream", "video/mp4", "video/x-msvideo", "vide
                "video/webm", "video/x-matroska"}
 WS_CLOSE_POLICY, WS_CLOSE_GOING_AWAY, WS_CLOSE_TRY_AGAIN = 1008, 1001, 1013
 PROBE_PATHS = {"/healthz", "/readyz", "/metrics"}  # always answered (never counted by admission)
+DISCARD_BYTES, DISCARD_S = 32 << 20, 2.0  # what a refused request's body may still send before the 503
 
 
 class DetectParams(BaseModel):
@@ -268,12 +269,24 @@ class _AdmissionMiddleware:
             response = JSONResponse({"error": "busy", "detail": f"the service is at its limit of {self.limit} "
                                      "requests in flight; retry after the Retry-After seconds"}, status_code=503,
                                     headers={"Retry-After": "1"})
+            await self.discard_body(receive)
             return await response(scope, receive, send)
         self.active += 1
         try:
             return await self.app(scope, receive, send)
         finally:
             self.active -= 1
+
+    async def discard_body(self, receive) -> None:
+        """Read (and drop) what the client is still sending, up to ``DISCARD_BYTES`` for ``DISCARD_S``: a reply
+        sent over an unread body makes the close a TCP reset, and the client would see no 503 at all."""
+        end, size = time.monotonic() + DISCARD_S, 0
+        with contextlib.suppress(asyncio.TimeoutError):
+            while size <= DISCARD_BYTES:
+                message = await asyncio.wait_for(receive(), max(0.001, end - time.monotonic()))
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    return
+                size += len(message.get("body", b""))
 
 
 def create_app(settings: Settings | None = None, backends: dict[str, Backend] | None = None):
