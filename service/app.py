@@ -720,7 +720,7 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
     async def video_lines(worker, params, capture, info, every, path, on_disk, deadline):
         processed, index, truncated = 0, 0, False
         try:
-            yield b""  # (nothing is sent for an empty chunk)
+            yield b""  # consumed by video(): a started generator always runs its clean-up
             frame = info.pop("first")
             while frame is not None:
                 if index % every == 0:
