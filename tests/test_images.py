@@ -162,3 +162,18 @@ def test_library_readers_use_it(tmp_path):
     sixteen = tmp_path / "depth.png"
     sixteen.write_bytes(encoded(Image.fromarray(np.full((4, 4), 65535, np.uint16)), "PNG"))
     assert (read_bgr(sixteen, "bgr") == 255).all()
+
+
+def test_jpeg_scans_too_short_for_their_header_are_found():
+    import struct
+
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    for options in ({}, {"progressive": True}, {"subsampling": 0}):
+        good = encoded(photo, "JPEG", **options)
+        assert images.jpeg_scan_complete(good), options
+        sof = good.find(b"\xff\xc2" if options.get("progressive") else b"\xff\xc0")
+        forged = good[:sof + 5] + struct.pack(">HH", 6000, 6000) + good[sof + 9:]  # the header claims 6000 x 6000
+        assert not images.jpeg_scan_complete(forged), options
+    flat = encoded(Image.new("L", (4000, 4000), 128), "JPEG")  # a legitimately tiny scan: one bit a block, at least
+    assert images.jpeg_scan_complete(flat) and images.jpeg_scan_complete(encoded(photo, "PNG"))

@@ -435,6 +435,9 @@ def test_origin_allow_list():
         assert r.status_code == 403 and r.json()["error"] == "origin_not_allowed"
     with TestClient(app_with(backend, allowed_origins=["http://evil.example"]), base_url="http://svc:8000") as client:
         assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **other}).status_code == 200
+    from service.app import own_origins
+
+    assert "http://localhost:8000" in own_origins("0.0.0.0", 8000) and own_origins("::1", 80)[0] == "http://127.0.0.1:80"
     with TestClient(app_with(backend, host="detect.example", port=443)) as client:  # a public name
         page = {"origin": "http://detect.example:443"}
         assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **page}).status_code == 200

@@ -257,13 +257,9 @@ def load_checkpoint(path: str | Path, sha256: str | None = None, levels: int | N
 
 
 def ultralytics_start_checkpoint(path: Path, out: Path) -> Path:
-    """Ultralytics' trainer loads only its own checkpoint format: re-save one of ours in it (under ``out``)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # an Ultralytics pickle already
-        return path
-    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT):
-        return path
+    """The start weights for Ultralytics' trainer, which reads only its own format and unpickles it without an
+    allowlist: ``path`` (ours, or an Ultralytics ``.pt``) loaded safely and re-saved in that format under ``out``,
+    so that the trainer never unpickles a file it was handed (a payload is refused here, by ``load_checkpoint``)."""
     model, _ = load_checkpoint(path)
     out.mkdir(parents=True, exist_ok=True)
     start = out / f"start-{path.stem}.pt"
