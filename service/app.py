@@ -346,7 +346,8 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
         if app.openapi_schema is None:
             generated = generate_openapi()
             levels = [b.levels for b in state["backends"].values()] or [1]
-            app.openapi_schema = state_bounds(generated, max(settings.wake_limit(n) for n in levels), settings.max_sleep)
+            max_wake = max(settings.wake_limit(n) for n in levels)
+            app.openapi_schema = state_bounds(generated, max_wake, settings.max_sleep)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -85,8 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info")
 
 
-POSITIVE = ("max_upload_mb", "max_inflight_mb", "timeout_s", "max_video_s", "max_video_disk_mb", "body_timeout_s", "header_timeout_s",
-            "ws_idle_s", "ws_max_s")
+POSITIVE = ("max_upload_mb", "max_inflight_mb", "timeout_s", "max_video_s", "max_video_disk_mb", "body_timeout_s",
+            "header_timeout_s", "ws_idle_s", "ws_max_s")
 AT_LEAST_ONE = ("threads", "max_pixels", "queue_size", "max_batch", "max_video_frames", "max_sleep",
                 "keep_alive_s", "limit_concurrency")
 

@@ -579,7 +579,8 @@ def test_replies_carry_no_library_text_for_bombs_and_forged_jpegs():
         ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)  # a header that says 30000 x 30000
         chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body  # noqa: E731
                                     + struct.pack(">I", zlib.crc32(kind + body)))
-        bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+        bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                + chunk(b"IEND", b""))
         r = client.post("/v1/detect", content=bomb, headers={"content-type": "image/png"})
         assert r.status_code == 413 and r.json()["error"] == "image_too_large", r.text
         assert "Pillow" not in r.text and "DOS" not in r.text and "decompression" not in r.text.lower(), r.text
