@@ -264,8 +264,11 @@ class _AdmissionMiddleware:
             return await self.app(scope, receive, send)
         if self.active >= self.limit:
             self.metrics.reject("-", "over_limit")
-            if scope["type"] == "websocket":
-                return await send({"type": "websocket.close", "code": WS_CLOSE_TRY_AGAIN})
+            if scope["type"] == "websocket":  # accepted only to say why it closes (a refused handshake is a bare 403)
+                await receive()
+                await send({"type": "websocket.accept"})
+                return await send({"type": "websocket.close", "code": WS_CLOSE_TRY_AGAIN,
+                                   "reason": f"busy: {self.limit} requests in flight"})
             response = JSONResponse({"error": "busy", "detail": f"the service is at its limit of {self.limit} "
                                      "requests in flight; retry after the Retry-After seconds"}, status_code=503,
                                     headers={"Retry-After": "1"})

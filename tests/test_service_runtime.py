@@ -554,6 +554,8 @@ def test_onnx_runtime_engine_is_served_and_streams_without_spike_counts(onnx_cac
 # --- admission, replies in the service's words, the schema's bounds -------------------------------------------
 
 def test_admission_refuses_excess_at_once_and_always_answers_probes():
+    from starlette.websockets import WebSocketDisconnect
+
     backend = FakeBackend(delay=1.5)
     with TestClient(app_with(backend, limit_concurrency=1, timeout_s=10)) as client:
         slow = threading.Thread(target=lambda: client.post("/v1/detect", content=png(),
@@ -566,6 +568,10 @@ def test_admission_refuses_excess_at_once_and_always_answers_probes():
         assert time.monotonic() - start < 0.5, "an excess request must be refused at once, not queued"
         for probe in ("/healthz", "/readyz", "/metrics"):
             assert client.get(probe).status_code == 200, probe
+        with pytest.raises(WebSocketDisconnect) as refused:
+            with client.websocket_connect("/v1/stream") as ws:
+                ws.receive_json()
+        assert refused.value.code == 1013  # try again later
         slow.join()
         assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png"}).status_code == 200
 
