@@ -4,8 +4,10 @@
     python benchmarks/service.py --model yolov8n-bundled --duration 20 --concurrency 8 32
     python benchmarks/service.py --hostile --duration 60 # both bundled models, 16 clients, clean vs hostile mix
     python benchmarks/service.py --sleep-bound          # sleep steps "auto" uses on the bundled val images
+    python benchmarks/service.py --abuse                # the default model: burst, abandoned requests, 16-bit images
 
-Figures: requests/s, p50/p95 latency, errors, server RSS before/after, per concurrency; time to the first
+Figures: requests/s, p50/p95 latency, errors, server RSS over each run (sampled every second), at 1, 8 and 16
+clients (``--concurrency``); time to the first
 streamed event vs the full answer; ratios
   * service latency at concurrency 1 / in-process ``predict`` (same image, same thread count; target <= 1.25)
   * throughput with micro-batching / without (``--max-batch 1``) at concurrency 8 (target >= 1.5).
@@ -18,6 +20,11 @@ frames, slow-header and slow-body connections, and maximum-cost requests). Print
 both runs and their ratio (target <= 2), the 5xx count over the bad inputs (target 0; the maximum-cost requests
 and the 6000x6000 WebPs are valid requests, shown but not counted: under load they may time out), peak server
 RSS (target < 3 GB).
+
+``--abuse``: the first QANN of the manifest (default settings but ``--limit-concurrency``/``--queue-size`` as
+given): a burst of ``--burst`` requests at once with 70 idle sockets open (served, refused, other statuses,
+/healthz statuses during it); eight maximum-cost ``/v1/detect`` requests dropped after 0.8 s (server CPU seconds in
+the second after); six concurrent 4500 x 4500 16-bit PNGs (peak RSS above idle, against the in-flight budget).
 """
 
 from __future__ import annotations
@@ -90,6 +97,33 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
+class RSSOverTime:
+    """Samples a process's RSS every ``every_s`` seconds in a thread; ``samples`` in MB."""
+
+    def __init__(self, pid: int, every_s: float = 1.0):
+        import threading
+
+        self.pid, self.every_s, self.samples = pid, every_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.samples.append(rss_mb(self.pid))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def line(self) -> str:
+        return "RSS over time (MB, every {:g} s): {}".format(self.every_s, " ".join(f"{v:.0f}" for v in self.samples))
+
+
 async def load(base: str, image: bytes, concurrency: int, duration: float, params: dict) -> dict:
     import httpx
 
@@ -148,7 +182,7 @@ def in_process_predict(model: str, image_path: Path, params: dict, threads: int,
     from service.backends import Params, load_backend
 
     torch.set_num_threads(threads)
-    backend = load_backend(model)
+    backend = load_backend(model, allow_unverified=True)  # the benchmark's own tiny model is in no manifest
     array = np.asarray(Image.open(image_path).convert("RGB"))
     p = Params(conf=params.get("conf", 0.25))
     backend.predict([array], p)
@@ -400,13 +434,95 @@ def hostile_benchmark(args) -> int:
     return 0
 
 
+def abuse_benchmark(args) -> int:
+    """The hostile-load targets, measured on the default model (see the module docstring)."""
+    import socket
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_service_abuse import cpu_seconds, raw_request, sixteen_bit_png
+
+    from service.backends import default_model_name
+    from service.config import Settings
+
+    model, budget_mb = default_model_name(), Settings().max_inflight_mb
+    proc, base = start(model, args.threads, ["--queue-size", str(args.queue_size), "--limit-concurrency",
+                                             str(args.limit_concurrency)], defaults=True)
+    port, image = int(base.rsplit(":", 1)[1]), Path(args.image).read_bytes()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(70)]
+        probes, stop = [], threading.Event()
+
+        def probe():
+            with httpx.Client(base_url=base, timeout=5) as c:
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    probes.append((c.get("/healthz").status_code, time.perf_counter() - t0))
+                    time.sleep(0.1)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(args.burst) as pool:
+            replies = list(pool.map(lambda _: raw_request(port, "/v1/detect", image, timeout=120), range(args.burst)))
+        took = time.monotonic() - t0
+        stop.set()
+        prober.join()
+        for s in idle:
+            s.close()
+        statuses = [r[0] for r in replies]
+        codes = sorted({json.loads(r[2]).get("error") for r in replies if r[0] == 503})
+        print(f"burst of {args.burst} requests + 70 idle sockets ({model}, --queue-size {args.queue_size}, "
+              f"--limit-concurrency {args.limit_concurrency}): {statuses.count(200)} served, {statuses.count(503)} "
+              f"refused with 503 {codes}, {len(statuses) - statuses.count(200) - statuses.count(503)} other; "
+              f"{took:.1f} s; /healthz during it: {len(probes)} probes, statuses {sorted({p[0] for p in probes})}, "
+              f"slowest {max(p[1] for p in probes) * 1000:.0f} ms")
+
+        sockets = []
+        for _ in range(8):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(f"POST /v1/detect?wake=16&sleep=32&burst=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                      f"image/jpeg\r\nContent-Length: {len(image)}\r\n\r\n".encode() + image)
+            sockets.append(s)
+        time.sleep(0.8)
+        before = cpu_seconds(proc.pid)
+        time.sleep(0.5)
+        busy = (cpu_seconds(proc.pid) - before) / 0.5
+        for s in sockets:
+            s.close()
+        seconds = []
+        for _ in range(3):
+            before = cpu_seconds(proc.pid)
+            time.sleep(1.0)
+            seconds.append(cpu_seconds(proc.pid) - before)
+        print(f"abandoned: 8 max-cost requests dropped after 0.8 s (server CPU {busy:.2f} s/s while they ran); "
+              f"server CPU seconds in each second after: {' '.join(f'{v:.2f}' for v in seconds)}")
+
+        data = sixteen_bit_png(4500)
+        with httpx.Client(base_url=base, timeout=120) as c:
+            idle_rss = rss_mb(proc.pid)
+            with PeakRSS(proc.pid, every_s=0.01) as peak, ThreadPoolExecutor(6) as pool:
+                statuses = list(pool.map(lambda _: c.post("/v1/detect", content=data, headers={
+                    "content-type": "image/png"}).status_code, range(6)))
+        print(f"16-bit: 6 concurrent 4500x4500 16-bit PNGs ({len(data) // 1024} KB each): statuses {statuses}; "
+              f"peak RSS {peak.peak - idle_rss:.0f} MB above idle ({idle_rss:.0f} MB); in-flight budget "
+              f"{budget_mb:.0f} MB (target: at most budget + 300)")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint path or manifest name (default: tiny random)")
     parser.add_argument("--imgsz", type=int, default=256, help="imgsz of the default tiny random model")
     parser.add_argument("--image", default=str(Path(__import__("ultralytics").__file__).parent / "assets" / "bus.jpg"))
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load run")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 16], help="clients (1 always runs)")
     parser.add_argument("--threads", type=int, default=1, help="server torch threads")
     parser.add_argument("--batch-window-ms", type=float, default=5.0)
     parser.add_argument("--max-batch", type=int, default=8)
@@ -418,7 +534,14 @@ def main() -> int:
     parser.add_argument("--rcnn-share", type=float, default=0.25, help="--hostile: normal clients on the R-CNN")
     parser.add_argument("--hostile-pause-s", type=float, default=0.25, help="--hostile: pause between hostile requests")
     parser.add_argument("--sleep-bound", action="store_true", help="sleep steps of sleep='auto' on the bundled data")
+    parser.add_argument("--abuse", action="store_true", help="burst, abandoned requests and 16-bit images on the "
+                                                             "default model")
+    parser.add_argument("--burst", type=int, default=120, help="--abuse: requests at once")
+    parser.add_argument("--queue-size", type=int, default=16, help="--abuse: the server's --queue-size")
+    parser.add_argument("--limit-concurrency", type=int, default=64, help="--abuse: the server's --limit-concurrency")
     args = parser.parse_args()
+    if args.abuse:
+        return abuse_benchmark(args)
     if args.sleep_bound:
         sleep_bound(threads=args.threads)
         return 0
@@ -436,17 +559,16 @@ def main() -> int:
     proc, base = start(model, args.threads, batched)
     try:
         asyncio.run(load(base, image, 2, 2.0, params))  # warm-up
-        one = asyncio.run(load(base, image, 1, args.duration, params))
-        print(f"concurrency  1: {one['rps']:6.2f} req/s  p50 {one['p50'] * 1000:7.1f} ms  "
-              f"p95 {one['p95'] * 1000:7.1f} ms  errors {one['errors']}")
         results = {}
-        for c in args.concurrency:
-            before = rss_mb(proc.pid)
-            r = asyncio.run(load(base, image, c, args.duration, params))
+        for c in [1, *[c for c in args.concurrency if c != 1]]:
+            with RSSOverTime(proc.pid) as rss:
+                r = asyncio.run(load(base, image, c, args.duration, params))
             results[c] = r
             print(f"concurrency {c:2d}: {r['rps']:6.2f} req/s  p50 {r['p50'] * 1000:7.1f} ms  "
-                  f"p95 {r['p95'] * 1000:7.1f} ms  errors {r['errors']}  RSS {before:.0f} -> {rss_mb(proc.pid):.0f} MB"
+                  f"p95 {r['p95'] * 1000:7.1f} ms  errors {r['errors']}"
                   f"  (micro-batching window {args.batch_window_ms} ms, max {args.max_batch})")
+            print(f"  {rss.line()}")
+        one = results[1]
         first, stream_total, full = first_event_vs_full(base, image, params)
         print(f"stream: first event {first * 1000:.1f} ms, whole stream {stream_total * 1000:.1f} ms; "
               f"/v1/detect {full * 1000:.1f} ms (medians of 5, concurrency 1)")

@@ -28,6 +28,11 @@ BACKGROUND = (114, 114, 114)
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that transpose the image
+STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}  # the rest: 4 a pixel
+T = Image.Transpose
+TRANSPOSES = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE, 6: T.ROTATE_270,
+              7: T.TRANSVERSE, 8: T.ROTATE_90}  # EXIF orientation -> the transpose that shows the image upright
+STRIP_PIXELS = 1 << 20  # 16-bit images are scaled to 8 bits this many pixels at a time
 
 
 class ImageError(ValueError):
@@ -87,17 +92,102 @@ def displayed_size(image: Image.Image) -> tuple[int, int]:
     return (h, w) if _orientation(image) in SWAPS_AXES else (w, h)
 
 
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit gray image as 8-bit "L", 65535 -> 255, in strips of rows: no full-size intermediate array beyond
+    the 1-byte result (the 16-bit image would otherwise be copied to float64, 8 bytes a pixel, several times)."""
+    w, h = image.size
+    gray = np.empty((h, w), np.uint8)
+    rows = max(1, STRIP_PIXELS // max(w, 1))
+    for top in range(0, h, rows):
+        strip = np.asarray(image.crop((0, top, w, min(h, top + rows))), dtype=np.int64)
+        gray[top:top + strip.shape[0]] = (np.clip(strip, 0, 65535) + 128) // 257  # = rint(x / 257): 257 is odd
+    return Image.fromarray(gray, "L")
+
+
+def working_bytes(image: Image.Image, target: tuple[int, int]) -> int:
+    """The most bytes ``decode`` holds at once for ``image`` (header read) decoded to ``target`` (w, h): Pillow's
+    decoded image at its stored bytes a pixel (a JPEG at its reduced DCT scale), the oriented copy, the
+    conversion's intermediates (16-bit: the 8-bit copy; alpha: RGBA, background, composite, RGB), the resized
+    RGB and the returned array. What a caller reserves before decoding an image of unknown provenance."""
+    w, h = image.size
+    if image.format == "JPEG" and target != displayed_size(image):
+        tw, th = (target[1], target[0]) if _orientation(image) in SWAPS_AXES else target
+        ratio = min(w // max(tw, 1), h // max(th, 1))
+        reduction = next(r for r in (8, 4, 2, 1) if ratio >= r)  # what draft() chooses
+        w, h = -(-w // reduction), -(-h // reduction)
+    stored = STORED_BYTES.get(image.mode, 4)
+    oriented = stored if _orientation(image) != 1 else 0
+    strips = 0
+    if image.mode in SIXTEEN_BIT_MODES:
+        per_pixel = stored + 2  # the 8-bit copy and its oriented copy (orientation is applied after)
+        strips = min(w * h, STRIP_PIXELS) * 8  # one strip as int64
+    elif image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        per_pixel = stored + oriented + 16
+    else:
+        per_pixel = stored + oriented + (0 if image.mode == "RGB" else 4)
+    return w * h * (per_pixel + 1) + target[0] * target[1] * 7 + strips  # + 1: the decoder's own buffers
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB: 16-bit scaled, alpha composited on ``BACKGROUND``, the rest converted."""
     if image.mode in SIXTEEN_BIT_MODES:
-        samples = np.asarray(image, dtype=np.float64)
-        gray = np.clip(np.rint(samples / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255, 0 -> 0
-        return Image.fromarray(gray, "L").convert("RGB")
+        return _eight_bit(image).convert("RGB")
     if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+SOF_HUFFMAN_DCT = {0xC0, 0xC1, 0xC2}  # baseline, extended, progressive: each coded block costs at least one bit
+NO_LENGTH = {0x01, *range(0xD0, 0xD9)}  # TEM, RSTn, SOI: markers without a length field
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def jpeg_scan_complete(data: bytes) -> bool:
+    """False when a Huffman-coded JPEG's scans hold fewer bits than its frame header's blocks need (one bit per
+    8x8 block at the very least): a header claiming, say, 6000 x 6000 over a small scan, which decoders fill with
+    gray. True for anything else (other formats, arithmetic coding, unparsable files: the decoder judges those)."""
+    if data[:2] != b"\xff\xd8":
+        return True
+    blocks, scan_bytes, i = 0, 0, 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return True  # not where a marker should be: left to the decoder
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:
+            break
+        if marker in NO_LENGTH:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        segment = data[i + 4:i + 2 + length]
+        if marker in SOF_HUFFMAN_DCT and len(segment) >= 6:
+            height, width, count = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big"), segment[5]
+            factors = [(segment[6 + 3 * c + 1] >> 4, segment[6 + 3 * c + 1] & 15) for c in range(count)
+                       if 6 + 3 * c + 1 < len(segment)]
+            hmax, vmax = max((f[0] for f in factors), default=1) or 1, max((f[1] for f in factors), default=1) or 1
+            blocks = sum(_ceil(_ceil(width * h, hmax), 8) * _ceil(_ceil(height * v, vmax), 8) for h, v in factors)
+        i += 2 + length
+        if marker == 0xDA:  # entropy-coded data up to the next marker that is neither a stuffed 0xFF nor RSTn
+            start = i
+            while True:
+                i = data.find(b"\xff", i)
+                if i < 0 or i + 1 >= len(data):
+                    i = len(data)
+                    break
+                if data[i + 1] == 0x00 or 0xD0 <= data[i + 1] <= 0xD7:
+                    i += 2
+                    continue
+                break
+            scan_bytes += i - start
+    return scan_bytes * 8 >= blocks
 
 
 def fit_size(size: tuple[int, int], fit: tuple[int, int]) -> tuple[int, int]:
@@ -159,6 +249,12 @@ def _decode_pixels(image: Image.Image, target: tuple[int, int]) -> Image.Image:
         stored = (target[1], target[0]) if orientation in SWAPS_AXES else target
         image.draft(image.mode, stored)  # decodes at 1/2, 1/4 or 1/8 scale where that is still large enough
     image.load()
+    if image.mode in SIXTEEN_BIT_MODES:  # to 8 bits first: orienting and resizing then move 1 byte a pixel
+        gray = _eight_bit(image)
+        oriented = gray.transpose(TRANSPOSES[orientation]) if orientation in TRANSPOSES else gray
+        if oriented.size != target:
+            oriented = oriented.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return oriented.convert("RGB")
     oriented = ImageOps.exif_transpose(image) if orientation != 1 else image
     rgb = _to_rgb(oriented)
     if rgb.size != target:

@@ -50,7 +50,7 @@ fi
 
 # CASC_<NAME> -> --<name> (underscores become dashes), only for flags this `casc serve` has.
 EXTRA_FLAGS="MAX_PIXELS MAX_UPLOAD_MB QUEUE_SIZE TIMEOUT_S BATCH_WINDOW_MS MAX_BATCH MAX_VIDEO_FRAMES MAX_VIDEO_S
-    DEVICE DEMO_IMAGE LOG_LEVEL"
+    MAX_VIDEO_DISK_MB LIMIT_CONCURRENCY ALLOW_ORIGIN DEVICE DEMO_IMAGE LOG_LEVEL"
 for name in $EXTRA_FLAGS; do
     value=$(printenv "CASC_$name" || true)
     [ -n "$value" ] || continue

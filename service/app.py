@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlsplit
 
 from fastapi import Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +27,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from detector.detect import KEYFRAME_EVERY
@@ -35,8 +35,8 @@ from detector.detect import KEYFRAME_EVERY
 from .backends import Backend, Params, load_backend, scale_detections, warmup
 from .config import IMAGE_CONTENT_TYPES, Settings
 from .errors import ServiceError
-from .imaging import (BYTES_PER_DECODED_PIXEL, ByteBudget, check_shape, decode_for, fit_frame, header_size,
-                      set_pixel_limit)
+from .imaging import (ByteBudget, check_shape, decode_for, fit_frame, header_size, set_pixel_limit,
+                      working_bytes)
 from .metrics import Metrics
 from .schemas import DetectResponse, ErrorResponse, Health, ModelList, Ready, StreamStep, VideoFrame
 from .video import container_of, open_video, read_frame, save_upload
@@ -52,7 +52,9 @@ STATUS_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "me
                 422: "invalid_parameter", 429: "too_many_requests", 503: "unavailable", 504: "timeout"}
 VIDEO_TYPES = {"application/octet-stream", "video/mp4", "video/x-msvideo", "video/avi", "video/quicktime",
                "video/webm", "video/x-matroska"}
-WS_CLOSE_POLICY, WS_CLOSE_GOING_AWAY = 1008, 1001
+WS_CLOSE_POLICY, WS_CLOSE_GOING_AWAY, WS_CLOSE_TRY_AGAIN = 1008, 1001, 1013
+PROBE_PATHS = {"/healthz", "/readyz", "/metrics"}  # always answered (never counted by admission)
+DISCARD_BYTES, DISCARD_S = 32 << 20, 2.0  # what a refused request's body may still send before the 503
 
 
 class DetectParams(BaseModel):
@@ -138,13 +140,72 @@ VIDEO_BODY = _request_body("the video (MP4/MOV, AVI, Matroska/WebM): multipart f
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 403, 404, 408, 413, 415, 422, 500, 503, 504)}
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> bool:
-    """No ``Origin`` (not a browser): allowed. Else the page's origin must be this server's or in ``allowed``."""
+def sleep_pattern(max_sleep: int) -> str:
+    """The regular expression of ``sleep``: 'auto' or an integer 0..``max_sleep``."""
+    return "^(auto|" + "|".join(str(n) for n in range(int(max_sleep) + 1)) + ")$"
+
+
+def state_bounds(schema: dict, max_wake: int, max_sleep: int) -> dict:
+    """The OpenAPI ``schema`` with the bounds the server enforces (the declared ones are the widest any model
+    could take): wake and burst up to ``max_wake``, max_sleep up to ``max_sleep``, sleep matching 0..``max_sleep``;
+    and the response models' ``$defs`` moved to ``components/schemas`` so that every ``$ref`` resolves."""
+    limits = {"wake": max_wake, "burst": max_wake, "max_sleep": max_sleep}
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+
+    def bound(name: str, node: dict) -> None:
+        for part in [node, *node.get("anyOf", [])]:
+            if name in limits and part.get("type") == "integer":
+                part["maximum"] = limits[name]
+            elif name == "sleep" and part.get("type") == "string":
+                part["pattern"] = sleep_pattern(max_sleep)
+
+    def walk(node):
+        if isinstance(node, dict):
+            components.update(node.pop("$defs", {}))
+            for key, value in node.items():
+                if key == "$ref" and isinstance(value, str) and value.startswith("#/$defs/"):
+                    node[key] = "#/components/schemas/" + value[len("#/$defs/"):]
+                else:
+                    walk(value)
+            if node.get("in") == "query" and "schema" in node:
+                bound(node.get("name", ""), node["schema"])
+            for name, prop in (node.get("properties") or {}).items():
+                if isinstance(prop, dict) and "file" in node.get("properties", {}):
+                    bound(name, prop)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(schema)
+    return schema
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
+
+
+def own_origins(host: str, port: int) -> list[str]:
+    """The origins of the pages this server serves, from the address it listens on (never from a request's
+    ``Host`` header, which a DNS-rebinding page sets to anything). Listening on a loopback or wildcard address:
+    the loopback names; a public name has to be given with ``--allow-origin``."""
+    names = LOOPBACK_HOSTS if host in WILDCARD_HOSTS or host in ("127.0.0.1", "localhost", "::1") else \
+        (f"[{host}]" if ":" in host else host,)
+    return [f"http://{name}:{port}" for name in names]
+
+
+def origin_allowed(origin: str | None, allowed: list[str]) -> bool:
+    """No ``Origin`` (not a browser): allowed. Else the page's origin must be in ``allowed`` (the configured
+    list and this server's own origins)."""
     if not origin:
         return True
-    if "*" in allowed or origin in allowed:
-        return True
-    return bool(host) and urlsplit(origin).netloc.lower() == host.lower()
+    return "*" in allowed or origin.lower().rstrip("/") in allowed
+
+
+class _PartsInMemory(MultiPartParser):
+    """Starlette's multipart parser, but a file part stays in memory (counted by the byte budget) instead of
+    spilling to a temp file over 1 MB: /tmp is a small emptyDir in deploy/k8s, budgeted for videos only."""
+
+    spool_max_size = 1 << 40
 
 
 class _MetricsMiddleware:
@@ -183,11 +244,54 @@ class _OriginMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            if not origin_allowed(headers.get("origin"), headers.get("host"), self.allowed):
+            if not origin_allowed(headers.get("origin"), self.allowed):
                 response = JSONResponse({"error": "origin_not_allowed", "detail": "requests from this page's "
                                          "origin are not allowed (casc serve --allow-origin)"}, status_code=403)
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+class _AdmissionMiddleware:
+    """At most ``limit`` requests and WebSockets in flight; the rest are refused at once with the service's JSON
+    503 and Retry-After (a WebSocket: close code 1013, try again later). Probes (``PROBE_PATHS``) are never
+    counted nor refused, so liveness and readiness are answered whatever the load. This replaces uvicorn's
+    ``limit_concurrency``, which counts open connections: idle sockets would refuse every request, probes too."""
+
+    def __init__(self, app, limit: int, metrics: Metrics):
+        self.app, self.limit, self.metrics = app, int(limit), metrics
+        self.active = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or scope.get("path") in PROBE_PATHS:
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            self.metrics.reject("-", "over_limit")
+            if scope["type"] == "websocket":  # accepted only to say why it closes (a refused handshake is a bare 403)
+                await receive()
+                await send({"type": "websocket.accept"})
+                return await send({"type": "websocket.close", "code": WS_CLOSE_TRY_AGAIN,
+                                   "reason": f"busy: {self.limit} requests in flight"})
+            response = JSONResponse({"error": "busy", "detail": f"the service is at its limit of {self.limit} "
+                                     "requests in flight; retry after the Retry-After seconds"}, status_code=503,
+                                    headers={"Retry-After": "1"})
+            await self.discard_body(receive)
+            return await response(scope, receive, send)
+        self.active += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    async def discard_body(self, receive) -> None:
+        """Read (and drop) what the client is still sending, up to ``DISCARD_BYTES`` for ``DISCARD_S``: a reply
+        sent over an unread body makes the close a TCP reset, and the client would see no 503 at all."""
+        end, size = time.monotonic() + DISCARD_S, 0
+        with contextlib.suppress(asyncio.TimeoutError):
+            while size <= DISCARD_BYTES:
+                message = await asyncio.wait_for(receive(), max(0.001, end - time.monotonic()))
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    return
+                size += len(message.get("body", b""))
 
 
 def create_app(settings: Settings | None = None, backends: dict[str, Backend] | None = None):
@@ -196,6 +300,7 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
     metrics = Metrics()
     state: dict = {"backends": dict(backends or {}), "workers": {}, "ready": False, "stopping": False}
     budget = ByteBudget(settings.max_inflight_bytes)
+    disk = ByteBudget(settings.max_video_disk_bytes, "on disk (video temp files)", "video_too_large")
 
     def _workers() -> dict[str, ModelWorker]:
         return state["workers"]
@@ -239,7 +344,21 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
         state["ready"], state["stopping"] = False, True
 
     app.state.begin_shutdown = begin_shutdown
-    app.add_middleware(_OriginMiddleware, allowed=list(settings.allowed_origins))
+
+    generate_openapi = app.openapi
+
+    def openapi() -> dict:  # on first use: the models are loaded by then
+        if app.openapi_schema is None:
+            generated = generate_openapi()
+            levels = [b.levels for b in state["backends"].values()] or [1]
+            max_wake = max(settings.wake_limit(n) for n in levels)
+            app.openapi_schema = state_bounds(generated, max_wake, settings.max_sleep)
+        return app.openapi_schema
+
+    app.openapi = openapi
+    origins = [o.lower().rstrip("/") for o in settings.allowed_origins] + own_origins(settings.host, settings.port)
+    app.add_middleware(_OriginMiddleware, allowed=origins)
+    app.add_middleware(_AdmissionMiddleware, limit=settings.limit_concurrency, metrics=metrics)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
 
     # -- errors: one JSON shape, no exception text --
@@ -322,8 +441,16 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await read_body(request, held, deadline)
         if content_type == "multipart/form-data":
-            request._body = body  # the parser reads the (already size-checked) body
-            form = await request.form(max_files=2, max_fields=20)
+            held.append(await budget.reserve(len(body), deadline))  # the parsed copy of the file part
+
+            async def parts():
+                yield body
+
+            try:
+                form = await _PartsInMemory(request.headers, parts(), max_files=2, max_fields=20).parse()
+            except MultiPartException:
+                raise ServiceError(400, "bad_multipart", "the multipart body is malformed (boundary, headers or "
+                                                         "too many parts)") from None
             try:
                 file = form.get("file")
                 if not isinstance(file, UploadFile):
@@ -333,7 +460,6 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
                 data = await file.read()
             finally:
                 await form.close()
-                request._body = b""
             return data, fields
         if not body and content_type in ("", *raw_types):
             raise ServiceError(400, "empty_body", f"no {what} data received")
@@ -364,28 +490,47 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
             metrics.reject(worker.backend.name, "queue_full")
             raise ServiceError(503, "queue_full", str(error), {"Retry-After": "1"}) from None
 
-    async def run_job(worker: ModelWorker, job: Job, deadline: float):
+    async def run_job(worker: ModelWorker, job: Job, deadline: float, request: Request | None = None):
+        """The job's result. It is cancelled (the model stops within one time step) on timeout, when the caller
+        is cancelled, and, given the ``request`` whose body has been read, when that client goes away."""
         submit(worker, job)
+        result = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(until_disconnected(request)) if request is not None else None
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(job.future), max(0.001, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            job.cancelled.set()  # the model stops within one time step
+            done, _ = await asyncio.wait({result} | ({gone} if gone else set()),
+                                         timeout=max(0.001, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if result in done:
+                return result.result()
+            job.cancelled.set()
+            result.cancel()
+            if gone is not None and gone in done:
+                metrics.reject(worker.backend.name, "client_gone")
+                raise ServiceError(400, "client_disconnected", "the client went away before the result")
             metrics.reject(worker.backend.name, "timeout")
-            raise ServiceError(504, "timeout", f"no result within {settings.timeout_s} s") from None
+            raise ServiceError(504, "timeout", f"no result within {settings.timeout_s} s")
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
+        finally:
+            if gone is not None:
+                gone.cancel()
+
+    async def until_disconnected(request: Request) -> None:
+        """Returns when the client of ``request`` (body already read) disconnects: the next ASGI message."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def decoded_job(kind: str, data: bytes, worker: ModelWorker, params: Params, held: list[int],
                           deadline: float, **job_fields) -> Job:
         """Check the header, decode straight to the model's input size (its working memory reserved while it
         runs), and hold only the resized image's bytes until the job ends."""
         backend = worker.backend
-        size = await run_in_threadpool(header_size, data)
+        size = await run_in_threadpool(header_size, data, settings.max_pixels)
         check_shape(size, backend, settings.max_pixels, settings.max_aspect)
-        working = await budget.reserve(size[0] * size[1] * BYTES_PER_DECODED_PIXEL, deadline)
+        working = await budget.reserve(await run_in_threadpool(working_bytes, data, size, backend), deadline)
         try:
-            decoded = await run_in_threadpool(decode_for, data, backend)
+            decoded = await run_in_threadpool(decode_for, data, backend, settings.max_pixels)
         finally:
             await budget.release(working)
         held.append(await budget.reserve(decoded.array.nbytes, deadline))
@@ -455,7 +600,7 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
         held: list[int] = []
         try:
             worker, params, job, decode_ms = await image_request(request, query, "predict", held, deadline)
-            result = await run_job(worker, job, deadline)
+            result = await run_job(worker, job, deadline, request)
         finally:
             await release(held)
         metrics.add_result(worker.backend.name, result.get("spikes"))
@@ -561,10 +706,16 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
             data, fields = await upload(request, VIDEO_TYPES, "video", held, deadline, {"every"})
             every = _every(fields, every)
             worker, params = merge_params(query, fields)
+            video_predictor = worker.backend.video(params, delta, keyframe_every)  # this request's own state
             if not data:
                 raise ServiceError(400, "empty_body", "no video data received")
             container = container_of(data)
-            path = await run_in_threadpool(save_upload, data, container)
+            on_disk = await disk.reserve(len(data), time.monotonic())  # full: 503 at once, never a full volume
+            try:
+                path = await run_in_threadpool(save_upload, data, container)
+            except BaseException:
+                await disk.release(on_disk)
+                raise
             del data
         finally:
             await release(held)
@@ -572,14 +723,16 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
             capture, info = await run_in_threadpool(open_video, path, container, settings)
         except BaseException:
             os.unlink(path)
+            await disk.release(on_disk)
             raise
-        video_predictor = worker.backend.video(params, delta, keyframe_every)
-        return StreamingResponse(video_lines(worker, params, capture, info, every, path, deadline, video_predictor),
-                                 media_type="application/x-ndjson")
+        lines = video_lines(worker, params, capture, info, every, path, on_disk, deadline, video_predictor)
+        await lines.__anext__()  # started: its clean-up (capture, temp file, disk budget) runs however it ends
+        return StreamingResponse(lines, media_type="application/x-ndjson")
 
-    async def video_lines(worker, params, capture, info, every, path, deadline, video_predictor):
+    async def video_lines(worker, params, capture, info, every, path, on_disk, deadline, video_predictor):
         processed, index, truncated = 0, 0, False
         try:
+            yield b""  # consumed by video(): a started generator always runs its clean-up
             frame = info.pop("first")
             while frame is not None:
                 if index % every == 0:
@@ -610,6 +763,7 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
             capture.release()
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            await disk.release(on_disk)
 
     async def _run_patient(worker: ModelWorker, job: Job, deadline: float):
         """Video frames wait for room in the queue (the client is a batch upload) until the deadline."""
@@ -628,8 +782,7 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
         (latest wins); ``dropped`` counts the skipped ones. A bad frame gets an error message and the socket
         stays open. Query parameters as for ``/v1/detect``. Closed after --ws-idle-s without a message and
         after --ws-max-s in all; a page of another origin is refused (policy close)."""
-        if not origin_allowed(websocket.headers.get("origin"), websocket.headers.get("host"),
-                              settings.allowed_origins):
+        if not origin_allowed(websocket.headers.get("origin"), origins):
             await websocket.close(code=WS_CLOSE_POLICY, reason="origin not allowed")
             return
         await websocket.accept()
@@ -725,7 +878,14 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
                         break
                     item, self.latest = self.latest, None
                     if item is not None:
-                        await self.ws.send_json(await self.answer(*item))
+                        answer = asyncio.ensure_future(self.answer(*item))
+                        closed = asyncio.ensure_future(self.closed.wait())
+                        await asyncio.wait({answer, closed}, return_when=asyncio.FIRST_COMPLETED)
+                        closed.cancel()
+                        if not answer.done():  # the client left: its frame stops within one time step
+                            answer.cancel()
+                            break
+                        await self.ws.send_json(answer.result())
                 if self.close_reason:
                     await self.ws.send_json({"type": "closing", "reason": self.close_reason})
                     await self.ws.close(code=WS_CLOSE_GOING_AWAY, reason=self.close_reason[:100])

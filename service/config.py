@@ -32,6 +32,9 @@ class Settings:
     max_batch: int = 8
     max_video_frames: int = 300  # frames decoded from one uploaded video
     max_video_s: float = 120.0  # video duration limit (from its header)
+    # temp files of uploaded videos, all requests together; below the 512Mi emptyDir that deploy/k8s mounts on
+    # /tmp (a pod over its sizeLimit is evicted)
+    max_video_disk_mb: float = 384.0
     device: str = "cpu"
     demo_image: str | None = None  # served at GET /demo-image (the web page's demo)
     allow_unverified: bool = False  # serve checkpoint files that match no manifest entry
@@ -42,10 +45,10 @@ class Settings:
     body_timeout_s: float = 30.0  # the whole request body must arrive within this (408)
     header_timeout_s: float = 10.0  # request line + headers must arrive within this (connection closed)
     keep_alive_s: int = 5  # idle keep-alive connections are closed after this
-    limit_concurrency: int = 64  # connections + WebSockets at once; more get 503
+    limit_concurrency: int = 64  # requests + WebSockets in flight (probes excepted); more get a JSON 503
     ws_idle_s: float = 60.0  # a WebSocket with no message for this long is closed
     ws_max_s: float = 600.0  # a WebSocket is closed after this long in all
-    allowed_origins: list[str] = field(default_factory=list)  # browser Origins allowed; [] = same origin only
+    allowed_origins: list[str] = field(default_factory=list)  # browser Origins allowed besides own_origins()
     shutdown_delay_s: float = 1.0  # after SIGTERM: /readyz says 503 this long before the listener closes
 
     @property
@@ -55,6 +58,10 @@ class Settings:
     @property
     def max_inflight_bytes(self) -> int:
         return int(self.max_inflight_mb * 1024 * 1024)
+
+    @property
+    def max_video_disk_bytes(self) -> int:
+        return int(self.max_video_disk_mb * 1024 * 1024)
 
     def wake_limit(self, levels: int) -> int:
         return self.max_wake if self.max_wake is not None else WAKE_FACTOR * int(levels)

@@ -16,7 +16,6 @@ from .config import SUPPORTED_FORMATS
 from .errors import ServiceError
 from .memory import release_freed
 
-BYTES_PER_DECODED_PIXEL = 8  # Pillow's decoded bands plus the RGB copy: what decoding one pixel may hold
 LARGE_DECODE_PIXELS = 4_000_000  # after decoding more than this, give the freed buffers back to the OS
 
 
@@ -25,16 +24,33 @@ def set_pixel_limit(max_pixels: int) -> None:
     Image.MAX_IMAGE_PIXELS = max(int(max_pixels), 1)
 
 
-def header_size(data: bytes) -> tuple[int, int]:
-    """(width, height) as displayed, from the header only."""
+def _too_large(max_pixels: int) -> ServiceError:
+    """The reply to an image over Pillow's guard (the library's text stays out of it)."""
+    return ServiceError(413, "image_too_large", f"the image header declares more than {max_pixels} pixels, the limit")
+
+
+def header_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """(width, height) as displayed, from the header only; a JPEG whose scans are too short for the size its
+    header declares (decoders would fill the rest with gray) is refused here."""
     try:
         with images.open_image(data, SUPPORTED_FORMATS) as image:
-            return images.displayed_size(image)
-    except images.ImageTooLarge as error:
-        raise ServiceError(413, "image_too_large", str(error)) from None
+            size = images.displayed_size(image)
+    except images.ImageTooLarge:
+        raise _too_large(max_pixels) from None
     except images.ImageError:
         raise ServiceError(415, "unsupported_image",
                            "not a JPEG, PNG, WebP or BMP image (or the header is corrupt)") from None
+    if not images.jpeg_scan_complete(data):
+        raise ServiceError(422, "bad_image", f"the JPEG header declares {size[0]}x{size[1]} pixels but its data is "
+                                             "far too short for that (truncated or forged)")
+    return size
+
+
+def working_bytes(data: bytes, size: tuple[int, int], backend) -> int:
+    """The bytes decoding ``data`` for ``backend`` holds at its peak (``detector.images.working_bytes``: bit depth,
+    bands, JPEG scale and the conversion's largest intermediates), reserved from the budget while it runs."""
+    with images.open_image(data, SUPPORTED_FORMATS) as image:
+        return images.working_bytes(image, images.fit_size(size, backend.fit(size)))
 
 
 def check_shape(size: tuple[int, int], backend, max_pixels: int, max_aspect: float) -> None:
@@ -50,15 +66,15 @@ def check_shape(size: tuple[int, int], backend, max_pixels: int, max_aspect: flo
         raise ServiceError(422, "bad_image_shape", f"image is {w}x{h}: too thin for model {backend.name!r}")
 
 
-def decode_for(data: bytes, backend) -> Decoded:
+def decode_for(data: bytes, backend, max_pixels: int) -> Decoded:
     """Decode ``data`` straight to the size ``backend`` resizes it to (JPEG: at a reduced DCT scale)."""
     try:
         decoded = images.decode(data, fit=backend.fit, formats=SUPPORTED_FORMATS)
         if decoded.size[0] * decoded.size[1] > LARGE_DECODE_PIXELS:
             release_freed()
         return decoded
-    except images.ImageTooLarge as error:
-        raise ServiceError(413, "image_too_large", str(error)) from None
+    except images.ImageTooLarge:
+        raise _too_large(max_pixels) from None
     except images.CorruptImage:
         raise ServiceError(422, "bad_image", "cannot decode the image (truncated or corrupt data)") from None
     except images.ImageError:
@@ -81,19 +97,21 @@ class ByteBudget:
     """Bytes held by all requests together (bodies, decoding, queued images). ``reserve`` waits for room until
     a deadline: a burst of large uploads is served one after another instead of all at once."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, held: str = "in memory", too_large: str = "image_too_large"):
         self.limit, self.used = int(limit), 0
+        self.held, self.too_large = held, too_large  # the replies' words: where the bytes are, the 413's code
         self._freed = asyncio.Condition()
 
     async def reserve(self, n: int, deadline: float) -> int:
         if n > self.limit:
-            raise ServiceError(413, "image_too_large", f"this request needs {n} bytes in memory; the service "
-                                                       f"holds at most {self.limit} for all requests")
+            raise ServiceError(413, self.too_large, f"this request needs {n} bytes {self.held}; the service "
+                                                    f"holds at most {self.limit} for all requests")
         async with self._freed:
             while self.used + n > self.limit:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise ServiceError(503, "busy", "too many large requests in flight", {"Retry-After": "1"})
+                    raise ServiceError(503, "busy", f"too many large requests in flight (bytes {self.held})",
+                                       {"Retry-After": "1"})
                 try:
                     await asyncio.wait_for(self._freed.wait(), remaining)
                 except asyncio.TimeoutError:

@@ -102,7 +102,8 @@ class Metrics:
             header("casc_inference_seconds", "histogram", "seconds per predict call")
             for model, h in sorted(self.inference.items()):
                 histogram("casc_inference_seconds", {"model": model}, h)
-            header("casc_rejected_total", "counter", "requests rejected (queue full, timeout)")
+            header("casc_rejected_total", "counter", "requests rejected (queue full, timeout, client gone; model \"-\": "
+                   "over --limit-concurrency)")
             for (model, reason), n in sorted(self.rejected.items()):
                 out.append(f"casc_rejected_total{_labels({'model': model, 'reason': reason})} {n}")
             header("casc_ws_dropped_frames_total", "counter", "live frames dropped because a newer one arrived")

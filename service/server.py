@@ -9,7 +9,9 @@ under the name of the manifest entry whose sha256 it matches; a file that matche
 
 Connections are bounded: a request's headers must arrive within ``--header-timeout-s`` and its body within
 ``--body-timeout-s``; idle keep-alive connections close after ``--keep-alive-s``; at most
-``--limit-concurrency`` connections at once. On SIGTERM, ``/readyz`` answers 503 at once, the listener closes
+``--limit-concurrency`` requests in flight at once, the rest refused at once with a JSON 503 and Retry-After
+(the service's admission, ``service.app``: open connections are not counted, so idle sockets cannot turn
+``/healthz`` away, and probes are always answered). On SIGTERM, ``/readyz`` answers 503 at once, the listener closes
 ``--shutdown-delay-s`` later, in-flight requests finish, queued work drains, and the exit status is 0.
 """
 
@@ -55,15 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=d.max_batch, help="images per predict call (1: no batching)")
     parser.add_argument("--max-video-frames", type=int, default=d.max_video_frames)
     parser.add_argument("--max-video-s", type=float, default=d.max_video_s)
+    parser.add_argument("--max-video-disk-mb", type=float, default=d.max_video_disk_mb,
+                        help="temp-file space of uploaded videos, all requests together (503 when full); keep it "
+                             "below the size of the volume holding the temp dir")
     parser.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s)
     parser.add_argument("--header-timeout-s", type=float, default=d.header_timeout_s)
     parser.add_argument("--keep-alive-s", type=int, default=d.keep_alive_s)
     parser.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency,
-                        help="connections and WebSockets at once (more get 503)")
+                        help="requests and WebSockets in flight at once; more get a JSON 503 with Retry-After at "
+                             "once (/healthz, /readyz and /metrics are never counted nor refused)")
     parser.add_argument("--ws-idle-s", type=float, default=d.ws_idle_s)
     parser.add_argument("--ws-max-s", type=float, default=d.ws_max_s)
     parser.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
-                        help="a browser origin (scheme://host:port) allowed besides this server's own; '*' for any")
+                        help="a browser origin (scheme://host:port) allowed besides this server's own (http://HOST:PORT "
+                             "of --host, or the loopback names for 127.0.0.1 / 0.0.0.0; the Host header is never "
+                             "trusted); the public name of a deployment's web page goes here; '*' for any")
     parser.add_argument("--shutdown-delay-s", type=float, default=d.shutdown_delay_s,
                         help="after SIGTERM, /readyz answers 503 this long before the listener closes")
     parser.add_argument("--device", default=d.device, help="torch device (cpu, cuda, cuda:1, ...)")
@@ -77,8 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info")
 
 
-POSITIVE = ("max_upload_mb", "max_inflight_mb", "timeout_s", "max_video_s", "body_timeout_s", "header_timeout_s",
-            "ws_idle_s", "ws_max_s")
+POSITIVE = ("max_upload_mb", "max_inflight_mb", "timeout_s", "max_video_s", "max_video_disk_mb", "body_timeout_s",
+            "header_timeout_s", "ws_idle_s", "ws_max_s")
 AT_LEAST_ONE = ("threads", "max_pixels", "queue_size", "max_batch", "max_video_frames", "max_sleep",
                 "keep_alive_s", "limit_concurrency")
 
@@ -104,7 +112,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     max_inflight_mb=args.max_inflight_mb, max_aspect=args.max_aspect, max_wake=args.max_wake,
                     max_sleep=args.max_sleep, queue_size=args.queue_size, timeout_s=args.timeout_s,
                     batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
-                    max_video_frames=args.max_video_frames, max_video_s=args.max_video_s, device=args.device,
+                    max_video_frames=args.max_video_frames, max_video_s=args.max_video_s,
+                    max_video_disk_mb=args.max_video_disk_mb, device=args.device,
                     demo_image=args.demo_image, allow_unverified=args.allow_unverified, analog=analog,
                     engine=args.engine, provider=args.provider,
                     body_timeout_s=args.body_timeout_s, header_timeout_s=args.header_timeout_s,
@@ -204,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             http=guarded_h11(settings.header_timeout_s),
                             ws_max_size=max(settings.max_upload_bytes, 1 << 16),
-                            timeout_keep_alive=settings.keep_alive_s, limit_concurrency=settings.limit_concurrency,
+                            timeout_keep_alive=settings.keep_alive_s,
                             timeout_graceful_shutdown=int(settings.timeout_s) + 5, lifespan="on")
     server = graceful_server(config, app.state.begin_shutdown, settings.shutdown_delay_s)
     server.run()

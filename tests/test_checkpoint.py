@@ -78,3 +78,11 @@ def test_both_families_write_digested_checkpoints_and_refuse_tampered_copies(tmp
     torch.save(data, path)
     with pytest.raises(CheckpointError):
         rcnn.SpikingFasterRCNN.from_checkpoint(path)
+
+
+def test_any_file_at_all_is_one_clear_error(tmp_path):
+    text = tmp_path / "passwd"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")  # torch.load raises IndexError on this one
+    with pytest.raises(UnreadableCheckpoint) as refused:
+        checkpoint.load(text)
+    assert "\n" not in str(refused.value) and "not a readable checkpoint" in str(refused.value)

@@ -45,6 +45,60 @@ def test_sixteen_bit_gray_scaled_not_clipped():
     assert abs(int(array[4, 32, 0]) - round(int(ramp[4, 32]) / 257)) <= 1  # mid-gray stays mid-gray
 
 
+def test_sixteen_bit_exact_in_strips_and_oriented():
+    """8 bits = rint(x / 257) exactly, across strip borders, and an EXIF orientation applied after scaling."""
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 65536, (images.STRIP_PIXELS // 100 + 7, 100), dtype=np.uint16)  # two strips
+    image = Image.fromarray(samples)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: shown turned 90 degrees clockwise
+    array = read_image(encoded(image, "PNG", exif=exif))
+    expected = np.rint(samples / 257.0).astype(np.uint8)
+    assert np.array_equal(array[..., 0], np.rot90(expected, -1)) and (array[..., 0] == array[..., 2]).all()
+
+
+RSS_PROBE = """
+import io, resource, sys
+import numpy as np
+from PIL import Image
+from detector import images
+kind, side = sys.argv[1], int(sys.argv[2])
+image = {"gray16": lambda: Image.fromarray(np.full((side, side), 40000, np.uint16)),
+         "rgba": lambda: Image.new("RGBA", (side, side), (10, 20, 30, 128)),
+         "palette": lambda: Image.new("P", (side, side), 3), "rgb": lambda: Image.new("RGB", (side, side), 7)}[kind]()
+buf = io.BytesIO()
+image.save(buf, "PNG")
+data = buf.getvalue()
+del image
+warm = io.BytesIO()
+Image.new("RGB", (64, 64)).save(warm, "PNG")
+images.decode(warm.getvalue(), fit=(64, 64))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with images.open_image(data) as header:
+    budget = images.working_bytes(header, images.fit_size(header.size, (640, 640)))
+images.decode(data, fit=(640, 640))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, budget)
+"""
+
+
+@pytest.mark.parametrize("kind", ["gray16", "rgba", "palette", "rgb"])
+def test_decoding_holds_at_most_its_working_bytes(kind):
+    """The peak RSS that decoding a 3000 x 3000 image adds stays within ``working_bytes`` (what the service
+    reserves); a 16-bit image no longer goes through full-size float64 copies (8 bytes a pixel, several times)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, kind, "3000"], cwd=root, capture_output=True, text=True,
+                         timeout=120, env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown, budget = map(int, out.stdout.split())
+    assert grown <= budget, f"{kind}: decoding grew RSS by {grown >> 20} MB, over its {budget >> 20} MB budget"
+    if kind == "gray16":  # 2 bytes a pixel stored, 1 for the 8-bit copy: far from float64's 8 (and its copies)
+        assert grown <= 3000 * 3000 * 4 and budget <= 3000 * 3000 * 8, (grown, budget)
+
+
 def test_alpha_composited_on_fixed_background():
     rgba = np.zeros((10, 10, 4), np.uint8)
     rgba[:, :5] = (0, 0, 255, 255)  # left half opaque blue, right half fully transparent
@@ -108,3 +162,18 @@ def test_library_readers_use_it(tmp_path):
     sixteen = tmp_path / "depth.png"
     sixteen.write_bytes(encoded(Image.fromarray(np.full((4, 4), 65535, np.uint16)), "PNG"))
     assert (read_bgr(sixteen, "bgr") == 255).all()
+
+
+def test_jpeg_scans_too_short_for_their_header_are_found():
+    import struct
+
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    for options in ({}, {"progressive": True}, {"subsampling": 0}):
+        good = encoded(photo, "JPEG", **options)
+        assert images.jpeg_scan_complete(good), options
+        sof = good.find(b"\xff\xc2" if options.get("progressive") else b"\xff\xc0")
+        forged = good[:sof + 5] + struct.pack(">HH", 6000, 6000) + good[sof + 9:]  # the header claims 6000 x 6000
+        assert not images.jpeg_scan_complete(forged), options
+    flat = encoded(Image.new("L", (4000, 4000), 128), "JPEG")  # a legitimately tiny scan: one bit a block, at least
+    assert images.jpeg_scan_complete(flat) and images.jpeg_scan_complete(encoded(photo, "PNG"))

@@ -130,3 +130,16 @@ def test_service_hpa_and_pdb_select_the_deployment(variant):
                                      "name": deployment["metadata"]["name"]}
     assert hpa["metrics"][0]["resource"]["name"] == "cpu"
     assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_video_temp_files_fit_the_tmp_volume(variant):
+    """The service's disk budget for video temp files (--max-video-disk-mb) stays below the emptyDir mounted on
+    /tmp, so uploads are refused (503) before the pod is evicted for going over its sizeLimit."""
+    from service.config import Settings
+
+    deployment = _by_kind(variant)["Deployment"]
+    spec = deployment["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
+    volume = next(v for v in spec["volumes"] if v["name"] == mounts["/tmp"])
+    assert Settings().max_video_disk_bytes < _bytes(volume["emptyDir"]["sizeLimit"])

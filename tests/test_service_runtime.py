@@ -372,10 +372,10 @@ def test_exif_orientation_and_sixteen_bit_in_replies():
 def test_bytes_in_flight_are_bounded():
     backend = FakeBackend(delay=0.6, fit_box=(64, 64))
     with TestClient(app_with(backend, max_inflight_mb=1.0, timeout_s=5)) as client:
-        big = png(w=400, h=400)  # 160,000 px x 8 bytes while decoding: more than the whole 1 MB budget
+        big = png(w=500, h=500)  # 250,000 px x 5 bytes while decoding (RGB): more than the whole 1 MB budget
         r = client.post("/v1/detect", content=big, headers={"content-type": "image/png"})
         assert r.status_code == 413 and r.json()["error"] == "image_too_large"
-        fits = png(w=300, h=300)  # 720 KB while decoding: one at a time, the others wait their turn
+        fits = png(w=300, h=300)  # 450 KB while decoding: two at a time, the third waits its turn
         responses = post_many(client, 3, bodies=[fits] * 3)
         assert [r.status_code for r in responses] == [200] * 3
         assert client.app.state.service is not None
@@ -433,13 +433,23 @@ def test_origin_allow_list():
         assert refused.value.code == 1008
         r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **other})
         assert r.status_code == 403 and r.json()["error"] == "origin_not_allowed"
-        same = {"origin": "http://svc:8000"}  # the page this server serves
+        same = {"origin": "http://127.0.0.1:8000"}  # the page this server serves (--host 127.0.0.1 --port 8000)
         assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **same}).status_code == 200
-        with client.websocket_connect("/v1/stream", headers={"origin": "http://testserver"}) as ws:  # its Host
+        with client.websocket_connect("/v1/stream", headers={"origin": "http://localhost:8000"}) as ws:
             ws.send_bytes(png())
             assert ws.receive_json()["type"] == "detections"
+        # DNS rebinding: the page's origin matches the Host header it made the browser send; still refused
+        rebound = {"origin": "http://evil.example", "host": "evil.example"}
+        r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **rebound})
+        assert r.status_code == 403 and r.json()["error"] == "origin_not_allowed"
     with TestClient(app_with(backend, allowed_origins=["http://evil.example"]), base_url="http://svc:8000") as client:
         assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **other}).status_code == 200
+    from service.app import own_origins
+
+    assert "http://localhost:8000" in own_origins("0.0.0.0", 8000) and own_origins("::1", 80)[0] == "http://127.0.0.1:80"
+    with TestClient(app_with(backend, host="detect.example", port=443)) as client:  # a public name
+        page = {"origin": "http://detect.example:443"}
+        assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **page}).status_code == 200
 
 
 # --- docs offline, model listing ---------------------------------------------------------------------------
@@ -548,3 +558,84 @@ def test_onnx_runtime_engine_is_served_and_streams_without_spike_counts(onnx_cac
     add_arguments(parser)
     settings = settings_from_args(parser.parse_args(["--engine", "onnxruntime", "--provider", "cuda"]))
     assert (settings.engine, settings.provider) == ("onnxruntime", "cuda")
+
+
+# --- admission, replies in the service's words, the schema's bounds -------------------------------------------
+
+def test_admission_refuses_excess_at_once_and_always_answers_probes():
+    from starlette.websockets import WebSocketDisconnect
+
+    backend = FakeBackend(delay=1.5)
+    with TestClient(app_with(backend, limit_concurrency=1, timeout_s=10)) as client:
+        slow = threading.Thread(target=lambda: client.post("/v1/detect", content=png(),
+                                                           headers={"content-type": "image/png"}))
+        slow.start()
+        time.sleep(0.4)  # the one admitted request is in flight
+        start = time.monotonic()
+        r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png"})
+        assert r.status_code == 503 and r.json()["error"] == "busy" and r.headers["retry-after"] == "1"
+        assert time.monotonic() - start < 0.5, "an excess request must be refused at once, not queued"
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            assert client.get(probe).status_code == 200, probe
+        with pytest.raises(WebSocketDisconnect) as refused:
+            with client.websocket_connect("/v1/stream") as ws:
+                ws.receive_json()
+        assert refused.value.code == 1013  # try again later
+        slow.join()
+        assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png"}).status_code == 200
+
+
+def test_replies_carry_no_library_text_for_bombs_and_forged_jpegs():
+    import struct
+    import zlib
+
+    backend = FakeBackend()
+    with TestClient(app_with(backend, max_pixels=40_000_000)) as client:
+        ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)  # a header that says 30000 x 30000
+        chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body  # noqa: E731
+                                    + struct.pack(">I", zlib.crc32(kind + body)))
+        bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                + chunk(b"IEND", b""))
+        r = client.post("/v1/detect", content=bomb, headers={"content-type": "image/png"})
+        assert r.status_code == 413 and r.json()["error"] == "image_too_large", r.text
+        assert "Pillow" not in r.text and "DOS" not in r.text and "decompression" not in r.text.lower(), r.text
+        small = jpeg(64, 48)
+        sof = small.find(b"\xff\xc0")
+        forged = small[:sof + 5] + struct.pack(">HH", 6000, 6000) + small[sof + 9:]  # SOF 6000 x 6000, tiny scan
+        r = client.post("/v1/detect", content=forged, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 422 and r.json()["error"] == "bad_image", r.text
+        r = client.post("/v1/detect", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+        assert r.status_code == 400 and r.json()["error"] == "bad_multipart" and "boundary" in r.json()["detail"]
+
+
+def test_video_temp_files_count_against_the_disk_budget():
+    backend = FakeBackend()
+    with TestClient(app_with(backend, max_video_disk_mb=0.01)) as client:  # 10 KB of temp files in all
+        fake_mkv = b"\x1a\x45\xdf\xa3" + b"\0" * 20_000
+        r = client.post("/v1/video", content=fake_mkv, headers={"content-type": "video/x-matroska"})
+        assert r.status_code == 413 and r.json()["error"] == "video_too_large", r.text
+        r = client.post("/v1/video", content=fake_mkv[:5000], headers={"content-type": "video/x-matroska"})
+        assert r.status_code == 422 and r.json()["error"] == "bad_video"  # saved, refused, space given back
+        r = client.post("/v1/video", content=fake_mkv[:5000], headers={"content-type": "video/x-matroska"})
+        assert r.status_code == 422, "the disk budget was not released after a refused video"
+
+
+def test_openapi_states_the_enforced_bounds_and_every_ref_resolves():
+    import re
+
+    from service.app import sleep_pattern
+
+    backend = FakeBackend()  # levels 4: wake at most 16
+    with TestClient(app_with(backend, max_sleep=5)) as client:
+        schema = client.get("/openapi.json").json()
+    text = json.dumps(schema)
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', text))
+    assert "#/$defs/" not in text and refs <= set(schema["components"]["schemas"]), refs
+    detect = schema["paths"]["/v1/detect"]["post"]
+    query = {p["name"]: p["schema"] for p in detect["parameters"]}
+    form = detect["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    for declared in (query["wake"]["anyOf"][0], query["burst"]["anyOf"][0], form["wake"]):
+        assert declared["maximum"] == 16
+    assert query["max_sleep"]["anyOf"][0]["maximum"] == 5 and form["max_sleep"]["maximum"] == 5
+    assert form["sleep"]["pattern"] == sleep_pattern(5) and re.match(sleep_pattern(5), "5")
+    assert not re.match(sleep_pattern(5), "6") and re.match(sleep_pattern(5), "auto")

@@ -339,6 +339,59 @@ def test_missing_paths_and_bad_sha256(tmp_path):
         build_qann("yolov8n.yaml", act="gelu")
 
 
+class _Payload:
+    """A pickle that runs a command when unpickled, as a hostile ``.pt`` file would."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _ultralytics_pt(path: Path) -> Path:
+    """A checkpoint as Ultralytics' trainer writes one: the model object (fp16), train args, NumPy metrics."""
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import IterableSimpleNamespace
+
+    model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
+    model.args = IterableSimpleNamespace(imgsz=64)
+    model.names = {0: "a", 1: "b", 2: "c"}
+    torch.save({"epoch": 1, "best_fitness": np.float64(0.5), "model": None, "ema": model.half(), "updates": 3,
+                "train_args": {"imgsz": 64, "data": "data.yaml"}, "train_metrics": {"map50": np.float64(0.1)},
+                "date": "2026-01-01", "version": "8.4"}, path)
+    return path
+
+
+def test_ultralytics_pt_files_load_under_the_allowlist_and_payloads_never_run(tmp_path):
+    import pickle
+
+    from detector.models.yolo.pt_files import UnsafeCheckpoint, allowed_global
+
+    model, meta = load_checkpoint(_ultralytics_pt(tmp_path / "u.pt"))
+    assert meta["format"] == "ultralytics" and meta["imgsz"] == 64 and meta["names"] == {0: "a", 1: "b", 2: "c"}
+    assert next(model.parameters()).dtype == torch.float32 and not model.training
+    marker = tmp_path / "ran"
+    zipped = tmp_path / "evil.pt"
+    torch.save({"model": _Payload(marker)}, zipped)
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"model": _Payload(marker)}))
+    for path in (zipped, plain):
+        with pytest.raises(UnsafeCheckpoint) as refused:
+            load_checkpoint(path)
+        message = str(refused.value)
+        assert "\n" not in message and "posix.system" in message and "refused" in message, message
+    with pytest.raises(UnsafeCheckpoint):  # the trainer is never handed the file either
+        yolo.ultralytics_start_checkpoint(zipped, tmp_path / "run")
+    assert not marker.exists(), "the payload ran"
+    start = yolo.ultralytics_start_checkpoint(tmp_path / "u.pt", tmp_path / "run")
+    assert start.parent == tmp_path / "run" and load_checkpoint(start)[1]["imgsz"] == 640  # re-saved, args dropped
+    assert allowed_global("ultralytics.nn.modules.conv.Conv") is not None
+    for name in ("posix.system", "builtins.eval", "subprocess.Popen", "ultralytics.utils.checks.check_requirements",
+                 "torch.nn.modules.module._global_forward_hooks", "detector.checkpoint.save"):
+        assert allowed_global(name) is None, name
+
+
 def test_offline_environment():
     from ultralytics.utils import USER_CONFIG_DIR, checks
 

@@ -2,8 +2,8 @@
 
 Checkpoints: ``export_checkpoint`` writes this project's safe format (``torch.load(weights_only=True)``:
 state_dict plus plain metadata); ``load_checkpoint`` reads it (verifying a sha256 when given) and also
-Ultralytics ``.pt`` files, which are **pickles: load only files you trust** (they go through Ultralytics'
-own loader, which can execute code).
+Ultralytics ``.pt`` files, which are pickles of the model: those load with ``weights_only=True`` too, under an
+allowlist of the classes they hold (``pt_files``); a file that names anything else is refused.
 
 Every function that needs Ultralytics gets it through ``ultralytics_api()`` (offline set-up first).
 """
@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from ... import checkpoint
-from ...checkpoint import UnreadableCheckpoint
+from ...checkpoint import CheckpointError, UnreadableCheckpoint
 from ...detect import SpikingDetector
 from ...quant import ClipQuan, activation_references, qann_levels, to_qann, with_legacy_quant_state
 from ...rules import ModuleRules
-from .ultralytics_env import prepare_ultralytics, ultralytics_api
+from .pt_files import load_ultralytics_file
+from .ultralytics_env import ultralytics_api
 
 if TYPE_CHECKING:
     from ultralytics.nn.tasks import DetectionModel
@@ -198,16 +199,25 @@ def _imgsz_of(value, default: int = 640) -> int:
 
 
 def _load_ultralytics(path: Path) -> tuple[DetectionModel, dict]:
-    """An Ultralytics ``.pt`` through Ultralytics' loader. These files are pickles: trusted files only."""
-    prepare_ultralytics()
-    from ultralytics.nn.tasks import load_checkpoint as u_load
-
-    model, ckpt = u_load(str(path), device="cpu", inplace=True, fuse=False)
+    """An Ultralytics ``.pt``, unpickled with ``weights_only=True`` under the allowlist of ``pt_files`` (no code
+    runs; a file naming anything else is refused), then set up as Ultralytics' own loader does."""
+    ckpt = load_ultralytics_file(path)
+    model = ckpt.get("ema") or ckpt.get("model")
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{path}: an Ultralytics checkpoint holds its model under 'ema' or 'model'; this one "
+                              "has neither")
     if hasattr(model, "fuse") and getattr(model, "is_fused", lambda: False)():
         raise UnsupportedModelError(f"{path}: the checkpoint holds a fused model (BatchNorm removed); "
                                     "use the training checkpoint")
-    model = model.float().eval()
     args = ckpt.get("train_args") or {}
+    model.args = {**ultralytics_api().DEFAULT_CFG_DICT, **args}
+    model.pt_path = str(path)
+    for m in model.modules():  # as Ultralytics' loader leaves them
+        if hasattr(m, "inplace"):
+            m.inplace = True
+        elif isinstance(m, nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
+            m.recompute_scale_factor = None
+    model = model.float().eval()
     meta = {"names": _names_dict(getattr(model, "names", None)), "imgsz": _imgsz_of(args.get("imgsz")),
             "format": "ultralytics"}
     return model, meta
@@ -218,8 +228,8 @@ def load_checkpoint(path: str | Path, sha256: str | None = None, levels: int | N
     """(model, metadata) from this project's safe format or an Ultralytics ``.pt``.
 
     ``sha256``: expected hex digest, checked before anything is loaded (a mismatch raises ``ValueError``).
-    Our format loads with ``torch.load(weights_only=True)``; an Ultralytics ``.pt`` is a *pickle* and goes
-    through Ultralytics' own loader: load only files you trust. The model is returned as stored (a QANN
+    Both load with ``torch.load(weights_only=True)``: an Ultralytics ``.pt`` (a pickle of the model) under the
+    allowlist of ``pt_files``, so no code from a file ever runs. The model is returned as stored (a QANN
     if it was trained as one, else float); ``levels``/``act`` are only used by ``build_qann``.
     Metadata: ``names`` (dict), ``imgsz``, ``levels``, ``act``, ``format``.
     """
@@ -247,13 +257,9 @@ def load_checkpoint(path: str | Path, sha256: str | None = None, levels: int | N
 
 
 def ultralytics_start_checkpoint(path: Path, out: Path) -> Path:
-    """Ultralytics' trainer loads only its own checkpoint format: re-save one of ours in it (under ``out``)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # an Ultralytics pickle already
-        return path
-    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT):
-        return path
+    """The start weights for Ultralytics' trainer, which reads only its own format and unpickles it without an
+    allowlist: ``path`` (ours, or an Ultralytics ``.pt``) loaded safely and re-saved in that format under ``out``,
+    so that the trainer never unpickles a file it was handed (a payload is refused here, by ``load_checkpoint``)."""
     model, _ = load_checkpoint(path)
     out.mkdir(parents=True, exist_ok=True)
     start = out / f"start-{path.stem}.pt"

@@ -11,10 +11,12 @@ from ultralytics.nn.modules.block import C2PSA, C3, SPP, SPPF, Attention, Bottle
 from ultralytics.nn.modules.conv import Concat, Conv, DWConv
 from ultralytics.nn.modules.head import Detect
 from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+from ultralytics.utils import DEFAULT_CFG_DICT
 
 from ...rules import ModuleRules
 
-__all__ = ["Attention", "Detect", "DetectionModel", "yaml_model_load", "SUPPORTED_LAYERS", "MODULE_RULES"]
+__all__ = ["Attention", "Detect", "DetectionModel", "DEFAULT_CFG_DICT", "yaml_model_load", "SUPPORTED_LAYERS",
+           "MODULE_RULES"]
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
     Conv, DWConv, C2f, C3, C3k2, C3k, Bottleneck, SPPF, SPP, Concat, nn.Upsample, C2PSA, PSABlock, nn.Sequential)
