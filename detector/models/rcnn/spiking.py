@@ -119,9 +119,10 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         for attr in ("transform", "backbone", "rpn", "roi_heads"):
             if not hasattr(qann, attr):
                 raise TypeError(f"expected a torchvision GeneralizedRCNN (FasterRCNN), got {type(qann).__name__}")
-        if neuron not in ("cif", "if"):
-            raise ValueError(f'neuron must be "cif" (CASC) or "if" (the IF baseline), got {neuron!r}')
-        if neuron == "cif":
+        if neuron not in ("cif", "qcfs", "if"):
+            raise ValueError(f'neuron must be "cif" (CASC), "qcfs" (QCFS neurons on the same QANN) or "if" '
+                             f"(the IF baseline), got {neuron!r}")
+        if neuron != "if":
             if type(qann.roi_heads.box_head) is tv_frcnn.TwoMLPHead or qann_levels(qann) is None:
                 raise ValueError("SpikingFasterRCNN needs a QANN: build it with to_qann_fasterrcnn(model, levels) "
                                  "(it also replaces TwoMLPHead's functional ReLUs); for the IF baseline on a float "
@@ -135,7 +136,7 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
                 qann.roi_heads.box_head = ReLUTwoMLPHead.from_head(qann.roi_heads.box_head)
         self.qann = qann.eval()
         self.neuron = neuron
-        self.levels = qann_levels(qann) if neuron == "cif" else None
+        self.levels = qann_levels(qann) if neuron != "if" else None
         self.percentile = percentile if neuron == "if" else None
         self.classes = list(classes) if classes else None
         self.names = class_names(self.classes, qann.roi_heads.box_predictor.cls_score.out_features - 1)
@@ -146,9 +147,9 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         self.qann_stage1 = RCNNStage1(qann.backbone, qann.rpn.head)
         self.qann_stage2 = RCNNStage2(qann.roi_heads.box_head, qann.roi_heads.box_predictor)
         try:
-            if neuron == "cif":
-                self.stage1: SpikingNetwork = convert(self.qann_stage1, analog=a1, rules=MODULE_RULES)
-                self.stage2: SpikingNetwork = convert(self.qann_stage2, analog=a2, rules=MODULE_RULES)
+            if neuron != "if":  # CASC, or QCFS neurons on the same QANN
+                self.stage1: SpikingNetwork = convert(self.qann_stage1, neuron=neuron, analog=a1, rules=MODULE_RULES)
+                self.stage2: SpikingNetwork = convert(self.qann_stage2, neuron=neuron, analog=a2, rules=MODULE_RULES)
             else:
                 batches1, batches2 = self._calibration_batches(calibration, calibration_batch)
                 self.stage1 = convert(self.qann_stage1, neuron="if", calibration=batches1, percentile=percentile,
