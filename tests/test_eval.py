@@ -130,6 +130,36 @@ def test_every_single_method_runs(tiny_set, tmp_path, capsys, family, method):
     assert (tmp_path / "map_vs_t.png").is_file() and (tmp_path / "map_vs_latency.png").is_file()
 
 
+def test_comparison_methods_binary_steps_and_energy_against_the_qann(tiny_set, tmp_path):
+    """casc-paper is CASC at one spike per sleep step to the end of the L..L+4 sleep window; qcfs the same QANN
+    with QCFS neurons; every spiking method reports binary-equivalent steps per T and, at its comparison T, its
+    energy against the QANN, memory traffic and NeuroBench figures."""
+    out = tmp_path / "cmp"
+    results = evaluate(eval_args(*yolo_argv(tiny_set, out, "--methods", "qann,casc,casc-paper,qcfs",
+                                            "--timesteps", "1,4,8,12", "--limit", "2")))
+    summary = results["summary"]
+    paper, qcfs, casc = summary["casc-paper"], summary["qcfs"], summary["casc"]
+    assert paper["metrics"]["12"]["steps_mean"] == 12 and "auto" not in paper["metrics"]
+    assert paper["binary_steps_at"] == {"1": 1, "4": 4, "8": 8, "12": 12}  # one spike per step: binary already
+    assert all(qcfs["metrics"][t]["steps_mean"] == int(t) == qcfs["binary_steps_at"][t] for t in ("1", "4", "12"))
+    assert casc["binary_steps_at"]["auto"] >= casc["metrics"]["auto"]["steps_mean"]
+    for entry in (paper, qcfs, casc):
+        assert entry["energy_ratio_vs_qann"] > 0 and entry["comparison_at"] in entry["metrics"]
+        assert entry["memory"]["membrane_reads"] > 0 and entry["memory"]["weight_reads_per_step"] > 0
+        assert set(entry["neurobench"]) == {"activation_sparsity", "Dense", "Effective_MACs", "Effective_ACs"}
+        assert 0 < entry["neurobench"]["activation_sparsity"] < 1
+    # the same T, wake steps only: CASC and casc-paper are one network, so their energies agree
+    assert paper["integer_energy_uj_at"]["4"] == pytest.approx(casc["integer_energy_uj_at"]["4"])
+    assert (out / "energy_vs_qann.png").stat().st_size > 0
+    table = format_table(summary, [1, 4, 8, 12])
+    assert "| CASC-PAPER |" in table and "| QCFS |" in table and "energy vs QANN (int8)" in table
+
+
+def test_qcfs_on_onnxruntime_is_refused_clearly(tiny_set, tmp_path):
+    with pytest.raises(ValueError, match="qcfs runs on the PyTorch engine only"):
+        evaluate(eval_args(*yolo_argv(tiny_set, tmp_path, "--methods", "qann,qcfs", "--engine", "onnxruntime")))
+
+
 def test_table_keeps_every_requested_t():
     metrics = {"map50_95": 0.5, "map50": 0.7, "steps_mean": 6.0}
     summary = {"qann": {"metrics": {"flat": metrics}, "latency_ms": 20.0},
@@ -150,6 +180,8 @@ def test_cost_estimate_counts_passes_and_prices_them():
     assert "about 59 s" in with_setup  # 16 × (70 × 0.05 + 2 runs × 0.1) = 59.2
     rcnn = estimate_cost(probe, ["casc"], [2, 8], 2, eval_args("--burst", "1"), "rcnn", wake=4)
     assert "CASC ≈ 48 steps" in rcnn  # two stages, one spike per sleep step: tens of sleep steps each
+    both = estimate_cost(probe, ["casc-paper", "qcfs"], [1, 32], 1, args, "yolo", wake=4)
+    assert "CASC-PAPER 12 steps + QCFS 32 steps" in both  # the paper's window ends at 2L + 4
 
 
 def test_default_threads_leave_half_the_cores(monkeypatch):
