@@ -40,7 +40,7 @@ from torchvision.ops.misc import SqueezeExcitation
 from ...convert import UnsupportedModuleError, convert
 from ...detect import Batch, Boxes, Results, Schedule, Selection, SpikingDetector, read_bgr
 from ...detect.base import source_path
-from ...quant import qann_levels
+from ...quant import ClipQuan, qann_levels
 from ...runtime import SpikingNetwork
 from .anytime import TwoStageSteps, set_figures
 from .model import (MODULE_RULES, ReLUTwoMLPHead, _to_image_tensor, _unwrap_state_dict, is_qann_state,
@@ -122,6 +122,11 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         if neuron not in ("cif", "qcfs", "if"):
             raise ValueError(f'neuron must be "cif" (CASC), "qcfs" (QCFS neurons on the same QANN) or "if" '
                              f"(the IF baseline), got {neuron!r}")
+        signed = [m for m in qann.modules() if isinstance(m, ClipQuan) and m.signed]
+        if neuron == "qcfs" and signed:
+            raise ValueError(f"QCFS neurons fire positive spikes only, and this model has {len(signed)} signed "
+                             "quantizers (a spiking FPN), which need negative spikes: compare QCFS on a model "
+                             "without --spiking-fpn (e.g. rcnn-r18-bundled)")
         if neuron != "if":
             if type(qann.roi_heads.box_head) is tv_frcnn.TwoMLPHead or qann_levels(qann) is None:
                 raise ValueError("SpikingFasterRCNN needs a QANN: build it with to_qann_fasterrcnn(model, levels) "
