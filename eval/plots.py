@@ -17,7 +17,8 @@ import matplotlib.ticker
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
-SPIKING_STYLE = {"casc": ("tab:red", "o"), "casc-paper": ("tab:purple", "D"), "qcfs": ("tab:cyan", "X"),
+# drawn in this order: CASC's points over casc-paper's larger diamonds where the two coincide (the wake steps)
+SPIKING_STYLE = {"casc-paper": ("tab:purple", "D"), "casc": ("tab:red", "o"), "qcfs": ("tab:cyan", "X"),
                  "if": ("tab:blue", "s")}
 FLAT_STYLE = {"ann": ("black", "-", "D"), "qann": ("tab:green", "--", "P")}
 # several runs on one axis: the same colour per method, lighter and another marker shape per run

@@ -266,6 +266,7 @@ def _comparison(entry: dict, levels: int) -> dict:
     reach = entry.get("steps_to_99pct_qann")
     at = str(reach) if reach is not None else keys[-1]
     work = workloads[at]
+    memory = memory_traffic(work, levels)
     return {
         "binary_steps_at": {key: workloads[key]["binary_steps"] for key in keys},
         "integer_energy_uj_at": {key: priced[key]["snn_pj"] * 1e-6 for key in keys},
@@ -274,7 +275,10 @@ def _comparison(entry: dict, levels: int) -> dict:
         "comparison_at": at,
         "energy_ratio_vs_qann": priced[at]["ratio"],
         "integer_energy": priced[at],
-        "memory": memory_traffic(work, levels),
+        "memory": memory,
+        # compute and SRAM traffic together: where the memory term dominates, the verdict can flip
+        "energy_with_memory_ratio_vs_qann": (priced[at]["snn_pj"] + memory["snn_pj"])
+                                            / (priced[at]["qann_pj"] + memory["qann_pj"]),
         "neurobench": neurobench_metrics(work),
         "workload": work,
     }

@@ -145,6 +145,7 @@ def test_comparison_methods_binary_steps_and_energy_against_the_qann(tiny_set, t
     assert casc["binary_steps_at"]["auto"] >= casc["metrics"]["auto"]["steps_mean"]
     for entry in (paper, qcfs, casc):
         assert entry["energy_ratio_vs_qann"] > 0 and entry["comparison_at"] in entry["metrics"]
+        assert entry["energy_with_memory_ratio_vs_qann"] > 0
         assert entry["memory"]["membrane_reads"] > 0 and entry["memory"]["weight_reads_per_step"] > 0
         assert set(entry["neurobench"]) == {"activation_sparsity", "Dense", "Effective_MACs", "Effective_ACs"}
         assert 0 < entry["neurobench"]["activation_sparsity"] < 1
