@@ -26,7 +26,7 @@ from torch.nn.modules.conv import _ConvNd
 PJ_PER_SOP = 0.9
 PJ_PER_MAC = 4.6
 
-# 45 nm, 0.9 V: M. Horowitz, "Computing's energy problem (and what we can do about it)", ISSCC 2014, Figure 1.1.9.
+# 45 nm, 0.9 V: M. Horowitz, "Computing's energy problem (and what we can do about it)", ISSCC 2014 (its energy table).
 # 4.6 pJ per float MAC above is fp32 mult + fp32 add, 0.9 pJ per SOP an fp32 add.
 HOROWITZ_45NM_PJ = {
     "int8_add": 0.03, "int32_add": 0.1, "int8_mult": 0.2, "int32_mult": 3.1,
@@ -265,8 +265,8 @@ class RunStats:
     def workload_until(self, t: int) -> dict[str, torch.Tensor]:
         """Per sample ([batch] tensors), the first ``t`` steps of the run (each sample's own steps, if fewer):
         ``steps``; ``binary_steps`` (a step counts k when some neuron emitted k spikes in it, else 1);
-        ``neurons`` (outputs per step); ``neuron_updates`` (neurons x steps); ``active_outputs`` (non-zero neuron outputs); ``sops``;
-        ``graded_sops`` (those of steps in which some neuron emitted more than one spike); ``macs`` (dense,
+        ``neurons`` (outputs per step); ``neuron_updates`` (neurons x steps); ``active_outputs`` (non-zero neuron
+        outputs); ``sops``; ``graded_sops`` (those of steps in which some neuron emitted more than one spike); ``macs`` (dense,
         analog inputs); ``ann_macs`` and ``ann_analog_macs`` (one forward of the network converted from, and its
         part on analog inputs: the first wake step's dense MACs)."""
         rows = self.peak_spikes_per_step.shape[0]

@@ -6,10 +6,9 @@ and decode detections at each requested T (``detections_at_steps``), so nothing 
 T is always the *total* step count (wake + sleep; Faster R-CNN: both stages, T/2 each, the per-stage
 split in ``results.json``), so both families share one axis. Each method's run is timed (latency).
 Writes ``results.json`` (every figure, the command, versions, model sha256), ``curve.csv``,
-``map_vs_t.png``, ``map_vs_energy.png``, ``energy_vs_qann.png``, ``map_vs_latency.png`` and ``firing_rates.png`` into
-``--out``;
-finished batches are cached there, so an interrupted run resumes. Every spiking method also gets its
-binary-equivalent steps at each T and, at its reported T, its energy against the QANN on integer hardware, its
+``map_vs_t.png``, ``map_vs_energy.png``, ``energy_vs_qann.png``, ``map_vs_latency.png`` and ``firing_rates.png``
+into ``--out``; finished batches are cached there, so an interrupted run resumes. Every spiking method also gets
+its binary-equivalent steps at each T and, at its comparison T, its energy against the QANN on integer hardware, its
 memory traffic and its NeuroBench workload figures (``comparison``; ``detector.energy``), drawn with the QANN's
 point in ``energy_vs_qann.png``. Under ``torchrun --nproc_per_node N -m eval ...`` the batches are sharded
 over the processes and the detections gathered with ``torch.distributed`` (gloo on CPU, nccl on GPU).
@@ -42,7 +41,7 @@ from .plots import (plot_energy_vs_qann, plot_firing_rates, plot_map_vs_energy, 
 
 METHODS = ("ann", "qann", "casc", "casc-paper", "qcfs", "if")
 SPIKING = ("casc", "casc-paper", "qcfs", "if")
-DEFAULT_METHODS = ("ann", "qann", "casc", "if")  # casc-paper and qcfs on request: together ~T_max more steps
+DEFAULT_METHODS = ("ann", "qann", "casc", "if")  # casc-paper and qcfs on request (QCFS runs as many steps as IF)
 # The reference implementation's schedule (Li et al., arXiv 2406.05371): one spike per neuron per sleep step and a
 # fixed sleep window of L..L+4 steps, so T = 2L .. 2L + 4; casc-paper runs to the window's end.
 PAPER_SLEEP_EXTRA = 4
@@ -268,7 +267,6 @@ def _comparison(entry: dict, levels: int) -> dict:
     work = workloads[at]
     memory = memory_traffic(work, levels)
     return {
-        "binary_steps_at": {key: workloads[key]["binary_steps"] for key in keys},
         "integer_energy_uj_at": {key: priced[key]["snn_pj"] * 1e-6 for key in keys},
         "energy_ratio_vs_qann_at": {key: priced[key]["ratio"] for key in keys},
         "qann_integer_energy_uj": priced[at]["qann_pj"] * 1e-6,
@@ -353,8 +351,10 @@ def format_table(summary: dict, timesteps: list[int], two_stage: bool = False) -
             cells = [_cell(metrics.get(str(t)), t == "auto") for t in columns]
             reach = entry.get("steps_to_99pct_qann")
             ratio = entry.get("energy_ratio_at_99pct")
-            extra = [str(reach) if reach else f"> {max(timesteps)}", _at_comparison(entry, "binary_steps_at", ".1f"),
-                     f"{ratio:.2f}" if ratio else "—", _at_comparison(entry, "energy_ratio_vs_qann_at", ".2f")]
+            binary = {key: m.get("binary_steps_mean") for key, m in metrics.items()}
+            extra = [str(reach) if reach else f"> {max(timesteps)}", _at_comparison(entry, binary, ".1f"),
+                     f"{ratio:.2f}" if ratio else "—",
+                     _at_comparison(entry, entry.get("energy_ratio_vs_qann_at", {}), ".2f")]
         extra.append(f"{entry['latency_ms']:.0f}")
         lines.append("| " + " | ".join([method.upper()] + cells + extra) + " |")
     return "\n".join(lines) + "\n(cells: mAP50-95 / mAP50; T = total steps, wake + sleep" + (
@@ -364,10 +364,10 @@ def format_table(summary: dict, timesteps: list[int], two_stage: bool = False) -
         "ms/image: the whole run of that method on this machine)"
 
 
-def _at_comparison(entry: dict, field: str, spec: str) -> str:
-    """``field`` at the method's comparison T, with that T named when it is not the T to 99 % of the QANN."""
+def _at_comparison(entry: dict, values: dict, spec: str) -> str:
+    """``values[T]`` at the method's comparison T, with that T named when it is not the T to 99 % of the QANN."""
     at = entry.get("comparison_at")
-    value = entry.get(field, {}).get(at) if at is not None else None
+    value = values.get(at) if at is not None else None
     if value is None:
         return "—"
     named = "" if at == str(entry.get("steps_to_99pct_qann")) else f" (T={at})"
