@@ -1,7 +1,8 @@
 """QANN -> spiking network: a fixed lifecycle of validate, copy, fold, (calibrate,) rewrite.
 
-Rewrite rules (DESIGN §1): ClipQuan -> CIF neuron (one state per call site); ReLU -> IF neuron
-for the baseline; max-pool -> LIPool; conv / linear / unfoldable BatchNorm -> Synapse (bias
+Rewrite rules (DESIGN §1): ClipQuan -> CIF neuron (one state per call site), or a QCFS neuron
+(``neuron="qcfs"``: the usual conversion of the same QANN); ReLU -> IF neuron for the baseline;
+max-pool -> LIPool; conv / linear / unfoldable BatchNorm -> Synapse (bias
 gated by the runtime); modules named in ``analog=[...]`` -> AnalogIsland. Everything else must be
 linear in its input (pass-through): ``validate`` checks the module tree, and the first stack of
 every run traces the functions applied to the signal (``flow.SpikeFlowTrace``).
@@ -18,7 +19,7 @@ from torch import nn
 from .errors import UnsupportedModuleError
 from .fuse import BATCHNORMS, fold_batchnorm
 from .islands import AnalogIsland
-from .neurons import CIFNeuron, IFNeuron, Neuron
+from .neurons import CIFNeuron, IFNeuron, Neuron, QCFSNeuron
 from .pooling import MAX_POOLS, LIPool
 from .quant import QUANTIZABLE_ACTIVATIONS, ClipQuan, calibrate_thresholds, qann_levels, unshare_modules
 from .rules import ModuleRules, resolve
@@ -26,7 +27,9 @@ from .runtime import SpikingNetwork
 from .state import SimulationState
 from .synapses import SYNAPTIC_LAYERS, Synapse
 
-NEURONS: dict[str, Callable[..., Neuron]] = {"cif": CIFNeuron, "if": IFNeuron}
+NEURONS: dict[str, Callable[..., Neuron]] = {"cif": CIFNeuron, "qcfs": QCFSNeuron, "if": IFNeuron}
+# Neurons that fire at most one positive spike per step and run wake=T steps with no sleep (rate coding).
+RATE_CODED = ("if", "qcfs")
 
 
 def _activation_types(neuron: str | Callable) -> tuple[type[nn.Module], ...]:
@@ -48,8 +51,10 @@ def _module_problems(model: nn.Module, neuron, analog: set[str], rules: ModuleRu
             why = ("activation not quantized: run to_qann(model, levels) first" if neuron != "if"
                    else "the IF baseline converts ReLU networks only")
             problems.append((path, kind, why))
-        elif neuron == "if" and isinstance(module, ClipQuan) and module.signed:
-            problems.append((path, kind, "signed quantizer: the IF baseline's neurons fire positive spikes only"))
+        elif neuron in RATE_CODED and isinstance(module, ClipQuan) and module.signed:
+            who = "the IF baseline's" if neuron == "if" else "QCFS"
+            problems.append((path, kind, f"signed quantizer: {who} neurons fire positive spikes only "
+                                         "(a spiking-FPN model needs negative spikes: convert it with CASC)"))
         elif isinstance(module, MAX_POOLS) and getattr(module, "return_indices", False):
             problems.append((path, kind, "max-pool returning indices is not supported"))
         elif not module._modules and not isinstance(module, allowed_leaves) and _has_tensors(module):
@@ -121,6 +126,8 @@ def _make_neuron(activation: nn.Module, path: str, neuron, thresholds, wake_leve
         return IFNeuron(sites)
     if neuron == "cif":
         return CIFNeuron.for_quantizer(activation, wake_levels)
+    if neuron == "qcfs":
+        return QCFSNeuron(activation.threshold)
     # An ablation factory (threshold -> neuron) sees the threshold one spike is worth.
     made = neuron(activation.threshold * wake_levels / activation.levels)
     if isinstance(made, CIFNeuron):
@@ -139,7 +146,8 @@ def convert(
     analog: Iterable[str] = (),
     rules: ModuleRules | None = None,
 ) -> SpikingNetwork:
-    """Convert a QANN (``neuron="cif"``) or a float ReLU ANN (``neuron="if"``) to a SpikingNetwork.
+    """Convert a QANN (``neuron="cif"``: CASC; ``"qcfs"``: QCFS neurons, run with ``wake=T, sleep=0``) or a float
+    ReLU ANN (``neuron="if"``) to a SpikingNetwork.
 
     The input model is not modified: the network works on a deep copy in eval mode, with
     BatchNorm folded. ``neuron`` may also be a callable ``threshold -> Neuron`` (ablations).

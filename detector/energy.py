@@ -5,10 +5,17 @@ events; a synaptic operation (SOP) is one input event reaching one target throug
 counted with the layer's real fan-out (borders and stride included); a layer whose input is
 analog (the image, or an analog island's output) does dense MACs instead. Energy uses 45 nm
 figures: 0.9 pJ per SOP and 4.6 pJ per MAC. Sleep steps are counted like any other step.
+
+The recorder also keeps, per step and sample, the most spikes any neuron emitted (binary-equivalent steps:
+a step in which some neuron emits k spikes costs k sub-steps on hardware with binary spikes only), the
+neurons with a non-zero output, and the SOPs and MACs, so that ``RunStats.workload_until(t)`` can price a
+run on integer hardware against its QANN (``integer_energy``, ``memory_traffic``) and under NeuroBench's
+definitions (``neurobench_metrics``).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -18,6 +25,38 @@ from torch.nn.modules.conv import _ConvNd
 
 PJ_PER_SOP = 0.9
 PJ_PER_MAC = 4.6
+
+# 45 nm, 0.9 V: M. Horowitz, "Computing's energy problem (and what we can do about it)", ISSCC 2014 (its energy table).
+# 4.6 pJ per float MAC above is fp32 mult + fp32 add, 0.9 pJ per SOP an fp32 add.
+HOROWITZ_45NM_PJ = {
+    "int8_add": 0.03, "int32_add": 0.1, "int8_mult": 0.2, "int32_mult": 3.1,
+    "fp32_add": 0.9, "fp32_mult": 3.7,
+    "sram_8kb_read_64bit": 10.0,  # a 64-bit access to an 8 KB SRAM (32 KB: 20 pJ, 1 MB: 100 pJ)
+}
+WEIGHT_BITS = 8  # integer hardware: int8 weights, a 32-bit accumulator / membrane
+STATE_BITS = 32
+INPUT_BITS = 8  # an analog input (image pixels, an analog island's output) as int8
+
+
+def activation_bits(levels: int) -> int:
+    """Bits of an activation with ``levels`` non-zero levels (the values 0..L): ceil(log2(L + 1))."""
+    return max(1, math.ceil(math.log2(levels + 1)))
+
+
+def int_mult_pj(bits_a: int, bits_b: int) -> float:
+    """An a-bit by b-bit integer multiply, scaled from Horowitz's 8 x 8-bit figure by a * b / 64: an array
+    multiplier has a * b partial-product cells (his 32-bit multiply, 3.1 pJ, is 15.5 times the 8-bit one)."""
+    return HOROWITZ_45NM_PJ["int8_mult"] * bits_a * bits_b / 64
+
+
+def int_mac_pj(activation_bits_: int) -> float:
+    """An activation (``activation_bits_``) times an int8 weight, accumulated in 32 bits."""
+    return int_mult_pj(activation_bits_, WEIGHT_BITS) + HOROWITZ_45NM_PJ["int32_add"]
+
+
+def sram_pj_per_bit() -> float:
+    """Reads and writes alike, from the 8 KB SRAM figure (a local buffer): 10 pJ / 64 bits."""
+    return HOROWITZ_45NM_PJ["sram_8kb_read_64bit"] / 64
 
 
 def layer_macs(layer: nn.Module, output: torch.Tensor) -> int:
@@ -81,12 +120,20 @@ class StatsRecorder:
         # One [batch] row per time step, all layers (a layer called n times per step adds to one row).
         self.spikes_per_step: list[torch.Tensor] = []
         self.energy_pj_per_step: list[torch.Tensor] = []
+        self.peak_per_step: list[torch.Tensor] = []  # most spikes any one neuron emitted in the step
+        self.active_per_step: list[torch.Tensor] = []  # neurons with a non-zero output
+        self.sops_per_step: list[torch.Tensor] = []
+        self.macs_per_step: list[torch.Tensor] = []  # dense MACs (analog inputs, islands)
 
     def begin_stack(self, steps: int) -> None:
         self.stack_index += 1
         self.steps_recorded += steps
         self._stack_spikes: torch.Tensor | float = 0.0  # [steps, batch] once something was recorded
         self._stack_energy: torch.Tensor | float = 0.0
+        self._stack_peak: torch.Tensor | float = 0.0
+        self._stack_active: torch.Tensor | float = 0.0
+        self._stack_sops: torch.Tensor | float = 0.0
+        self._stack_macs: torch.Tensor | float = 0.0
         self._stack_steps = steps
 
     @property
@@ -100,10 +147,14 @@ class StatsRecorder:
                                "samples; a forward that mixes samples on the batch axis cannot be simulated")
         return values
 
-    def record_spikes(self, site: str, counts: torch.Tensor, elements_per_row: int) -> None:
+    def record_spikes(self, site: str, counts: torch.Tensor, elements_per_row: int, peak: torch.Tensor,
+                      active: torch.Tensor) -> None:
+        """[steps, rows] each: spike events, the most spikes one neuron emitted, neurons with a non-zero output."""
         counts = self._per_sample(site, counts)
         self.spikes[site].append(counts)
         self._stack_spikes = self._stack_spikes + counts
+        self._stack_peak = torch.maximum(peak, torch.as_tensor(self._stack_peak, dtype=peak.dtype, device=peak.device))
+        self._stack_active = self._stack_active + active
         if self.first_stack and len(self.spikes[site]) == 1:
             self.elements[site] += elements_per_row
 
@@ -114,10 +165,12 @@ class StatsRecorder:
             ops = self._per_sample(site, ops).double()
             self.sops[site].append(ops)
             self._stack_energy = self._stack_energy + ops * PJ_PER_SOP
+            self._stack_sops = self._stack_sops + ops
         if analog_macs is not None:
             analog_macs = self._per_sample(site, analog_macs).double()
             self.analog_macs[site].append(analog_macs)
             self._stack_energy = self._stack_energy + analog_macs * PJ_PER_MAC
+            self._stack_macs = self._stack_macs + analog_macs
         if not isinstance(skipped_rows, int):  # a tensor: this was a sleep stack
             self.skipped_rows.append(skipped_rows)
             self._skipped_macs.append(skipped_rows * macs_per_row)
@@ -129,10 +182,13 @@ class StatsRecorder:
         macs_per_row = torch.full((steps, self.batch), macs / (steps * self.batch), dtype=torch.float64)
         self.analog_macs[site].append(macs_per_row)
         self._stack_energy = self._stack_energy + macs_per_row * PJ_PER_MAC
+        self._stack_macs = self._stack_macs + macs_per_row
 
     def end_stack(self) -> None:
         """One row per step of this stack (zeros for a step in which no layer computed anything)."""
-        for acc, rows in ((self._stack_spikes, self.spikes_per_step), (self._stack_energy, self.energy_pj_per_step)):
+        for acc, rows in ((self._stack_spikes, self.spikes_per_step), (self._stack_energy, self.energy_pj_per_step),
+                          (self._stack_peak, self.peak_per_step), (self._stack_active, self.active_per_step),
+                          (self._stack_sops, self.sops_per_step), (self._stack_macs, self.macs_per_step)):
             if not isinstance(acc, torch.Tensor):
                 acc = torch.zeros(self._stack_steps, self.batch, dtype=torch.float64)
             rows.extend(acc.double().unbind(0))
@@ -144,17 +200,21 @@ class StatsRecorder:
         # Multistep sleep stacks may run past the step at which the last sample fell silent; those
         # steps changed nothing and are not part of the run.
         steps = int(steps_used.max()) if steps_used.numel() else self.steps_recorded
-        spikes_rows, energy_rows = self.spikes_per_step[:steps], self.energy_pj_per_step[:steps]
+
+        def rows(per_step: list[torch.Tensor]) -> torch.Tensor:
+            kept = per_step[:steps]
+            return torch.stack([r.cpu() for r in kept]) if kept else empty
+
         spikes = total(self.spikes)
         sops = total(self.sops)
         analog = total(self.analog_macs)
         zeros = torch.zeros(self.batch, dtype=torch.float64)
+        empty = torch.zeros(0, self.batch, dtype=torch.float64)
         firing = {
             site: float(s.sum()) / (self.elements[site] * self.batch * steps)
             for site, s in spikes.items() if self.elements[site]
         }
         ann = sum(self.forward_macs.values()) + sum(self.island_macs.values())
-        empty = torch.zeros(0, self.batch, dtype=torch.float64)
         return RunStats(
             wake=wake,
             steps=steps_used.cpu(),
@@ -166,8 +226,13 @@ class StatsRecorder:
             spikes_per_layer={k: v.sum().item() for k, v in spikes.items()},
             sops_per_layer={k: v.sum().item() for k, v in sops.items()},
             firing_rates=firing,
-            spikes_per_step=torch.stack([r.cpu() for r in spikes_rows]) if spikes_rows else empty,
-            energy_pj_per_step=torch.stack([r.cpu() for r in energy_rows]) if energy_rows else empty,
+            spikes_per_step=rows(self.spikes_per_step),
+            energy_pj_per_step=rows(self.energy_pj_per_step),
+            peak_spikes_per_step=rows(self.peak_per_step),
+            active_per_step=rows(self.active_per_step),
+            sops_per_step=rows(self.sops_per_step),
+            macs_per_step=rows(self.macs_per_step),
+            neurons=sum(self.elements.values()),
             skipped_rows=float(torch.stack(self.skipped_rows).double().sum()) if self.skipped_rows else 0.0,
             skipped_macs=float(torch.stack(self._skipped_macs).double().sum()) if self._skipped_macs else 0.0,
         )
@@ -191,6 +256,37 @@ class RunStats:
     energy_pj_per_step: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # [steps, batch]
     skipped_rows: float = 0.0  # sleep-step layer evaluations skipped (no input event), in rows
     skipped_macs: float = 0.0  # the dense MACs those skips saved
+    peak_spikes_per_step: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # [steps, batch]
+    active_per_step: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # non-zero neuron outputs
+    sops_per_step: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    macs_per_step: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # dense (analog) MACs
+    neurons: int = 0  # neuron outputs per sample in one step, all call sites
+
+    def workload_until(self, t: int) -> dict[str, torch.Tensor]:
+        """Per sample ([batch] tensors), the first ``t`` steps of the run (each sample's own steps, if fewer):
+        ``steps``; ``binary_steps`` (a step counts k when some neuron emitted k spikes in it, else 1);
+        ``neurons`` (outputs per step); ``neuron_updates`` (neurons x steps); ``active_outputs`` (non-zero neuron
+        outputs); ``sops``; ``graded_sops`` (those of steps in which some neuron emitted more than one spike); ``macs`` (dense,
+        analog inputs); ``ann_macs`` and ``ann_analog_macs`` (one forward of the network converted from, and its
+        part on analog inputs: the first wake step's dense MACs)."""
+        rows = self.peak_spikes_per_step.shape[0]
+        used = self.steps.clamp(max=min(t, rows)).double()
+        mask = (torch.arange(rows).unsqueeze(1) < used.unsqueeze(0)).double()[:t]  # [t, batch]: step in the run
+        peak = self.peak_spikes_per_step[:t]
+        sops = self.sops_per_step[:t] * mask
+        batch = self.steps.shape[0]
+        return {
+            "steps": used,
+            "binary_steps": (peak.clamp(min=1) * mask).sum(0),
+            "neuron_updates": used * self.neurons,
+            "active_outputs": (self.active_per_step[:t] * mask).sum(0),
+            "sops": sops.sum(0),
+            "graded_sops": (sops * (peak > 1)).sum(0),
+            "macs": (self.macs_per_step[:t] * mask).sum(0),
+            "neurons": torch.full((batch,), float(self.neurons), dtype=torch.float64),
+            "ann_macs": torch.full((batch,), float(self.ann_macs), dtype=torch.float64),
+            "ann_analog_macs": self.macs_per_step[0] if rows else torch.zeros(batch, dtype=torch.float64),
+        }
 
     @property
     def sleep_steps(self) -> torch.Tensor:
@@ -234,3 +330,55 @@ class RunStats:
             "analog_mac_fraction": self.analog_mac_fraction,
             "skipped_macs": self.skipped_macs,
         }
+
+
+# --- pricing a workload (``RunStats.workload_until``; plain numbers, e.g. means over images) ---------------------
+
+def integer_energy(work: dict[str, float], levels: int) -> dict[str, float]:
+    """Compute energy (pJ per sample) on integer hardware, SNN against the QANN it reproduces, from Horowitz's
+    45 nm table (``HOROWITZ_45NM_PJ``). QANN: each MAC on a quantized input is an L-level activation
+    (``activation_bits(L)`` bits) times an int8 weight into a 32-bit accumulator, each MAC on an analog input
+    int8 x int8. SNN: a synaptic operation of a single spike is one 32-bit add; one of a step in which some neuron
+    emitted several spikes (a burst) is priced as the QANN's MAC (a small multiply), NeuroBench's convention for
+    non-binary spikes; its dense MACs (analog inputs, every wake step) int8 x int8."""
+    bits = activation_bits(levels)
+    add = HOROWITZ_45NM_PJ["int32_add"]
+    mac_q, mac_in = int_mac_pj(bits), int_mac_pj(INPUT_BITS)
+    qann = (work["ann_macs"] - work["ann_analog_macs"]) * mac_q + work["ann_analog_macs"] * mac_in
+    snn = (work["sops"] - work["graded_sops"]) * add + work["graded_sops"] * mac_q + work["macs"] * mac_in
+    return {"snn_pj": snn, "qann_pj": qann, "ratio": snn / qann if qann else float("nan"),
+            "activation_bits": bits, "pj_per_mac": mac_q, "pj_per_input_mac": mac_in, "pj_per_sop": add}
+
+
+def memory_traffic(work: dict[str, float], levels: int) -> dict[str, float]:
+    """SRAM traffic (``sram_pj_per_bit``) per sample and per step. SNN: an int8 weight read per synaptic operation
+    and per dense MAC, a 32-bit membrane read and write per neuron per step. QANN: an int8 weight read per MAC, and
+    per neuron one activation written and read once (``activation_bits(L)`` bits). Weight reuse in a buffer is
+    not modelled: both networks read a weight per operation."""
+    per_bit = sram_pj_per_bit()
+    weight_reads = work["sops"] + work["macs"]
+    membrane = work["neuron_updates"]
+    snn = (weight_reads * WEIGHT_BITS + 2 * membrane * STATE_BITS) * per_bit
+    qann = (work["ann_macs"] * WEIGHT_BITS + 2 * work["neurons"] * activation_bits(levels)) * per_bit
+    steps = work["steps"] or 1.0
+    return {"weight_reads": weight_reads, "membrane_reads": membrane, "membrane_writes": membrane,
+            "weight_reads_per_step": weight_reads / steps, "membrane_reads_per_step": membrane / steps,
+            "membrane_writes_per_step": membrane / steps, "snn_pj": snn, "qann_pj": qann,
+            "ratio": snn / qann if qann else float("nan"), "pj_per_bit": per_bit}
+
+
+def neurobench_metrics(work: dict[str, float]) -> dict[str, float]:
+    """The workload under NeuroBench's definitions (Yik et al., *The neurobench framework for benchmarking
+    neuromorphic computing algorithms and systems*, Nature Communications 2025; the ``neurobench`` package's
+    ``ActivationSparsity`` and ``SynapticOperations``): activation sparsity = zero neuron outputs / all neuron
+    outputs over layers, steps and samples; synaptic operations per sample as ``Dense`` (every connection at
+    every step, zeros included), ``Effective_ACs`` (non-zero inputs of a layer whose input is binary: spikes
+    in {-1, 0, 1}) and ``Effective_MACs`` (non-zero inputs otherwise: analog inputs and graded spikes). Spikes
+    are counted in units of the threshold (it folds into the weights). NeuroBench classifies each layer call;
+    here a step in which any neuron emitted several spikes makes all its synaptic operations MACs, an upper
+    bound on its MACs."""
+    outputs = work["neuron_updates"]
+    return {"activation_sparsity": 1 - work["active_outputs"] / outputs if outputs else float("nan"),
+            "Dense": work["ann_macs"] * work["steps"],
+            "Effective_MACs": work["macs"] + work["graded_sops"],
+            "Effective_ACs": work["sops"] - work["graded_sops"]}

@@ -1,4 +1,4 @@
-"""Spiking neurons: the Consistent IF neuron (CASC) and the plain IF baseline.
+"""Spiking neurons: the Consistent IF neuron (CASC), the QCFS neuron and the plain IF baseline.
 
 Both keep one state per call site (see ``state.CallSiteModule``) and process a stack of time
 steps: the input has ``steps * rows`` rows on its first axis, step-major. They output
@@ -40,11 +40,13 @@ class Neuron(CallSiteModule):
                 per_step[t] = self._step(state, current[t], theta, sim.wake_counts[t], sim.sleeping)
             spikes = per_step.flatten(0, 1)
         if sim.sleeping or sim.record:  # wake steps need no activity map (only a silent sleep step settles)
-            counts = per_step.abs().flatten(2).sum(2)  # events per (step, sample); a burst of n is n events
+            magnitude = per_step.abs().flatten(2)
+            counts = magnitude.sum(2)  # events per (step, sample); a burst of n is n events
             if sim.sleeping:
                 sim.note_activity((counts > 0).flatten())
             if sim.record:
-                sim.recorder.record_spikes(self.site(index), counts, shape.numel())
+                sim.recorder.record_spikes(self.site(index), counts, shape.numel(), peak=magnitude.amax(2),
+                                           active=magnitude.ne(0).sum(2))
         return spikes if theta == 1.0 else spikes.mul_(theta)
 
     def _step(self, state: list, current, theta, k, sleep) -> torch.Tensor:
@@ -100,6 +102,10 @@ class CIFNeuron(Neuron):
     def threshold_at(self, index: int) -> float:
         return self.threshold
 
+    def most_spikes(self, sleep: bool) -> int:
+        """Spikes one neuron may emit in a step: 1 in wake steps, the burst γ in sleep steps."""
+        return self.sim.burst if sleep else 1
+
     def cap(self, k: int) -> int:
         return k if self.levels is None else k * self.levels // self.wake_levels
 
@@ -120,7 +126,7 @@ class CIFNeuron(Neuron):
         """``update`` from the initial state (membrane ``precharge * theta``, no spikes yet): ``([m, C], s)``."""
         m = current + self.precharge * theta if self.precharge else current.clone()
         s = self._floor(m, theta)
-        gamma = self.sim.burst if sleep else 1
+        gamma = self.most_spikes(sleep)
         s.clamp_(-gamma if self.signed and self.negative_spikes else 0, gamma)  # C = 0: unsigned, no spike to take back
         if self.spike_cap:
             s.clamp_(self.lowest_count(k), self.cap(k))
@@ -131,7 +137,7 @@ class CIFNeuron(Neuron):
         m, count = state
         m.add_(current)
         s = self._floor(m, theta)
-        gamma = self.sim.burst if sleep else 1
+        gamma = self.most_spikes(sleep)
         if self.negative_spikes and self.spike_cap:
             # Clamping s to [-gamma, gamma] and then C + s to [0, cap] keeps at most gamma spikes, never below 0
             # or above the cap in total, with scalar bounds only and in place: the new count, then s from it.
@@ -158,6 +164,27 @@ class CIFNeuron(Neuron):
         if self.signed:
             quant += ", signed"
         return f"threshold={self.threshold:g}{quant}{flags}"
+
+
+class QCFSNeuron(CIFNeuron):
+    """The QCFS conversion of the same QANN (Bu et al., *Optimal ANN-SNN Conversion for High-accuracy and
+    Ultra-low-latency Spiking Neural Networks*, ICLR 2022): an IF neuron at the quantizer's threshold θ, membrane
+    pre-charged to θ/2, reset by subtraction, at most one positive spike per step, no negative spikes and no cap.
+    It runs ``wake=T`` steps with no sleep; its readout after T steps is the spike rate times θ, which approaches
+    the QANN's staircase as T grows. Against CASC on the same QANN it isolates what negative spikes, the cap
+    and the sleep steps buy. The threshold is θ whatever the layer's level count (QCFS has no level-count cap).
+    """
+
+    kind = "qcfs"
+
+    def __init__(self, threshold: float):
+        super().__init__(threshold, negative_spikes=False, spike_cap=False, precharge=0.5)
+
+    def most_spikes(self, sleep: bool) -> int:
+        return 1
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold:g}, precharge=0.5 (QCFS)"
 
 
 class IFNeuron(Neuron):

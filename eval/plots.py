@@ -17,11 +17,14 @@ import matplotlib.ticker
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
-SPIKING_STYLE = {"casc": ("tab:red", "o"), "if": ("tab:blue", "s")}
+# drawn in this order: CASC's points over casc-paper's larger diamonds where the two coincide (the wake steps)
+SPIKING_STYLE = {"casc-paper": ("tab:purple", "D"), "casc": ("tab:red", "o"), "qcfs": ("tab:cyan", "X"),
+                 "if": ("tab:blue", "s")}
 FLAT_STYLE = {"ann": ("black", "-", "D"), "qann": ("tab:green", "--", "P")}
 # several runs on one axis: the same colour per method, lighter and another marker shape per run
 RUN_SHADES = (1.0, 0.6, 0.35)
-RUN_MARKERS = {"casc": ("o", "^", "p"), "if": ("s", "v", "h")}
+RUN_MARKERS = {"casc": ("o", "^", "p"), "casc-paper": ("D", "d", "8"), "qcfs": ("X", "x", "+"),
+               "if": ("s", "v", "h")}
 METRIC_NAMES = {"map50_95": "mAP50-95", "map50": "mAP50"}
 DPI = 110
 
@@ -57,6 +60,7 @@ def spiking_points(results: dict, method: str, metric: str) -> list[dict]:
     entry = results["summary"][method]
     return [{"T": int(t), "map": entry["metrics"][str(t)][metric],
              "energy_uj": entry.get("energy_uj_at", {}).get(str(t)),
+             "integer_energy_uj": entry.get("integer_energy_uj_at", {}).get(str(t)),
              "latency_ms": entry.get("latency_ms_at", {}).get(str(t))}
             for t in results["schedule"]["timesteps"]]
 
@@ -68,13 +72,14 @@ def auto_point(results: dict, metric: str) -> dict | None:
     if auto is None:
         return None
     return {"T": auto["steps_mean"], "map": auto[metric], "energy_uj": casc.get("energy_uj_at", {}).get("auto"),
+            "integer_energy_uj": casc.get("integer_energy_uj_at", {}).get("auto"),
             "latency_ms": casc.get("latency_ms_at", {}).get("auto")}
 
 
 def flat_points(results: dict, metric: str) -> dict[str, dict]:
     """The ANN and QANN: their mAP, one forward's MAC energy (the same network shape) and measured latency."""
     summary = results["summary"]
-    energy = next((summary[m]["ann_energy_uj"] for m in ("casc", "if") if summary.get(m, {}).get("ann_energy_uj")),
+    energy = next((summary[m]["ann_energy_uj"] for m in SPIKING_STYLE if summary.get(m, {}).get("ann_energy_uj")),
                   None)
     return {m: {"map": summary[m]["metrics"]["flat"][metric], "energy_uj": energy,
                 "latency_ms": summary[m].get("latency_ms")}
@@ -82,7 +87,8 @@ def flat_points(results: dict, metric: str) -> dict[str, dict]:
 
 
 def _label(results: dict, method: str, several: bool) -> str:
-    name = {"casc": "CASC SNN", "if": "IF SNN", "ann": "ANN", "qann": "QANN"}[method]
+    name = {"casc": "CASC SNN", "casc-paper": "CASC, paper's schedule (γ=1)", "qcfs": "QCFS SNN", "if": "IF SNN",
+            "ann": "ANN", "qann": "QANN"}[method]
     return f"{results['model']['name']}: {name}" if several else name
 
 
@@ -105,7 +111,7 @@ def plot_map_vs_t(runs: list[dict], path: Path, metric: str = "map50_95") -> plt
     several = len(runs) > 1
     evaluated: set[int] = set()
     for k, results in enumerate(runs):
-        for method in ("casc", "if"):
+        for method in SPIKING_STYLE:
             if method not in results["summary"]:
                 continue
             points = spiking_points(results, method, metric)
@@ -144,6 +150,27 @@ def plot_map_vs_energy(runs: list[dict], path: Path, metric: str = "map50_95") -
                         f"{METRIC_NAMES[metric]} vs energy per image")
 
 
+def plot_energy_vs_qann(runs: list[dict], path: Path, metric: str = "map50_95") -> plt.Figure:
+    """mAP against compute energy per image on integer hardware (µJ, log): one point per T for every spiking
+    method and the QANN's own point (int8 weights, L-level activations), the comparison the spiking network has
+    to win (``detector.energy.integer_energy``)."""
+    fig = _map_vs_cost(runs, path, metric, "integer_energy_uj",
+                       "compute energy per image on integer hardware (µJ, log scale; Horowitz 45 nm: SNN 0.1 pJ "
+                       "per single-spike synaptic op, QANN an L-level x int8 MAC)",
+                       f"{METRIC_NAMES[metric]} vs energy against the QANN", qann_point=True)
+    return fig
+
+
+def qann_integer_point(results: dict, metric: str) -> dict | None:
+    """The QANN on integer hardware: its mAP and MAC energy (from a spiking method's comparison block)."""
+    summary = results["summary"]
+    energy = next((summary[m]["qann_integer_energy_uj"] for m in SPIKING_STYLE
+                   if summary.get(m, {}).get("qann_integer_energy_uj")), None)
+    if energy is None or "qann" not in summary:
+        return None
+    return {"map": summary["qann"]["metrics"]["flat"][metric], "integer_energy_uj": energy}
+
+
 def plot_map_vs_latency(runs: list[dict], path: Path, metric: str = "map50_95") -> plt.Figure:
     """mAP against measured milliseconds per image on the machine that ran the evaluation."""
     return _map_vs_cost(runs, path, metric, "latency_ms", "latency per image (ms, log scale; measured run time, "
@@ -151,11 +178,11 @@ def plot_map_vs_latency(runs: list[dict], path: Path, metric: str = "map50_95") 
                         f"{METRIC_NAMES[metric]} vs latency on this machine")
 
 
-def _map_vs_cost(runs, path, metric, cost, xlabel, what) -> plt.Figure:
+def _map_vs_cost(runs, path, metric, cost, xlabel, what, qann_point: bool = False) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8, 5.2), dpi=DPI)
     several = len(runs) > 1
     for k, results in enumerate(runs):
-        for method in ("casc", "if"):
+        for method in SPIKING_STYLE:
             if method not in results["summary"]:
                 continue
             points = [p for p in spiking_points(results, method, metric) if p[cost]]
@@ -168,8 +195,9 @@ def _map_vs_cost(runs, path, metric, cost, xlabel, what) -> plt.Figure:
             ax.plot(auto[cost], auto["map"], linestyle="none", marker="*", ms=16, color=_shade("tab:orange", k),
                     markeredgecolor="black", label=f"{_label(results, 'casc', several)}, sleep=auto "
                                                    f"(mean T={auto['T']:.1f})")
-        for method, point in flat_points(results, metric).items():
-            if point[cost]:
+        flat = {"qann": qann_integer_point(results, metric)} if qann_point else flat_points(results, metric)
+        for method, point in flat.items():
+            if point and point.get(cost):
                 color, _, marker = FLAT_STYLE[method]
                 ax.plot(point[cost], point["map"], linestyle="none", marker=marker, ms=10, color=_shade(color, k),
                         label=f"{_label(results, method, several)} ({point['map']:.3f})")
@@ -179,7 +207,8 @@ def _map_vs_cost(runs, path, metric, cost, xlabel, what) -> plt.Figure:
     return fig
 
 
-LABEL_OFFSETS = {"casc": (5, 5), "if": (5, -12)}  # CASC's labels above its points, IF's below: no collisions
+# labels above CASC's points, below the baselines': fewer collisions
+LABEL_OFFSETS = {"casc": (5, 5), "casc-paper": (5, 5), "qcfs": (5, -12), "if": (5, -12)}
 
 
 def _log_ticks(ax) -> None:

@@ -1,12 +1,16 @@
-"""``casc eval``: mAP against total time steps for the float ANN, the QANN, the CASC SNN and the IF baseline.
+"""``casc eval``: mAP against total time steps for the float ANN, the QANN, the CASC SNN, the same QANN with the
+paper's schedule (``casc-paper``) and as QCFS neurons (``qcfs``), and the IF baseline.
 
 One pass per method and image batch: the spiking methods record their readouts after every step
 and decode detections at each requested T (``detections_at_steps``), so nothing is re-run per T.
 T is always the *total* step count (wake + sleep; Faster R-CNN: both stages, T/2 each, the per-stage
 split in ``results.json``), so both families share one axis. Each method's run is timed (latency).
 Writes ``results.json`` (every figure, the command, versions, model sha256), ``curve.csv``,
-``map_vs_t.png``, ``map_vs_energy.png``, ``map_vs_latency.png`` and ``firing_rates.png`` into ``--out``;
-finished batches are cached there, so an interrupted run resumes. Under ``torchrun --nproc_per_node N -m eval ...`` the batches are sharded
+``map_vs_t.png``, ``map_vs_energy.png``, ``energy_vs_qann.png``, ``map_vs_latency.png`` and ``firing_rates.png``
+into ``--out``; finished batches are cached there, so an interrupted run resumes. Every spiking method also gets
+its binary-equivalent steps at each T and, at its comparison T, its energy against the QANN on integer hardware, its
+memory traffic and its NeuroBench workload figures (``comparison``; ``detector.energy``), drawn with the QANN's
+point in ``energy_vs_qann.png``. Under ``torchrun --nproc_per_node N -m eval ...`` the batches are sharded
 over the processes and the detections gathered with ``torch.distributed`` (gloo on CPU, nccl on GPU).
 """
 
@@ -28,16 +32,22 @@ from tqdm import tqdm
 from detector.data import open_dataset
 from detector.detect import KEYFRAME_EVERY
 from detector.devices import resolve_device
+from detector.energy import integer_energy, memory_traffic, neurobench_metrics
 from detector.models import as_records
 from detector.weights import ENGINES, ModelEntry, load_detector, load_manifest, resolve
 
 from .metrics import coco_metrics, voc_metrics
+from .plots import (plot_energy_vs_qann, plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency, plot_map_vs_t,
+                    schedule_text)
 from .video import MODES, delta_against_fresh, plot_energy_per_frame
 from .video import format_table as format_video_table
-from .plots import plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency, plot_map_vs_t, schedule_text
 
-METHODS = ("ann", "qann", "casc", "if")
-SPIKING = ("casc", "if")
+METHODS = ("ann", "qann", "casc", "casc-paper", "qcfs", "if")
+SPIKING = ("casc", "casc-paper", "qcfs", "if")
+DEFAULT_METHODS = ("ann", "qann", "casc", "if")  # casc-paper and qcfs on request (QCFS runs as many steps as IF)
+# The reference implementation's schedule (Li et al., arXiv 2406.05371): one spike per neuron per sleep step and a
+# fixed sleep window of L..L+4 steps, so T = 2L .. 2L + 4; casc-paper runs to the window's end.
+PAPER_SLEEP_EXTRA = 4
 # Short enough for a CPU (16 YOLO images in about a minute on 2 cores), long enough to show CASC settle
 # (about L + 2 steps with burst sleep) and the IF baseline's slow climb.
 DEFAULT_TIMESTEPS = {"yolo": "1,2,4,6,8,16,32,64", "rcnn": "2,4,8,12,16,32,64"}
@@ -93,6 +103,9 @@ class Detectors:
         needs_float = {"ann", "if"} & set(methods)
         if needs_float and float_entry is None:
             raise ValueError(f"methods {sorted(needs_float)} need the float model: pass --float-model")
+        if "qcfs" in methods and args.engine != "pytorch":
+            raise ValueError("--methods qcfs runs on the PyTorch engine only (the exported step graphs are the CASC "
+                             "network's); drop qcfs or use --engine pytorch")
         engine = {"engine": args.engine, "provider": args.provider, "batch": args.batch, "threads": args.threads} \
             if args.engine != "pytorch" else {}
         self.qann = load_detector(_source(qann), device=device, dtype=dtype, **engine)
@@ -100,15 +113,17 @@ class Detectors:
         if needs_float:  # the IF baseline: thresholds from these images' activations, on the PyTorch engine
             self.float = load_detector(_source(float_entry), device=device, dtype=dtype, neuron="if",
                                        calibration=calibration)
+        if "qcfs" in methods:  # the same QANN, QCFS neurons
+            self.qcfs = load_detector(_source(qann), device=device, dtype=dtype, neuron="qcfs")
 
     def _flat(self, detector, images) -> list:
         a = self.args
         return detector.qann_predict(images, conf=a.conf, iou=a.iou, max_det=a.max_det, color="rgb")
 
-    def _curve(self, detector, images, budgets: list[int], wake, sleep):
+    def _curve(self, detector, images, budgets: list[int], wake, sleep, burst=None):
         a = self.args
         results, info = detector.detections_at_steps(images, budgets, conf=a.conf, iou=a.iou, max_det=a.max_det,
-                                                     wake=wake, sleep=sleep, burst=a.burst, max_sleep=a.max_sleep,
+                                                     wake=wake, sleep=sleep, burst=burst, max_sleep=a.max_sleep,
                                                      color="rgb")
         return results, (self._two_stage_info(info) if self.family == "rcnn" else info)
 
@@ -117,6 +132,7 @@ class Detectors:
         """The YOLO adapter's info shape for a two-stage run (total steps of both stages)."""
         return {"steps": info["steps"], "settled": info["settled"], "energy_uj": info["energy_uj"],
                 "energy_uj_at": info["energy_uj_at"], "steps_at": info["steps_at"],
+                **({"workload_at": info["workload_at"]} if "workload_at" in info else {}),
                 "stage1_steps_at": info["stage1_steps_at"], "stage2_steps_at": info["stage2_steps_at"],
                 "ann_energy_uj": float(np.mean(info["ann_energy_uj"])),
                 "firing_rates": info.get("firing_rates", {})}
@@ -143,14 +159,23 @@ class Detectors:
         budgets = {str(t): b for t, b in stage_budgets(self.family, timesteps).items()}
         if method == "casc" and a.sleep == "auto":  # past the cap every sample has settled (or hit the cap)
             budgets["auto"] = self.auto_key
-        detector = self.qann if method == "casc" else self.float
-        results, info = self._curve(detector, images, sorted(set(budgets.values())),
-                                    a.wake if method == "casc" else None, a.sleep if method == "casc" else 0)
+        detector, wake, sleep, burst = self.schedule(method)
+        results, info = self._curve(detector, images, sorted(set(budgets.values())), wake, sleep, burst)
         records = {key: self._records(results[b], image_ids) for key, b in budgets.items()}
-        for name in ("energy_uj_at", "steps_at", "stage1_steps_at", "stage2_steps_at"):
+        for name in ("energy_uj_at", "workload_at", "steps_at", "stage1_steps_at", "stage2_steps_at"):
             if name in info:
                 info[name] = {key: info[name][b] for key, b in budgets.items()}
         return {"records": records, "info": _plain(info)}
+
+    def schedule(self, method: str) -> tuple:
+        """(detector, wake, sleep, burst) of a spiking method: CASC as asked; casc-paper one spike per sleep step
+        and ``L + PAPER_SLEEP_EXTRA`` sleep steps; QCFS and IF rate-coded (wake = T, no sleep)."""
+        a = self.args
+        if method == "casc":
+            return self.qann, a.wake, a.sleep, a.burst
+        if method == "casc-paper":
+            return self.qann, a.wake, (a.wake or self.qann.levels) + PAPER_SLEEP_EXTRA, 1
+        return (self.qcfs if method == "qcfs" else self.float), None, 0, None
 
     @property
     def auto_key(self) -> int:
@@ -212,7 +237,9 @@ def _mean(values) -> float | None:
 
 
 def summarise(batches: list[dict], ground_truth: list[dict], classes: list[str], methods: list[str],
-              timesteps: list[int]) -> dict:
+              timesteps: list[int], levels: int | None = None) -> dict:
+    """Metrics per method and T; for spiking methods steps, energy, latency, reach and, with the QANN's ``levels``,
+    the comparison with the QANN on integer hardware (``_comparison``)."""
     summary = {}
     for method in methods:
         parts = [b[method] for b in batches]
@@ -226,7 +253,36 @@ def summarise(batches: list[dict], ground_truth: list[dict], classes: list[str],
     for method in SPIKING:
         if method in summary and qann is not None:
             summary[method].update(_reach(summary[method], qann, timesteps))
+        if method in summary and levels and "workload_at" in summary[method]:
+            summary[method].update(_comparison(summary[method], levels))
     return summary
+
+
+def _comparison(entry: dict, levels: int) -> dict:
+    """Energy against the QANN on integer hardware at every T, and at the reported T (the first at 99 % of the
+    QANN's mAP, else the last evaluated) its ``energy_ratio_vs_qann``, ``memory`` and ``neurobench`` blocks
+    (``detector.energy``: Horowitz's 45 nm figures, NeuroBench's definitions; means over the images)."""
+    workloads = entry.pop("workload_at")
+    keys = list(workloads)
+    priced = {key: integer_energy(workloads[key], levels) for key in keys}
+    reach = entry.get("steps_to_99pct_qann")
+    at = str(reach) if reach is not None else keys[-1]
+    work = workloads[at]
+    memory = memory_traffic(work, levels)
+    return {
+        "integer_energy_uj_at": {key: priced[key]["snn_pj"] * 1e-6 for key in keys},
+        "energy_ratio_vs_qann_at": {key: priced[key]["ratio"] for key in keys},
+        "qann_integer_energy_uj": priced[at]["qann_pj"] * 1e-6,
+        "comparison_at": at,
+        "energy_ratio_vs_qann": priced[at]["ratio"],
+        "integer_energy": priced[at],
+        "memory": memory,
+        # compute and SRAM traffic together: where the memory term dominates, the verdict can flip
+        "energy_with_memory_ratio_vs_qann": (priced[at]["snn_pj"] + memory["snn_pj"])
+                                            / (priced[at]["qann_pj"] + memory["qann_pj"]),
+        "neurobench": neurobench_metrics(work),
+        "workload": work,
+    }
 
 
 def _images(parts: list[dict]) -> int:
@@ -243,7 +299,14 @@ def _spiking_summary(parts: list[dict], metrics: dict) -> dict:
             if f"{stage}_steps_at" in infos[0]:
                 metrics[key][f"{stage}_steps_mean"] = _mean(s for i in infos for s in i[f"{stage}_steps_at"][key])
     rates = [i.get("firing_rates", {}) for i in infos]
+    workload = {}
+    if all("workload_at" in i for i in infos):  # PyTorch engine (ONNX Runtime counts no spikes)
+        workload = {"workload_at": {key: {name: _mean(v for i in infos for v in i["workload_at"][key][name])
+                                          for name in infos[0]["workload_at"][key]} for key in keys}}
+        for key in keys:
+            metrics[key]["binary_steps_mean"] = workload["workload_at"][key]["binary_steps"]
     return {
+        **workload,
         "energy_uj_at": {key: _mean(e for i in infos for e in i.get("energy_uj_at", {}).get(key, [])) for key in keys},
         "latency_ms_at": {key: _latency_ms(parts, key) for key in keys},
         "ann_energy_uj": _mean(i.get("ann_energy_uj") for i in infos),
@@ -278,24 +341,40 @@ def _reach(entry: dict, qann_map: float, timesteps: list[int]) -> dict:
 def format_table(summary: dict, timesteps: list[int], two_stage: bool = False) -> str:
     """Markdown: one column per requested T (and CASC's ``auto``), cells mAP50-95 / mAP50."""
     columns = list(timesteps) + (["auto"] if any("auto" in e["metrics"] for e in summary.values()) else [])
-    head = ["method"] + [f"T={t}" for t in columns] + ["T to 99% QANN", "energy ratio (SNN/ANN)", "ms/image"]
+    head = ["method"] + [f"T={t}" for t in columns] + ["T to 99% QANN", "binary-eq. steps", "energy ratio (SNN/ANN)",
+                                                        "energy vs QANN (int8)", "ms/image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, entry in summary.items():
         metrics = entry["metrics"]
         if "flat" in metrics:
             m = metrics["flat"]
             cells = [f"{m['map50_95']:.3f} / {m['map50']:.3f}"] * len(columns)
-            extra = ["—", "1 (ANN)" if method == "ann" else "—"]
+            extra = ["—", "—", "1 (ANN)" if method == "ann" else "—", "1 (QANN)" if method == "qann" else "—"]
         else:
             cells = [_cell(metrics.get(str(t)), t == "auto") for t in columns]
             reach = entry.get("steps_to_99pct_qann")
             ratio = entry.get("energy_ratio_at_99pct")
-            extra = [str(reach) if reach else f"> {max(timesteps)}", f"{ratio:.2f}" if ratio else "—"]
+            binary = {key: m.get("binary_steps_mean") for key, m in metrics.items()}
+            extra = [str(reach) if reach else f"> {max(timesteps)}", _at_comparison(entry, binary, ".1f"),
+                     f"{ratio:.2f}" if ratio else "—",
+                     _at_comparison(entry, entry.get("energy_ratio_vs_qann_at", {}), ".2f")]
         extra.append(f"{entry['latency_ms']:.0f}")
         lines.append("| " + " | ".join([method.upper()] + cells + extra) + " |")
     return "\n".join(lines) + "\n(cells: mAP50-95 / mAP50; T = total steps, wake + sleep" + (
         ", both stages (T/2 each; the per-stage split in results.json)" if two_stage else "") + \
-        "; ms/image: the whole run of that method on this machine)"
+        "; binary-eq. steps and energy vs QANN at the T to 99 % of the QANN, else at the T named; binary-eq.: a step " \
+        "in which a neuron emits k spikes counts k; energy vs QANN: integer hardware, docs/method.md; " \
+        "ms/image: the whole run of that method on this machine)"
+
+
+def _at_comparison(entry: dict, values: dict, spec: str) -> str:
+    """``values[T]`` at the method's comparison T, with that T named when it is not the T to 99 % of the QANN."""
+    at = entry.get("comparison_at")
+    value = values.get(at) if at is not None else None
+    if value is None:
+        return "—"
+    named = "" if at == str(entry.get("steps_to_99pct_qann")) else f" (T={at})"
+    return f"{value:{spec}}{named}"
 
 
 def _cell(m: dict | None, auto: bool) -> str:
@@ -345,15 +424,18 @@ def estimate_cost(probe: dict[str, float], methods: list[str], timesteps: list[i
     """The run's cost before it starts: network passes per image, priced with one timed forward and step."""
     forwards = sum(m in methods for m in ("ann", "qann"))
     steps = {}
+    stages = 2 if family == "rcnn" else 1
     if "casc" in methods:
-        stages = 2 if family == "rcnn" else 1
         if args.sleep == "auto":  # burst sleep settles in about 2 sleep steps; one spike per step needs tens
             sleep = 2 if (args.burst or wake) >= wake else 20
         else:
             sleep = args.sleep
         steps["CASC"] = stages * (wake + sleep)
-    if "if" in methods:
-        steps["IF"] = max(timesteps)
+    if "casc-paper" in methods:
+        steps["CASC-PAPER"] = stages * (2 * wake + PAPER_SLEEP_EXTRA)
+    for rate_coded in ("qcfs", "if"):
+        if rate_coded in methods:
+            steps[rate_coded.upper()] = max(timesteps)
     per_image = forwards * probe["forward_s"] + sum(steps.values()) * probe["step_s"] + len(steps) * probe["run_s"]
     parts = ([f"{forwards} forward{'s' * (forwards > 1)}"] if forwards else []) + \
         [f"{name} {'≈ ' * (name == 'CASC' and args.sleep == 'auto')}{n} steps" for name, n in steps.items()]
@@ -401,7 +483,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if rank != 0:
         return {}
     batches = [json.loads((cache / f"batch_{s:06d}.json").read_text()) for s in starts]
-    summary = summarise(batches, _ground_truth(dataset, count), dataset.classes, methods, timesteps)
+    summary = summarise(batches, _ground_truth(dataset, count), dataset.classes, methods, timesteps,
+                        detectors.qann.levels)
     results = {
         "command": "casc eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:]),
         "model": {"name": qann.name, "family": qann.family, "sha256": qann.sha256, "path": str(qann.path),
@@ -500,6 +583,9 @@ def _write_outputs(out: Path, results: dict) -> list[str]:
     if any(m in summary for m in SPIKING):
         plot_map_vs_energy([results], out / "map_vs_energy.png")
         written.append("map_vs_energy.png")
+    if "qann" in summary and any(summary.get(m, {}).get("qann_integer_energy_uj") for m in SPIKING):
+        plot_energy_vs_qann([results], out / "energy_vs_qann.png")
+        written.append("energy_vs_qann.png")
     if summary.get("casc", {}).get("firing_rates"):
         plot_firing_rates(summary["casc"]["firing_rates"], out / "firing_rates.png", results["model"]["family"],
                           title=f"{results['model']['name']}: CASC firing rate per layer\n"
@@ -518,9 +604,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the float model it was fine-tuned from, for ANN and IF (None: the manifest's)")
     parser.add_argument("--data", default="bundled", help="bundled | bundled-video | coco:DIR | voc:DIR | data.yaml")
     parser.add_argument("--split", default="val", help="dataset split to evaluate")
-    parser.add_argument("--methods", default=",".join(METHODS),
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help="comma-separated: ann (float network), qann (quantized network), casc (the CASC SNN), "
-                             "if (plain IF rate-coded SNN baseline)")
+                             f"casc-paper (CASC with the paper's schedule: burst 1, L+{PAPER_SLEEP_EXTRA} sleep steps), "
+                             "qcfs (the same QANN as QCFS neurons, wake=T, no sleep), if (plain IF rate-coded SNN "
+                             "baseline of the float model)")
     parser.add_argument("--timesteps", default=None,
                         help="total steps T to evaluate, e.g. 1-16,24,32 (Faster R-CNN: even T, T/2 per stage). "
                              f"None: {DEFAULT_TIMESTEPS['yolo']} for YOLO, {DEFAULT_TIMESTEPS['rcnn']} for "

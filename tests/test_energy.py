@@ -217,3 +217,65 @@ def test_per_step_energy_is_as_precise_as_the_total():
     # float64 throughout: the rows add up to the total within float64 rounding
     torch.testing.assert_close(stats.energy_pj_until(stats.energy_pj_per_step.shape[0]), stats.energy_pj,
                                rtol=1e-12, atol=0)
+
+
+def test_horowitz_scaling_and_activation_bits():
+    from detector.energy import HOROWITZ_45NM_PJ, activation_bits, int_mac_pj, int_mult_pj
+
+    assert int_mult_pj(8, 8) == HOROWITZ_45NM_PJ["int8_mult"]
+    # the a * b law from the 8-bit figure lands within 4 % of Horowitz's own 32-bit multiply
+    assert int_mult_pj(32, 32) == pytest.approx(HOROWITZ_45NM_PJ["int32_mult"], rel=0.04)
+    assert [activation_bits(L) for L in (1, 2, 4, 8, 15)] == [1, 2, 3, 4, 4]
+    assert int_mac_pj(3) == pytest.approx(0.2 * 3 * 8 / 64 + 0.1)
+    assert HOROWITZ_45NM_PJ["fp32_mult"] + HOROWITZ_45NM_PJ["fp32_add"] == pytest.approx(PJ_PER_MAC)
+    assert HOROWITZ_45NM_PJ["fp32_add"] == PJ_PER_SOP
+
+
+WORK = {"steps": 6.0, "binary_steps": 9.0, "neurons": 100.0, "neuron_updates": 600.0, "active_outputs": 150.0,
+        "sops": 1000.0, "graded_sops": 200.0, "macs": 400.0, "ann_macs": 900.0, "ann_analog_macs": 100.0}
+
+
+def test_integer_energy_prices_the_snn_against_its_qann():
+    from detector.energy import integer_energy
+
+    priced = integer_energy(WORK, levels=4)  # 3-bit activations: 0.175 pJ per MAC, int8 inputs 0.3 pJ
+    qann = 800 * 0.175 + 100 * 0.3
+    snn = 800 * 0.1 + 200 * 0.175 + 400 * 0.3
+    assert priced["qann_pj"] == pytest.approx(qann) and priced["snn_pj"] == pytest.approx(snn)
+    assert priced["ratio"] == pytest.approx(snn / qann) and priced["activation_bits"] == 3
+
+
+def test_memory_traffic_counts_weight_reads_and_membrane_reads_and_writes():
+    from detector.energy import memory_traffic
+
+    mem = memory_traffic(WORK, levels=4)
+    assert mem["weight_reads"] == 1400 and mem["membrane_reads"] == mem["membrane_writes"] == 600
+    assert mem["membrane_reads_per_step"] == 100 and mem["weight_reads_per_step"] == pytest.approx(1400 / 6)
+    per_bit = 10 / 64
+    assert mem["snn_pj"] == pytest.approx((1400 * 8 + 2 * 600 * 32) * per_bit)
+    assert mem["qann_pj"] == pytest.approx((900 * 8 + 2 * 100 * 3) * per_bit)
+
+
+def test_neurobench_metrics_follow_its_definitions():
+    from detector.energy import neurobench_metrics
+
+    nb = neurobench_metrics(WORK)
+    assert nb["activation_sparsity"] == pytest.approx(1 - 150 / 600)
+    assert nb["Dense"] == 900 * 6  # every connection at every step
+    assert nb["Effective_MACs"] == 400 + 200  # analog inputs and graded (multi-spike) steps
+    assert nb["Effective_ACs"] == 1000 - 200
+
+
+def test_workload_of_a_run_matches_its_counters():
+    torch.manual_seed(0)
+    qann = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ClipQuan(4, threshold=1.0), nn.Conv2d(4, 2, 1)).double()
+    snn = convert(qann)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    stats = snn.run(x, sleep="auto").stats
+    work = stats.workload_until(100)
+    assert torch.allclose(work["sops"], stats.sops) and torch.allclose(work["macs"], stats.analog_macs)
+    assert (work["neurons"] == 4 * 8 * 8).all() and torch.equal(work["neuron_updates"], 256 * stats.steps.double())
+    assert torch.equal(work["ann_analog_macs"], torch.full((2,), 4 * 8 * 8 * 27.0, dtype=torch.float64))
+    assert (work["active_outputs"] <= stats.spikes).all() and (work["active_outputs"] > 0).all()
+    first = stats.workload_until(1)
+    assert (first["steps"] == 1).all() and torch.equal(first["macs"], work["ann_analog_macs"])

@@ -88,15 +88,17 @@ def test_onnxruntime_engine_gives_the_pytorch_curve_without_energy(tiny_set, tmp
     orders; on 4 images one flipped box moves mAP50-95 by ~0.02; identical detections on the bundled val images
     are checked in test_export); no energy (no spike counts)."""
     monkeypatch.setenv("CASC_ONNX_CACHE", str(tmp_path / "onnx"))
-    argv = yolo_argv(tiny_set, tmp_path / "torch", "--methods", "qann,casc", "--dtype", "float32")
+    argv = yolo_argv(tiny_set, tmp_path / "torch", "--methods", "qann,casc,casc-paper", "--dtype", "float32")
     expected = evaluate(eval_args(*argv))
     argv[argv.index("--out") + 1] = str(tmp_path / "ort")
     got = evaluate(eval_args(*argv, "--engine", "onnxruntime"))
     assert got["machine"]["engine"] == "onnxruntime" and got["machine"]["provider"] == "cpu"
-    for key in ("1", "4", "8", "auto"):
-        e, g = expected["summary"]["casc"]["metrics"][key], got["summary"]["casc"]["metrics"][key]
-        assert g["steps_mean"] == e["steps_mean"], key
-        assert abs(g["map50_95"] - e["map50_95"]) <= 0.05 and abs(g["map50"] - e["map50"]) <= 0.05, key
+    for method, keys in (("casc", ("1", "4", "8", "auto")), ("casc-paper", ("1", "4", "8"))):  # paper: burst 1
+        for key in keys:
+            e, g = expected["summary"][method]["metrics"][key], got["summary"][method]["metrics"][key]
+            assert g["steps_mean"] == e["steps_mean"], (method, key)
+            assert abs(g["map50_95"] - e["map50_95"]) <= 0.05 and abs(g["map50"] - e["map50"]) <= 0.05, key
+    assert "energy_ratio_vs_qann" not in got["summary"]["casc"]  # no spike counts, so no comparison blocks
     assert got["summary"]["qann"]["metrics"]["flat"] == expected["summary"]["qann"]["metrics"]["flat"]
     assert all(v is None for v in got["summary"]["casc"]["energy_uj_at"].values())
     assert expected["summary"]["casc"]["energy_uj_at"]["8"] > 0
@@ -130,6 +132,38 @@ def test_every_single_method_runs(tiny_set, tmp_path, capsys, family, method):
     assert (tmp_path / "map_vs_t.png").is_file() and (tmp_path / "map_vs_latency.png").is_file()
 
 
+def test_comparison_methods_binary_steps_and_energy_against_the_qann(tiny_set, tmp_path):
+    """casc-paper is CASC at one spike per sleep step to the end of the L..L+4 sleep window; qcfs the same QANN
+    with QCFS neurons; every spiking method reports binary-equivalent steps per T and, at its comparison T, its
+    energy against the QANN, memory traffic and NeuroBench figures."""
+    out = tmp_path / "cmp"
+    results = evaluate(eval_args(*yolo_argv(tiny_set, out, "--methods", "qann,casc,casc-paper,qcfs",
+                                            "--timesteps", "1,4,8,12", "--limit", "2")))
+    summary = results["summary"]
+    paper, qcfs, casc = summary["casc-paper"], summary["qcfs"], summary["casc"]
+    assert paper["metrics"]["12"]["steps_mean"] == 12 and "auto" not in paper["metrics"]
+    for method in (paper, qcfs):  # one spike per step: binary already
+        assert all(method["metrics"][t]["steps_mean"] == int(t) == method["metrics"][t]["binary_steps_mean"]
+                   for t in ("1", "4", "8", "12"))
+    assert casc["metrics"]["auto"]["binary_steps_mean"] >= casc["metrics"]["auto"]["steps_mean"]
+    for entry in (paper, qcfs, casc):
+        assert entry["energy_ratio_vs_qann"] > 0 and entry["comparison_at"] in entry["metrics"]
+        assert entry["energy_with_memory_ratio_vs_qann"] > 0
+        assert entry["memory"]["membrane_reads"] > 0 and entry["memory"]["weight_reads_per_step"] > 0
+        assert set(entry["neurobench"]) == {"activation_sparsity", "Dense", "Effective_MACs", "Effective_ACs"}
+        assert 0 < entry["neurobench"]["activation_sparsity"] < 1
+    # the same T, wake steps only: CASC and casc-paper are one network, so their energies agree
+    assert paper["integer_energy_uj_at"]["4"] == pytest.approx(casc["integer_energy_uj_at"]["4"])
+    assert (out / "energy_vs_qann.png").stat().st_size > 0
+    table = format_table(summary, [1, 4, 8, 12])
+    assert "| CASC-PAPER |" in table and "| QCFS |" in table and "energy vs QANN (int8)" in table
+
+
+def test_qcfs_on_onnxruntime_is_refused_clearly(tiny_set, tmp_path):
+    with pytest.raises(ValueError, match="qcfs runs on the PyTorch engine only"):
+        evaluate(eval_args(*yolo_argv(tiny_set, tmp_path, "--methods", "qann,qcfs", "--engine", "onnxruntime")))
+
+
 def test_table_keeps_every_requested_t():
     metrics = {"map50_95": 0.5, "map50": 0.7, "steps_mean": 6.0}
     summary = {"qann": {"metrics": {"flat": metrics}, "latency_ms": 20.0},
@@ -150,6 +184,8 @@ def test_cost_estimate_counts_passes_and_prices_them():
     assert "about 59 s" in with_setup  # 16 × (70 × 0.05 + 2 runs × 0.1) = 59.2
     rcnn = estimate_cost(probe, ["casc"], [2, 8], 2, eval_args("--burst", "1"), "rcnn", wake=4)
     assert "CASC ≈ 48 steps" in rcnn  # two stages, one spike per sleep step: tens of sleep steps each
+    both = estimate_cost(probe, ["casc-paper", "qcfs"], [1, 32], 1, args, "yolo", wake=4)
+    assert "CASC-PAPER 12 steps + QCFS 32 steps" in both  # the paper's window ends at 2L + 4
 
 
 def test_default_threads_leave_half_the_cores(monkeypatch):

@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 from detector import ClipQuan, convert
-from detector.neurons import CIFNeuron, IFNeuron
+from detector.errors import UnsupportedModuleError
+from detector.neurons import CIFNeuron, IFNeuron, QCFSNeuron
+from detector.randnet import random_qann
 from detector.state import SimulationState
 
 
@@ -111,3 +113,61 @@ def test_inputs_on_level_boundaries_quantize_alike_in_both_networks(rounding):
     snn = convert(net)
     got = snn.run(z, wake=levels, sleep="auto").readout
     assert torch.equal(got, net(z))
+
+
+def one_layer_qann(levels: int) -> nn.Sequential:
+    torch.manual_seed(3)
+    layer = nn.Linear(5, 7).double()
+    return nn.Sequential(layer, ClipQuan(levels, threshold=0.8, rounding="round").double()).eval()
+
+
+def test_qcfs_is_an_if_neuron_precharged_to_half_threshold_with_no_negative_spikes_and_no_cap():
+    neuron = QCFSNeuron(1.0)
+    # m starts at 0.5: 0.3 -> 0.8 (no spike), 0.3 -> 1.1 (spike, 0.1 left), a negative current never spikes back
+    assert drive(neuron, [0.3, 0.3, -2.0, -2.0], wake=4) == [0.0, 1.0, 0.0, 0.0]
+    # no cap: m = 5.5 fires five spikes, past the wake count of 2, one per step
+    assert drive(neuron, [5.0, 0.0, 0.0, 0.0, 0.0, 0.0], wake=2) == [1.0] * 5 + [0.0]
+    assert drive(neuron, [0.0, 0.0, 3.0], wake=1, burst=3) == [0.0, 0.0, 1.0]  # one spike per step, even in sleep
+
+
+def test_convert_qcfs_fires_the_rate_of_the_qcfs_staircase():
+    """One layer with a constant current z: after T steps QCFS's readout is θ clamp(floor(T z / θ + 1/2), 0, T) / T,
+    the QANN's output at T = L and a finer staircase at T = 2L, where CASC (wake = L) stays on the QANN."""
+    qann = one_layer_qann(levels=4)
+    x = torch.randn(64, 5, dtype=torch.float64)
+    snn = convert(qann, neuron="qcfs")
+    sites = [m for _, m in snn.neurons()]
+    assert [type(m) for m in sites] == [QCFSNeuron] and sites[0].threshold == pytest.approx(0.8)
+    z = qann[0](x)
+    with torch.no_grad():
+        for steps in (4, 8):
+            expected = 0.8 * torch.clamp(torch.floor(steps * z / 0.8 + 0.5), 0, steps) / steps
+            readout = snn.run(x, wake=steps, sleep=0).readout
+            assert torch.allclose(readout, expected, atol=1e-12), steps
+        assert torch.allclose(snn.run(x, wake=4, sleep=0).readout, qann(x), atol=1e-12)
+        assert not torch.allclose(snn.run(x, wake=8, sleep=0).readout, qann(x), atol=1e-3)
+
+
+def test_qcfs_refuses_signed_quantizers_with_the_reason():
+    qann = random_qann(5, levels=4, depth=6, signed=1.0).double()
+    with pytest.raises(UnsupportedModuleError, match="QCFS neurons fire positive spikes only"):
+        convert(qann, neuron="qcfs")
+
+
+def test_binary_equivalent_steps_count_the_largest_burst_of_each_step():
+    """Burst sleep: a step in which some neuron emits k spikes counts k binary sub-steps; with one spike per
+    step (the paper's schedule) binary-equivalent steps are the steps."""
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    found_burst = False
+    for seed in range(4):
+        snn = convert(random_qann(seed, levels=4, depth=8).double())
+        burst = snn.run(x, sleep="auto")
+        work = burst.stats.workload_until(64)
+        peaks = burst.stats.peak_spikes_per_step
+        assert torch.equal(work["steps"], burst.steps.double())
+        assert torch.equal(work["binary_steps"], peaks.clamp(min=1).sum(0))
+        assert (peaks[:4] <= 1).all() and (work["binary_steps"] >= work["steps"]).all()
+        found_burst |= bool((work["binary_steps"] > work["steps"]).any())
+        paper = snn.run(x, sleep=8, burst=1).stats.workload_until(12)
+        assert torch.equal(paper["binary_steps"], paper["steps"]) and (paper["steps"] == 12).all()
+    assert found_burst  # burst sleep does use multi-spike steps on these nets

@@ -7,8 +7,8 @@ import pytest
 
 from casc.cli import main as casc
 from eval.compare import load_results, plot_runs
-from eval.plots import (layer_stage, plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency, plot_map_vs_t,
-                        schedule_text)
+from eval.plots import (layer_stage, plot_energy_vs_qann, plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency,
+                        plot_map_vs_t, schedule_text)
 
 
 def fake_results(family="yolo", name="yolov8n-bundled", timesteps=(1, 2, 4, 6, 8), settle=6, images=16):
@@ -118,3 +118,21 @@ def test_casc_plot_draws_two_runs_on_one_axis(tmp_path, capsys):
     assert len(plot_runs([load_results(tmp_path / "a")], tmp_path / "one")) == 3
     with pytest.raises(FileNotFoundError, match="results.json"):
         load_results(tmp_path / "missing")
+
+
+def test_energy_vs_qann_has_every_spiking_method_per_t_and_the_qann_point(tmp_path):
+    results = fake_results()
+    summary = results["summary"]
+    for method, scale in (("casc", 1.0), ("if", 3.0)):
+        summary[method]["integer_energy_uj_at"] = {k: scale * v / 5 for k, v in summary[method]["energy_uj_at"].items()}
+        summary[method]["qann_integer_energy_uj"] = 9.0
+    summary["qcfs"] = {**summary["if"], "metrics": {str(t): {"map50_95": 0.05 * t, "map50": 0.1 * t, "steps_mean": t}
+                                                    for t in results["schedule"]["timesteps"]}}
+    ax = plot_energy_vs_qann([results], tmp_path / "int.png").axes[0]
+    points = markers(ax)
+    qann = next(line for label, line in points.items() if label.startswith("QANN"))
+    assert list(qann.get_xdata()) == [9.0] and list(qann.get_ydata()) == [0.6]
+    for label in ("CASC SNN (one point per T)", "QCFS SNN (one point per T)", "IF SNN (one point per T)"):
+        assert len(points[label].get_xdata()) == 5
+    assert "integer hardware" in ax.get_xlabel() and (tmp_path / "int.png").stat().st_size > 0
+    assert len(markers(plot_map_vs_t([results], tmp_path / "t.png").axes[0])["QCFS SNN"].get_xdata()) == 5

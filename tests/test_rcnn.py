@@ -508,3 +508,10 @@ def test_spiking_fpn_is_exact_and_drives_the_heads_with_spikes(r18, tmp_path):
             pytest.approx({p: m.threshold for p, m in model.named_modules() if isinstance(m, SignedClipQuan)})
     with pytest.raises(UnsupportedModuleError, match=r"rpn_head\.input_quants\.0 \(SignedClipQuan\)"):
         SpikingFasterRCNN(qann, neuron="if", calibration=[image(5)])
+
+
+def test_qcfs_refuses_a_spiking_fpn_in_one_line():
+    from detector.weights import load_detector
+
+    with pytest.raises(ValueError, match="QCFS neurons fire positive spikes only, and this model has 10 signed"):
+        load_detector("rcnn-r18-bundled-sfpn", neuron="qcfs")

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..convert import RATE_CODED
 from .results import Boxes, DetectionEvent, Results
 from .video import frames_of
 
@@ -110,7 +111,8 @@ def source_path(image) -> str | None:
 
 
 class SpikingDetector(ABC):
-    """A detector whose network runs as CASC spiking stages (``neuron="cif"``) or the IF baseline (``"if"``).
+    """A detector whose network runs as CASC spiking stages (``neuron="cif"``), QCFS neurons on the same QANN
+    (``"qcfs"``) or the IF baseline (``"if"``).
 
     Adapters set ``names`` (class id -> name), ``levels`` (the QANN's L; None for the IF baseline) and
     ``neuron``. ``color``: how numpy images are read unless a call says otherwise."""
@@ -172,27 +174,28 @@ class SpikingDetector(ABC):
 
     def schedule(self, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
                  max_sleep: int = 256, mode: str = "step") -> Schedule:
-        """CASC: ``wake`` defaults to the levels L. The IF baseline has no levels, so needs ``wake`` (its T),
-        and does not sleep (``sleep="auto"`` means 0)."""
-        if self.neuron == "if":
+        """CASC: ``wake`` defaults to the levels L. The rate-coded networks (the IF baseline, QCFS) need ``wake``
+        (their T) and do not sleep (``sleep="auto"`` means 0)."""
+        if self.neuron in RATE_CODED:
             if wake is None:
-                raise ValueError('the IF baseline (neuron="if") has no quantization levels: give wake=T, its number '
-                                 "of time steps (no sleep)")
+                raise ValueError(f'neuron="{self.neuron}" is rate-coded: give wake=T, its number of time steps '
+                                 "(no sleep)")
             sleep = 0 if sleep == "auto" else sleep
         return Schedule(wake if wake is not None else self.levels, sleep, burst, max_sleep, mode)
 
     def anytime_schedule(self, timesteps: Iterable[int], wake: int | None = None, sleep: int | str = "auto",
                          burst: int | None = None, max_sleep: int = 256) -> tuple[list[int], Schedule]:
         """``detections_at_steps``' sorted step counts and the one run serving them: CASC ``wake`` (default L) and
-        ``sleep``; the IF baseline ``wake=max(t)``, no sleep (its readout after step t is the wake=t result)."""
+        ``sleep``; the rate-coded IF baseline and QCFS ``wake=max(t)``, no sleep (the readout after step t is the
+        wake=t result)."""
         timesteps = list(timesteps) if timesteps is not None else []
         if not timesteps or any(isinstance(t, bool) or int(t) < 1 for t in timesteps):
             raise ValueError(f"timesteps must be a non-empty list of integers >= 1, got {timesteps!r}")
         ts = sorted({int(t) for t in timesteps})
-        if self.neuron == "if":
+        if self.neuron in RATE_CODED:
             if wake is not None or sleep not in ("auto", 0):
-                raise ValueError('detections_at_steps on the IF baseline: its schedule at t is wake=t, sleep=0; '
-                                 "leave wake and sleep at their defaults")
+                raise ValueError(f'detections_at_steps with neuron="{self.neuron}": its schedule at t is wake=t, '
+                                 "sleep=0; leave wake and sleep at their defaults")
             return ts, Schedule(ts[-1], 0, burst, max_sleep)
         return ts, Schedule(wake if wake is not None else self.levels, sleep, burst, max_sleep)
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ...convert import RATE_CODED
 from ...detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection
 from ...energy import PJ_PER_MAC, count_macs
 from ...runtime import RunResult, SpikingNetwork
@@ -147,13 +148,15 @@ class TwoStageSteps:
 
         ``info``: per image ``steps`` and ``settled`` of the run serving the largest ``t`` (total of both
         stages), ``energy_uj_at[t]`` (both stages, each to its budget ``t``), ``energy_uj``, ``stage1_steps_at``
-        / ``stage2_steps_at`` / ``steps_at`` (per image, at each ``t``), ``ann_energy_uj`` (per image: stage 1
+        / ``stage2_steps_at`` / ``steps_at`` / ``workload_at`` (per image, at each ``t``; both stages, see
+        ``_image_workloads``), ``ann_energy_uj`` (per image: stage 1
         plus stage 2 once per RoI), ``proposals`` and both stages' ``firing_rates`` (of the largest ``t``)."""
         image_list = batch.x
         n_images = image_list.tensors.shape[0]
         detections: dict[int, list[Results]] = {}
         info: dict[str, Any] = {"energy_uj_at": {}, "stage1_steps_at": {}, "stage2_steps_at": {}, "steps_at": {}}
         settled_at: dict[int, list[bool]] = {}
+        work2_at: dict[int, tuple] = {}
         ann_macs2, final_rows = None, []
         ann_macs1 = count_macs(self.qann_stage1, image_list.tensors[:1])
         none = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
@@ -164,11 +167,13 @@ class TwoStageSteps:
             proposals = self.proposals(image_list, features, *readout[1:])
             rois = self.roi_features(features, proposals, image_list)
             if rois.shape[0]:
-                wake2 = group1[-1] if self.neuron == "if" else schedule.wake
-                stage2 = self._readouts_at(self.stage2, rois, group1, schedule, wake2)
+                wake2 = group1[-1] if self.neuron in RATE_CODED else schedule.wake
+                stage2 = list(self._readouts_at(self.stage2, rois, group1, schedule, wake2))
                 ann_macs2 = ann_macs2 or count_macs(self.qann_stage2, rois[:1])
             else:
                 stage2 = [(group1, self._empty_stage2(rois), *none)]
+            last2 = stage2[-1][-1]  # the stage-2 run serving these t (None: no RoIs, or not recorded)
+            stats2 = None if last2 is None else last2.stats
             rates2: dict[str, float] = {}
             for group2, (logits, regression), used2, energy2, spikes2, settled2, run2 in stage2:
                 if run2 is not None and run2.stats is not None:
@@ -193,9 +198,12 @@ class TwoStageSteps:
                     info["stage1_steps_at"][t], info["stage2_steps_at"][t] = s1, s2
                     info["steps_at"][t] = [a + b for a, b in zip(s1, s2)]
                     settled_at[t] = settled
+                    work2_at[t] = (None if stats2 is None else stats2.workload_until(t), ranges)
             final_rows = [len(p) for p in proposals]
             if run1 is not None and run1.stats is not None:  # stage 2's sites are box_head.* / box_predictor.*
                 info["firing_rates"] = {**run1.stats.firing_rates, **rates2}
+        if run1 is not None and run1.stats is not None:
+            info["workload_at"] = {t: _image_workloads(run1.stats.workload_until(t), *work2_at[t]) for t in ts}
         last = ts[-1]
         info["steps"] = info["steps_at"][last]
         info["energy_uj"] = info["energy_uj_at"][last]
@@ -203,6 +211,22 @@ class TwoStageSteps:
         info["ann_energy_uj"] = [(ann_macs1 + (ann_macs2 or 0) * n) * PJ_PER_MAC * 1e-6 for n in final_rows]
         info["proposals"] = final_rows
         return detections, info
+
+
+def _image_workloads(stage1: dict[str, torch.Tensor], stage2: dict[str, torch.Tensor] | None,
+                     ranges: list[tuple[int, int]]) -> dict[str, list[float]]:
+    """Both stages' ``RunStats.workload_until`` per image: stage 1's row plus its RoIs' stage-2 rows (the stages
+    run one after the other, the RoIs side by side: steps and binary-equivalent steps add stage 1's to the
+    longest RoI's, every count adds all of them)."""
+    out = {}
+    for name, first in stage1.items():
+        values = []
+        for i, (a, b) in enumerate(ranges):
+            rows = stage2[name][a:b] if stage2 is not None and b > a else None
+            extra = 0.0 if rows is None else float(rows.max() if name in ("steps", "binary_steps") else rows.sum())
+            values.append(float(first[i]) + extra)
+        out[name] = values
+    return out
 
 
 def _counted(event, total: float | None, energy: float | None) -> tuple:

@@ -40,7 +40,7 @@ from torchvision.ops.misc import SqueezeExcitation
 from ...convert import UnsupportedModuleError, convert
 from ...detect import Batch, Boxes, Results, Schedule, Selection, SpikingDetector, read_bgr
 from ...detect.base import source_path
-from ...quant import qann_levels
+from ...quant import ClipQuan, qann_levels
 from ...runtime import SpikingNetwork
 from .anytime import TwoStageSteps, set_figures
 from .model import (MODULE_RULES, ReLUTwoMLPHead, _to_image_tensor, _unwrap_state_dict, is_qann_state,
@@ -119,9 +119,15 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         for attr in ("transform", "backbone", "rpn", "roi_heads"):
             if not hasattr(qann, attr):
                 raise TypeError(f"expected a torchvision GeneralizedRCNN (FasterRCNN), got {type(qann).__name__}")
-        if neuron not in ("cif", "if"):
-            raise ValueError(f'neuron must be "cif" (CASC) or "if" (the IF baseline), got {neuron!r}')
-        if neuron == "cif":
+        if neuron not in ("cif", "qcfs", "if"):
+            raise ValueError(f'neuron must be "cif" (CASC), "qcfs" (QCFS neurons on the same QANN) or "if" '
+                             f"(the IF baseline), got {neuron!r}")
+        signed = [m for m in qann.modules() if isinstance(m, ClipQuan) and m.signed]
+        if neuron == "qcfs" and signed:
+            raise ValueError(f"QCFS neurons fire positive spikes only, and this model has {len(signed)} signed "
+                             "quantizers (a spiking FPN), which need negative spikes: compare QCFS on a model "
+                             "without --spiking-fpn (e.g. rcnn-r18-bundled)")
+        if neuron != "if":
             if type(qann.roi_heads.box_head) is tv_frcnn.TwoMLPHead or qann_levels(qann) is None:
                 raise ValueError("SpikingFasterRCNN needs a QANN: build it with to_qann_fasterrcnn(model, levels) "
                                  "(it also replaces TwoMLPHead's functional ReLUs); for the IF baseline on a float "
@@ -135,7 +141,7 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
                 qann.roi_heads.box_head = ReLUTwoMLPHead.from_head(qann.roi_heads.box_head)
         self.qann = qann.eval()
         self.neuron = neuron
-        self.levels = qann_levels(qann) if neuron == "cif" else None
+        self.levels = qann_levels(qann) if neuron != "if" else None
         self.percentile = percentile if neuron == "if" else None
         self.classes = list(classes) if classes else None
         self.names = class_names(self.classes, qann.roi_heads.box_predictor.cls_score.out_features - 1)
@@ -146,9 +152,9 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         self.qann_stage1 = RCNNStage1(qann.backbone, qann.rpn.head)
         self.qann_stage2 = RCNNStage2(qann.roi_heads.box_head, qann.roi_heads.box_predictor)
         try:
-            if neuron == "cif":
-                self.stage1: SpikingNetwork = convert(self.qann_stage1, analog=a1, rules=MODULE_RULES)
-                self.stage2: SpikingNetwork = convert(self.qann_stage2, analog=a2, rules=MODULE_RULES)
+            if neuron != "if":  # CASC, or QCFS neurons on the same QANN
+                self.stage1: SpikingNetwork = convert(self.qann_stage1, neuron=neuron, analog=a1, rules=MODULE_RULES)
+                self.stage2: SpikingNetwork = convert(self.qann_stage2, neuron=neuron, analog=a2, rules=MODULE_RULES)
             else:
                 batches1, batches2 = self._calibration_batches(calibration, calibration_batch)
                 self.stage1 = convert(self.qann_stage1, neuron="if", calibration=batches1, percentile=percentile,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...convert import convert
+from ...convert import NEURONS, convert
 from ...detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection, SpikingDetector, read_bgr
 from ...detect.base import source_path
 from ...quant import ClipQuan, qann_levels
@@ -117,7 +117,9 @@ class SpikingYOLO(SpikingDetector):
                  calibration: Sequence[torch.Tensor] | None = None, percentile: float = 99.9):
         check_supported(qann)
         quantized = any(isinstance(m, ClipQuan) for m in qann.modules())
-        if neuron == "cif" and not quantized:
+        if neuron not in NEURONS:
+            raise ValueError(f'neuron must be one of {", ".join(sorted(NEURONS))}, got {neuron!r}')
+        if neuron != "if" and not quantized:
             raise ValueError("SpikingYOLO needs a QANN (ClipQuan activations): build_qann(model, levels) or "
                              "from_checkpoint(path, levels=L) for a float checkpoint")
         if neuron == "if" and (quantized or not calibration):
@@ -150,8 +152,8 @@ class SpikingYOLO(SpikingDetector):
             batches = [b.to(device=device, dtype=dtype) for b in self._calibration_batches(calibration)]
             self.snn: SpikingNetwork = convert(self.readout_net, neuron="if", calibration=batches,
                                                percentile=percentile, analog=analog, rules=module_rules())
-        else:
-            self.snn = convert(self.readout_net, analog=analog, rules=module_rules())
+        else:  # CASC, or QCFS neurons on the same QANN
+            self.snn = convert(self.readout_net, neuron=neuron, analog=analog, rules=module_rules())
         _skip_folded_batchnorms(self.snn)
         self.decoder: Detect = copy.deepcopy(self.qann.model[-1]).eval()
         self.decoder.dynamic = True  # recompute anchors per call (shape and dtype may change)
@@ -182,7 +184,8 @@ class SpikingYOLO(SpikingDetector):
 
         A float checkpoint (SiLU or ReLU) needs ``levels`` and is quantized here (its ClipQuan staircase is
         only accurate after QANN fine-tuning: ``casc train yolo``), unless ``neuron="if"``: then the float ReLU
-        model becomes the IF baseline with thresholds from ``calibration`` batches."""
+        model becomes the IF baseline with thresholds from ``calibration`` batches. ``neuron="qcfs"``: the QANN
+        with QCFS neurons (run ``wake=T``, no sleep)."""
         model, meta = load_checkpoint(path, sha256=sha256)
         if neuron == "if":
             return cls(model, names=meta["names"], imgsz=imgsz or meta["imgsz"], analog=analog, device=device,
@@ -195,7 +198,7 @@ class SpikingYOLO(SpikingDetector):
         elif levels is not None and levels != meta["levels"]:
             raise ValueError(f"{path} is a QANN with {meta['levels']} levels, not {levels}")
         return cls(model, names=meta["names"], imgsz=imgsz or meta["imgsz"], analog=analog, device=device,
-                   dtype=dtype)
+                   dtype=dtype, neuron=neuron)
 
     # -- pre / post-processing --
 
@@ -312,7 +315,8 @@ class SpikingYOLO(SpikingDetector):
         """CASC readouts stop changing once a sample settles, so a ``t`` past the end reuses the final answer;
         the IF baseline runs ``wake=max(t)`` steps and its readout after step ``t`` (summed, divided by ``t``)
         is exactly the ``wake=t`` result. ``info``: per-image steps used, settled, spikes and energy of the full
-        run, ``energy_uj_at`` (every requested ``t``), ANN energy, firing rates."""
+        run, ``energy_uj_at`` and ``workload_at`` (every requested ``t``; ``RunStats.workload_until``), ANN energy,
+        firing rates."""
         readouts, settled_at, last = {}, {}, None
         for event in self.snn.stream(batch.x, **schedule.run_kwargs()):
             last = event
@@ -337,5 +341,7 @@ class SpikingYOLO(SpikingDetector):
         if stats is not None:
             info.update({"spikes": stats.spikes.tolist(), "energy_uj": (stats.energy_pj * 1e-6).tolist(),
                          "energy_uj_at": {t: (stats.energy_pj_until(t) * 1e-6).tolist() for t in wanted},
+                         "workload_at": {t: {k: v.tolist() for k, v in stats.workload_until(t).items()}
+                                         for t in wanted},
                          "ann_energy_uj": stats.ann_energy_pj * 1e-6, "firing_rates": stats.firing_rates})
         return results, info
