@@ -247,9 +247,9 @@ class SpikingDetector(ABC):
         frame runs the whole schedule, which redraws any float32 boundary flip a static region kept (None: only the
         first). ``delta=False``: each frame is a fresh run, as ``predict``. Each ``Results`` has its own ``steps``,
         ``spikes``, ``energy_uj`` and ``keyframe``. The other options are ``predict``'s (sleep is "auto")."""
-        if delta and self.neuron == "if":
-            raise ValueError("delta frames need a network that settles (CASC); the IF baseline (neuron='if') has no "
-                             "fixed point: pass delta=False")
+        if delta and self.neuron in RATE_CODED:
+            raise ValueError(f"delta frames need a network that settles (CASC); a rate-coded network (neuron="
+                             f"{self.neuron!r}) has no fixed point: pass delta=False")
         schedule = self.schedule(wake, "auto", burst, max_sleep, mode)
         session = self._video_session(schedule, keyframe_every) if delta else None
         return VideoPredictor(self, schedule, _selection(conf, iou, max_det, classes), session, color or self.color)
