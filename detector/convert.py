@@ -1,6 +1,6 @@
 """QANN -> spiking network: a fixed lifecycle of validate, copy, fold, (calibrate,) rewrite.
 
-Rewrite rules (DESIGN §1): ClipQuan -> CIF neuron (one state per call site), or a QCFS neuron
+Rewrite rules (``docs/method.md`` §2): ClipQuan -> CIF neuron (one state per call site), or a QCFS neuron
 (``neuron="qcfs"``: the usual conversion of the same QANN); ReLU -> IF neuron for the baseline;
 max-pool -> LIPool; conv / linear / unfoldable BatchNorm -> Synapse (bias
 gated by the runtime); modules named in ``analog=[...]`` -> AnalogIsland. Everything else must be

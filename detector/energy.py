@@ -1,6 +1,6 @@
 """Counting spikes, synaptic operations and MACs, and the energy estimate built on them.
 
-Conventions (DESIGN §4): a spike is an event whatever its sign, a burst of n spikes is n
+Conventions (``docs/method.md`` §6): a spike is an event whatever its sign, a burst of n spikes is n
 events; a synaptic operation (SOP) is one input event reaching one target through a weight,
 counted with the layer's real fan-out (borders and stride included); a layer whose input is
 analog (the image, or an analog island's output) does dense MACs instead. Energy uses 45 nm

@@ -2,7 +2,7 @@
 
 Each step an island emits ``k * f(X / k) - Y_prev``: ``X`` its cumulative input, ``k`` the wake
 count, ``Y_prev`` its cumulative output so far. Its cumulative output is then ``k * f(X / k)``,
-which at the fixed point is ``k * f(a)`` for the QANN's input ``a`` (DESIGN §1).
+which at the fixed point is ``k * f(a)`` for the QANN's input ``a`` (``docs/method.md`` §2).
 """
 
 from __future__ import annotations

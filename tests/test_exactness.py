@@ -63,7 +63,7 @@ def test_burst_sleep_is_exact_and_settles_fast(L):
 
 
 def test_one_spike_sleep_grows_with_depth_and_burst_sleep_does_not():
-    """DESIGN §1: with one spike per neuron per sleep step (burst=1) the sleep needed grows with depth; with
+    """docs/method.md §4: with one spike per neuron per sleep step (burst=1) the sleep needed grows with depth; with
     burst = L a whole residual is discharged at once: one sleep step plus the silent one that confirms it."""
     single, burst = {}, {}
     for index in range(19):
@@ -160,7 +160,7 @@ def test_float32_flips_are_rare_and_bounded():
         q32 = qann.float()
         err = max_error(convert(q32).run(x.float(), wake=4, sleep="auto").readout, q32(x.float()))
         flips += err > 1e-4
-    assert flips <= 4  # DESIGN §1 measured 5 of 150; they are reported by the fidelity table
+    assert flips <= 4  # about 5 of 150 random nets flip in float32; they are reported by the fidelity table
 
 
 @pytest.mark.parametrize("L", LEVELS)

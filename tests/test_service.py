@@ -726,6 +726,29 @@ def test_web_page_in_chromium(server, tmp_path):
     assert state["painted"] == [810, 1080]  # the canvas took the photo's size
 
 
+def test_web_page_video_shows_steps_and_energy_per_frame(tiny_ckpt, tmp_path):
+    """The page's video section uploads a clip (here fetched from the same origin: /demo-image serves it) and
+    lists every frame's run (keyframe or delta), steps and energy as the NDJSON lines arrive."""
+    if not chromium_binary():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); the page is not tested")
+    clip = make_video(tmp_path / "clip.avi", frames=5)
+    proc, base, _ = start_server(tiny_ckpt, "--demo-image", str(clip))
+    try:
+        expr = ("JSON.stringify({done: document.getElementById('video-status').dataset.done, "
+                "status: document.getElementById('video-status').textContent, frames: window.videoFrames || [], "
+                "rows: document.querySelectorAll('#video-frames tbody tr').length})")
+        state = chromium_poll(f"{base}/?video=/demo-image&conf=0.1", expr, tmp_path / "profile",
+                              lambda st: st.get("done") in ("1", "error"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert state.get("done") == "1", state
+    frames = state["frames"]
+    assert [f["keyframe"] for f in frames] == [True, False, False, False, False] and state["rows"] == 5
+    assert all(f["steps"] < frames[0]["steps"] and f["energy_uj"] < frames[0]["energy_uj"] for f in frames[1:])
+    assert "delta frames" in state["status"]
+
+
 def test_docs_render_offline_in_chromium(server, tmp_path):
     """Swagger UI's assets come from the package: /docs renders the operations with no other host reachable."""
     expr = ("JSON.stringify({title: (document.querySelector('.swagger-ui .info .title') || {}).textContent || '', "

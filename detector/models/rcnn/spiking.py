@@ -1,4 +1,4 @@
-"""The spiking Faster R-CNN: two spiking stages around torchvision's own decoding code (DESIGN §1 "Detection heads").
+"""The spiking Faster R-CNN: two spiking stages around torchvision's own decoding code (``docs/method.md`` §5).
 
 Pipeline of one image batch:
 
@@ -16,7 +16,7 @@ Pipeline of one image batch:
    are 0-based), then ``conf`` / an extra class-wise NMS at ``iou`` / ``max_det`` / ``classes``.
 
 With ``wake = L`` and ``sleep="auto"`` in both stages, every readout equals the QANN's output, so
-proposals and detections equal the QANN's (float64; see DESIGN "Float precision"). Both stages are
+proposals and detections equal the QANN's (float64; ``docs/method.md`` §4 on float32). Both stages are
 converted with the adapter's ``MODULE_RULES`` (``detector.models.rcnn.model``); their step-by-step runs
 (``stream``, ``detections_at_steps``) are in ``detector.models.rcnn.anytime``.
 """
@@ -96,7 +96,7 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
 
     ``qann``: a quantized torchvision Faster R-CNN (``build_qann_fasterrcnn``, ``to_qann_fasterrcnn``),
     converted with CIF neurons and the wake-sleep schedule (``neuron="cif"``, CASC). With
-    ``neuron="if"`` it is the **IF baseline** (DESIGN §1 "Baseline to compare with"): ``qann`` is then
+    ``neuron="if"`` it is the **IF baseline** (``docs/method.md`` §7): ``qann`` is then
     normally a *float* ReLU Faster R-CNN (a QANN is accepted too: its ClipQuan sites get IF neurons with
     calibrated thresholds, like ReLUs), every ReLU call site gets a plain IF neuron (soft reset) whose
     threshold is the ``percentile`` of that site's activations on the ``calibration`` images (a list of
