@@ -13,6 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
+from detector.families import family_of, get_family
+
 
 @dataclass(frozen=True)
 class Params:
@@ -56,13 +58,16 @@ def result_of(result, wake: int | None) -> dict:
 
 
 class Backend:
-    """Common part: name, family, levels, class names, the checkpoint's sha256, whether the manifest
-    vouches for it (``verified``) and the ``engine`` running the spiking networks."""
-
-    family = "?"
+    """One loaded detector as the service sees it: name, family, levels, class names, input geometry, the
+    checkpoint's sha256, whether the manifest vouches for it (``verified``) and the ``engine`` running its spiking
+    networks. Everything family-specific comes from the detector itself and ``detector.families``."""
 
     def __init__(self, name: str, model, sha256: str | None = None, verified: bool = False, engine: str = "pytorch"):
         self.name, self.model, self.sha256, self.verified, self.engine = name, model, sha256, verified, engine
+
+    @property
+    def family(self) -> str:
+        return family_of(self.model).name
 
     @property
     def levels(self) -> int:
@@ -76,18 +81,19 @@ class Backend:
                 "engine": self.engine}
 
     def imgsz(self) -> int | None:
-        return None
+        """The network's square input size, for a family that has one (YOLO's letterbox)."""
+        return int(self.model.imgsz) if get_family(self.family).sized else None
 
     def fit(self, size: tuple[int, int]) -> tuple[int, int]:
         """The (w, h) box the model resizes an image of ``size`` into: decoding straight to it loses nothing."""
-        return size
+        return self.model.fit_box(size)
 
     def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """(w, h) of an image of ``size`` after the model's own resize (a side of 0 would make it fail)."""
-        return size
+        return self.model.input_size(size)
 
     def architecture(self) -> str:
-        return type(self.model).__name__
+        return self.model.architecture
 
     def class_names(self) -> list[str]:
         names = self.model.names
@@ -124,43 +130,6 @@ class Backend:
                 yield {"type": "final", **result_of(ev.detections, wake)}
 
 
-class YOLOBackend(Backend):
-    family = "yolo"
-
-    def imgsz(self) -> int:
-        return int(self.model.imgsz)
-
-    def fit(self, size):
-        return self.imgsz(), self.imgsz()  # the letterbox: longest side -> imgsz
-
-    def input_size(self, size):
-        r = min(self.imgsz() / size[0], self.imgsz() / size[1])
-        return int(round(size[0] * r)), int(round(size[1] * r))
-
-    def architecture(self) -> str:
-        yaml = getattr(self.model.qann, "yaml", {}) or {}
-        return str(yaml.get("yaml_file") or yaml.get("arch") or "yolo")
-
-
-class RCNNBackend(Backend):
-    family = "rcnn"
-
-    def architecture(self) -> str:
-        return str(self.model.meta.get("arch") or "fasterrcnn")
-
-    def _scale(self, size) -> float:
-        transform = self.model.qann.transform
-        return min(float(transform.min_size[-1]) / min(size), float(transform.max_size) / max(size))
-
-    def fit(self, size):
-        scale = self._scale(size)
-        return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
-
-    def input_size(self, size):
-        scale = self._scale(size)  # torchvision's resize: floor(side * scale)
-        return int(size[0] * scale), int(size[1] * scale)
-
-
 def load_backend(name_or_path: str, device: str = "cpu", allow_unverified: bool = False, analog=None,
                  engine: str = "pytorch", provider: str = "cpu", threads: int | None = None) -> Backend:
     """A backend for a manifest name or a checkpoint path. A path is served under the name of the manifest entry
@@ -191,8 +160,7 @@ def load_backend(name_or_path: str, device: str = "cpu", allow_unverified: bool 
     if engine == "onnxruntime":
         kwargs.update(provider=provider, threads=threads)
     model = load_detector(source, device=device, engine=engine, **kwargs)
-    cls = YOLOBackend if hasattr(model, "imgsz") else RCNNBackend  # a letterbox size: YOLO
-    return cls(name, model, sha256=sha256, verified=verified, engine=engine)
+    return Backend(name, model, sha256=sha256, verified=verified, engine=engine)
 
 
 def default_model_name() -> str:

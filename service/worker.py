@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from detector.runtime import RunCancelled
+from detector import RunCancelled
 
 from .backends import Backend, Params
 from .errors import ServiceError

@@ -28,6 +28,10 @@ FAIL_WIDTH = 13  # the fake model fails on images of this width
 
 class FakeModel:
     levels = 4
+    architecture = "fake"
+
+    def input_size(self, size):
+        return size
 
 
 class FakeBackend(Backend):
@@ -35,7 +39,7 @@ class FakeBackend(Backend):
     ``steps`` time steps, checking the cancel flag between them as the runtime does; fails on images
     ``FAIL_WIDTH`` pixels wide; resizes into ``fit_box`` when given."""
 
-    family = "yolo"
+    family = "rcnn"  # no fixed input size: images keep theirs unless fit_box says otherwise
 
     def __init__(self, name="fake", delay=0.0, steps=10, fit_box=None):
         super().__init__(name, FakeModel(), sha256="ab" * 32, verified=True)
@@ -226,7 +230,7 @@ def test_rcnn_backend_detect_and_stream():
 
     from detector.models.rcnn import SpikingFasterRCNN, build_qann_fasterrcnn
     from detector.randnet import randomise_batchnorm
-    from service.backends import RCNNBackend
+    from service.backends import Backend
 
     torch.manual_seed(0)
     qann = build_qann_fasterrcnn("resnet18_fpn", num_classes=4, levels=4, min_size=64, max_size=96,
@@ -237,7 +241,7 @@ def test_rcnn_backend_detect_and_stream():
         cls = qann.roi_heads.box_predictor.cls_score
         cls.bias.copy_(torch.randn(cls.bias.shape, generator=g) * 3)
     model = SpikingFasterRCNN.from_model(qann.eval(), classes=["x", "y", "z"])
-    backend = RCNNBackend("r18", model, sha256="cd" * 32)
+    backend = Backend("r18", model, sha256="cd" * 32)
     rng = np.random.default_rng(0)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(buf, format="PNG")

@@ -389,6 +389,27 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         with _eval_mode(self.qann):
             return self._stages(image_list, self.schedule(**schedule) if spiking else None)
 
+    # -- input geometry and description (what a server needs to size and describe its work) --
+
+    @property
+    def architecture(self) -> str:
+        return str(self.meta.get("arch") or "fasterrcnn")
+
+    def _resize_scale(self, size: tuple[int, int]) -> float:
+        transform = self.qann.transform
+        return min(float(transform.min_size[-1]) / min(size), float(transform.max_size) / max(size))
+
+    def fit_box(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (w, h) an image of ``size`` is resized to by torchvision's transform (decoding straight to it loses
+        nothing)."""
+        scale = self._resize_scale(size)
+        return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+    def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(w, h) after torchvision's resize, floor(side * scale) (a side of 0 would make it fail)."""
+        scale = self._resize_scale(size)
+        return int(size[0] * scale), int(size[1] * scale)
+
     def export_networks(self, imgsz: int | None, batch: int, dtype: torch.dtype) -> tuple[int, dict]:
         """(input size, {stage: (spiking network, the QANN part it reproduces, example input)}) for ``casc export``.
         Stage 1 sees the padded image batch (default: the transform's max size padded to 32); stage 2 every

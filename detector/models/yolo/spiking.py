@@ -258,6 +258,22 @@ class SpikingYOLO(SpikingDetector):
         return self.snn.run(x, wake=wake if wake is not None else self.levels, sleep=sleep, mode=mode, burst=burst,
                             max_sleep=max_sleep)
 
+    # -- input geometry and description (what a server needs to size and describe its work) --
+
+    @property
+    def architecture(self) -> str:
+        yaml = getattr(self.qann, "yaml", {}) or {}
+        return str(yaml.get("yaml_file") or yaml.get("arch") or "yolo")
+
+    def fit_box(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (w, h) box an image of ``size`` is resized into: the letterbox, longest side -> imgsz."""
+        return self.imgsz, self.imgsz
+
+    def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(w, h) of an image of ``size`` once letterboxed, before padding."""
+        r = min(self.imgsz / size[0], self.imgsz / size[1])
+        return int(round(size[0] * r)), int(round(size[1] * r))
+
     def export_networks(self, imgsz: int | None, batch: int, dtype: torch.dtype) -> tuple[int, dict]:
         """(input size, {network: (spiking network, the QANN part it reproduces, example input)}) for ``casc
         export``: the one network on letterboxed ``imgsz`` images (this detector's size; another is refused)."""
