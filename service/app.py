@@ -301,6 +301,7 @@ def create_app(settings: Settings | None = None, backends: dict[str, Backend] | 
     state: dict = {"backends": dict(backends or {}), "workers": {}, "ready": False, "stopping": False}
     budget = ByteBudget(settings.max_inflight_bytes)
     disk = ByteBudget(settings.max_video_disk_bytes, "on disk (video temp files)", "video_too_large")
+    state.update(budget=budget, disk=disk)
 
     def _workers() -> dict[str, ModelWorker]:
         return state["workers"]

@@ -98,7 +98,7 @@ class ByteBudget:
     a deadline: a burst of large uploads is served one after another instead of all at once."""
 
     def __init__(self, limit: int, held: str = "in memory", too_large: str = "image_too_large"):
-        self.limit, self.used = int(limit), 0
+        self.limit, self.used, self.peak = int(limit), 0, 0  # peak: the most ever held at once
         self.held, self.too_large = held, too_large  # the replies' words: where the bytes are, the 413's code
         self._freed = asyncio.Condition()
 
@@ -117,6 +117,7 @@ class ByteBudget:
                 except asyncio.TimeoutError:
                     pass
             self.used += n
+            self.peak = max(self.peak, self.used)
         return n
 
     async def release(self, n: int) -> None:

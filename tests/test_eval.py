@@ -35,6 +35,15 @@ def yolo_argv(tiny_set, out, *extra):
             "--out", str(out), *extra]
 
 
+def assert_drawn(path) -> None:
+    """A readable PNG with a drawing on it: many colours, not a blank or single-colour canvas."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50, f"{path.name}: {len(colours or [])} colours"
+
+
 def test_parse_timesteps():
     assert parse_timesteps("1-4,8, 16") == [1, 2, 3, 4, 8, 16]
     for bad in ("", "0-3", "a,b"):
@@ -54,9 +63,13 @@ def test_yolo_all_methods_one_pass_outputs_and_resume(tiny_set, tmp_path):
     assert summary["casc"]["energy_uj_at"]["8"] > summary["casc"]["energy_uj_at"]["1"] > 0
     assert results["model"]["sha256"] and results["data"]["images"] == 4
     rows = (out / "curve.csv").read_text().splitlines()
-    assert rows[0].startswith("method,T,map50_95") and len(rows) == 1 + 2 + 4 + 3
+    # one row per method and T: ann and qann once (no T), CASC at T = 1, 4, 8 and auto, IF at T = 1, 4, 8
+    keys = [tuple(row.split(",")[:2]) for row in rows[1:]]
+    assert rows[0].startswith("method,T,map50_95")
+    assert keys == [("ann", ""), ("qann", ""), ("casc", "1"), ("casc", "4"), ("casc", "8"), ("casc", "auto"),
+                    ("if", "1"), ("if", "4"), ("if", "8")], keys
     for name in ("map_vs_t", "map_vs_energy", "map_vs_latency", "firing_rates"):
-        assert (out / f"{name}.png").stat().st_size > 0
+        assert_drawn(out / f"{name}.png")
     assert summary["if"]["latency_ms_at"]["1"] < summary["if"]["latency_ms_at"]["8"] <= summary["if"]["latency_ms"]
     assert summary["ann"]["latency_ms"] > 0 and results["schedule"]["burst"] == results["schedule"]["wake"] == 4
 
@@ -154,7 +167,7 @@ def test_comparison_methods_binary_steps_and_energy_against_the_qann(tiny_set, t
         assert 0 < entry["neurobench"]["activation_sparsity"] < 1
     # the same T, wake steps only: CASC and casc-paper are one network, so their energies agree
     assert paper["integer_energy_uj_at"]["4"] == pytest.approx(casc["integer_energy_uj_at"]["4"])
-    assert (out / "energy_vs_qann.png").stat().st_size > 0
+    assert_drawn(out / "energy_vs_qann.png")
     table = format_table(summary, [1, 4, 8, 12])
     assert "| CASC-PAPER |" in table and "| QCFS |" in table and "energy vs QANN (int8)" in table
 

@@ -36,6 +36,9 @@ def fake_results(family="yolo", name="yolov8n-bundled", timesteps=(1, 2, 4, 6, 8
                         "qann": {"metrics": {"flat": metric(0.6)}, "latency_ms": 3.5}, **spiking}}
 
 
+from test_eval import assert_drawn  # noqa: E402
+
+
 def markers(ax) -> dict[str, matplotlib.lines.Line2D]:
     return {line.get_label(): line for line in ax.get_lines() if line.get_marker() not in (None, "None", "")}
 
@@ -43,7 +46,7 @@ def markers(ax) -> dict[str, matplotlib.lines.Line2D]:
 def test_map_vs_t_markers_only_a_tick_per_t_auto_and_schedule_in_title(tmp_path):
     fig = plot_map_vs_t([fake_results()], tmp_path / "t.png")
     ax = fig.axes[0]
-    assert (tmp_path / "t.png").stat().st_size > 0
+    assert_drawn(tmp_path / "t.png")
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "6", "8"]
     points = markers(ax)
     for label in ("CASC SNN", "IF SNN"):
@@ -113,7 +116,8 @@ def test_casc_plot_draws_two_runs_on_one_axis(tmp_path, capsys):
     assert casc(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 0
     written = capsys.readouterr().out.split()
     assert sorted(p.rsplit("/", 1)[1] for p in written) == ["map_vs_energy.png", "map_vs_latency.png", "map_vs_t.png"]
-    assert all((tmp_path / "out" / p.rsplit("/", 1)[1]).stat().st_size > 0 for p in written)
+    for p in written:
+        assert_drawn(tmp_path / "out" / p.rsplit("/", 1)[1])
     assert load_results(tmp_path / "a" / "results.json")["model"]["name"] == "yolov8n-bundled"
     assert len(plot_runs([load_results(tmp_path / "a")], tmp_path / "one")) == 3
     with pytest.raises(FileNotFoundError, match="results.json"):
@@ -134,5 +138,6 @@ def test_energy_vs_qann_has_every_spiking_method_per_t_and_the_qann_point(tmp_pa
     assert list(qann.get_xdata()) == [9.0] and list(qann.get_ydata()) == [0.6]
     for label in ("CASC SNN (one point per T)", "QCFS SNN (one point per T)", "IF SNN (one point per T)"):
         assert len(points[label].get_xdata()) == 5
-    assert "integer hardware" in ax.get_xlabel() and (tmp_path / "int.png").stat().st_size > 0
+    assert "integer hardware" in ax.get_xlabel()
+    assert_drawn(tmp_path / "int.png")
     assert len(markers(plot_map_vs_t([results], tmp_path / "t.png").axes[0])["QCFS SNN"].get_xdata()) == 5

@@ -382,7 +382,8 @@ def test_bytes_in_flight_are_bounded():
         fits = png(w=300, h=300)  # 450 KB while decoding: two at a time, the third waits its turn
         responses = post_many(client, 3, bodies=[fits] * 3)
         assert [r.status_code for r in responses] == [200] * 3
-        assert client.app.state.service is not None
+        budget = client.app.state.service["budget"]
+        assert 0 < budget.peak <= budget.limit and budget.used == 0  # never over the budget; all given back
 
 
 # --- WebSocket: bad frames, limits, origins -------------------------------------------------------------------
