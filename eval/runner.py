@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from detector.data import open_dataset
-from detector.devices import resolve_device
+from detector.devices import default_threads, resolve_device
 from detector.models import as_records
 from detector.weights import ENGINES, ModelEntry, load_detector, load_manifest, resolve
 
@@ -328,13 +328,6 @@ def parse_methods(spec: str) -> list[str]:
     if unknown or not methods:
         raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     return methods
-
-
-def default_threads() -> int:
-    """Half the cores, at least one. Measured on 2 shared cores: with 2 torch threads a YOLOv8n forward took
-    4 s instead of 20 ms once other work ran beside it (each parallel region waits for a descheduled thread);
-    with 1 thread the whole default run still finished in about 2 minutes under a load of 7."""
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def estimate_cost(probe: dict[str, float], methods: list[str], timesteps: list[int], images: int,

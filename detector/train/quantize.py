@@ -66,7 +66,6 @@ def quantize_checkpoint(model: str, data: str, out: str | Path, levels: int = 4,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--model", required=True, help="float checkpoint: a bundled name or a path")
     parser.add_argument("--data", required=True, help="calibration images: 'bundled', coco:DIR, voc:DIR or a YOLO YAML")
     parser.add_argument("--split", default="train", help="split the calibration images come from")

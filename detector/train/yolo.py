@@ -85,8 +85,9 @@ def train(model: str | Path = "yolov8n.yaml", data: str | Path = "coco8.yaml", l
     if model_path.suffix in {".yaml", ".yml"}:
         _check_yaml(_yaml_dict(str(model)))
     data_path = Path(str(data))
-    if data_path.suffix in {".yaml", ".yml"} and not data_path.is_file() and data_path.parent != Path("."):
-        raise FileNotFoundError(f"data YAML not found: {data}")
+    if data_path.suffix in {".yaml", ".yml"} and not data_path.is_file():  # Ultralytics would try a download
+        raise FileNotFoundError(f"data YAML not found: {data}; give the path of an Ultralytics data.yaml (path, "
+                                "train, val, names; named datasets such as coco8.yaml are not downloaded here)")
     if act is not None and act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     if not float_model:
