@@ -28,10 +28,11 @@ from tqdm import tqdm
 from detector.data import open_dataset
 from detector.devices import default_threads, resolve_device
 from detector.models import as_records
+from detector.predict import run_folder
 from detector.weights import ENGINES, ModelEntry, load_detector, load_manifest, resolve
 
 from .metrics import coco_metrics, voc_metrics
-from .plots import plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency, plot_map_vs_t, schedule_text
+from .plots import METRIC_NAMES, plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency, plot_map_vs_t, schedule_text
 
 METHODS = ("ann", "qann", "casc", "if")
 SPIKING = ("casc", "if")
@@ -76,7 +77,9 @@ def model_pair(model: str, float_model: str | None) -> tuple[ModelEntry, ModelEn
     manifest = load_manifest()
     qann = resolve(model, manifest)
     if qann.kind != "qann":
-        raise ValueError(f"--model must be a QANN; {qann.name} is a {qann.kind} model")
+        raise ValueError(f"--model must be a QANN; {qann.name} is a {qann.kind} model: quantize it first (casc quantize "
+                         f"--model {qann.name} --levels 4 --data DATA --out qann.pt), then casc eval --model qann.pt "
+                         f"--float-model {qann.name}")
     source = float_model or qann.float_model
     return qann, (resolve(source, manifest) if source else None)
 
@@ -84,18 +87,24 @@ def model_pair(model: str, float_model: str | None) -> tuple[ModelEntry, ModelEn
 class Detectors:
     """Builds what each method needs and runs one batch of images through it."""
 
-    def __init__(self, qann: ModelEntry, float_entry: ModelEntry | None, methods: list[str], calibration: list,
+    def __init__(self, qann: ModelEntry, float_entry: ModelEntry | None, methods: list[str],
                  args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
         self.family, self.args, self.methods = qann.family, args, methods
-        needs_float = {"ann", "if"} & set(methods)
-        if needs_float and float_entry is None:
-            raise ValueError(f"methods {sorted(needs_float)} need the float model: pass --float-model")
+        self.float_entry, self.device, self.dtype = float_entry, device, dtype
+        self.needs_float = {"ann", "if"} & set(methods)
+        if self.needs_float and float_entry is None:
+            raise ValueError(f"methods {sorted(self.needs_float)} need the float model: pass --float-model (or "
+                             "--methods qann,casc)")
         engine = {"engine": args.engine, "provider": args.provider, "batch": args.batch, "threads": args.threads} \
             if args.engine != "pytorch" else {}
         self.qann = load_detector(_source(qann), device=device, dtype=dtype, **engine)
         self.names = [self.qann.names[i] for i in sorted(self.qann.names)]
-        if needs_float:  # the IF baseline: thresholds from these images' activations, on the PyTorch engine
-            self.float = load_detector(_source(float_entry), device=device, dtype=dtype, neuron="if",
+
+    def load_float(self, calibration: list) -> None:
+        """The float model for ANN and the IF baseline (thresholds from ``calibration`` images' activations, on
+        the PyTorch engine), when a method needs it."""
+        if self.needs_float:
+            self.float = load_detector(_source(self.float_entry), device=self.device, dtype=self.dtype, neuron="if",
                                        calibration=calibration)
 
     def _flat(self, detector, images) -> list:
@@ -261,9 +270,17 @@ def _latency_ms(parts: list[dict], key: str) -> float:
     return 1000 * seconds / _images(parts)
 
 
+def steps_to_reach(entry: dict, qann_value: float | None, timesteps: list[int], metric: str = "map50_95") -> int | None:
+    """The first T at which a spiking method reaches 99 % of the QANN's ``metric``; None when it never does, or
+    when the QANN scores 0 (then every T would "reach" it)."""
+    if not qann_value or qann_value <= 0:
+        return None
+    return next((t for t in timesteps if entry["metrics"][str(t)][metric] >= 0.99 * qann_value), None)
+
+
 def _reach(entry: dict, qann_map: float, timesteps: list[int]) -> dict:
     """The first T at 99 % of the QANN's mAP50-95, and the energy there against the ANN's."""
-    reach = next((t for t in timesteps if entry["metrics"][str(t)]["map50_95"] >= 0.99 * qann_map), None)
+    reach = steps_to_reach(entry, qann_map, timesteps)
     out = {"steps_to_99pct_qann": reach}
     if reach is not None and entry["ann_energy_uj"]:
         energy = entry["energy_uj_at"].get(str(reach))
@@ -272,33 +289,38 @@ def _reach(entry: dict, qann_map: float, timesteps: list[int]) -> dict:
     return out
 
 
-def format_table(summary: dict, timesteps: list[int], two_stage: bool = False) -> str:
-    """Markdown: one column per requested T (and CASC's ``auto``), cells mAP50-95 / mAP50."""
+def format_table(summary: dict, timesteps: list[int], two_stage: bool = False, metric: str = "map50_95") -> str:
+    """Markdown: one column per requested T (and CASC's ``auto``), cells ``metric`` / mAP50 (mAP50-95 when the
+    metric is mAP50); "T to 99% QANN" on ``metric``."""
+    second = "map50_95" if metric == "map50" else "map50"
     columns = list(timesteps) + (["auto"] if any("auto" in e["metrics"] for e in summary.values()) else [])
     head = ["method"] + [f"T={t}" for t in columns] + ["T to 99% QANN", "energy ratio (SNN/ANN)", "ms/image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    qann = summary.get("qann", {}).get("metrics", {}).get("flat", {}).get(metric)
     for method, entry in summary.items():
         metrics = entry["metrics"]
         if "flat" in metrics:
             m = metrics["flat"]
-            cells = [f"{m['map50_95']:.3f} / {m['map50']:.3f}"] * len(columns)
+            cells = [f"{m[metric]:.3f} / {m[second]:.3f}"] * len(columns)
             extra = ["—", "1 (ANN)" if method == "ann" else "—"]
         else:
-            cells = [_cell(metrics.get(str(t)), t == "auto") for t in columns]
-            reach = entry.get("steps_to_99pct_qann")
-            ratio = entry.get("energy_ratio_at_99pct")
-            extra = [str(reach) if reach else f"> {max(timesteps)}", f"{ratio:.2f}" if ratio else "—"]
+            cells = [_cell(metrics.get(str(t)), t == "auto", metric, second) for t in columns]
+            reach = steps_to_reach(entry, qann, timesteps, metric)
+            energy, ann_energy = entry.get("energy_uj_at", {}).get(str(reach)), entry.get("ann_energy_uj")
+            ratio = energy / ann_energy if reach and energy and ann_energy else None
+            extra = [str(reach) if reach else "—" if not qann else f"> {max(timesteps)}",
+                     f"{ratio:.2f}" if ratio else "—"]
         extra.append(f"{entry['latency_ms']:.0f}")
         lines.append("| " + " | ".join([method.upper()] + cells + extra) + " |")
-    return "\n".join(lines) + "\n(cells: mAP50-95 / mAP50; T = total steps, wake + sleep" + (
+    return "\n".join(lines) + f"\n(cells: {METRIC_NAMES[metric]} / {METRIC_NAMES[second]}; T = total steps, wake + sleep" + (
         ", both stages (T/2 each; the per-stage split in results.json)" if two_stage else "") + \
         "; ms/image: the whole run of that method on this machine)"
 
 
-def _cell(m: dict | None, auto: bool) -> str:
+def _cell(m: dict | None, auto: bool, metric: str = "map50_95", second: str = "map50") -> str:
     if m is None:
         return "—"
-    cell = f"{m['map50_95']:.3f} / {m['map50']:.3f}"
+    cell = f"{m[metric]:.3f} / {m[second]:.3f}"
     return cell + f" (T≈{m['steps_mean']:.1f})" if auto else cell
 
 
@@ -366,15 +388,18 @@ def evaluate(args: argparse.Namespace) -> dict:
     qann, float_entry = model_pair(args.model, args.float_model)
     timesteps = parse_timesteps(args.timesteps or DEFAULT_TIMESTEPS[qann.family])
     stage_budgets(qann.family, timesteps)  # an odd T for Faster R-CNN is refused before any work
-    dataset = open_dataset(args.data, args.split)
+    detectors = Detectors(qann, float_entry, methods, args, device, dtype)
+    classes = parse_names(args.names) or detectors.names  # what VOC xml (and a YAML without names) is read with
+    dataset = open_dataset(args.data, args.split, classes=classes)
     count = min(len(dataset), args.limit) if args.limit else len(dataset)
     if count == 0:
         raise ValueError(f"{args.data} ({args.split}) has no images")
-    calibration_set = _calibration_dataset(args.data, dataset)
-    calibration = [calibration_set.image_path(i) for i in range(min(args.calibration_images, len(calibration_set)))]
-    detectors = Detectors(qann, float_entry, methods, calibration, args, device, dtype)
     if list(detectors.names) != list(dataset.classes):
-        raise ValueError(f"the model's classes {detectors.names} are not the dataset's {dataset.classes}")
+        raise ValueError(f"the model's classes {detectors.names} are not the dataset's {dataset.classes}: evaluate "
+                         f"on data with the model's classes, in its order (--names sets a VOC dataset's classes)")
+    calibration_set = _calibration_dataset(args.data, dataset, classes)
+    detectors.load_float([calibration_set.image_path(i)
+                          for i in range(min(args.calibration_images, len(calibration_set)))])
     wake = args.wake or detectors.qann.levels
     if rank == 0:
         print(estimate_cost(detectors.probe(dataset.load_image(0)), methods, timesteps, count, args, qann.family,
@@ -406,7 +431,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                     "cores": os.cpu_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "casc": _version()},
-        "processes": world, "summary": summary,
+        "processes": world, "metric": args.metric, "summary": summary,
     }
     results["written"] = _write_outputs(out, results)
     return results
@@ -439,10 +464,10 @@ def _ground_truth(dataset, count: int) -> list[dict]:
     return ground_truth
 
 
-def _calibration_dataset(spec: str, dataset):
+def _calibration_dataset(spec: str, dataset, classes: list[str]):
     """IF thresholds come from the training split when the data has one (no peeking at test images)."""
     try:
-        train = open_dataset(spec, "train")
+        train = open_dataset(spec, "train", classes=classes)
         return train if len(train) else dataset
     except (ValueError, FileNotFoundError):
         return dataset
@@ -468,10 +493,11 @@ def _write_outputs(out: Path, results: dict) -> list[str]:
                         f"{m.get('steps_mean') or ''},{energy or ''},{latency:.2f}")
     (out / "curve.csv").write_text("\n".join(rows) + "\n")
     written = ["results.json", "curve.csv", "map_vs_t.png", "map_vs_latency.png"]
-    plot_map_vs_t([results], out / "map_vs_t.png")
-    plot_map_vs_latency([results], out / "map_vs_latency.png")
+    metric = results["metric"]
+    plot_map_vs_t([results], out / "map_vs_t.png", metric)
+    plot_map_vs_latency([results], out / "map_vs_latency.png", metric)
     if any(m in summary for m in SPIKING):
-        plot_map_vs_energy([results], out / "map_vs_energy.png")
+        plot_map_vs_energy([results], out / "map_vs_energy.png", metric)
         written.append("map_vs_energy.png")
     if summary.get("casc", {}).get("firing_rates"):
         plot_firing_rates(summary["casc"]["firing_rates"], out / "firing_rates.png", results["model"]["family"],
@@ -523,14 +549,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (None: half the cores, at least 1; more threads than free cores "
                              "make every step wait for a descheduled thread)")
-    parser.add_argument("--out", default=None, help="output folder (None: runs/eval/MODEL)")
+    parser.add_argument("--names", default=None,
+                        help="class names, comma-separated or a text file with one per line: how a VOC dataset's "
+                             "(or a names-less data.yaml's) objects map to class ids (None: the model's names)")
+    parser.add_argument("--metric", default="map50_95", choices=list(METRIC_NAMES),
+                        help="what the table, the plots and T to 99%% QANN show: COCO mAP50-95 or mAP50, VOC07 "
+                             "11-point or all-point AP50 (results.json and curve.csv keep them all)")
+    parser.add_argument("--project", default="runs/eval", help="parent folder of the run folders")
+    parser.add_argument("--name", default=None, help="run folder name (None: the model's name; numbered when "
+                                                     "taken: NAME2, NAME3, ...)")
+    parser.add_argument("--exist-ok", action="store_true",
+                        help="write into PROJECT/NAME even if it exists (and resume its finished batches)")
+    parser.add_argument("--out", default=None, help="the output folder itself, used as it is (resumes a run there); "
+                                                    "None: PROJECT/NAME")
+
+
+def parse_names(spec: str | None) -> list[str] | None:
+    """``--names``: ``"circle,square"`` or a text file with one name per line."""
+    if not spec:
+        return None
+    path = Path(spec)
+    text = path.read_text() if path.is_file() else spec.replace(",", "\n")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"--names {spec!r}: no class names (give name1,name2,... or a file with one per line)")
+    return names
 
 
 def main(args: argparse.Namespace) -> int:
     if args.out is None:
-        args.out = str(Path("runs") / "eval" / Path(str(args.model)).stem)
+        args.out = str(run_folder(args.project, args.name or Path(str(args.model)).stem, args.exist_ok))
     results = evaluate(args)
     if results:
-        print(format_table(results["summary"], results["schedule"]["timesteps"], results["model"]["family"] == "rcnn"))
+        print(format_table(results["summary"], results["schedule"]["timesteps"], results["model"]["family"] == "rcnn",
+                           args.metric))
         print(f"results in {Path(args.out).resolve()}: {', '.join(results['written'])}")
     return 0

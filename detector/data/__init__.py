@@ -19,8 +19,9 @@ from .yolo import read_yolo
 SPEC_FORMS = "'bundled', 'coco:DIR', 'voc:DIR', 'yolo:PATH.yaml' or a path ending in .yaml/.yml"
 
 
-def open_dataset(spec: str, split: str = "val") -> DetectionDataset:
-    """Open a dataset from a spec string (see SPEC_FORMS)."""
+def open_dataset(spec: str, split: str = "val", classes: list[str] | None = None) -> DetectionDataset:
+    """Open a dataset from a spec string (see SPEC_FORMS). ``classes``: the class names by id for formats whose
+    files do not list them (VOC: default the 20 VOC classes; a data.yaml without ``names``); COCO keeps its own."""
     kind, sep, arg = spec.partition(":")
     if spec == "bundled":
         root = ensure_bundled()
@@ -29,11 +30,11 @@ def open_dataset(spec: str, split: str = "val") -> DetectionDataset:
     if sep and kind == "coco":
         return open_coco_dir(arg, split)
     if sep and kind == "voc":
-        return read_voc(arg, split)
+        return read_voc(arg, split, classes=classes)
     if sep and kind == "yolo":
-        return read_yolo(arg, split)
+        return read_yolo(arg, split, classes=classes)
     if Path(spec).suffix in (".yaml", ".yml"):
-        return read_yolo(spec, split)
+        return read_yolo(spec, split, classes=classes)
     raise DatasetError(f"unknown dataset spec {spec!r}; expected {SPEC_FORMS}")
 
 
