@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -196,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = ALIASES.get(argv[0], argv[0]) if argv else None
     try:
-        if command in COMMANDS or command in ("train", "demo"):
+        # Offline, before a sub-command (or its options) imports Ultralytics; without it only YOLO models fail.
+        if (command in COMMANDS or command in ("train", "demo")) and importlib.util.find_spec("ultralytics"):
             from detector.models.yolo import prepare_ultralytics
 
-            prepare_ultralytics()  # offline, before a sub-command (or its options) imports Ultralytics
+            prepare_ultralytics()
         parser = build_parser(argv)
         args = parser.parse_args(expand_key_values(_subparser(parser, argv) or parser, argv))
         return args.func(args)

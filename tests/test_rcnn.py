@@ -9,6 +9,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -508,3 +509,14 @@ def test_spiking_fpn_is_exact_and_drives_the_heads_with_spikes(r18, tmp_path):
             pytest.approx({p: m.threshold for p, m in model.named_modules() if isinstance(m, SignedClipQuan)})
     with pytest.raises(UnsupportedModuleError, match=r"rpn_head\.input_quants\.0 \(SignedClipQuan\)"):
         SpikingFasterRCNN(qann, neuron="if", calibration=[image(5)])
+
+
+def test_a_mask_head_or_a_wrong_class_list_is_refused_not_dropped():
+    mask = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3,
+                                                              min_size=64, max_size=96)
+    with pytest.raises(ValueError, match="MaskRCNN has a mask head whose outputs would be dropped: use a FasterRCNN"):
+        SpikingFasterRCNN.from_model(mask, levels=4)
+    qann = build_qann_fasterrcnn("resnet18_fpn", num_classes=4, levels=4, **SMALL)
+    with pytest.raises(ValueError, match="2 names for a model with 3 classes"):
+        SpikingFasterRCNN.from_model(qann, classes=["a", "b"])
+    assert SpikingFasterRCNN.from_model(qann, classes=["a", "b", "c"]).names == {0: "a", 1: "b", 2: "c"}

@@ -121,6 +121,12 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
                 raise TypeError(f"expected a torchvision GeneralizedRCNN (FasterRCNN), got {type(qann).__name__}")
         if neuron not in ("cif", "if"):
             raise ValueError(f'neuron must be "cif" (CASC) or "if" (the IF baseline), got {neuron!r}')
+        extra_heads = [head for head, has in (("mask", "has_mask"), ("keypoint", "has_keypoint"))
+                       if getattr(qann.roi_heads, has, lambda: False)()]
+        if extra_heads:
+            raise ValueError(f"SpikingFasterRCNN converts box detection only, and this {type(qann).__name__} has a "
+                             f"{' and a '.join(extra_heads)} head whose outputs would be dropped: use a FasterRCNN, or "
+                             f"set roi_heads.{extra_heads[0]}_roi_pool / _head / _predictor to None for boxes only")
         if neuron == "cif":
             if type(qann.roi_heads.box_head) is tv_frcnn.TwoMLPHead or qann_levels(qann) is None:
                 raise ValueError("SpikingFasterRCNN needs a QANN: build it with to_qann_fasterrcnn(model, levels) "
@@ -372,8 +378,11 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
 
 def class_names(classes: list[str] | None, n: int) -> dict[int, str]:
     """0-based class id -> name for ``n`` classes (torchvision's label ``k`` is class ``k - 1``; 0 is the
-    background); ids without a name are named by their number."""
-    return {i: str(classes[i]) if classes and i < len(classes) else str(i) for i in range(n)}
+    background); without ``classes`` the ids are named by their number. A list of another length is an error."""
+    if classes and len(classes) != n:
+        raise ValueError(f"classes: {len(classes)} names for a model with {n} classes (its box predictor has {n + 1} "
+                         f"outputs, the first the background): give one name per class, background excluded")
+    return {i: str(classes[i]) if classes else str(i) for i in range(n)}
 
 
 @contextmanager
