@@ -132,7 +132,7 @@ def test_yolo_on_the_onnx_runtime_engine_writes_the_pytorch_engines_detections(o
     assert "T=" in capsys.readouterr().out
     record = json.loads((tmp_path / "exp" / "json" / "000000.json").read_text())
     expected = load_detector("yolov8n-bundled").predict([str(image)])[0]
-    assert [d["class"] for d in record["detections"]] == expected.boxes.cls.tolist() and len(expected)
+    assert [d["class_id"] for d in record["detections"]] == expected.boxes.cls.tolist() and len(expected)
     assert np.allclose([d["box"] for d in record["detections"]], expected.boxes.xyxy, atol=1e-2)
     assert (record["steps"], record["settled"]) == (expected.steps, expected.settled)
     assert record["spikes"] is None and record["energy_uj"] is None  # the graphs count no spikes
