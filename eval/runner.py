@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from detector.data import open_dataset
+from detector.data import open_dataset, parse_names
 from detector.devices import default_threads, resolve_device
 from detector.models import as_records
 from detector.predict import run_folder
@@ -562,18 +562,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write into PROJECT/NAME even if it exists (and resume its finished batches)")
     parser.add_argument("--out", default=None, help="the output folder itself, used as it is (resumes a run there); "
                                                     "None: PROJECT/NAME")
-
-
-def parse_names(spec: str | None) -> list[str] | None:
-    """``--names``: ``"circle,square"`` or a text file with one name per line."""
-    if not spec:
-        return None
-    path = Path(spec)
-    text = path.read_text() if path.is_file() else spec.replace(",", "\n")
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    if not names:
-        raise ValueError(f"--names {spec!r}: no class names (give name1,name2,... or a file with one per line)")
-    return names
 
 
 def main(args: argparse.Namespace) -> int:

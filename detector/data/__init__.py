@@ -38,7 +38,19 @@ def open_dataset(spec: str, split: str = "val", classes: list[str] | None = None
     raise DatasetError(f"unknown dataset spec {spec!r}; expected {SPEC_FORMS}")
 
 
+def parse_names(spec: str | None) -> list[str] | None:
+    """``--names``: ``"circle,square"`` or a text file with one name per line."""
+    if not spec:
+        return None
+    path = Path(spec)
+    text = path.read_text() if path.is_file() else spec.replace(",", "\n")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"--names {spec!r}: no class names (give name1,name2,... or a file with one per line)")
+    return names
+
+
 __all__ = [
-    "open_dataset", "DetectionDataset", "ImageRecord", "DatasetError", "DatasetWarning", "read_coco", "read_voc", "read_yolo",
+    "open_dataset", "parse_names", "DetectionDataset", "ImageRecord", "DatasetError", "DatasetWarning", "read_coco", "read_voc", "read_yolo",
     "open_coco_dir", "generate_bundled", "ensure_bundled", "bundled_root", "BUNDLED_CLASSES", "VOC_CLASSES",
 ]

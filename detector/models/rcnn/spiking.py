@@ -129,9 +129,10 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
                              f"set roi_heads.{extra_heads[0]}_roi_pool / _head / _predictor to None for boxes only")
         if neuron == "cif":
             if type(qann.roi_heads.box_head) is tv_frcnn.TwoMLPHead or qann_levels(qann) is None:
-                raise ValueError("SpikingFasterRCNN needs a QANN: build it with to_qann_fasterrcnn(model, levels) "
-                                 "(it also replaces TwoMLPHead's functional ReLUs); for the IF baseline on a float "
-                                 'model pass neuron="if", calibration=images')
+                raise ValueError("SpikingFasterRCNN needs a QANN: calibrate one with quantize_fasterrcnn(model, levels, "
+                                 "images) or build one with to_qann_fasterrcnn(model, levels) (both also replace "
+                                 "TwoMLPHead's functional ReLUs); for the IF baseline on a float model pass "
+                                 'neuron="if", calibration=images')
         else:
             if calibration is None:
                 raise ValueError('neuron="if" (the IF baseline) needs calibration=images: a few images whose '
