@@ -6,6 +6,7 @@
     casc predict --model yolov8n-bundled 0                      # webcam 0 (or rtsp://, http://... streams)
     casc predict model=yolov8n-bundled source=bus.jpg imgsz=320 # Ultralytics' key=value form
     casc predict --model yolov8n-bundled bus.jpg --engine onnxruntime --provider cuda
+    casc predict --model runs/export/yolo/snn.wake.onnx bus.jpg  # a casc export folder (or one of its graphs)
 
 Each run writes into a new numbered folder under ``--project`` (``runs/predict/exp``, ``exp2``, ...; with
 ``--exist-ok`` into ``exp`` itself): the annotated images and videos (``--no-save``: none, and no folder unless
@@ -41,7 +42,9 @@ def _sleep(value: str) -> int | str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="image or video files, folders, globs, a webcam index (0) or a stream URL (rtsp://...)")
-    parser.add_argument("--model", required=True, help="a bundled model name (weights/manifest.json) or a checkpoint")
+    parser.add_argument("--model", required=True,
+                        help="a bundled model name (weights/manifest.json), a checkpoint, or a casc export folder (or "
+                             "one of its .onnx files: runs on ONNX Runtime)")
     parser.add_argument("--conf", type=float, default=0.25, help="minimum score")
     parser.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
     parser.add_argument("--imgsz", type=int, default=None,
@@ -265,12 +268,17 @@ def load_options(args: argparse.Namespace) -> dict:
     return {"imgsz": args.imgsz} if family == "yolo" else {"min_size": args.imgsz, "max_size": args.imgsz}
 
 
-def check_model_argument(model: str) -> None:
-    """An exported ``.onnx`` graph is one step of the network, not a detector: say what to pass instead."""
-    if str(model).lower().endswith(".onnx"):
-        raise ValueError(f"--model {model}: an exported .onnx holds one spiking step, not the detector; give the "
-                         "checkpoint (or bundled name) it was exported from with --engine onnxruntime (graphs are "
-                         "exported on first use and cached)")
+def exported_model(model: str) -> tuple[str, dict]:
+    """``--model`` as (what ``load_detector`` takes, its engine options): a ``casc export`` folder, or one of its
+    ``.onnx`` files, runs those graphs on ONNX Runtime with the model they were exported from."""
+    path = Path(model)
+    if path.suffix.lower() != ".onnx" and not path.is_dir():
+        return model, {}
+    from .export.bundle import read_manifest  # needs the onnx extra
+
+    folder = path.parent if path.suffix.lower() == ".onnx" else path
+    manifest = read_manifest(folder)  # none: "no exported graphs here (run `casc export` first)"
+    return manifest["model"], {"engine": "onnxruntime", "export_dir": folder}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -283,12 +291,13 @@ def main(args: argparse.Namespace) -> int:
     args.classes, extra = split_classes(args.classes)
     if args.vid_stride < 1:
         raise ValueError(f"--vid-stride {args.vid_stride}: give 1 (every frame) or more")
-    check_model_argument(args.model)
+    model, exported = exported_model(args.model)
+    args.engine = exported.pop("engine", args.engine)
     sources = find_sources(args.sources + extra)
     torch.set_num_threads(args.threads or default_threads())
     device = "cpu" if args.engine == "onnxruntime" and args.device == "auto" else str(resolve_device(args.device))
-    detector = load_detector(args.model, device=device, engine=args.engine, provider=args.provider,
-                             **load_options(args))
+    detector = load_detector(model, device=device, engine=args.engine, provider=args.provider,
+                             **load_options(args), **exported)
     outputs = Outputs(args.project, args.name, args.exist_ok, args.save, args.save_txt, args.save_json)
     options = dict(conf=args.conf, iou=args.iou, max_det=args.max_det, classes=args.classes, wake=args.wake,
                    sleep=args.sleep, burst=args.burst, max_sleep=args.max_sleep)

@@ -120,7 +120,7 @@ def test_classes_then_sources_and_stream_sources(tmp_path):
 
 def test_predict_as_a_new_user_runs_it(tmp_path, capsys):
     """--no-save writes nothing; an unreadable image is named and skipped; --classes before a source; key=value;
-    --exist-ok; --threads; an .onnx --model and a dead stream get one-line errors."""
+    --exist-ok; --threads; an .onnx --model without its export folder and a dead stream get one-line errors."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("000000.jpg", "000001.jpg"):
@@ -139,10 +139,10 @@ def test_predict_as_a_new_user_runs_it(tmp_path, capsys):
                  "exist_ok=True"]) == 0
     assert sorted(p.name for p in (project / "exp").iterdir()) == ["000000.jpg", "000001.jpg", "json"]
     capsys.readouterr()
-    assert main(["predict", "--model", "runs/export/yolo/step.onnx", str(src)]) == 2
+    assert main(["predict", "--model", str(tmp_path / "step.onnx"), str(src)]) == 2
     assert main(["predict", "--model", "yolov8n-bundled", "rtsp://127.0.0.1:9/none", "--project", str(project)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and "not the detector" in err[0] and "cannot open the webcam or stream" in err[1]
+    assert len(err) == 2 and "run `casc export` first" in err[0] and "cannot open the webcam or stream" in err[1]
 
 
 def test_serve_explains_every_option_and_serves_a_demo_image_by_default():

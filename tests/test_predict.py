@@ -136,6 +136,10 @@ def test_yolo_on_the_onnx_runtime_engine_writes_the_pytorch_engines_detections(o
     assert np.allclose([d["box"] for d in record["detections"]], expected.boxes.xyxy, atol=1e-2)
     assert (record["steps"], record["settled"]) == (expected.steps, expected.settled)
     assert record["spikes"] is None and record["energy_uj"] is None  # the graphs count no spikes
+    exported = next(onnx_cache.rglob("export.json")).parent  # an exported .onnx (or its folder) as --model
+    assert main(["predict", "--model", str(next(exported.glob("*.onnx"))), str(image), "--save-json",
+                 "--project", str(tmp_path), "--name", "onnx"]) == 0
+    assert json.loads((tmp_path / "onnx" / "json" / "000000.json").read_text())["detections"] == record["detections"]
     with pytest.raises(SystemExit):
         main(["predict", "--model", "yolov8n-bundled", str(image), "--engine", "tvm"])
 
