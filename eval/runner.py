@@ -559,14 +559,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="run folder name (None: the model's name; numbered when "
                                                      "taken: NAME2, NAME3, ...)")
     parser.add_argument("--exist-ok", action="store_true",
-                        help="write into PROJECT/NAME even if it exists (and resume its finished batches)")
+                        help="write into PROJECT/NAME even if it exists (and resume its finished batches); always so "
+                             "under torchrun")
     parser.add_argument("--out", default=None, help="the output folder itself, used as it is (resumes a run there); "
                                                     "None: PROJECT/NAME")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.out is None:
-        args.out = str(run_folder(args.project, args.name or Path(str(args.model)).stem, args.exist_ok))
+    if args.out is None:  # the processes of one torchrun share one folder, so none of them numbers it
+        shared = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        args.out = str(run_folder(args.project, args.name or Path(str(args.model)).stem, args.exist_ok or shared))
     results = evaluate(args)
     if results:
         print(format_table(results["summary"], results["schedule"]["timesteps"], results["model"]["family"] == "rcnn",
