@@ -9,6 +9,8 @@ The names below are imported on first use (PEP 562), so ``import detector`` (and
 import torch.
 """
 
+import sys
+import types
 from importlib import import_module
 
 __version__ = "0.1.0"
@@ -24,6 +26,24 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
+
+
+class _Package(types.ModuleType):
+    """``detector.convert`` is the function, also once the submodule of that name is imported: importing a submodule
+    binds it on its package, which would replace the function (an eager ``from .convert import convert`` ran last)."""
+
+    @property
+    def convert(self):
+        from .convert import convert
+
+        return convert
+
+    @convert.setter
+    def convert(self, submodule) -> None:  # the import system binding detector/convert.py: the function stays
+        pass
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

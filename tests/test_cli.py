@@ -33,6 +33,10 @@ def test_the_library_names_still_import_lazily():
     import detector
 
     assert detector.convert.__name__ == "convert" and "quantize" in dir(detector)
+    code = ("from detector import quantize\nimport detector.runtime, detector.convert\nfrom detector import convert\n"
+            "assert callable(convert) and convert.__module__ == 'detector.convert', convert")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         detector.nothing  # noqa: B018
 
