@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -23,6 +22,8 @@ from torch.nn.modules.conv import _ConvNd
 from .energy import RunStats, StatsRecorder
 from .flow import ANALOG, SpikeFlowTrace
 from .neurons import Neuron
+from .schedule import (DeltaSession, RunCancelled, RunResult, StepEvent, check_int, check_schedule, last_result,
+                       run_schedule)
 from .state import CallSiteModule, SimulationState
 from .synapses import Synapse
 
@@ -67,35 +68,6 @@ def accumulate(total, out):
     return total
 
 
-class RunCancelled(RuntimeError):
-    """Raised between two time steps when the run's ``cancel`` event was set (a timed-out request)."""
-
-
-@dataclass
-class RunResult:
-    """What one run returns: its readouts and, per sample, how it went."""
-
-    readout: Any  # readouts summed over every step, divided by the wake count (the model's structure)
-    wake: int  # wake steps W
-    steps: torch.Tensor  # [batch] total steps T = W + sleep steps used, per sample
-    settled: torch.Tensor  # [batch] bool: a silent sleep step confirmed the fixed point
-    stats: RunStats | None  # spikes, SOPs, MACs, energy (per step too); None when not recording
-
-
-@dataclass
-class StepEvent:
-    """One time step of a streamed run."""
-
-    t: int  # total steps so far, wake plus sleep (1-based)
-    phase: str  # "wake" or "sleep"
-    wake: int  # wake steps so far (k)
-    readout: Any  # readouts accumulated so far divided by k: the network's current answer
-    spikes: torch.Tensor | None  # [batch] spike events of each sample in this step (None when not recording)
-    energy_pj: torch.Tensor | None  # [batch] estimated energy of each sample in this step (None when not recording)
-    settled: torch.Tensor  # per sample: has a silent sleep step confirmed its fixed point
-    result: RunResult | None = None  # the whole run's result, on the last event only
-
-
 class SpikingNetwork(nn.Module):
     """A converted network and its simulator. Build it with ``detector.convert``."""
 
@@ -115,6 +87,7 @@ class SpikingNetwork(nn.Module):
         first = next((m.layer for m in model.modules() if isinstance(m, Synapse)), None)
         # (rank, channels) the first layer expects, for clear input errors; None: not a conv
         self._input_spec = (len(first.kernel_size) + 2, first.in_channels) if isinstance(first, _ConvNd) else None
+        self.engine = TorchStepEngine(self)
 
     # --- public API ----------------------------------------------------------------------
 
@@ -139,24 +112,32 @@ class SpikingNetwork(nn.Module):
         residual at once; 1 is the paper's form). ``record``: count spikes, SOPs and MACs into
         ``result.stats``. ``cancel``: an event checked between steps; once set, ``RunCancelled`` is raised.
         """
-        event = None
-        for event in self._simulate(x, wake, sleep, mode, burst, max_sleep, sleep_chunk, record, cancel, stream=False):
-            pass
-        return event.result
+        return last_result(self._schedule(x, wake, sleep, mode, burst, max_sleep, sleep_chunk, record, cancel, False))
 
     @torch.no_grad()
     def stream(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
                max_sleep: int = 256, record: bool = True, cancel: threading.Event | None = None) -> Iterator[StepEvent]:
         """Yield a ``StepEvent`` after every time step (step mode); the last one carries the ``RunResult``,
         equal to ``run``'s."""
-        yield from self._simulate(x, wake, sleep, "step", burst, max_sleep, 1, record, cancel, stream=True)
+        yield from self._schedule(x, wake, sleep, "step", burst, max_sleep, 1, record, cancel, True)
+
+    def session(self, wake: int | None = None, burst: int | None = None, max_sleep: int = 256, mode: str = "step",
+                sleep_chunk: int = 8, record: bool = True, keyframe_every: int | None = None) -> "DeltaSession":
+        """A delta session for the frames of a video (``schedule.DeltaSession``): ``session.run(frame)`` per frame;
+        after the first, a frame feeds only its change and sleeps until quiet. Its readouts equal the QANN's
+        outputs on every frame; ``keyframe_every``: run the whole schedule every that many frames (float32 drift)."""
+        wake, burst = check_schedule(wake, "auto", burst, max_sleep, self.levels)
+        self._check_mode(mode, sleep_chunk)
+        return DeltaSession(self.engine, wake, burst, max_sleep=max_sleep, stack=mode == "multistep",
+                            sleep_chunk=sleep_chunk, record=record, keyframe_every=keyframe_every)
 
     def forward(self, x: torch.Tensor, **kwargs) -> RunResult:
         return self.run(x, **kwargs)
 
-    # --- the schedule --------------------------------------------------------------------
+    # --- checks --------------------------------------------------------------------------
 
-    def _check(self, x, wake, sleep, mode, burst, max_sleep, sleep_chunk) -> tuple[int, int]:
+    def check_input(self, x) -> None:
+        """Refuse an input this network cannot take (type, rank, channels, dtype or device), naming what is wrong."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if self._input_spec is not None:
@@ -172,25 +153,18 @@ class SpikingNetwork(nn.Module):
         if param is not None and (x.dtype != param.dtype or x.device != param.device):
             raise ValueError(f"input is {x.dtype} on {x.device} but the network is {param.dtype} on "
                              f"{param.device}; convert one of them (e.g. snn.to(x.dtype))")
-        if wake is None:
-            if self.levels is None:
-                raise ValueError("wake is required: this network has no single quantization level count")
-            wake = self.levels
-        if isinstance(wake, bool) or not isinstance(wake, int) or wake < 1:
-            raise ValueError(f"wake must be an integer >= 1, got {wake!r}")
-        if sleep != "auto" and (isinstance(sleep, bool) or not isinstance(sleep, int) or sleep < 0):
-            raise ValueError(f'sleep must be an integer >= 0 or "auto", got {sleep!r}')
+
+    @staticmethod
+    def _check_mode(mode: str, sleep_chunk: int) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if burst is None:
-            burst = wake
-        for name, value in (("burst", burst), ("max_sleep", max_sleep), ("sleep_chunk", sleep_chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        return wake, burst
+        check_int("sleep_chunk", sleep_chunk, 1)
 
-    def _forward_stack(self, x: torch.Tensor, sleeping: bool, wake_counts: list[int], batch: int,
-                       first: bool = False):
+    def forward_stack(self, x: torch.Tensor, sleeping: bool, wake_counts: list[int], batch: int,
+                      first: bool = False):
+        """The module tree run once on a stack of ``len(wake_counts)`` steps (``x``: step-major rows); the readout
+        increment summed over the stack's steps. ``first``: the run's first stack, whose flow is traced once per
+        input signature."""
         steps = len(wake_counts)
         self.sim.begin_stack(sleeping, wake_counts, batch, x.device)
         for m in self.stateful:
@@ -213,72 +187,79 @@ class SpikingNetwork(nn.Module):
             recorder.end_stack()
         return out if steps == 1 else tree_map(lambda t: t.unflatten(0, (steps, -1)).sum(0), out)
 
-    def _simulate(self, x, wake, sleep, mode, burst, max_sleep, sleep_chunk, record, cancel, stream):
-        wake, burst = self._check(x, wake, sleep, mode, burst, max_sleep, sleep_chunk)
-        self.reset()
-        batch = x.shape[0]
-        sim = self.sim
-        sim.burst, sim.record = burst, record
-        recorder = sim.recorder = StatsRecorder(batch) if record else None
-        settled_at = torch.zeros(batch, dtype=torch.long)  # sleep steps up to the silent one; 0: not yet
-        limit = max_sleep if sleep == "auto" else sleep
-        total = None
-        t = done = 0  # total steps, sleep steps
+    def _schedule(self, x, wake, sleep, mode, burst, max_sleep, sleep_chunk, record, cancel, every_step):
+        self.check_input(x)
+        wake, burst = check_schedule(wake, sleep, burst, max_sleep, self.levels)
+        self._check_mode(mode, sleep_chunk)
+        return run_schedule(self.engine, x, wake, sleep, burst, max_sleep, stack_wake=mode == "multistep",
+                            sleep_chunk=sleep_chunk if mode == "multistep" else 1, record=record, cancel=cancel,
+                            every_step=every_step)
 
-        def finished() -> bool:
-            return done >= limit or (sleep == "auto" and bool((settled_at > 0).all()))
 
-        def event(phase: str, k: int) -> StepEvent:
-            ev = StepEvent(t=t, phase=phase, wake=k, readout=tree_map(lambda v: v / k, total),
-                           spikes=recorder.spikes_per_step[-1] if record else None,
-                           energy_pj=recorder.energy_pj_per_step[-1] if record else None,
-                           settled=settled_at > 0)
-            if k == wake and finished():
-                sim.recorder = None
-                used = torch.full_like(settled_at, done)
-                if sleep == "auto":
-                    used = torch.where(settled_at > 0, settled_at, used)
-                steps_used = used + wake
-                ev.result = RunResult(readout=ev.readout, wake=wake, steps=steps_used, settled=settled_at > 0,
-                                      stats=recorder.summary(wake, steps_used) if record else None)
-            return ev
+class TorchStepEngine:
+    """The step engine of a ``SpikingNetwork`` (``schedule.StepEngine``): runs its module tree for one stack of
+    steps; several steps stack on the batch axis (multistep), so stateless layers see them all at once."""
 
-        def check_cancel() -> None:
-            if cancel is not None and cancel.is_set():
-                sim.recorder = None
-                raise RunCancelled(f"run cancelled after {t} time steps")
+    max_stack = 1 << 30
 
-        if mode == "step":
-            for k in range(1, wake + 1):
-                check_cancel()
-                total = accumulate(total, self._forward_stack(x, False, [k], batch, first=k == 1))
-                t += 1
-                if stream or (k == wake and finished()):
-                    yield event("wake", k)
+    def __init__(self, net: SpikingNetwork):
+        self.net = net
+        self.runs = 0
+        self.total = None  # readouts summed over the run's steps (the model's output structure)
+        self.rows = 0
+        self._first = False
+        self._zeros: torch.Tensor | None = None
+
+    def _begin(self, record: bool) -> None:
+        self.runs += 1
+        self.net.sim.record = record
+        self.net.sim.recorder = StatsRecorder(self.rows) if record else None
+
+    def check_input(self, x) -> None:
+        self.net.check_input(x)
+
+    def start(self, x: torch.Tensor, record: bool) -> None:
+        self.net.reset()
+        self.total, self.rows, self._first, self._zeros = None, x.shape[0], True, None
+        self._begin(record)
+
+    def resume(self, record: bool) -> None:
+        self._begin(record)
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor | None, sleeping: bool, wake_counts: list[int], burst: int) -> torch.Tensor:
+        net, steps, rows = self.net, len(wake_counts), self.rows
+        net.sim.burst = burst
+        if x is None:
+            if self._zeros is None or self._zeros.shape[0] != steps * rows or self._zeros.shape[1:] != self._shape:
+                self._zeros = self._template.new_zeros((steps * rows, *self._shape))
+            stacked = self._zeros
         else:
-            stacked = x.unsqueeze(0).expand(wake, *x.shape).reshape(wake * batch, *x.shape[1:])
-            total = accumulate(None, self._forward_stack(stacked, False, list(range(1, wake + 1)), batch, first=True))
-            t = wake
-            if finished():
-                yield event("wake", wake)
+            self._template, self._shape = x, x.shape[1:]
+            stacked = x if steps == 1 else x.unsqueeze(0).expand(steps, *x.shape).reshape(steps * rows, *x.shape[1:])
+        out = net.forward_stack(stacked, sleeping, wake_counts, rows, first=self._first)
+        self._first = False
+        self.total = accumulate(self.total, out)
+        return net.sim.activity.cpu()
 
-        # Multistep with sleep="auto" grows its stacks 1, 2, 4, ... so that a network that settles
-        # in a couple of steps does not compute a long stack of silent ones.
-        chunk = 1 if mode == "step" or sleep == "auto" else sleep_chunk
-        zeros = None
-        while not finished():
-            check_cancel()
-            steps = min(chunk, limit - done)
-            if mode == "multistep":
-                chunk = min(2 * chunk, sleep_chunk)
-            if zeros is None or zeros.shape[0] != steps * batch:
-                zeros = x.new_zeros((steps * batch, *x.shape[1:]))
-            total = accumulate(total, self._forward_stack(zeros, True, [wake] * steps, batch))
-            silent = ~sim.activity.cpu()  # [steps, batch]
-            for s in range(steps):
-                newly = silent[s] & (settled_at == 0)
-                settled_at[newly] = done + s + 1
-            done += steps
-            t += steps
-            if stream or finished():
-                yield event("sleep", wake)
+    def readout(self, k: int):
+        return tree_map(lambda v: v / k, self.total)
+
+    def step_figures(self):
+        recorder = self.net.sim.recorder
+        if recorder is None:
+            return None, None
+        return recorder.spikes_per_step[-1], recorder.energy_pj_per_step[-1]
+
+    def finish(self, wake_steps: int, steps: torch.Tensor) -> RunStats | None:
+        recorder, self.net.sim.recorder = self.net.sim.recorder, None
+        return None if recorder is None else recorder.summary(wake_steps, steps)
+
+    def save(self):
+        # reset() gives every module new state lists, so these references stay as they are now
+        return [m._states for m in self.net.stateful], self.total, self.rows, self._template, self._shape
+
+    def load(self, saved) -> None:
+        states, self.total, self.rows, self._template, self._shape = saved
+        for m, s in zip(self.net.stateful, states):
+            m._states = s

@@ -114,11 +114,14 @@ class Synapse(CallSiteModule):
     def synaptic_ops(self, x: torch.Tensor) -> torch.Tensor:
         """Events arriving in each row times the number of targets each one reaches."""
         layer = self.layer
+        # sign().abs_() marks the events as ones: several times faster on the CPU than ne(0), whose bool result
+        # then has to be summed over the channel axis
+        events = torch.sign(x).abs_()
         if isinstance(layer, _ConvNd):
-            per_position = x.ne(0).sum(1, dtype=x.dtype)
             fanout = self._fanout(x.shape[2:], x.device, x.dtype)
-            return (per_position * fanout).flatten(1).sum(1) * (layer.out_channels // layer.groups)
-        events = x.flatten(1).ne(0).sum(1, dtype=x.dtype)
+            per_channel = events.flatten(2) @ fanout.flatten()  # [rows, channels]: events x their targets
+            return per_channel.sum(1) * (layer.out_channels // layer.groups)
+        events = events.flatten(1).sum(1)
         return events * layer.out_features if isinstance(layer, nn.Linear) else events
 
     def _record(self, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, spike_input: bool) -> None:

@@ -26,12 +26,15 @@ import torch
 from tqdm import tqdm
 
 from detector.data import open_dataset, parse_names
+from detector.detect import KEYFRAME_EVERY
 from detector.devices import default_threads, resolve_device
 from detector.models import as_records
 from detector.predict import run_folder
 from detector.weights import ENGINES, ModelEntry, load_detector, load_manifest, resolve
 
 from .metrics import coco_metrics, voc_metrics
+from .video import MODES, delta_against_fresh, plot_energy_per_frame
+from .video import format_table as format_video_table
 from .plots import METRIC_NAMES, plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency, plot_map_vs_t, schedule_text
 
 METHODS = ("ann", "qann", "casc", "if")
@@ -434,7 +437,24 @@ def evaluate(args: argparse.Namespace) -> dict:
         "processes": world, "metric": args.metric, "summary": summary,
     }
     results["written"] = _write_outputs(out, results)
+    if "casc" in methods and (args.video if args.video is not None else args.data == "bundled-video"):
+        results["video"] = _video(detectors.qann, dataset, count, args, out)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        results["written"] += ["video.json", "energy_per_frame.png"]
     return results
+
+
+def _video(detector, dataset, count: int, args: argparse.Namespace, out: Path) -> dict:
+    """CASC by delta frames against fresh runs on the frames (``eval.video``); writes video.json and the plot."""
+    options = {"conf": args.conf, "iou": args.iou, "max_det": args.max_det, "wake": args.wake, "burst": args.burst,
+               "max_sleep": args.max_sleep}
+    with tqdm(total=count, unit="frame", desc="video: fresh and delta", mininterval=0.5) as bar:
+        video = delta_against_fresh(detector, dataset, count, args.keyframe_every or None, options, bar.update)
+    (out / "video.json").write_text(json.dumps(video, indent=1))
+    plot_energy_per_frame(video, out / "energy_per_frame.png", f"{Path(str(args.model)).stem} on {dataset.name}: "
+                                                              "energy per frame, fresh runs vs delta frames")
+    return {k: v for k, v in video.items() if k not in MODES} | {
+        mode: {k: v for k, v in video[mode].items() if k != "frames"} for mode in MODES}
 
 
 def _run_batches(detectors: Detectors, dataset, starts: list[int], count: int, timesteps: list[int], cache: Path,
@@ -515,7 +535,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="QANN: a bundled name (weights/manifest.json) or a checkpoint path")
     parser.add_argument("--float-model", default=None,
                         help="the float model it was fine-tuned from, for ANN and IF (None: the manifest's)")
-    parser.add_argument("--data", default="bundled", help="bundled | coco:DIR | voc:DIR | data.yaml")
+    parser.add_argument("--data", default="bundled", help="bundled | bundled-video | coco:DIR | voc:DIR | data.yaml")
     parser.add_argument("--split", default="val", help="dataset split to evaluate")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated: ann (float network), qann (quantized network), casc (the CASC SNN), "
@@ -563,6 +583,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "under torchrun")
     parser.add_argument("--out", default=None, help="the output folder itself, used as it is (resumes a run there); "
                                                     "None: PROJECT/NAME")
+    parser.add_argument("--video", action=argparse.BooleanOptionalAction, default=None,
+                        help="the images are video frames, one sequence per folder: CASC also runs them by delta "
+                             "frames against fresh runs (video.json, energy_per_frame.png; default: on for "
+                             "bundled-video)")
+    parser.add_argument("--keyframe-every", type=int, default=KEYFRAME_EVERY,
+                        help="with --video: a whole schedule every N frames (0: only the first of each sequence)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -573,5 +599,7 @@ def main(args: argparse.Namespace) -> int:
     if results:
         print(format_table(results["summary"], results["schedule"]["timesteps"], results["model"]["family"] == "rcnn",
                            args.metric))
+        if "video" in results:
+            print(format_video_table(results["video"]))
         print(f"results in {Path(args.out).resolve()}: {', '.join(results['written'])}")
     return 0

@@ -1,6 +1,6 @@
 """Detection datasets: COCO json, VOC xml and YOLO txt readers behind one API, and the bundled benchmark.
 
-    ds = open_dataset("bundled" | "coco:DIR" | "voc:DIR" | "yolo:data.yaml" | "data.yaml", split="val")
+    ds = open_dataset("bundled" | "bundled-video" | "coco:DIR" | "voc:DIR" | "yolo:data.yaml" | "data.yaml", split="val")
     img, target = ds[i]   # RGB uint8 HxWx3; boxes float32 [N,4] xyxy px, labels int64 [N] 0-based,
                           # difficult bool [N], image_id int, file str
 """
@@ -13,10 +13,11 @@ from .coco import open_coco_dir, read_coco
 from .dataset import DatasetError, DatasetWarning, DetectionDataset, ImageRecord
 from .synthetic import CLASSES as BUNDLED_CLASSES
 from .synthetic import bundled_root, ensure_bundled, generate_bundled
+from .video import ensure_video
 from .voc import VOC_CLASSES, read_voc
 from .yolo import read_yolo
 
-SPEC_FORMS = "'bundled', 'coco:DIR', 'voc:DIR', 'yolo:PATH.yaml' or a path ending in .yaml/.yml"
+SPEC_FORMS = "'bundled', 'bundled-video' (one split: 'video', also called 'val'), 'coco:DIR', 'voc:DIR', 'yolo:PATH.yaml' or a path ending in .yaml/.yml"
 
 
 def open_dataset(spec: str, split: str = "val", classes: list[str] | None = None) -> DetectionDataset:
@@ -27,6 +28,12 @@ def open_dataset(spec: str, split: str = "val", classes: list[str] | None = None
         root = ensure_bundled()
         return read_coco(root / "images" / split, root / "annotations" / f"instances_{split}.json",
                          name=f"bundled/{split}")
+    if spec == "bundled-video":
+        if split not in ("video", "val"):  # one split, for evaluation: "val" (eval's default) names it too
+            raise DatasetError(f"the bundled video dataset has one split, 'video' (got {split!r})")
+        root = ensure_video()
+        return read_coco(root / "images" / "video", root / "annotations" / "instances_video.json",
+                         name="bundled-video")
     if sep and kind == "coco":
         return open_coco_dir(arg, split)
     if sep and kind == "voc":

@@ -8,7 +8,8 @@ the CASC / IF-baseline schedule, timing, ``predict`` / ``qann_predict`` / ``stre
 
 * ``_split_tensor(x)``: how a tensor input divides into images;
 * ``_prepare(items, color) -> Batch``: the images as the first stage takes them;
-* ``_infer(batch, schedule, cancel)``: the spiking stage(s) (``schedule=None``: the network converted from);
+* ``_infer(batch, schedule, cancel, session)``: the spiking stage(s) (``schedule=None``: the network converted
+  from; ``session``: a video's delta sessions, from ``_video_session(schedule, keyframe_every)``);
 * ``_postprocess(batch, out, keep) -> list[Results]``: decoding, with the run's figures per image;
 * ``_events(batch, schedule, keep, cancel)``: the ``DetectionEvent`` of every time step;
 * ``_anytime(batch, timesteps, schedule, keep)``: the detections after each of many step counts, one run.
@@ -27,6 +28,11 @@ import numpy as np
 import torch
 
 from .results import Boxes, DetectionEvent, Results
+from .video import frames_of
+
+# predict_video's default keyframe interval: float32 delta frames drift from the QANN only where a boundary flip in
+# a static region persists; benchmarks/video.py measures that drift over 300 frames, docs/method.md states it.
+KEYFRAME_EVERY = 64
 
 
 @dataclass(frozen=True)
@@ -125,8 +131,14 @@ class SpikingDetector(ABC):
         """Images (or a tensor slice) -> the batch the first stage takes."""
 
     @abstractmethod
-    def _infer(self, batch: Batch, schedule: Schedule | None, cancel: threading.Event | None) -> Any:
-        """The stage(s) on ``batch``: spiking with ``schedule``, the network converted from when None."""
+    def _infer(self, batch: Batch, schedule: Schedule | None, cancel: threading.Event | None,
+               session: Any = None) -> Any:
+        """The stage(s) on ``batch``: spiking with ``schedule``, the network converted from when None; a video frame
+        through ``session`` (what ``_video_session`` made) when given."""
+
+    @abstractmethod
+    def _video_session(self, schedule: Schedule, keyframe_every: int | None) -> Any:
+        """What ``_infer`` needs to run a video's frames as delta frames (``SpikingNetwork.session``s)."""
 
     @abstractmethod
     def _postprocess(self, batch: Batch, out: Any, keep: Selection) -> list[Results]:
@@ -184,23 +196,28 @@ class SpikingDetector(ABC):
             return ts, Schedule(ts[-1], 0, burst, max_sleep)
         return ts, Schedule(wake if wake is not None else self.levels, sleep, burst, max_sleep)
 
+    def _timed(self, items: Sequence, schedule: Schedule | None, keep: Selection, color: str,
+               cancel: threading.Event | None, session: Any = None) -> list[Results]:
+        """``items`` prepared, run and decoded as one batch; each ``Results`` with its ms per phase."""
+        t0 = time.perf_counter()
+        prepared = self._prepare(items, color)
+        t1 = time.perf_counter()
+        out = self._infer(prepared, schedule, cancel, session)
+        t2 = time.perf_counter()
+        found = self._postprocess(prepared, out, keep)
+        t3 = time.perf_counter()
+        per_image = 1000.0 / len(found)
+        for r in found:
+            r.speed = {"preprocess": (t1 - t0) * per_image, "inference": (t2 - t1) * per_image,
+                       "postprocess": (t3 - t2) * per_image}
+        return found
+
     def _run(self, images, schedule: Schedule | None, keep: Selection, batch: int, color: str | None,
              cancel: threading.Event | None) -> list[Results]:
         items = self._items(images)
         results: list[Results] = []
         for start in range(0, len(items), batch):
-            t0 = time.perf_counter()
-            prepared = self._prepare(items[start:start + batch], color or self.color)
-            t1 = time.perf_counter()
-            out = self._infer(prepared, schedule, cancel)
-            t2 = time.perf_counter()
-            found = self._postprocess(prepared, out, keep)
-            t3 = time.perf_counter()
-            per_image = 1000.0 / len(found)
-            for r in found:
-                r.speed = {"preprocess": (t1 - t0) * per_image, "inference": (t2 - t1) * per_image,
-                           "postprocess": (t3 - t2) * per_image}
-            results.extend(found)
+            results.extend(self._timed(items[start:start + batch], schedule, keep, color or self.color, cancel))
         return results
 
     @torch.no_grad()
@@ -215,6 +232,35 @@ class SpikingDetector(ABC):
         ``mode="multistep"`` runs each layer over all steps at once. ``cancel``: checked between steps."""
         return self._run(images, self.schedule(wake, sleep, burst, max_sleep, mode),
                          _selection(conf, iou, max_det, classes), batch, color, cancel)
+
+    def video(self, delta: bool = True, keyframe_every: int | None = KEYFRAME_EVERY, conf: float = 0.25,
+              iou: float = 0.7, max_det: int = 300, classes: Sequence[int] | None = None, wake: int | None = None,
+              burst: int | None = None, max_sleep: int = 256, mode: str = "step",
+              color: str | None = None) -> "VideoPredictor":
+        """A predictor for the frames of one video, called once per frame: ``vp(frame) -> Results``.
+
+        ``delta``: keep the network's state from frame to frame and feed only each frame's change (exact: every
+        frame's detections are the QANN's; a changed frame takes a couple of steps); every ``keyframe_every``-th
+        frame runs the whole schedule, which redraws any float32 boundary flip a static region kept (None: only the
+        first). ``delta=False``: each frame is a fresh run, as ``predict``. Each ``Results`` has its own ``steps``,
+        ``spikes``, ``energy_uj`` and ``keyframe``. The other options are ``predict``'s (sleep is "auto")."""
+        if delta and self.neuron == "if":
+            raise ValueError("delta frames need a network that settles (CASC); the IF baseline (neuron='if') has no "
+                             "fixed point: pass delta=False")
+        schedule = self.schedule(wake, "auto", burst, max_sleep, mode)
+        session = self._video_session(schedule, keyframe_every) if delta else None
+        return VideoPredictor(self, schedule, _selection(conf, iou, max_det, classes), session, color or self.color)
+
+    @torch.no_grad()
+    def predict_video(self, source, delta: bool = True, keyframe_every: int | None = KEYFRAME_EVERY,
+                      cancel: threading.Event | None = None, color: str | None = None, **options) -> Iterator[Results]:
+        """Spiking detection on the frames of a video: one ``Results`` per frame, as they come. ``source``: a video
+        file, or a list or iterator of frames (what ``predict`` takes, one image each). ``delta``, ``keyframe_every``
+        and ``options`` (conf, iou, max_det, classes, wake, burst, max_sleep, mode): see ``video``."""
+        frames, frame_color = frames_of(source)
+        predictor = self.video(delta, keyframe_every, color=color or frame_color, **options)
+        for frame in frames:
+            yield predictor(frame, cancel=cancel)
 
     @torch.no_grad()
     def qann_predict(self, images, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
@@ -248,6 +294,19 @@ class SpikingDetector(ABC):
         ts, schedule = self.anytime_schedule(timesteps, wake, sleep, burst, max_sleep)
         batch = self._prepare(self._items(images), color or self.color)
         return self._anytime(batch, ts, schedule, _selection(conf, iou, max_det, classes))
+
+
+class VideoPredictor:
+    """The frames of one video through a detector (``SpikingDetector.video``): ``vp(frame)`` per frame. With delta
+    frames it holds the network's state between calls; a cancelled or failed frame makes the next a keyframe."""
+
+    def __init__(self, detector: SpikingDetector, schedule: Schedule, keep: Selection, session: Any, color: str):
+        self.detector, self.schedule, self.keep, self.session, self.color = detector, schedule, keep, session, color
+
+    @torch.no_grad()
+    def __call__(self, frame, cancel: threading.Event | None = None, color: str | None = None) -> Results:
+        """This frame's ``Results`` (``keyframe``: whether it ran the whole schedule)."""
+        return self.detector._timed([frame], self.schedule, self.keep, color or self.color, cancel, self.session)[0]
 
 
 def _selection(conf: float, iou: float, max_det: int, classes: Sequence[int] | None) -> Selection:

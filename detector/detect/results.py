@@ -79,6 +79,7 @@ class Results:
     spikes: float | None = None  # spike events, all stages
     energy_uj: float | None = None  # estimate (SOPs at 0.9 pJ, MACs at 4.6 pJ), microjoules
     proposals: int | None = None  # RoIs that reached stage 2 (two-stage detectors)
+    keyframe: bool | None = None  # True: a whole schedule ran; False: a video's delta frame fed only its change
     speed: dict[str, float] = field(default_factory=dict)  # ms per image: preprocess, inference, postprocess
 
     @property
@@ -144,7 +145,7 @@ class Results:
         return {"path": self.path, "orig_shape": list(self.orig_shape), "detections": detections,
                 "steps": self.steps, "stage_steps": self.stage_steps, "wake": self.wake, "settled": self.settled,
                 "spikes": self.spikes, "energy_uj": self.energy_uj, "proposals": self.proposals,
-                "speed": dict(self.speed)}
+                "keyframe": self.keyframe, "speed": dict(self.speed)}
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)

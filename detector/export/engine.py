@@ -1,11 +1,11 @@
-"""ONNX Runtime engine: the wake-sleep schedule of an exported network, stepped with its three graphs.
+"""ONNX Runtime engine: an exported network stepped with its three graphs, a step engine of ``detector.schedule``.
 
-The schedule is the runtime's (``SpikingNetwork.run`` in step mode): ``W`` wake steps (the first from
-fresh states), then sleep steps until one in which no neuron fires (``sleep="auto"``, each sample
-settles on its own) or a fixed count, readouts summed over every step and divided by ``W``. States
-and readout totals live in two sets of ONNX Runtime buffers on the execution provider's device,
-bound with IO binding and swapped every step, so nothing but the input image, the scalars ``k`` /
-``burst`` and the per-sample ``active`` flags crosses to the host until the run ends.
+The schedule (wake, sleep until quiet, delta frames, cancel, events) is ``schedule.run_schedule``, the same as
+the PyTorch runtime's in step mode; this engine only runs one step: ``first`` (k = 1, fresh states), ``wake``
+(k = 2..W) or ``sleep`` (biases off; fed zeros, or a delta frame's change). States and readout totals live in
+two sets of ONNX Runtime buffers on the execution provider's device, bound with IO binding and swapped every
+step, so nothing but the input, the scalars ``k`` / ``burst`` and the per-sample ``active`` flags crosses to
+the host until the run ends.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 from torch.utils import _pytree as pytree
 
-from ..runtime import RunCancelled, RunResult, StepEvent
+from ..schedule import DeltaSession, RunResult, StepEvent, check_schedule, last_result, run_schedule
 
 # provider name -> ONNX Runtime execution providers, in order of preference
 PROVIDERS = {
@@ -71,6 +71,7 @@ class OrtSpikingNetwork:
         self.sessions = {variant: self._session(folder / graph["file"], options, providers, dtype)
                          for variant, graph in info["graphs"].items()}
         self.device = "cpu" if provider == "cpu" else "cuda"
+        self.runs, self.rows, self._parity = 0, 0, 0
         self._allocate()
 
     @staticmethod
@@ -94,15 +95,18 @@ class OrtSpikingNetwork:
         self._increments = [self._buffer(s) for s in self.info["readout_shapes"]]
         self._x = self._buffer(self.input_shape)
         self._zeros = self._buffer(self.input_shape)
+        self._delta = self._buffer(self.input_shape)
         self._active = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.batch, np.bool_), "cpu", 0)
-        self._bindings = {"first": self._bind("first", None, 0)}
-        for variant in ("wake", "sleep"):
-            for parity in (0, 1):
-                self._bindings[variant, parity] = self._bind(variant, parity, 1 - parity)
+        self._bindings = {"first": self._bind("first", self._x, None, 0)}
+        for parity in (0, 1):
+            self._bindings["wake", parity] = self._bind("wake", self._x, parity, 1 - parity)
+            self._bindings["sleep", parity] = self._bind("sleep", self._zeros, parity, 1 - parity)
+            # a delta frame's step: the sleep graph fed the frame's change
+            self._bindings["delta", parity] = self._bind("sleep", self._delta, parity, 1 - parity)
 
-    def _bind(self, variant: str, read: int | None, write: int) -> ort.IOBinding:
+    def _bind(self, variant: str, x: ort.OrtValue, read: int | None, write: int) -> ort.IOBinding:
         binding = self.sessions[variant].io_binding()
-        binding.bind_ortvalue_input("x", self._zeros if variant == "sleep" else self._x)
+        binding.bind_ortvalue_input("x", x)
         names = self.info["graphs"][variant]
         n_totals = len(self.info["readout_shapes"])
         if read is not None:
@@ -122,11 +126,63 @@ class OrtSpikingNetwork:
             binding.bind_cpu_input("k", np.array(k, self.np_dtype))
         if burst is not None:
             binding.bind_cpu_input("burst", np.array(burst, self.np_dtype))
-        session = self.sessions[key if isinstance(key, str) else key[0]]
+        session = self.sessions[key if isinstance(key, str) else "sleep" if key[0] == "delta" else key[0]]
         session.run_with_iobinding(binding)
         return self._active.numpy()
 
-    # --- the schedule -------------------------------------------------------------------
+    # --- the step engine (schedule.StepEngine) -------------------------------------------
+
+    max_stack = 1
+
+    def start(self, x: torch.Tensor, record: bool) -> None:
+        self._fits(x, "one run of the schedule")  # run() slices larger batches
+        self.runs += 1
+        self.rows, self._parity = self._load(self._x, x), 0
+
+    def resume(self, record: bool) -> None:
+        self.runs += 1
+
+    def step(self, x: torch.Tensor | None, sleeping: bool, wake_counts: list[int], burst: int) -> torch.Tensor:
+        (k,) = wake_counts
+        if not sleeping:  # the input was loaded by start()
+            if k == 1:
+                self._step("first")
+                self._parity = 0
+                return torch.ones(1, self.rows, dtype=torch.bool)
+            key = ("wake", self._parity)
+        elif x is None:
+            key = ("sleep", self._parity)
+        else:
+            self._load(self._delta, x)
+            key = ("delta", self._parity)
+        active = self._step(key, k=k, burst=burst if sleeping else None)
+        self._parity = 1 - self._parity
+        return torch.from_numpy(active[:self.rows].copy()).unsqueeze(0)
+
+    def readout(self, k: int):
+        totals = [torch.from_numpy(v.numpy()[:self.rows]) / k for v in self._states[self._parity][self._n_states:]]
+        return pytree.tree_unflatten(totals, self._readout_spec)
+
+    def step_figures(self):
+        return None, None
+
+    def finish(self, wake_steps: int, steps: torch.Tensor) -> None:
+        return None
+
+    def save(self) -> None:
+        return None  # states stay on the device: a session interrupted by another run keyframes
+
+    def load(self, saved) -> None:
+        raise NotImplementedError("the ONNX Runtime engine keeps no saved states")
+
+    def _load(self, buffer: ort.OrtValue, x: torch.Tensor) -> int:
+        rows = x.shape[0]
+        values = np.zeros(self.input_shape, self.np_dtype)
+        values[:rows] = x.detach().cpu().numpy()
+        buffer.update_inplace(values)
+        return rows
+
+    # --- the schedule's entry points, as the PyTorch runtime's -----------------------------
 
     def run(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
             burst: int | None = None, max_sleep: int = 256, cancel: threading.Event | None = None) -> RunResult:
@@ -135,12 +191,9 @@ class OrtSpikingNetwork:
         if mode != "step":
             raise ValueError(f"the ONNX Runtime engine runs one graph per time step (mode='step'), got mode={mode!r}")
         wake, burst = self._check(x, wake, sleep, burst, max_sleep)
-        runs = []
-        for i in range(0, x.shape[0], self.batch):
-            for event in self._steps(x[i:i + self.batch], wake, sleep, burst, max_sleep, cancel, every_step=False):
-                pass
-            runs.append(event.result)
-        return _joined(runs)
+        return _joined([last_result(run_schedule(self, x[i:i + self.batch], wake, sleep, burst, max_sleep,
+                                                 record=False, cancel=cancel))
+                        for i in range(0, x.shape[0], self.batch)])
 
     def stream(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
                max_sleep: int = 256, record: bool = True, cancel: threading.Event | None = None):
@@ -148,79 +201,33 @@ class OrtSpikingNetwork:
         carrying the ``RunResult``. ``spikes`` / ``energy_pj`` / ``stats`` are None whatever ``record`` says (the
         graphs count none), and the batch must fit the exported one (the readouts are read back every step)."""
         wake, burst = self._check(x, wake, sleep, burst, max_sleep)
-        if x.shape[0] > self.batch:
-            raise ValueError(f"stream takes at most the exported batch ({self.batch} rows), got {x.shape[0]}")
-        yield from self._steps(x, wake, sleep, burst, max_sleep, cancel, every_step=True)
+        self._fits(x, "stream")
+        yield from run_schedule(self, x, wake, sleep, burst, max_sleep, record=False, cancel=cancel, every_step=True)
+
+    def session(self, wake: int | None = None, burst: int | None = None, max_sleep: int = 256, mode: str = "step",
+                record: bool = True, keyframe_every: int | None = None) -> DeltaSession:
+        """``SpikingNetwork.session`` on this engine: frames of at most the exported batch; no statistics."""
+        if mode != "step":
+            raise ValueError(f"the ONNX Runtime engine runs one graph per time step (mode='step'), got mode={mode!r}")
+        wake, burst = check_schedule(wake, "auto", burst, max_sleep, self.levels)
+        return DeltaSession(self, wake, burst, max_sleep=max_sleep, record=False, keyframe_every=keyframe_every)
 
     def _check(self, x, wake, sleep, burst, max_sleep) -> tuple[int, int]:
-        wake = self.levels if wake is None else wake
-        burst = wake if burst is None else burst
-        for name, value in (("wake", wake), ("burst", burst), ("max_sleep", max_sleep)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if sleep != "auto" and (isinstance(sleep, bool) or not isinstance(sleep, int) or sleep < 0):
-            raise ValueError(f'sleep must be an integer >= 0 or "auto", got {sleep!r}')
+        wake, burst = check_schedule(wake, sleep, burst, max_sleep, self.levels)
+        self.check_input(x)
+        return wake, burst
+
+    def check_input(self, x) -> None:
+        """Refuse an input whose sample shape the exported graphs do not take."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if tuple(x.shape[1:]) != self.input_shape[1:] or not x.shape[0]:
             raise ValueError(f"input shape {tuple(x.shape)} does not fit the exported graphs' "
                              f"{self.input_shape} (any number of rows); export for this size")
-        return wake, burst
 
-    def _readout(self, parity: int, rows: int, k: int):
-        totals = [torch.from_numpy(v.numpy()[:rows]) / k for v in self._states[parity][self._n_states:]]
-        return pytree.tree_unflatten(totals, self._readout_spec)
-
-    def _steps(self, x: torch.Tensor, wake: int, sleep: int | str, burst: int, max_sleep: int,
-               cancel: threading.Event | None, every_step: bool):
-        """The schedule on one slice; ``StepEvent``s after every step (``every_step``) or only the last."""
-        rows = self._load_input(x)
-        settled_at = torch.zeros(rows, dtype=torch.long)
-        limit = max_sleep if sleep == "auto" else sleep
-        done = parity = 0
-
-        def finished() -> bool:
-            return done >= limit or (sleep == "auto" and bool((settled_at > 0).all()))
-
-        def event(t: int, phase: str, k: int) -> StepEvent:
-            ev = StepEvent(t=t, phase=phase, wake=k, readout=self._readout(parity, rows, k), spikes=None,
-                           energy_pj=None, settled=settled_at > 0)
-            if k == wake and finished():
-                used = torch.full_like(settled_at, done)
-                if sleep == "auto":
-                    used = torch.where(settled_at > 0, settled_at, used)
-                ev.result = RunResult(readout=ev.readout, wake=wake, steps=used + wake, settled=settled_at > 0,
-                                      stats=None)
-            return ev
-
-        def check_cancel(t: int) -> None:
-            if cancel is not None and cancel.is_set():
-                raise RunCancelled(f"run cancelled after {t} time steps")
-
-        for k in range(1, wake + 1):
-            check_cancel(k - 1)
-            if k == 1:
-                self._step("first")
-            else:
-                self._step(("wake", parity), k=k)
-                parity = 1 - parity
-            if every_step or (k == wake and finished()):
-                yield event(k, "wake", k)
-        while not finished():
-            check_cancel(wake + done)
-            active = torch.from_numpy(self._step(("sleep", parity), k=wake, burst=burst)[:rows].copy())
-            parity = 1 - parity
-            done += 1
-            settled_at[~active & (settled_at == 0)] = done
-            if every_step or finished():
-                yield event(wake + done, "sleep", wake)
-
-    def _load_input(self, x: torch.Tensor) -> int:
-        rows = x.shape[0]
-        values = np.zeros(self.input_shape, self.np_dtype)
-        values[:rows] = x.detach().cpu().numpy()
-        self._x.update_inplace(values)
-        return rows
+    def _fits(self, x: torch.Tensor, what: str) -> None:
+        if x.shape[0] > self.batch:
+            raise ValueError(f"{what} takes at most the exported batch ({self.batch} rows), got {x.shape[0]}")
 
 
 def _joined(runs: list[RunResult]) -> RunResult:

@@ -39,7 +39,7 @@ class TwoStageSteps:
             figures.append({
                 "steps": t1 + t2, "stage_steps": {"stage1": t1, "stage2": t2},
                 "settled": bool(run1.settled[i]) and (run2 is None or b == a or bool(run2.settled[a:b].all())),
-                "spikes": spikes, "energy_uj": energy, "proposals": b - a})
+                "spikes": spikes, "energy_uj": energy, "proposals": b - a, "keyframe": run1.keyframe})
         return figures
 
     @staticmethod

@@ -312,15 +312,20 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         n = self.qann.roi_heads.box_predictor.cls_score.out_features
         return like.new_zeros((0, n)), like.new_zeros((0, 4 * n))
 
-    def _stages(self, image_list, schedule: Schedule | None, cancel: threading.Event | None = None) -> dict:
+    def _stages(self, image_list, schedule: Schedule | None, cancel: threading.Event | None = None,
+                session: dict | None = None) -> dict:
         """Both stages and the glue between them (proposals, RoIAlign): spiking with ``schedule``, else the
         network converted from. ``runs``: the stages' ``RunResult``s (none for the QANN; stage 2 runs only
-        when some image has a proposal)."""
+        when some image has a proposal). ``session``: a video's delta sessions (``_video_session``)."""
         runs = []
         if schedule is None:
             features, objectness, deltas = self.qann_stage1(image_list.tensors)
         else:
-            runs.append(self.stage1.run(image_list.tensors, mode=schedule.mode, cancel=cancel, **schedule.run_kwargs()))
+            if session is not None:
+                runs.append(session["stage1"].run(image_list.tensors, cancel=cancel))
+            else:
+                runs.append(self.stage1.run(image_list.tensors, mode=schedule.mode, cancel=cancel,
+                                            **schedule.run_kwargs()))
             features, objectness, deltas = runs[0].readout
         features = OrderedDict(features)
         proposals = self.proposals(image_list, features, objectness, deltas)
@@ -329,15 +334,27 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
             logits, regression = self._empty_stage2(rois)
         elif schedule is None:
             logits, regression = self.qann_stage2(rois)
+        elif session is not None and session["stage2"] is not None:
+            runs.append(session["stage2"].run(rois, cancel=cancel))
+            logits, regression = runs[1].readout
         else:
             runs.append(self.stage2.run(rois, mode=schedule.mode, cancel=cancel, **schedule.run_kwargs()))
             logits, regression = runs[1].readout
         return {"features": features, "objectness": objectness, "deltas": deltas, "proposals": proposals,
                 "class_logits": logits, "box_regression": regression, "runs": runs}
 
-    def _infer(self, batch: Batch, schedule: Schedule | None, cancel) -> dict:
+    def _infer(self, batch: Batch, schedule: Schedule | None, cancel, session=None) -> dict:
         with _eval_mode(self.qann):
-            return {**self._stages(batch.x, schedule, cancel), "wake": schedule.wake if schedule else None}
+            return {**self._stages(batch.x, schedule, cancel, session), "wake": schedule.wake if schedule else None}
+
+    def _video_session(self, schedule: Schedule, keyframe_every: int | None, stage2_delta: bool = False) -> dict:
+        """Stage 1 (backbone, FPN, RPN head) by delta frames; stage 2 runs fresh on each frame's RoIs, or by delta
+        when ``stage2_delta`` (exact either way: its input is each frame's RoI features, whatever they hold; a
+        change in the number of RoIs makes that frame a keyframe). ``benchmarks/video.py`` measures both."""
+        options = dict(wake=schedule.wake, burst=schedule.burst, max_sleep=schedule.max_sleep, mode=schedule.mode,
+                       keyframe_every=keyframe_every)
+        return {"stage1": self.stage1.session(**options),
+                "stage2": self.stage2.session(**options) if stage2_delta else None}
 
     def _results(self, batch: Batch, out: dict, keep: Selection) -> list[Results]:
         """Decoded detections as ``Results``: score above ``conf``, an extra class-wise NMS at ``iou`` (on top

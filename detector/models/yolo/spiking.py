@@ -265,17 +265,23 @@ class SpikingYOLO(SpikingDetector):
         """The QANN's raw per-level maps for a preprocessed batch ``x`` (what the SNN reproduces)."""
         return self.readout_net(x)
 
-    def _infer(self, batch: Batch, schedule: Schedule | None, cancel) -> RunResult | list[torch.Tensor]:
+    def _infer(self, batch: Batch, schedule: Schedule | None, cancel, session=None) -> RunResult | list[torch.Tensor]:
         if schedule is None:
             return self.readout_net(batch.x)
+        if session is not None:
+            return session.run(batch.x, cancel=cancel)
         return self.snn.run(batch.x, mode=schedule.mode, cancel=cancel, **schedule.run_kwargs())
+
+    def _video_session(self, schedule: Schedule, keyframe_every: int | None):
+        return self.snn.session(wake=schedule.wake, burst=schedule.burst, max_sleep=schedule.max_sleep,
+                                mode=schedule.mode, keyframe_every=keyframe_every)
 
     def _postprocess(self, batch: Batch, out: RunResult | list[torch.Tensor], keep: Selection) -> list[Results]:
         if not isinstance(out, RunResult):
             return self._decoded(batch, out, keep)
         results = self._decoded(batch, out.readout, keep)
         for i, r in enumerate(results):
-            r.steps, r.wake, r.settled = int(out.steps[i]), out.wake, bool(out.settled[i])
+            r.steps, r.wake, r.settled, r.keyframe = int(out.steps[i]), out.wake, bool(out.settled[i]), out.keyframe
             if out.stats is not None:  # None: an engine that counts no spikes (ONNX Runtime)
                 r.spikes, r.energy_uj = float(out.stats.spikes[i]), float(out.stats.energy_pj[i]) * 1e-6
         return results
