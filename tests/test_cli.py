@@ -96,6 +96,21 @@ def test_train_with_a_missing_data_yaml_says_so(tmp_path, monkeypatch, capsys):
         assert main(["train", "yolo", "--data", data, "--epochs", "1"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"not found: {data}; give the path of an Ultralytics data.yaml" in err
+    assert not (tmp_path / "runs").exists()  # no run folder for a run that never started
+
+
+def test_training_runs_are_numbered_like_ultralytics(tmp_path):
+    from detector.train.recipe import output_folder
+
+    for family in ("yolo", "rcnn"):
+        train = build_parser(["train", family])._subparsers._group_actions[0].choices["train"]
+        family_parser = train._subparsers._group_actions[0].choices[family]
+        args = family_parser.parse_args(["--data", "d.yaml", "--project", str(tmp_path / family)])
+        assert [output_folder(args).name for _ in range(2)] == [args.name, f"{args.name}2"]
+        args.exist_ok = True
+        assert output_folder(args).name == args.name
+        args.out = str(tmp_path / "exact")
+        assert output_folder(args) == tmp_path / "exact"
 
 
 def test_no_ultralytics_settings_banner_on_first_use(tmp_path):

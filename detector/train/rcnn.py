@@ -25,7 +25,7 @@ from ..models.rcnn import (ARCHS, _unwrap_state_dict, add_spiking_fpn, build_fas
                            has_spiking_fpn, load_checkpoint, model_from_state_dict, save_checkpoint,
                            to_qann_fasterrcnn)
 from ..quant import ClipQuan, qann_levels
-from .recipe import add_qat_arguments
+from .recipe import add_output_arguments, add_qat_arguments, output_folder
 
 
 def _open_dataset(spec: str, split: str):
@@ -96,7 +96,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quantize the FPN's signed signals where they enter its output convs, the RPN head "
                              "and the box head (signed quantizers, calibrated on --calibrate-images images), so "
                              "those layers receive spikes")
-    parser.add_argument("--out", default="runs/rcnn")
+    add_output_arguments(parser, "runs", "rcnn")
     parser.add_argument("--resume", default=None, help="continue from this checkpoint (model, optimizer, scheduler, epoch)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=2)
@@ -130,7 +130,7 @@ def train_from_args(args: argparse.Namespace) -> Path:
     classes = list(ds.classes)
     num_classes = len(classes) + 1
     levels = None if args.float else args.levels
-    out = Path(args.out)
+    out = output_folder(args)
     out.mkdir(parents=True, exist_ok=True)
     arch = args.arch
     build = dict(min_size=args.min_size, max_size=args.max_size, trainable_layers=args.trainable_layers)
