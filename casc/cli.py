@@ -134,8 +134,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def _subparser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser | None:
-    """The parser of the (sub-)command ``argv`` names, if it names one."""
+def _subparser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the (sub-)command ``argv`` names (``parser`` itself when it names none)."""
     for token in argv[:2]:
         choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
         if not choices or token not in choices:
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
             prepare_ultralytics()
         parser = build_parser(argv)
-        args = parser.parse_args(expand_key_values(_subparser(parser, argv) or parser, argv))
+        args = parser.parse_args(expand_key_values(_subparser(parser, argv), argv))
         return args.func(args)
     except ModuleNotFoundError as error:
         print(f"casc {command}: error: {install_hint(error)}", file=sys.stderr)

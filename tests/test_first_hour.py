@@ -121,3 +121,34 @@ def test_a_qann_at_zero_reaches_nothing_and_plots_stay_above_zero(tmp_path):
                                     "energy_uj_at": {"1": 1.0, "2": 2.0}, "latency_ms_at": {"1": 1.0, "2": 2.0},
                                     "ann_energy_uj": 10.0, "latency_ms": 2.0}}}
     assert plot_map_vs_t([results], tmp_path / "t.png").axes[0].get_ylim()[0] == pytest.approx(0.0)
+
+
+_WITHOUT_ULTRALYTICS = """
+import importlib.abc, importlib.util, sys
+class Absent(importlib.abc.MetaPathFinder):  # as if pip had not installed it
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "ultralytics":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Absent())
+found = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name.split(".")[0] == "ultralytics" else found(name, *a)
+from casc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_ultralytics_faster_rcnn_runs_and_yolo_says_what_to_install(tmp_path):
+    import subprocess
+    import sys
+
+    image = str(open_dataset("bundled", "val").image_path(0))
+    run = lambda model: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", _WITHOUT_ULTRALYTICS, "predict", "--model", model, image, "--no-save", "--threads", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                                                       "HOME": str(Path.home())})
+    yolo = run("yolov8n-bundled")
+    assert yolo.returncode == 2 and yolo.stderr.strip().splitlines() == [
+        "casc predict: error: needs Ultralytics, without its GUI OpenCV: pip install --no-deps 'ultralytics==8.4.190' "
+        "(missing module ultralytics)"]
+    rcnn = run("rcnn-r18-bundled")
+    assert rcnn.returncode == 0 and "image 1/1" in rcnn.stdout, rcnn.stderr
