@@ -152,3 +152,19 @@ def test_without_ultralytics_faster_rcnn_runs_and_yolo_says_what_to_install(tmp_
         "(missing module ultralytics)"]
     rcnn = run("rcnn-r18-bundled")
     assert rcnn.returncode == 0 and "image 1/1" in rcnn.stdout, rcnn.stderr
+
+
+def test_own_voc_classes_train_and_quantize_with_names(tmp_path, capsys):
+    voc = write_voc(tmp_path / "shapes", 2)
+    (voc / "ImageSets" / "Main" / "train.txt").write_text((voc / "ImageSets" / "Main" / "val.txt").read_text())
+    names = ",".join(open_dataset("bundled", "val").classes)
+    assert casc(["train", "rcnn", "--arch", "resnet18_fpn", "--data", f"voc:{voc}", "--names", names, "--float",
+                 "--epochs", "1", "--batch", "2", "--min-size", "64", "--max-size", "64", "--representation-size", "32",
+                 "--workers", "0", "--warmup-iters", "1", "--out", str(tmp_path / "float")]) == 0
+    float_model = Path(capsys.readouterr().out.strip().splitlines()[-1].split("checkpoint: ")[-1])
+    assert casc(["quantize", "--model", str(float_model), "--data", f"voc:{voc}", "--names", names, "--images", "2",
+                 "--batch", "2", "--out", str(tmp_path / "q.pt")]) == 0
+    assert list(load_detector(tmp_path / "q.pt").names.values()) == names.split(",")
+    assert casc(["train", "rcnn", "--arch", "resnet18_fpn", "--data", f"voc:{voc}", "--epochs", "1",
+                 "--out", str(tmp_path / "x")]) == 2  # without --names: the 20 VOC classes, and a hint
+    assert "unknown class name" in capsys.readouterr().err

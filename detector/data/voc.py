@@ -62,7 +62,7 @@ def _read_annotation(root: Path, image_id: str, index: int, label_of: dict[str, 
         cls = (obj.findtext("name") or "").strip()
         if cls not in label_of:
             raise DatasetError(f"{src}: unknown class name {cls!r} (known: {', '.join(label_of)}); give the dataset's "
-                               "class names in the model's order (casc eval --names a,b,...; read_voc(classes=...))")
+                               "class names in the model's order (--names a,b,...; in Python read_voc(classes=...))")
         try:
             x1, y1, x2, y2 = (float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax"))
             is_difficult = int(float(obj.findtext("difficult") or 0)) == 1

@@ -63,7 +63,7 @@ def _class_names(names, yaml_path: Path) -> list[str]:
         if keys == list(range(len(names))):
             return [str(names[k] if k in names else names[str(k)]) for k in keys]
         raise DatasetError(f"{yaml_path}: names dict must have the keys 0..{len(names) - 1}")
-    raise DatasetError(f"{yaml_path}: 'names' must be a non-empty list or dict (or give the class names: casc eval "
+    raise DatasetError(f"{yaml_path}: 'names' must be a non-empty list or dict (or give the class names: "
                        "--names a,b,...)")
 
 

@@ -21,9 +21,10 @@ from ..quant import ROUNDING
 from ..weights import resolve, verify_sha256
 
 
-def calibration_images(data: str, count: int, split: str = "train") -> list:
-    """The first ``count`` images (RGB uint8) of ``data``'s ``split``."""
-    dataset = open_dataset(data, split)
+def calibration_images(data: str, count: int, split: str = "train", classes: list[str] | None = None) -> list:
+    """The first ``count`` images (RGB uint8) of ``data``'s ``split`` (``classes``: how a VOC dataset's objects are
+    named; see ``open_dataset``)."""
+    dataset = open_dataset(data, split, classes=classes)
     if len(dataset) == 0:
         raise ValueError(f"{data} ({split}) has no images to calibrate on")
     return [dataset.load_image(i) for i in range(min(count, len(dataset)))]
@@ -47,7 +48,7 @@ def quantize_checkpoint(model: str, data: str, out: str | Path, levels: int = 4,
                                           ("--max-size", max_size)) if value]
     if entry.family != "rcnn" and given:
         raise ValueError(f"{' and '.join(given)} applies to Faster R-CNN; {model} is a {entry.family} model")
-    rgb = calibration_images(data, images, split)
+    rgb = calibration_images(data, images, split, names)
     log(f"quantize: {len(rgb)} calibration images from {data} ({split}); calibrating {levels} levels ...")
     options = dict(theta=theta, percentile=percentile, rounding=rounding, first_levels=first_levels)
     if entry.family == "yolo":

@@ -28,7 +28,7 @@ from ..quant import ClipQuan, qann_levels
 from .recipe import add_output_arguments, add_qat_arguments, output_folder
 
 
-def _open_dataset(spec: str, split: str):
+def _open_dataset(spec: str, split: str, classes: list[str] | None = None):
     path = Path(spec)
     if ":" not in spec.split("/")[0] and path.is_dir():  # a bare directory: detect the layout
         if (path / "annotations").is_dir():
@@ -37,7 +37,7 @@ def _open_dataset(spec: str, split: str):
             spec = f"voc:{spec}"
     from ..data import open_dataset  # the project's readers
 
-    return open_dataset(spec, split=split)
+    return open_dataset(spec, split=split, classes=classes)
 
 
 class _TorchvisionTargets(torch.utils.data.Dataset):
@@ -72,7 +72,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "weights, a reference checkpoint, or one of ours); default: random init")
     parser.add_argument("--sha256", default=None, help="expected sha256 of --weights")
     parser.add_argument("--data", required=True, help="coco:DIR | voc:DIR | COCO or VOC directory | data.yaml | bundled")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train", help="the split to train on")
+    parser.add_argument("--names", default=None,
+                        help="a VOC dataset's (or a names-less data.yaml's) class names, comma-separated or a file "
+                             "with one per line (None: the 20 VOC classes)")
     parser.add_argument("--levels", type=int, default=4, help="quantization levels L of the QANN")
     parser.add_argument("--float", action="store_true", help="train the float model (no quantization)")
     parser.add_argument("--epochs", type=int, default=12)
@@ -121,10 +124,12 @@ def train_from_args(args: argparse.Namespace) -> Path:
     """Fine-tune a Faster R-CNN QANN (or the float model with ``--float``); returns the checkpoint path."""
     from tqdm import tqdm
 
+    from ..data import parse_names
+
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    ds = _open_dataset(args.data, args.split)
+    ds = _open_dataset(args.data, args.split, parse_names(args.names))
     if len(ds) == 0:
         raise ValueError(f"dataset {args.data} ({args.split}) is empty")
     classes = list(ds.classes)

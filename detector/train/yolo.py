@@ -194,7 +194,7 @@ def train_qat(args: argparse.Namespace) -> Path:
     if not meta["quantized"]:
         teacher = model
         warn_if_silu(meta["act"])
-        rgb = calibration_images(args.data, args.calibrate_images)
+        rgb = calibration_images(args.data, args.calibrate_images, classes=_class_list(meta["names"]))
         model = quantize(model, args.levels, calibration_inputs(rgb, imgsz), theta=args.theta_init,
                          first_levels=args.first_levels)
     if args.distill:
@@ -202,7 +202,7 @@ def train_qat(args: argparse.Namespace) -> Path:
             teacher, _ = load_checkpoint(resolve(args.float_model).path)
         if teacher is None:
             raise ValueError("--distill needs the float model: --float-model NAME|PATH (or a float --model)")
-    dataset = open_dataset(args.data, "train")
+    dataset = open_dataset(args.data, "train", classes=_class_list(meta["names"]))  # VOC: read with the model's names
     out = output_folder(args)
     save = lambda m, path: save_qann(m, path, names=meta["names"], imgsz=imgsz, act=meta["act"])  # noqa: E731
     summary = finetune(model, dataset, imgsz, out, save, iterations=args.iterations, batch=args.batch, lr=args.lr,
@@ -212,6 +212,11 @@ def train_qat(args: argparse.Namespace) -> Path:
     summary.pop("model")
     (out / "summary.json").write_text(json.dumps({**summary, "command": vars(args)}, indent=1, default=str))
     return Path(summary["checkpoint"])
+
+
+def _class_list(names) -> list[str]:
+    """A checkpoint's names (a dict by id or a list) as the list ``open_dataset(classes=)`` takes."""
+    return [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
 
 
 def train_from_args(args: argparse.Namespace) -> Path:
