@@ -317,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
                     outputs.image(result, stem, saved_suffix(source))
                     speeds.append(result.speed)
                     print(f"image {i}/{len(sources)} {source}: {summary(result)}", flush=True)
-            except (ImageError, UnreadableSource, FileNotFoundError) as error:  # an unreadable source: named, skipped, the rest still run
+            except (ImageError, UnreadableSource, FileNotFoundError) as error:  # named and skipped; the rest run
                 if len(sources) == 1:
                     raise ValueError(f"{source}: {error}") from None
                 failed.append(source)

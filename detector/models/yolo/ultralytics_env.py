@@ -12,8 +12,8 @@ set themselves:
   ``sync=False``;
 * ``Arial.ttf`` / ``Arial.Unicode.ttf`` in ``$YOLO_CONFIG_DIR/Ultralytics/``: a copy of matplotlib's DejaVuSans,
   added only when missing, so Ultralytics' plotting never downloads a font;
-* then imports ``ultralytics`` (without its first-use settings banner) and turns its online checks and auto-install off (also when a user
-  imported Ultralytics before us).
+* then imports ``ultralytics`` (without its first-use settings banner) and turns its online checks and
+  auto-install off (also when a user imported Ultralytics before us).
 """
 
 from __future__ import annotations
