@@ -95,13 +95,14 @@ class Detectors:
         self.family, self.args, self.methods = qann.family, args, methods
         self.float_entry, self.device, self.dtype = float_entry, device, dtype
         self.needs_float = {"ann", "if"} & set(methods)
+        engine = {"engine": args.engine, "provider": args.provider, "batch": args.batch, "threads": args.threads} \
+            if args.engine != "pytorch" else {}
+        # first: a float checkpoint given as --model is refused with what to do, before asking for --float-model
+        self.qann = load_detector(_source(qann), device=device, dtype=dtype, **engine)
+        self.names = [self.qann.names[i] for i in sorted(self.qann.names)]
         if self.needs_float and float_entry is None:
             raise ValueError(f"methods {sorted(self.needs_float)} need the float model: pass --float-model (or "
                              "--methods qann,casc)")
-        engine = {"engine": args.engine, "provider": args.provider, "batch": args.batch, "threads": args.threads} \
-            if args.engine != "pytorch" else {}
-        self.qann = load_detector(_source(qann), device=device, dtype=dtype, **engine)
-        self.names = [self.qann.names[i] for i in sorted(self.qann.names)]
 
     def load_float(self, calibration: list) -> None:
         """The float model for ANN and the IF baseline (thresholds from ``calibration`` images' activations, on

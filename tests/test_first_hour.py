@@ -80,8 +80,14 @@ def test_own_voc_classes_voc07_metric_and_numbered_runs(tmp_path, monkeypatch, c
 
 
 def test_every_mistake_gets_one_line_that_says_what_to_do(tmp_path, monkeypatch, capsys):
+    from detector.weights import resolve
+
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "float.pt").write_bytes(resolve("yolov8n-bundled-float").path.read_bytes())
     mistakes = {
+        ("eval", "--model", "float.pt", "--limit", "1"): "float.pt holds a float model, not a QANN: quantize it first",
+        ("predict", "--model", "float.pt", open_dataset("bundled", "val").image_path(0)):
+            "(casc quantize --model float.pt --levels 4",
         ("eval", "--model", "yolov8n-bundled-float", "--limit", "1"): "casc quantize --model yolov8n-bundled-float",
         ("train", "yolo", "--data", "missing.yaml"): "give the path of an Ultralytics data.yaml",
         ("predict", "--model", "yolov8n-bundled"): "no SOURCE given",
