@@ -164,3 +164,11 @@ def test_devices():
     else:
         with pytest.raises(ValueError, match="CUDA device"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_vid_stride_uses_every_nth_frame(video, tmp_path, capsys):
+    assert main(["predict", "--model", "yolov8n-bundled", str(video), "--vid-stride", "2", "--no-save", "--save-txt",
+                 "--project", str(tmp_path), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "(frame 1/3)" in out and "(frame 3/3)" in out and "(frame 2/3)" not in out
+    assert sorted(p.name for p in (tmp_path / "exp" / "labels").iterdir()) == ["clip_1.txt", "clip_3.txt"]
