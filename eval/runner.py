@@ -409,7 +409,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         print(estimate_cost(detectors.probe(dataset.load_image(0)), methods, timesteps, count, args, qann.family,
                             wake), flush=True)
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else run_folder_of(args)  # made only now: a refused run leaves none
+    args.out = str(out)
     cache = out / "cache" / _config_key(args, timesteps, methods, qann, float_entry, count)
     cache.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, count, args.batch))
@@ -592,10 +593,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --video: a whole schedule every N frames (0: only the first of each sequence)")
 
 
+def run_folder_of(args: argparse.Namespace) -> Path:
+    """``PROJECT/NAME`` (NAME: the model's), numbered when taken unless ``--exist-ok``; the processes of one
+    torchrun share one folder, so none of them numbers it."""
+    shared = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return run_folder(args.project, args.name or Path(str(args.model)).stem, args.exist_ok or shared)
+
+
 def main(args: argparse.Namespace) -> int:
-    if args.out is None:  # the processes of one torchrun share one folder, so none of them numbers it
-        shared = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        args.out = str(run_folder(args.project, args.name or Path(str(args.model)).stem, args.exist_ok or shared))
     results = evaluate(args)
     if results:
         print(format_table(results["summary"], results["schedule"]["timesteps"], results["model"]["family"] == "rcnn",

@@ -98,6 +98,7 @@ def test_every_mistake_gets_one_line_that_says_what_to_do(tmp_path, monkeypatch,
         assert casc(list(argv)) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and advice in err, (argv, err)
+    assert not (tmp_path / "runs").exists()  # a refused run leaves no run folder behind
 
 
 def test_a_bare_torchvision_state_dict_quantizes_with_its_size_and_names(tmp_path, capsys):
