@@ -8,17 +8,18 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# torch/torchvision first (pinned: served from the local wheel cache here), then Ultralytics
-# without its dependencies (it would pull the GUI opencv-python), then our pinned set.
+# The quick start's install (docs/quickstart.md: this package with its service and onnx extras, then Ultralytics
+# without its dependencies, which would pull the GUI opencv-python), after the exact pins: torch/torchvision
+# first (served from the local wheel cache here), then requirements.txt.
 $(STAMP): pyproject.toml requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q --no-deps ultralytics==8.4.190
 	$(BIN)/pip install -q -r requirements.txt -r requirements-test.txt
+	$(BIN)/pip install -q -e ".[service,onnx]"
+	$(BIN)/pip install -q --no-deps "ultralytics==8.4.190"
 	# SpikingJelly (cross-check of the IF baseline) without its declared torchaudio/tensorboard stack
 	$(BIN)/pip install -q --no-deps spikingjelly==2.0.0
-	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 demo: install

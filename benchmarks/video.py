@@ -37,6 +37,12 @@ def max_error(readout, reference) -> float:
     return max(float((a - b).abs().max()) for a, b in zip(readout, reference))
 
 
+def off_fraction(readout, reference, tol: float = 1e-3) -> float:
+    """The fraction of readout elements more than ``tol`` from the QANN's (where float32 flips show)."""
+    off = sum(int(((a - b).abs() > tol).sum()) for a, b in zip(readout, reference))
+    return off / sum(a.numel() for a in readout)
+
+
 def same_detections(a, b) -> bool:
     return (len(a.boxes) == len(b.boxes) and torch.equal(a.boxes.cls, b.boxes.cls)
             and bool(torch.allclose(a.boxes.xyxy, b.boxes.xyxy, atol=0.01))
@@ -57,7 +63,8 @@ def fresh_vs_delta(det, frames: list[np.ndarray]) -> dict:
             seconds = time.perf_counter() - start
             rows[mode].append({"steps": int(run.steps[0]), "spikes": float(run.stats.spikes[0]),
                                "energy": float(run.stats.energy_pj[0]), "seconds": seconds,
-                               "exact": max_error(run.readout, reference) <= 1e-3, "keyframe": run.keyframe})
+                               "exact": max_error(run.readout, reference) <= 1e-3, "keyframe": run.keyframe,
+                               "off": off_fraction(run.readout, reference)})
     changed = [i for i, r in enumerate(rows["delta"]) if not r["keyframe"]]
     pick = {mode: [rows[mode][i] for i in changed] for mode in rows}
     mean = lambda mode, key: statistics.fmean(r[key] for r in pick[mode])  # noqa: E731
@@ -69,7 +76,8 @@ def fresh_vs_delta(det, frames: list[np.ndarray]) -> dict:
             "energy_uj": (mean("fresh", "energy") * 1e-6, mean("delta", "energy") * 1e-6),
             "time_ratio": median("delta", "seconds") / median("fresh", "seconds"),
             "fps": (1 / median("fresh", "seconds"), 1 / median("delta", "seconds")),
-            "exact": (sum(r["exact"] for r in rows["fresh"]), sum(r["exact"] for r in rows["delta"]))}
+            "exact": (sum(r["exact"] for r in rows["fresh"]), sum(r["exact"] for r in rows["delta"])),
+            "off": (statistics.fmean(r["off"] for r in rows["fresh"]), statistics.fmean(r["off"] for r in rows["delta"]))}
 
 
 @torch.no_grad()
@@ -81,16 +89,17 @@ def drift(det, frames: list[np.ndarray], intervals: list[int | None]) -> list[di
     rows = []
     for interval in ["fresh", *intervals]:
         session = None if interval == "fresh" else det.snn.session(keyframe_every=interval)
-        exact = []
+        exact, off = [], []
         for x, raw in zip(xs, raws):
             run = det.snn.run(x) if session is None else session.run(x)
             exact.append(max_error(run.readout, raw) <= 1e-3)
+            off.append(off_fraction(run.readout, raw))
         kwargs = {"delta": False} if interval == "fresh" else {"keyframe_every": interval}
         found = list(det.predict_video(frames, **kwargs))
         agree = [same_detections(a, b) for a, b in zip(found, reference)]
         first_miss = next((i + 1 for i, ok in enumerate(exact) if not ok), None)
         rows.append({"interval": interval, "exact": sum(exact), "agree": sum(agree), "frames": len(frames),
-                     "first_inexact_frame": first_miss})
+                     "first_inexact_frame": first_miss, "off_mean": statistics.fmean(off), "off_last": off[-1]})
     return rows
 
 
@@ -122,19 +131,23 @@ def main() -> None:
             rows.append([kind, t, r["changed"], f"{r['steps'][0]:g} / {r['steps'][1]:g}", f"{r['spikes_ratio']:.3f}",
                          f"{r['energy_uj'][0]:.0f} / {r['energy_uj'][1]:.0f} ({r['energy_ratio']:.3f})",
                          f"{r['time_ratio']:.3f}", f"{r['fps'][0]:.1f} / {r['fps'][1]:.1f}",
-                         f"{r['exact'][0]} / {r['exact'][1]} of {r['frames']}"])
+                         f"{r['exact'][0]} / {r['exact'][1]} of {r['frames']}",
+                         f"{100 * r['off'][0]:.4f} / {100 * r['off'][1]:.4f}"])
     print_table(f"{args.model}, float32: fresh runs vs delta frames ({args.frames} frames per sequence; per changed "
                 "frame)", ["video", "threads", "changed frames", "steps fresh / delta (median)",
                            "spikes delta / fresh", "energy uJ fresh / delta (ratio)", "wall time delta / fresh (median)",
-                           "fps fresh / delta", "frames = QANN (1e-3) fresh / delta"], rows)
+                           "fps fresh / delta", "frames = QANN (1e-3) fresh / delta",
+                           "% readout elements off by > 1e-3 fresh / delta"], rows)
 
     torch.set_num_threads(threads[0])
     intervals = [None if v == "none" else int(v) for v in args.intervals.split(",")]
     rows = [[r["interval"] if r["interval"] is not None else "never", f"{r['exact']} of {r['frames']}",
-             f"{r['agree']} of {r['frames']}", r["first_inexact_frame"] or "—"]
+             f"{r['agree']} of {r['frames']}", r["first_inexact_frame"] or "—", f"{100 * r['off_mean']:.4f}",
+             f"{100 * r['off_last']:.4f}"]
             for r in drift(det, frames_of(1, "static", args.drift_frames), intervals)]
     print_table(f"float32 drift over {args.drift_frames} frames (static scene, moving objects; {threads[0]} thread)",
-                ["keyframe every", "frames = QANN (1e-3)", "detections = QANN's", "first frame off"], rows)
+                ["keyframe every", "frames = QANN (1e-3)", "detections = QANN's", "first frame off",
+                 "% readout elements off (mean)", "% off (last frame)"], rows)
 
     if not args.skip_rcnn:
         rcnn_rows(threads[0])

@@ -1,19 +1,26 @@
-"""``casc predict``: spiking detection on image files, folders, globs and videos, like ``yolo predict``.
+"""``casc predict``: spiking detection on image files, folders, globs, videos, webcams and streams, like
+``yolo predict``.
 
     casc predict --model yolov8n-bundled bus.jpg photos/ "shots/*.png" clip.mp4
-    casc predict --model rcnn-r18-bundled street.jpg --save-txt --save-json --conf 0.4
+    casc predict --model rcnn-r18-bundled street.jpg --save-txt --save-json --conf 0.4 --classes 1 5
+    casc predict --model yolov8n-bundled 0                      # webcam 0 (or rtsp://, http://... streams)
+    casc predict model=yolov8n-bundled source=bus.jpg imgsz=320 # Ultralytics' key=value form
     casc predict --model yolov8n-bundled bus.jpg --engine onnxruntime --provider cuda
+    casc predict --model runs/export/yolo/snn.wake.onnx bus.jpg  # a casc export folder (or one of its graphs)
 
-Each run writes into a new numbered folder under ``--out`` (``runs/predict/exp``, ``exp2``, ...): the annotated
-images and videos (``--no-save``: none), with ``--save-txt`` YOLO labels in ``labels/`` (``cls xc yc w h conf``,
+Each run writes into a new numbered folder under ``--project`` (``runs/predict/exp``, ``exp2``, ...; with
+``--exist-ok`` into ``exp`` itself): the annotated images and videos (``--no-save``: none, and no folder unless
+labels or JSON are asked for), with ``--save-txt`` YOLO labels in ``labels/`` (``cls xc yc w h conf``,
 normalised; a video frame's as ``STEM_FRAME.txt``), with ``--save-json`` one ``Results.to_dict()`` per image
-in ``json/``. Every image's detections, time steps and speed are printed. Both families, same options.
+in ``json/``. Every image's detections, time steps and speed are printed. A source that cannot be read is
+reported with its name and skipped; the others still run (exit status 1). Both families, same options.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -33,12 +40,19 @@ def _sleep(value: str) -> int | str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="image or video files, folders, globs")
-    parser.add_argument("--model", required=True, help="a bundled model name (weights/manifest.json) or a checkpoint")
+    parser.add_argument("sources", nargs="*", metavar="SOURCE",
+                        help="image or video files, folders, globs, a webcam index (0) or a stream URL (rtsp://...)")
+    parser.add_argument("--model", required=True,
+                        help="a bundled model name (weights/manifest.json), a checkpoint, or a casc export folder (or "
+                             "one of its .onnx files: runs on ONNX Runtime)")
     parser.add_argument("--conf", type=float, default=0.25, help="minimum score")
     parser.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
+    parser.add_argument("--imgsz", type=int, default=None,
+                        help="input size (YOLO: the letterbox side; Faster R-CNN: the resize's sides); "
+                             "default: the model's own")
     parser.add_argument("--max-det", type=int, default=300, help="detections per image at most")
-    parser.add_argument("--classes", type=int, nargs="+", default=None, help="only these class ids (0-based)")
+    parser.add_argument("--classes", nargs="+", default=None, metavar="ID",
+                        help="only these class ids (0-based), e.g. --classes 1 5 or --classes 1,5")
     parser.add_argument("--wake", type=int, default=None, help="wake steps (default: the model's levels L)")
     parser.add_argument("--sleep", type=_sleep, default="auto", help="sleep steps, or 'auto' (until quiet)")
     parser.add_argument("--burst", type=int, default=None, help="spikes per neuron per sleep step (default: wake)")
@@ -49,20 +63,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what runs the spiking networks: the PyTorch simulator, or ONNX Runtime on the exported "
                              "step graphs (exported on first use into the cache; no spike counts)")
     parser.add_argument("--provider", default="cpu", help="ONNX Runtime's execution provider: cpu, cuda, tensorrt")
-    parser.add_argument("--out", default="runs/predict", help="parent folder of the run folders")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (None: half the cores, at least 1; more threads than free cores "
+                             "make every step wait for a descheduled thread)")
+    parser.add_argument("--vid-stride", type=int, default=1, help="use every Nth frame of a video or stream")
+    parser.add_argument("--project", "--out", dest="project", default="runs/predict",
+                        help="parent folder of the run folders")
     parser.add_argument("--name", default="exp", help="run folder name (numbered when taken: exp2, exp3, ...)")
+    parser.add_argument("--exist-ok", action="store_true", help="write into PROJECT/NAME even if it exists")
     parser.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
                         help="write the annotated images and videos")
     parser.add_argument("--save-txt", action="store_true", help="write YOLO-format labels (with scores)")
     parser.add_argument("--save-json", action="store_true", help="write one JSON per image")
 
 
-def find_sources(specs: list[str]) -> list[Path]:
-    """Images and videos in the order given: a file as is, a folder's images and videos (sorted), a glob's
-    matches (sorted, ``**`` recursive). A spec that names nothing is an error."""
-    found: list[Path] = []
+class UnreadableSource(ValueError):
+    """A video, webcam or stream OpenCV cannot open."""
+
+
+STREAM_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://", "tcp://", "udp://")
+
+
+def split_classes(tokens: list[str] | None) -> tuple[list[int] | None, list[str]]:
+    """``--classes`` tokens -> (class ids, the tokens after them that are sources). ``--classes 1 5 img.jpg``
+    takes 1 and 5 and leaves ``img.jpg`` a source; ``1,5`` is the same as ``1 5``."""
+    if tokens is None:
+        return None, []
+    ids = []
+    for k, token in enumerate(tokens):
+        parts = [p for p in token.split(",") if p.strip()]
+        if not parts or not all(p.strip().isdigit() for p in parts):
+            if not ids:
+                raise ValueError(f"--classes: expected class ids (0-based integers), got {token!r}")
+            return ids, tokens[k:]
+        ids += [int(p) for p in parts]
+    return ids, []
+
+
+def is_stream(spec: str) -> bool:
+    """A webcam index (``0``) that is no file here, or a stream URL."""
+    return (spec.isdigit() and not Path(spec).exists()) or spec.lower().startswith(STREAM_SCHEMES)
+
+
+def find_sources(specs: list[str]) -> list[Path | str]:
+    """Sources in the order given: a file as is, a folder's images and videos (sorted), a glob's matches (sorted,
+    ``**`` recursive), a webcam index or stream URL as its string. A spec that names nothing is an error."""
+    if not specs:
+        raise ValueError("no SOURCE given: name image or video files, folders, globs, a webcam index or a stream URL")
+    found: list[Path | str] = []
     for spec in specs:
-        if glob.has_magic(spec):
+        if is_stream(spec):
+            paths = [spec]
+        elif glob.has_magic(spec):
             paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True))]
             paths = [p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES]
         elif Path(spec).is_dir():
@@ -78,9 +130,12 @@ def find_sources(specs: list[str]) -> list[Path]:
     return found
 
 
-def run_folder(out: str | Path, name: str) -> Path:
-    """A new folder ``out/name``, or ``out/name2``, ``out/name3``, ... when taken."""
+def run_folder(out: str | Path, name: str, exist_ok: bool = False) -> Path:
+    """A new folder ``out/name``, or ``out/name2``, ``out/name3``, ... when taken; ``exist_ok``: ``out/name``."""
     base = Path(out)
+    if exist_ok:
+        (base / name).mkdir(parents=True, exist_ok=True)
+        return base / name
     for n in range(1, 10_000):
         folder = base / (name if n == 1 else f"{name}{n}")
         try:
@@ -92,19 +147,33 @@ def run_folder(out: str | Path, name: str) -> Path:
 
 
 class Outputs:
-    """What one run writes into its folder: annotated images / videos, YOLO labels, JSON."""
+    """What one run writes into its folder: annotated images / videos, YOLO labels, JSON. The folder is made when
+    the first file is written, so a run that writes nothing leaves none behind."""
 
-    def __init__(self, folder: Path, save: bool, save_txt: bool, save_json: bool):
-        self.folder, self.save, self.save_txt, self.save_json = folder, save, save_txt, save_json
+    def __init__(self, project: str | Path, name: str, exist_ok: bool, save: bool, save_txt: bool, save_json: bool):
+        self.project, self.name, self.exist_ok = project, name, exist_ok
+        self.save, self.save_txt, self.save_json = save, save_txt, save_json
+        self._folder: Path | None = None
         self.stems: set[str] = set()
         self.videos: dict[str, object] = {}  # stem -> cv2.VideoWriter
         self.labels = 0
 
-    def stem(self, path: Path) -> str:
-        """``path``'s stem, numbered when another source of this run had it (photos/a.jpg, shots/a.png)."""
-        stem, n = path.stem, 2
+    @property
+    def folder(self) -> Path:
+        if self._folder is None:
+            self._folder = run_folder(self.project, self.name, self.exist_ok)
+        return self._folder
+
+    @property
+    def written(self) -> bool:
+        return self._folder is not None
+
+    def stem(self, source: Path | str) -> str:
+        """``source``'s stem (a stream's: ``stream``), numbered when another source of this run had it."""
+        base = source.stem if isinstance(source, Path) else "stream"
+        stem, n = base, 2
         while stem in self.stems:
-            stem, n = f"{path.stem}_{n}", n + 1
+            stem, n = f"{base}_{n}", n + 1
         self.stems.add(stem)
         return stem
 
@@ -156,15 +225,17 @@ def saved_suffix(path: Path) -> str:
     return suffix if suffix in IMAGE_SUFFIXES - {".gif"} else ".png"
 
 
-def video_frames(path: Path):
-    """(frame index from 1, frame count, fps, BGR frame) of every frame OpenCV decodes."""
+def video_frames(source: Path | str, stride: int = 1):
+    """(frame index from 1, frame count (0 for a live stream), fps, BGR frame) of every ``stride``-th frame OpenCV
+    decodes from a video file, a webcam index or a stream URL."""
     import cv2
 
-    capture = cv2.VideoCapture(str(path))
+    capture = cv2.VideoCapture(int(source) if isinstance(source, str) and source.isdigit() else str(source))
     if not capture.isOpened():
-        raise ValueError(f"cannot open the video {path}")
+        raise UnreadableSource("cannot open the video" if isinstance(source, Path) else
+                               "cannot open the webcam or stream (is it connected, is the URL right?)")
     try:
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        total = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
         fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
         index = 0
         while True:
@@ -172,39 +243,95 @@ def video_frames(path: Path):
             if not ok:
                 return
             index += 1
-            yield index, total, fps, frame
+            if (index - 1) % stride == 0:
+                yield index, total, fps / stride, frame
     finally:
         capture.release()
 
 
+def predict_frames(detector, source: Path | str, stride: int, options: dict):
+    """(frame index, frame count, fps, Results) for every used frame of a video, webcam or stream: the one place
+    that runs a detector over a video's frames."""
+    for index, total, fps, frame in video_frames(source, stride):
+        yield index, total, fps, detector.predict([frame], color="bgr", **options)[0]
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """``load_detector``'s keyword arguments for ``--imgsz`` (the family decides what a size means)."""
+    from .weights import resolve
+
+    if args.imgsz is None:
+        return {}
+    if args.imgsz < 32:
+        raise ValueError(f"--imgsz {args.imgsz}: give an input side of at least 32 pixels")
+    family = "yolo" if args.engine == "onnxruntime" else resolve(args.model).family
+    return {"imgsz": args.imgsz} if family == "yolo" else {"min_size": args.imgsz, "max_size": args.imgsz}
+
+
+def exported_model(model: str) -> tuple[str, dict]:
+    """``--model`` as (what ``load_detector`` takes, its engine options): a ``casc export`` folder, or one of its
+    ``.onnx`` files, runs those graphs on ONNX Runtime with the model they were exported from."""
+    path = Path(model)
+    if path.suffix.lower() != ".onnx" and not path.is_dir():
+        return model, {}
+    from .export.bundle import read_manifest  # needs the onnx extra
+
+    folder = path.parent if path.suffix.lower() == ".onnx" else path
+    manifest = read_manifest(folder)  # none: "no exported graphs here (run `casc export` first)"
+    return manifest["model"], {"engine": "onnxruntime", "export_dir": folder}
+
+
 def main(args: argparse.Namespace) -> int:
-    from .devices import resolve_device
+    import torch
+
+    from .devices import default_threads, resolve_device
+    from .images import ImageError
     from .weights import load_detector
 
-    sources = find_sources(args.sources)
+    args.classes, extra = split_classes(args.classes)
+    if args.vid_stride < 1:
+        raise ValueError(f"--vid-stride {args.vid_stride}: give 1 (every frame) or more")
+    model, exported = exported_model(args.model)
+    args.engine = exported.pop("engine", args.engine)
+    sources = find_sources(args.sources + extra)
+    torch.set_num_threads(args.threads or default_threads())
     device = "cpu" if args.engine == "onnxruntime" and args.device == "auto" else str(resolve_device(args.device))
-    detector = load_detector(args.model, device=device, engine=args.engine, provider=args.provider)
-    outputs = Outputs(run_folder(args.out, args.name), args.save, args.save_txt, args.save_json)
+    detector = load_detector(model, device=device, engine=args.engine, provider=args.provider,
+                             **load_options(args), **exported)
+    outputs = Outputs(args.project, args.name, args.exist_ok, args.save, args.save_txt, args.save_json)
     options = dict(conf=args.conf, iou=args.iou, max_det=args.max_det, classes=args.classes, wake=args.wake,
                    sleep=args.sleep, burst=args.burst, max_sleep=args.max_sleep)
-    speeds = []
+    speeds, failed = [], []
     try:
-        for i, path in enumerate(sources, 1):
-            stem = outputs.stem(path)
-            if path.suffix.lower() in VIDEO_SUFFIXES:
-                for index, total, fps, frame in video_frames(path):
-                    result = detector.predict([frame], color="bgr", **options)[0]
-                    outputs.frame(result, stem, index, fps)
+        for i, source in enumerate(sources, 1):
+            stem = outputs.stem(source)
+            try:
+                if isinstance(source, str) or source.suffix.lower() in VIDEO_SUFFIXES:
+                    for index, total, fps, result in predict_frames(detector, source, args.vid_stride, options):
+                        outputs.frame(result, stem, index, fps)
+                        speeds.append(result.speed)
+                        frames = f"{index}/{total}" if total else str(index)
+                        print(f"video {i}/{len(sources)} (frame {frames}) {source}: {summary(result)}", flush=True)
+                else:
+                    result = detector.predict([str(source)], **options)[0]
+                    outputs.image(result, stem, saved_suffix(source))
                     speeds.append(result.speed)
-                    print(f"video {i}/{len(sources)} (frame {index}/{total}) {path}: {summary(result)}", flush=True)
-            else:
-                result = detector.predict([str(path)], **options)[0]
-                outputs.image(result, stem, saved_suffix(path))
-                speeds.append(result.speed)
-                print(f"image {i}/{len(sources)} {path}: {summary(result)}", flush=True)
+                    print(f"image {i}/{len(sources)} {source}: {summary(result)}", flush=True)
+            except (ImageError, UnreadableSource, FileNotFoundError) as error:  # named and skipped; the rest run
+                if len(sources) == 1:
+                    raise ValueError(f"{source}: {error}") from None
+                failed.append(source)
+                print(f"casc predict: skipped {source}: {error}", file=sys.stderr, flush=True)
     finally:
         outputs.close()
     mean = {phase: sum(s[phase] for s in speeds) / len(speeds) for phase in speeds[0]} if speeds else {}
-    print("Speed: " + ", ".join(f"{ms:.1f}ms {phase}" for phase, ms in mean.items()) + " per image")
-    print(f"Results saved to {outputs.folder}" + (f" ({outputs.labels} label files in labels/)" if args.save_txt else ""))
+    if mean:
+        print("Speed: " + ", ".join(f"{ms:.1f}ms {phase}" for phase, ms in mean.items()) + " per image")
+    if outputs.written:
+        print(f"Results saved to {outputs.folder}" +
+              (f" ({outputs.labels} label files in labels/)" if args.save_txt else ""))
+    if failed:
+        print(f"casc predict: {len(failed)} of {len(sources)} sources could not be read: "
+              + ", ".join(map(str, failed)), file=sys.stderr)
+        return 1
     return 0

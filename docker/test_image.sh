@@ -250,13 +250,12 @@ with httpx.Client(base_url=url, timeout=120) as client:
             r = client.post("/v1/detect", params={"conf": conf, "model": model},
                             files={"file": ("scene.png", f, "image/png")})
         assert r.status_code == 200, (r.status_code, r.text)
-        # The service names the class index "class_id" (the library's Results.to_dict() says "class").
-        served = [{**d, "class": d.get("class", d.get("class_id"))} for d in r.json()["detections"]]
+        served = r.json()["detections"]  # the same keys as Results.to_dict()'s (class_id, name, score, box)
         local = detector.predict(image, conf=conf)[0].to_dict()["detections"]
         assert len(served) == len(local), (conf, len(served), len(local))
-        key = lambda d: (d["class"], round(d["score"], 3), [round(v) for v in d["box"]])
+        key = lambda d: (d["class_id"], round(d["score"], 3), [round(v) for v in d["box"]])
         for a, b in zip(sorted(served, key=key), sorted(local, key=key)):
-            assert a["class"] == b["class"] and a["name"] == b["name"], (a, b)
+            assert a["class_id"] == b["class_id"] and a["name"] == b["name"], (a, b)
             assert abs(a["score"] - b["score"]) < 1e-4, (a, b)
             assert max(abs(x - y) for x, y in zip(a["box"], b["box"])) < 1e-2, (a, b)
         counts.append(len(served))

@@ -4,8 +4,10 @@
 #
 #   docker/wheelhouse.sh                 # wheels for this machine's Python/platform (x86_64, cp311 here)
 #   WHEELHOUSE=/path docker/wheelhouse.sh
-#   PIP_PLATFORM=manylinux2014_aarch64 PY_VERSION=3.12 NO_TORCH=1 docker/wheelhouse.sh
-#                                        # cross-download for a Jetson image (torch comes from its base)
+#   PIP_PLATFORM=manylinux_2_28_aarch64,manylinux2014_aarch64 PY_VERSION=3.12 NO_TORCH=1 docker/wheelhouse.sh
+#                                        # cross-download for a Jetson image (torch comes from its base);
+#                                        # PIP_PLATFORM is a comma-separated list: pip does not count a
+#                                        # manylinux_2_28 wheel (onnxruntime's) as manylinux2014, so name both
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu docker/wheelhouse.sh
 #                                        # CPU-only torch wheels (much smaller image), where reachable
 #
@@ -30,7 +32,8 @@ mkdir -p "$WHEELHOUSE"
 cross=()
 if [[ -n "${PIP_PLATFORM:-}" || -n "${PY_VERSION:-}" ]]; then
     cross=(--only-binary=:all:)
-    [[ -n "${PIP_PLATFORM:-}" ]] && cross+=(--platform "$PIP_PLATFORM")
+    IFS=, read -r -a platforms <<< "${PIP_PLATFORM:-}"
+    for platform in "${platforms[@]}"; do cross+=(--platform "$platform"); done
     [[ -n "${PY_VERSION:-}" ]] && cross+=(--python-version "$PY_VERSION")
 fi
 pip_download() { "$PYTHON" -m pip download --disable-pip-version-check -q -d "$WHEELHOUSE" "${cross[@]}" "$@"; }

@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .plots import plot_map_vs_energy, plot_map_vs_latency, plot_map_vs_t
+from .plots import METRIC_NAMES, plot_map_vs_energy, plot_map_vs_latency, plot_map_vs_t
 
 PLOTS = {"map_vs_t.png": plot_map_vs_t, "map_vs_energy.png": plot_map_vs_energy,
          "map_vs_latency.png": plot_map_vs_latency}
@@ -33,7 +33,8 @@ def plot_runs(runs: list[dict], out: Path, metric: str = "map50_95") -> list[Pat
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="casc eval output folders (or their results.json)")
     parser.add_argument("--out", default="runs/plot", help="folder for the combined plots")
-    parser.add_argument("--metric", default="map50_95", choices=["map50_95", "map50"], help="the y axis")
+    parser.add_argument("--metric", default="map50_95", choices=list(METRIC_NAMES),
+                        help="the y axis: COCO mAP50-95 or mAP50, VOC07 11-point or all-point AP50")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -25,7 +25,8 @@ FLAT_STYLE = {"ann": ("black", "-", "D"), "qann": ("tab:green", "--", "P")}
 RUN_SHADES = (1.0, 0.6, 0.35)
 RUN_MARKERS = {"casc": ("o", "^", "p"), "casc-paper": ("D", "d", "8"), "qcfs": ("X", "x", "+"),
                "if": ("s", "v", "h")}
-METRIC_NAMES = {"map50_95": "mAP50-95", "map50": "mAP50"}
+METRIC_NAMES = {"map50_95": "mAP50-95", "map50": "mAP50", "voc07_map50": "VOC07 mAP50 (11-point)",
+                "voc_map50": "VOC mAP50 (all-point)"}
 DPI = 110
 
 
@@ -235,6 +236,7 @@ def _label_points(ax, points: list[dict], cost: str, method: str) -> None:
 
 def _finish(fig, ax, runs, metric, what, path, machine: bool = False) -> None:
     ax.set_ylabel(METRIC_NAMES[metric])
+    ax.set_ylim(bottom=0)  # an mAP is never negative (an all-zero run would otherwise centre the axis on 0)
     ax.set_title(figure_title(runs, what, machine), fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     # below the axes: a legend inside would hide measured points

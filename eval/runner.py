@@ -29,16 +29,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from detector.data import open_dataset
+from detector.data import open_dataset, parse_names
 from detector.detect import KEYFRAME_EVERY
-from detector.devices import resolve_device
+from detector.devices import default_threads, resolve_device
 from detector.energy import integer_energy, memory_traffic, neurobench_metrics
 from detector.models import as_records
+from detector.predict import run_folder
 from detector.weights import ENGINES, ModelEntry, load_detector, load_manifest, resolve
 
 from .metrics import coco_metrics, voc_metrics
-from .plots import (plot_energy_vs_qann, plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency, plot_map_vs_t,
-                    schedule_text)
+from .plots import (METRIC_NAMES, plot_energy_vs_qann, plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency,
+                    plot_map_vs_t, schedule_text)
 from .video import MODES, delta_against_fresh, plot_energy_per_frame
 from .video import format_table as format_video_table
 
@@ -89,7 +90,9 @@ def model_pair(model: str, float_model: str | None) -> tuple[ModelEntry, ModelEn
     manifest = load_manifest()
     qann = resolve(model, manifest)
     if qann.kind != "qann":
-        raise ValueError(f"--model must be a QANN; {qann.name} is a {qann.kind} model")
+        raise ValueError(f"--model must be a QANN; {qann.name} is a {qann.kind} model: quantize it first (casc quantize "
+                         f"--model {qann.name} --levels 4 --data DATA --out qann.pt), then casc eval --model qann.pt "
+                         f"--float-model {qann.name}")
     source = float_model or qann.float_model
     return qann, (resolve(source, manifest) if source else None)
 
@@ -97,21 +100,28 @@ def model_pair(model: str, float_model: str | None) -> tuple[ModelEntry, ModelEn
 class Detectors:
     """Builds what each method needs and runs one batch of images through it."""
 
-    def __init__(self, qann: ModelEntry, float_entry: ModelEntry | None, methods: list[str], calibration: list,
+    def __init__(self, qann: ModelEntry, float_entry: ModelEntry | None, methods: list[str],
                  args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
         self.family, self.args, self.methods = qann.family, args, methods
-        needs_float = {"ann", "if"} & set(methods)
-        if needs_float and float_entry is None:
-            raise ValueError(f"methods {sorted(needs_float)} need the float model: pass --float-model")
+        self.float_entry, self.device, self.dtype = float_entry, device, dtype
+        self.needs_float = {"ann", "if"} & set(methods)
         if "qcfs" in methods and args.engine != "pytorch":
             raise ValueError("--methods qcfs runs on the PyTorch engine only (the exported step graphs are the CASC "
                              "network's); drop qcfs or use --engine pytorch")
         engine = {"engine": args.engine, "provider": args.provider, "batch": args.batch, "threads": args.threads} \
             if args.engine != "pytorch" else {}
+        # first: a float checkpoint given as --model is refused with what to do, before asking for --float-model
         self.qann = load_detector(_source(qann), device=device, dtype=dtype, **engine)
         self.names = [self.qann.names[i] for i in sorted(self.qann.names)]
-        if needs_float:  # the IF baseline: thresholds from these images' activations, on the PyTorch engine
-            self.float = load_detector(_source(float_entry), device=device, dtype=dtype, neuron="if",
+        if self.needs_float and float_entry is None:
+            raise ValueError(f"methods {sorted(self.needs_float)} need the float model: pass --float-model (or "
+                             "--methods qann,casc)")
+
+    def load_float(self, calibration: list) -> None:
+        """The float model for ANN and the IF baseline (thresholds from ``calibration`` images' activations, on
+        the PyTorch engine), when a method needs it."""
+        if self.needs_float:
+            self.float = load_detector(_source(self.float_entry), device=self.device, dtype=self.dtype, neuron="if",
                                        calibration=calibration)
         if "qcfs" in methods:  # the same QANN, QCFS neurons
             self.qcfs = load_detector(_source(qann), device=device, dtype=dtype, neuron="qcfs")
@@ -327,9 +337,17 @@ def _latency_ms(parts: list[dict], key: str) -> float:
     return 1000 * seconds / _images(parts)
 
 
+def steps_to_reach(entry: dict, qann_value: float | None, timesteps: list[int], metric: str = "map50_95") -> int | None:
+    """The first T at which a spiking method reaches 99 % of the QANN's ``metric``; None when it never does, or
+    when the QANN scores 0 (then every T would "reach" it)."""
+    if not qann_value or qann_value <= 0:
+        return None
+    return next((t for t in timesteps if entry["metrics"][str(t)][metric] >= 0.99 * qann_value), None)
+
+
 def _reach(entry: dict, qann_map: float, timesteps: list[int]) -> dict:
     """The first T at 99 % of the QANN's mAP50-95, and the energy there against the ANN's."""
-    reach = next((t for t in timesteps if entry["metrics"][str(t)]["map50_95"] >= 0.99 * qann_map), None)
+    reach = steps_to_reach(entry, qann_map, timesteps)
     out = {"steps_to_99pct_qann": reach}
     if reach is not None and entry["ann_energy_uj"]:
         energy = entry["energy_uj_at"].get(str(reach))
@@ -338,29 +356,33 @@ def _reach(entry: dict, qann_map: float, timesteps: list[int]) -> dict:
     return out
 
 
-def format_table(summary: dict, timesteps: list[int], two_stage: bool = False) -> str:
-    """Markdown: one column per requested T (and CASC's ``auto``), cells mAP50-95 / mAP50."""
+def format_table(summary: dict, timesteps: list[int], two_stage: bool = False, metric: str = "map50_95") -> str:
+    """Markdown: one column per requested T (and CASC's ``auto``), cells ``metric`` / mAP50 (mAP50-95 when the
+    metric is mAP50); "T to 99% QANN" on ``metric``."""
+    second = "map50_95" if metric == "map50" else "map50"
     columns = list(timesteps) + (["auto"] if any("auto" in e["metrics"] for e in summary.values()) else [])
     head = ["method"] + [f"T={t}" for t in columns] + ["T to 99% QANN", "binary-eq. steps", "energy ratio (SNN/ANN)",
                                                         "energy vs QANN (int8)", "ms/image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    qann = summary.get("qann", {}).get("metrics", {}).get("flat", {}).get(metric)
     for method, entry in summary.items():
         metrics = entry["metrics"]
         if "flat" in metrics:
             m = metrics["flat"]
-            cells = [f"{m['map50_95']:.3f} / {m['map50']:.3f}"] * len(columns)
+            cells = [f"{m[metric]:.3f} / {m[second]:.3f}"] * len(columns)
             extra = ["—", "—", "1 (ANN)" if method == "ann" else "—", "1 (QANN)" if method == "qann" else "—"]
         else:
-            cells = [_cell(metrics.get(str(t)), t == "auto") for t in columns]
-            reach = entry.get("steps_to_99pct_qann")
-            ratio = entry.get("energy_ratio_at_99pct")
+            cells = [_cell(metrics.get(str(t)), t == "auto", metric, second) for t in columns]
+            reach = steps_to_reach(entry, qann, timesteps, metric)
+            energy, ann_energy = entry.get("energy_uj_at", {}).get(str(reach)), entry.get("ann_energy_uj")
+            ratio = energy / ann_energy if reach and energy and ann_energy else None
             binary = {key: m.get("binary_steps_mean") for key, m in metrics.items()}
-            extra = [str(reach) if reach else f"> {max(timesteps)}", _at_comparison(entry, binary, ".1f"),
-                     f"{ratio:.2f}" if ratio else "—",
+            extra = [str(reach) if reach else "—" if not qann else f"> {max(timesteps)}",
+                     _at_comparison(entry, binary, ".1f"), f"{ratio:.2f}" if ratio else "—",
                      _at_comparison(entry, entry.get("energy_ratio_vs_qann_at", {}), ".2f")]
         extra.append(f"{entry['latency_ms']:.0f}")
         lines.append("| " + " | ".join([method.upper()] + cells + extra) + " |")
-    return "\n".join(lines) + "\n(cells: mAP50-95 / mAP50; T = total steps, wake + sleep" + (
+    return "\n".join(lines) + f"\n(cells: {METRIC_NAMES[metric]} / {METRIC_NAMES[second]}; T = total steps, wake + sleep" + (
         ", both stages (T/2 each; the per-stage split in results.json)" if two_stage else "") + \
         "; binary-eq. steps and energy vs QANN at the T to 99 % of the QANN, else at the T named; binary-eq.: a step " \
         "in which a neuron emits k spikes counts k; energy vs QANN: integer hardware, docs/method.md; " \
@@ -377,10 +399,10 @@ def _at_comparison(entry: dict, values: dict, spec: str) -> str:
     return f"{value:{spec}}{named}"
 
 
-def _cell(m: dict | None, auto: bool) -> str:
+def _cell(m: dict | None, auto: bool, metric: str = "map50_95", second: str = "map50") -> str:
     if m is None:
         return "—"
-    cell = f"{m['map50_95']:.3f} / {m['map50']:.3f}"
+    cell = f"{m[metric]:.3f} / {m[second]:.3f}"
     return cell + f" (T≈{m['steps_mean']:.1f})" if auto else cell
 
 
@@ -410,13 +432,6 @@ def parse_methods(spec: str) -> list[str]:
     if unknown or not methods:
         raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     return methods
-
-
-def default_threads() -> int:
-    """Half the cores, at least one. Measured on 2 shared cores: with 2 torch threads a YOLOv8n forward took
-    4 s instead of 20 ms once other work ran beside it (each parallel region waits for a descheduled thread);
-    with 1 thread the whole default run still finished in about 2 minutes under a load of 7."""
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def estimate_cost(probe: dict[str, float], methods: list[str], timesteps: list[int], images: int,
@@ -458,21 +473,25 @@ def evaluate(args: argparse.Namespace) -> dict:
     qann, float_entry = model_pair(args.model, args.float_model)
     timesteps = parse_timesteps(args.timesteps or DEFAULT_TIMESTEPS[qann.family])
     stage_budgets(qann.family, timesteps)  # an odd T for Faster R-CNN is refused before any work
-    dataset = open_dataset(args.data, args.split)
+    detectors = Detectors(qann, float_entry, methods, args, device, dtype)
+    classes = parse_names(args.names) or detectors.names  # what VOC xml (and a YAML without names) is read with
+    dataset = open_dataset(args.data, args.split, classes=classes)
     count = min(len(dataset), args.limit) if args.limit else len(dataset)
     if count == 0:
         raise ValueError(f"{args.data} ({args.split}) has no images")
-    calibration_set = _calibration_dataset(args.data, dataset)
-    calibration = [calibration_set.image_path(i) for i in range(min(args.calibration_images, len(calibration_set)))]
-    detectors = Detectors(qann, float_entry, methods, calibration, args, device, dtype)
     if list(detectors.names) != list(dataset.classes):
-        raise ValueError(f"the model's classes {detectors.names} are not the dataset's {dataset.classes}")
+        raise ValueError(f"the model's classes {detectors.names} are not the dataset's {dataset.classes}: evaluate "
+                         f"on data with the model's classes, in its order (--names sets a VOC dataset's classes)")
+    calibration_set = _calibration_dataset(args.data, dataset, classes)
+    detectors.load_float([calibration_set.image_path(i)
+                          for i in range(min(args.calibration_images, len(calibration_set)))])
     wake = args.wake or detectors.qann.levels
     if rank == 0:
         print(estimate_cost(detectors.probe(dataset.load_image(0)), methods, timesteps, count, args, qann.family,
                             wake), flush=True)
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else run_folder_of(args)  # made only now: a refused run leaves none
+    args.out = str(out)
     cache = out / "cache" / _config_key(args, timesteps, methods, qann, float_entry, count)
     cache.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, count, args.batch))
@@ -499,7 +518,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                     "cores": os.cpu_count()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "casc": _version()},
-        "processes": world, "summary": summary,
+        "processes": world, "metric": args.metric, "summary": summary,
     }
     results["written"] = _write_outputs(out, results)
     if "casc" in methods and (args.video if args.video is not None else args.data == "bundled-video"):
@@ -549,10 +568,10 @@ def _ground_truth(dataset, count: int) -> list[dict]:
     return ground_truth
 
 
-def _calibration_dataset(spec: str, dataset):
+def _calibration_dataset(spec: str, dataset, classes: list[str]):
     """IF thresholds come from the training split when the data has one (no peeking at test images)."""
     try:
-        train = open_dataset(spec, "train")
+        train = open_dataset(spec, "train", classes=classes)
         return train if len(train) else dataset
     except (ValueError, FileNotFoundError):
         return dataset
@@ -578,10 +597,11 @@ def _write_outputs(out: Path, results: dict) -> list[str]:
                         f"{m.get('steps_mean') or ''},{energy or ''},{latency:.2f}")
     (out / "curve.csv").write_text("\n".join(rows) + "\n")
     written = ["results.json", "curve.csv", "map_vs_t.png", "map_vs_latency.png"]
-    plot_map_vs_t([results], out / "map_vs_t.png")
-    plot_map_vs_latency([results], out / "map_vs_latency.png")
+    metric = results["metric"]
+    plot_map_vs_t([results], out / "map_vs_t.png", metric)
+    plot_map_vs_latency([results], out / "map_vs_latency.png", metric)
     if any(m in summary for m in SPIKING):
-        plot_map_vs_energy([results], out / "map_vs_energy.png")
+        plot_map_vs_energy([results], out / "map_vs_energy.png", metric)
         written.append("map_vs_energy.png")
     if "qann" in summary and any(summary.get(m, {}).get("qann_integer_energy_uj") for m in SPIKING):
         plot_energy_vs_qann([results], out / "energy_vs_qann.png")
@@ -638,7 +658,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (None: half the cores, at least 1; more threads than free cores "
                              "make every step wait for a descheduled thread)")
-    parser.add_argument("--out", default=None, help="output folder (None: runs/eval/MODEL)")
+    parser.add_argument("--names", default=None,
+                        help="class names, comma-separated or a text file with one per line: how a VOC dataset's "
+                             "(or a names-less data.yaml's) objects map to class ids (None: the model's names)")
+    parser.add_argument("--metric", default="map50_95", choices=list(METRIC_NAMES),
+                        help="what the table, the plots and T to 99%% QANN show: COCO mAP50-95 or mAP50, VOC07 "
+                             "11-point or all-point AP50 (results.json and curve.csv keep them all)")
+    parser.add_argument("--project", default="runs/eval", help="parent folder of the run folders")
+    parser.add_argument("--name", default=None, help="run folder name (None: the model's name; numbered when "
+                                                     "taken: NAME2, NAME3, ...)")
+    parser.add_argument("--exist-ok", action="store_true",
+                        help="write into PROJECT/NAME even if it exists (and resume its finished batches); always so "
+                             "under torchrun")
+    parser.add_argument("--out", default=None, help="the output folder itself, used as it is (resumes a run there); "
+                                                    "None: PROJECT/NAME")
     parser.add_argument("--video", action=argparse.BooleanOptionalAction, default=None,
                         help="the images are video frames, one sequence per folder: CASC also runs them by delta "
                              "frames against fresh runs (video.json, energy_per_frame.png; default: on for "
@@ -647,12 +680,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --video: a whole schedule every N frames (0: only the first of each sequence)")
 
 
+def run_folder_of(args: argparse.Namespace) -> Path:
+    """``PROJECT/NAME`` (NAME: the model's), numbered when taken unless ``--exist-ok``; the processes of one
+    torchrun share one folder, so none of them numbers it."""
+    shared = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return run_folder(args.project, args.name or Path(str(args.model)).stem, args.exist_ok or shared)
+
+
 def main(args: argparse.Namespace) -> int:
-    if args.out is None:
-        args.out = str(Path("runs") / "eval" / Path(str(args.model)).stem)
     results = evaluate(args)
     if results:
-        print(format_table(results["summary"], results["schedule"]["timesteps"], results["model"]["family"] == "rcnn"))
+        print(format_table(results["summary"], results["schedule"]["timesteps"], results["model"]["family"] == "rcnn",
+                           args.metric))
         if "video" in results:
             print(format_video_table(results["video"]))
         print(f"results in {Path(args.out).resolve()}: {', '.join(results['written'])}")

@@ -27,6 +27,14 @@ from detector.weights import ENGINES
 from .config import Settings
 
 
+def default_demo_image() -> str | None:
+    """The first bundled val image when the bundled benchmark has been generated (serving never generates it)."""
+    from detector.data import bundled_root
+
+    image = bundled_root() / "images" / "val" / "000000.jpg"
+    return str(image) if image.is_file() else None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = Settings()
     parser.add_argument("--model", action="append", default=None, metavar="NAME|PATH",
@@ -37,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analog", default=None, metavar="auto|PATHS",
                         help="YOLO11 hybrids: keep attention modules as analog islands ('auto': all of them, or "
                              "comma-separated module paths)")
-    parser.add_argument("--host", default=d.host)
-    parser.add_argument("--port", type=int, default=d.port)
+    parser.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: every interface, e.g. in a "
+                                                         "container behind its port mapping)")
+    parser.add_argument("--port", type=int, default=d.port, help="TCP port")
     parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (torch.set_num_threads)")
     parser.add_argument("--max-pixels", type=int, default=d.max_pixels, help="image width*height limit")
     parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb, help="request body limit (413)")
@@ -55,19 +64,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-window-ms", type=float, default=d.batch_window_ms,
                         help="micro-batching: wait this long for requests to join a batch (0: no waiting)")
     parser.add_argument("--max-batch", type=int, default=d.max_batch, help="images per predict call (1: no batching)")
-    parser.add_argument("--max-video-frames", type=int, default=d.max_video_frames)
-    parser.add_argument("--max-video-s", type=float, default=d.max_video_s)
+    parser.add_argument("--max-video-frames", type=int, default=d.max_video_frames,
+                        help="frames decoded from one uploaded video at most")
+    parser.add_argument("--max-video-s", type=float, default=d.max_video_s,
+                        help="longest video accepted, in seconds from its header (413)")
     parser.add_argument("--max-video-disk-mb", type=float, default=d.max_video_disk_mb,
                         help="temp-file space of uploaded videos, all requests together (503 when full); keep it "
                              "below the size of the volume holding the temp dir")
-    parser.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s)
-    parser.add_argument("--header-timeout-s", type=float, default=d.header_timeout_s)
-    parser.add_argument("--keep-alive-s", type=int, default=d.keep_alive_s)
+    parser.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
+                        help="seconds for a request body to arrive (408)")
+    parser.add_argument("--header-timeout-s", type=float, default=d.header_timeout_s,
+                        help="seconds for a request's headers to arrive (the connection is closed)")
+    parser.add_argument("--keep-alive-s", type=int, default=d.keep_alive_s,
+                        help="seconds an idle keep-alive connection stays open")
     parser.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency,
                         help="requests and WebSockets in flight at once; more get a JSON 503 with Retry-After at "
                              "once (/healthz, /readyz and /metrics are never counted nor refused)")
-    parser.add_argument("--ws-idle-s", type=float, default=d.ws_idle_s)
-    parser.add_argument("--ws-max-s", type=float, default=d.ws_max_s)
+    parser.add_argument("--ws-idle-s", type=float, default=d.ws_idle_s,
+                        help="seconds a WebSocket may stay silent before it is closed")
+    parser.add_argument("--ws-max-s", type=float, default=d.ws_max_s,
+                        help="seconds a WebSocket may stay open in all")
     parser.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
                         help="a browser origin (scheme://host:port) allowed besides this server's own (http://HOST:PORT "
                              "of --host, or the loopback names for 127.0.0.1 / 0.0.0.0; the Host header is never "
@@ -81,8 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "/v1/detect/stream)")
     parser.add_argument("--provider", default=d.provider, help="ONNX Runtime's execution provider: cpu, cuda, tensorrt "
                         "(--threads sets its threads too)")
-    parser.add_argument("--demo-image", default=None, help="an image served at /demo-image for the web page")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--demo-image", default=default_demo_image(),
+                        help="an image served at /demo-image for the web page's Demo button (default: a bundled val "
+                             "image, once the bundled benchmark is on disk)")
+    parser.add_argument("--log-level", default="info", help="uvicorn's log level (debug, info, warning, error)")
 
 
 POSITIVE = ("max_upload_mb", "max_inflight_mb", "timeout_s", "max_video_s", "max_video_disk_mb", "body_timeout_s",

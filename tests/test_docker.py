@@ -135,3 +135,28 @@ def test_entrypoint_maps_environment_to_serve_flags(tmp_path):
 def test_entrypoint_runs_other_commands_and_honours_casc_weights(tmp_path):
     args, _ = _entrypoint(tmp_path, {"CASC_WEIGHTS": "/data/w"}, "casc", "demo")
     assert args[:1] == ["demo"] and args[-1] == "CASC_WEIGHTS=/data/w"
+
+
+def test_the_jetson_wheelhouse_asks_for_every_platform_tag_given(tmp_path):
+    """``PIP_PLATFORM=a,b`` becomes ``--platform a --platform b`` (onnxruntime's aarch64 wheel is manylinux_2_28,
+    which ``--platform manylinux2014_aarch64`` alone does not find); a fake Python records pip's arguments."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), WHEELHOUSE=str(tmp_path / "wh"), NO_TORCH="1", PY_VERSION="3.12",
+               PIP_PLATFORM="manylinux_2_28_aarch64,manylinux2014_aarch64")
+    done = subprocess.run(["bash", str(DOCKER / "wheelhouse.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls and all("--platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64" in c for c in calls)
+    for doc in (DOCKER / "README.md", DOCKER / "Dockerfile.jetson"):
+        text = doc.read_text()
+        assert "PIP_PLATFORM=manylinux_2_28_aarch64,manylinux2014_aarch64" in " ".join(text.split())
+        assert "CPU provider only" in " ".join(text.split())
+
+
+def test_documented_docker_run_commands_publish_on_localhost_only():
+    for doc in (DOCKER / "README.md", *DOCKERFILES):
+        for line in doc.read_text().splitlines():
+            if "docker run" in line and " -p " in line:
+                assert " -p 127.0.0.1:" in line, f"{doc.name}: {line.strip()}"

@@ -256,3 +256,4 @@ def test_quickstart_python_blocks_run_as_written(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "YOLO found:" in out and "Faster R-CNN found:" in out and "in the image:" in out
     assert (tmp_path / "rcnn_boxes.jpg").stat().st_size > 0
+    assert "4 levels at 256 px" in out  # the calibrated Faster R-CNN keeps its input size

@@ -132,10 +132,14 @@ def test_yolo_on_the_onnx_runtime_engine_writes_the_pytorch_engines_detections(o
     assert "T=" in capsys.readouterr().out
     record = json.loads((tmp_path / "exp" / "json" / "000000.json").read_text())
     expected = load_detector("yolov8n-bundled").predict([str(image)])[0]
-    assert [d["class"] for d in record["detections"]] == expected.boxes.cls.tolist() and len(expected)
+    assert [d["class_id"] for d in record["detections"]] == expected.boxes.cls.tolist() and len(expected)
     assert np.allclose([d["box"] for d in record["detections"]], expected.boxes.xyxy, atol=1e-2)
     assert (record["steps"], record["settled"]) == (expected.steps, expected.settled)
     assert record["spikes"] is None and record["energy_uj"] is None  # the graphs count no spikes
+    exported = next(onnx_cache.rglob("export.json")).parent  # an exported .onnx (or its folder) as --model
+    assert main(["predict", "--model", str(next(exported.glob("*.onnx"))), str(image), "--save-json",
+                 "--project", str(tmp_path), "--name", "onnx"]) == 0
+    assert json.loads((tmp_path / "onnx" / "json" / "000000.json").read_text())["detections"] == record["detections"]
     with pytest.raises(SystemExit):
         main(["predict", "--model", "yolov8n-bundled", str(image), "--engine", "tvm"])
 
@@ -160,3 +164,11 @@ def test_devices():
     else:
         with pytest.raises(ValueError, match="CUDA device"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_vid_stride_uses_every_nth_frame(video, tmp_path, capsys):
+    assert main(["predict", "--model", "yolov8n-bundled", str(video), "--vid-stride", "2", "--no-save", "--save-txt",
+                 "--project", str(tmp_path), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "(frame 1/3)" in out and "(frame 3/3)" in out and "(frame 2/3)" not in out
+    assert sorted(p.name for p in (tmp_path / "exp" / "labels").iterdir()) == ["clip_1.txt", "clip_3.txt"]

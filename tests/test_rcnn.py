@@ -9,6 +9,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -515,3 +516,14 @@ def test_qcfs_refuses_a_spiking_fpn_in_one_line():
 
     with pytest.raises(ValueError, match="QCFS neurons fire positive spikes only, and this model has 10 signed"):
         load_detector("rcnn-r18-bundled-sfpn", neuron="qcfs")
+
+
+def test_a_mask_head_or_a_wrong_class_list_is_refused_not_dropped():
+    mask = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3,
+                                                              min_size=64, max_size=96)
+    with pytest.raises(ValueError, match="MaskRCNN has a mask head whose outputs would be dropped: use a FasterRCNN"):
+        SpikingFasterRCNN.from_model(mask, levels=4)
+    qann = build_qann_fasterrcnn("resnet18_fpn", num_classes=4, levels=4, **SMALL)
+    with pytest.raises(ValueError, match="2 names for a model with 3 classes"):
+        SpikingFasterRCNN.from_model(qann, classes=["a", "b"])
+    assert SpikingFasterRCNN.from_model(qann, classes=["a", "b", "c"]).names == {0: "a", 1: "b", 2: "c"}

@@ -64,7 +64,7 @@ def test_save_save_txt_and_json(tmp_path):
     r.save_txt(tmp_path / "c.txt", save_conf=True)
     assert (tmp_path / "c.txt").read_text() == "2 0.3 0.5 0.4 0.333333 0.75\n"
     d = json.loads(r.to_json())
-    assert d["detections"] == [{"box": [10.0, 20.0, 50.0, 40.0], "score": 0.75, "class": 2, "name": "circle"}]
+    assert d["detections"] == [{"box": [10.0, 20.0, 50.0, 40.0], "score": 0.75, "class_id": 2, "name": "circle"}]
     assert d["orig_shape"] == [60, 100] and d["steps"] == 7 and d["stage_steps"] is None
     with pytest.raises(ValueError, match="cannot write"):
         r.save(tmp_path / "a.unknown")

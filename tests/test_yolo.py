@@ -481,3 +481,10 @@ def test_if_baseline_converges_to_the_float_ann_as_steps_grow():
     assert sorted(results) == [2, 8] and info["steps"] == [8, 8]
     with pytest.raises(ValueError, match="IF baseline"):
         SpikingYOLO.from_model(float_model, imgsz=64, neuron="if")
+
+
+def test_a_class_name_list_of_the_wrong_length_is_refused():
+    qann = build_qann("yolov8n.yaml", levels=4, act="relu", nc=3)
+    with pytest.raises(ValueError, match="2 class names for a model with 3 classes: give one name per class id 0..2"):
+        SpikingYOLO.from_model(qann, names=["a", "b"], imgsz=64)
+    assert SpikingYOLO.from_model(qann, names=["a", "b", "c"], imgsz=64).names == {0: "a", 1: "b", 2: "c"}

@@ -19,9 +19,11 @@ VOC_CLASSES = (
 )
 
 
-def read_voc(root: str | os.PathLike, split: str = "val", classes: list[str] | tuple[str, ...] = VOC_CLASSES,
+def read_voc(root: str | os.PathLike, split: str = "val", classes: list[str] | tuple[str, ...] | None = None,
              name: str | None = None) -> DetectionDataset:
-    """Read a VOC2007/VOC2012-style folder; objects marked difficult keep difficult=True."""
+    """Read a VOC2007/VOC2012-style folder; objects marked difficult keep difficult=True. ``classes``: the class
+    names by id (None: the 20 VOC classes)."""
+    classes = VOC_CLASSES if classes is None else classes
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: VOC directory not found")
@@ -59,7 +61,8 @@ def _read_annotation(root: Path, image_id: str, index: int, label_of: dict[str, 
     for obj in tree.iter("object"):
         cls = (obj.findtext("name") or "").strip()
         if cls not in label_of:
-            raise DatasetError(f"{src}: unknown class name {cls!r} (known: {', '.join(label_of)})")
+            raise DatasetError(f"{src}: unknown class name {cls!r} (known: {', '.join(label_of)}); give the dataset's "
+                               "class names in the model's order (--names a,b,...; in Python read_voc(classes=...))")
         try:
             x1, y1, x2, y2 = (float(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax"))
             is_difficult = int(float(obj.findtext("difficult") or 0)) == 1

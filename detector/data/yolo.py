@@ -18,8 +18,10 @@ import yaml
 from .dataset import IMAGE_SUFFIXES, DatasetError, DetectionDataset, ImageRecord, check_boxes, read_image_size
 
 
-def read_yolo(data_yaml: str | os.PathLike, split: str = "val", name: str | None = None) -> DetectionDataset:
-    """Read the `split` entry (train/val/test) of an Ultralytics data.yaml."""
+def read_yolo(data_yaml: str | os.PathLike, split: str = "val", name: str | None = None,
+              classes: list[str] | None = None) -> DetectionDataset:
+    """Read the `split` entry (train/val/test) of an Ultralytics data.yaml. ``classes``: the class names when the
+    YAML has no ``names`` (the YAML's own win)."""
     yaml_path = Path(data_yaml)
     try:
         config = yaml.safe_load(yaml_path.read_text())
@@ -29,7 +31,7 @@ def read_yolo(data_yaml: str | os.PathLike, split: str = "val", name: str | None
         raise DatasetError(f"{yaml_path}: invalid YAML ({e})") from None
     if not isinstance(config, dict):
         raise DatasetError(f"{yaml_path}: expected a mapping with path, {split} and names")
-    classes = _class_names(config.get("names"), yaml_path)
+    classes = _class_names(config.get("names"), yaml_path) if config.get("names") or not classes else list(classes)
     if not config.get(split):
         raise DatasetError(f"{yaml_path}: no {split!r} entry")
     root = Path(config.get("path") or ".")
@@ -61,7 +63,8 @@ def _class_names(names, yaml_path: Path) -> list[str]:
         if keys == list(range(len(names))):
             return [str(names[k] if k in names else names[str(k)]) for k in keys]
         raise DatasetError(f"{yaml_path}: names dict must have the keys 0..{len(names) - 1}")
-    raise DatasetError(f"{yaml_path}: 'names' must be a non-empty list or dict")
+    raise DatasetError(f"{yaml_path}: 'names' must be a non-empty list or dict (or give the class names: "
+                       "--names a,b,...)")
 
 
 def _image_files(root: Path, entry, yaml_path: Path) -> list[Path]:

@@ -137,8 +137,9 @@ class Results:
         return str(path)
 
     def to_dict(self) -> dict:
-        """JSON-ready: the detections (box xyxy, score, class, name) and the run's figures."""
-        detections = [{"box": [round(v, 3) for v in b], "score": s, "class": c, "name": n}
+        """JSON-ready: the detections (box xyxy, score, class_id, name: the keys of the service's responses) and the
+        run's figures."""
+        detections = [{"box": [round(v, 3) for v in b], "score": s, "class_id": c, "name": n}
                       for b, s, c, n in zip(self.boxes.xyxy.tolist(), self.boxes.conf.tolist(),
                                             self.boxes.cls.tolist(), self.labels)]
         return {"path": self.path, "orig_shape": list(self.orig_shape), "detections": detections,

@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 
 from ..calibrate import THETA_METHODS, quantize
-from ..data import open_dataset
+from ..data import open_dataset, parse_names
 from ..quant import ROUNDING
 from ..weights import resolve, verify_sha256
 
 
-def calibration_images(data: str, count: int, split: str = "train") -> list:
-    """The first ``count`` images (RGB uint8) of ``data``'s ``split``."""
-    dataset = open_dataset(data, split)
+def calibration_images(data: str, count: int, split: str = "train", classes: list[str] | None = None) -> list:
+    """The first ``count`` images (RGB uint8) of ``data``'s ``split`` (``classes``: how a VOC dataset's objects are
+    named; see ``open_dataset``)."""
+    dataset = open_dataset(data, split, classes=classes)
     if len(dataset) == 0:
         raise ValueError(f"{data} ({split}) has no images to calibrate on")
     return [dataset.load_image(i) for i in range(min(count, len(dataset)))]
@@ -31,16 +32,24 @@ def calibration_images(data: str, count: int, split: str = "train") -> list:
 
 def quantize_checkpoint(model: str, data: str, out: str | Path, levels: int = 4, images: int = 256,
                         batch: int = 16, theta: str = "mse", percentile: float = 99.9, rounding: str = "round",
-                        first_levels: int | None = None, split: str = "train", spiking_fpn: bool = False) -> Path:
+                        first_levels: int | None = None, split: str = "train", spiking_fpn: bool = False,
+                        names: list[str] | None = None, min_size: int | None = None, max_size: int | None = None,
+                        log=print) -> Path:
     """Quantize the float checkpoint ``model`` (a bundled name or a path) and write the QANN to ``out``.
 
     ``spiking_fpn`` (Faster R-CNN): also quantize the FPN's signed signals where they enter the next layers
-    (``add_spiking_fpn``); ``model`` may then be a QANN already, which gets only those quantizers."""
+    (``add_spiking_fpn``); ``model`` may then be a QANN already, which gets only those quantizers. ``names``: the
+    class names to store (default: the checkpoint's). ``min_size`` / ``max_size`` (Faster R-CNN): the input sizes,
+    for a torchvision state dict that does not record them (else torchvision's 800 / 1333). ``log`` gets one line
+    per stage (progress that also shows in a log file)."""
     entry = resolve(model)
     verify_sha256(entry.path, entry.sha256)
-    if spiking_fpn and entry.family != "rcnn":
-        raise ValueError(f"--spiking-fpn applies to Faster R-CNN; {model} is a {entry.family} model")
-    rgb = calibration_images(data, images, split)
+    given = [option for option, value in (("--spiking-fpn", spiking_fpn), ("--min-size", min_size),
+                                          ("--max-size", max_size)) if value]
+    if entry.family != "rcnn" and given:
+        raise ValueError(f"{' and '.join(given)} applies to Faster R-CNN; {model} is a {entry.family} model")
+    rgb = calibration_images(data, images, split, names)
+    log(f"quantize: {len(rgb)} calibration images from {data} ({split}); calibrating {levels} levels ...")
     options = dict(theta=theta, percentile=percentile, rounding=rounding, first_levels=first_levels)
     if entry.family == "yolo":
         from ..models import yolo
@@ -49,24 +58,27 @@ def quantize_checkpoint(model: str, data: str, out: str | Path, levels: int = 4,
         if meta["quantized"]:
             raise ValueError(f"{model} is already a QANN; quantize the float checkpoint it came from")
         qann = quantize(float_model, levels, yolo.calibration_inputs(rgb, meta["imgsz"], batch), **options)
-        return yolo.save_qann(qann, out, names=meta["names"], imgsz=meta["imgsz"], act=meta["act"])
+        return yolo.save_qann(qann, out, names=names or meta["names"], imgsz=meta["imgsz"], act=meta["act"])
     from ..models import rcnn
 
     state, meta = rcnn._unwrap_state_dict(rcnn.load_checkpoint(entry.path, entry.sha256))
+    meta = dict(meta, **{k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v})
     if rcnn.is_qann_state(state):
         if not spiking_fpn:
             raise ValueError(f"{model} is already a QANN; quantize the float checkpoint it came from")
         qann = rcnn.model_from_state_dict(state, meta, levels=None).eval()
     else:
         float_model, meta = rcnn.float_for_calibration(state, meta)
-        qann = quantize(float_model, levels, rcnn.calibration_inputs(rgb, batch), **options)
+        qann = rcnn.quantize_fasterrcnn(float_model, levels, rgb, batch, **options)
     if spiking_fpn:
+        log("quantize: the spiking FPN's signed quantizers ...")
         qann = rcnn.add_spiking_fpn(qann, calibration=rcnn.calibration_inputs(rgb, batch), inplace=True)
-    return rcnn.save_qann(qann, out, dict(meta, spiking_fpn=spiking_fpn))
+    classes = {"classes": names} if names else {}
+    rcnn.class_names(names, qann.roi_heads.box_predictor.cls_score.out_features - 1)  # a wrong length fails here
+    return rcnn.save_qann(qann, out, dict(meta, spiking_fpn=spiking_fpn, **classes))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--model", required=True, help="float checkpoint: a bundled name or a path")
     parser.add_argument("--data", required=True, help="calibration images: 'bundled', coco:DIR, voc:DIR or a YOLO YAML")
     parser.add_argument("--split", default="train", help="split the calibration images come from")
@@ -85,7 +97,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Faster R-CNN: also quantize the FPN's signed signals where they enter its output "
                              "convs, the RPN head and the box head (signed quantizers), so those layers receive "
                              "spikes; --model may then be a QANN")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--names", default=None,
+                        help="class names to store, comma-separated or a file with one per line (None: the "
+                             "checkpoint's)")
+    parser.add_argument("--min-size", type=int, default=None,
+                        help="Faster R-CNN: the input's shorter side, for a state dict that does not record it (None: "
+                             "the checkpoint's, else torchvision's 800)")
+    parser.add_argument("--max-size", type=int, default=None,
+                        help="Faster R-CNN: the input's longer side at most (None: the checkpoint's, else 1333)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's choice)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -95,6 +115,7 @@ def main(args: argparse.Namespace) -> int:
     path = quantize_checkpoint(args.model, args.data, args.out, levels=args.levels, images=args.images,
                                batch=args.batch, theta=args.theta, percentile=args.percentile,
                                rounding=args.rounding, first_levels=args.first_levels, split=args.split,
-                               spiking_fpn=args.spiking_fpn)
+                               spiking_fpn=args.spiking_fpn, names=parse_names(args.names), min_size=args.min_size,
+                               max_size=args.max_size, log=lambda line: print(line, flush=True))
     print(f"QANN written to {path} ({time.monotonic() - started:.0f} s)")
     return 0

@@ -25,10 +25,10 @@ from ..models.rcnn import (ARCHS, _unwrap_state_dict, add_spiking_fpn, build_fas
                            has_spiking_fpn, load_checkpoint, model_from_state_dict, save_checkpoint,
                            to_qann_fasterrcnn)
 from ..quant import ClipQuan, qann_levels
-from .recipe import add_qat_arguments
+from .recipe import add_output_arguments, add_qat_arguments, output_folder
 
 
-def _open_dataset(spec: str, split: str):
+def _open_dataset(spec: str, split: str, classes: list[str] | None = None):
     path = Path(spec)
     if ":" not in spec.split("/")[0] and path.is_dir():  # a bare directory: detect the layout
         if (path / "annotations").is_dir():
@@ -37,7 +37,7 @@ def _open_dataset(spec: str, split: str):
             spec = f"voc:{spec}"
     from ..data import open_dataset  # the project's readers
 
-    return open_dataset(spec, split=split)
+    return open_dataset(spec, split=split, classes=classes)
 
 
 class _TorchvisionTargets(torch.utils.data.Dataset):
@@ -72,7 +72,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "weights, a reference checkpoint, or one of ours); default: random init")
     parser.add_argument("--sha256", default=None, help="expected sha256 of --weights")
     parser.add_argument("--data", required=True, help="coco:DIR | voc:DIR | COCO or VOC directory | data.yaml | bundled")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train", help="the split to train on")
+    parser.add_argument("--names", default=None,
+                        help="a VOC dataset's (or a names-less data.yaml's) class names, comma-separated or a file "
+                             "with one per line (None: the 20 VOC classes)")
     parser.add_argument("--levels", type=int, default=4, help="quantization levels L of the QANN")
     parser.add_argument("--float", action="store_true", help="train the float model (no quantization)")
     parser.add_argument("--epochs", type=int, default=12)
@@ -96,7 +99,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="quantize the FPN's signed signals where they enter its output convs, the RPN head "
                              "and the box head (signed quantizers, calibrated on --calibrate-images images), so "
                              "those layers receive spikes")
-    parser.add_argument("--out", default="runs/rcnn")
+    add_output_arguments(parser, "runs", "rcnn")
     parser.add_argument("--resume", default=None, help="continue from this checkpoint (model, optimizer, scheduler, epoch)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=2)
@@ -121,16 +124,18 @@ def train_from_args(args: argparse.Namespace) -> Path:
     """Fine-tune a Faster R-CNN QANN (or the float model with ``--float``); returns the checkpoint path."""
     from tqdm import tqdm
 
+    from ..data import parse_names
+
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    ds = _open_dataset(args.data, args.split)
+    ds = _open_dataset(args.data, args.split, parse_names(args.names))
     if len(ds) == 0:
         raise ValueError(f"dataset {args.data} ({args.split}) is empty")
     classes = list(ds.classes)
     num_classes = len(classes) + 1
     levels = None if args.float else args.levels
-    out = Path(args.out)
+    out = output_folder(args)
     out.mkdir(parents=True, exist_ok=True)
     arch = args.arch
     build = dict(min_size=args.min_size, max_size=args.max_size, trainable_layers=args.trainable_layers)

@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..calibrate import THETA_METHODS
+from ..predict import run_folder
 from .yolo_qat import THETA_MODES
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, project: str, name: str) -> None:
+    """Where a training run writes, as Ultralytics names it: ``--project``/``--name`` (numbered when taken),
+    ``--exist-ok``; ``--out`` names the folder itself."""
+    parser.add_argument("--project", default=project, help="parent folder of the run folders")
+    parser.add_argument("--name", default=name, help="run folder name (numbered when taken: NAME2, NAME3, ...)")
+    parser.add_argument("--exist-ok", action="store_true", help="write into PROJECT/NAME even if it exists")
+    parser.add_argument("--out", default=None, help="the output folder itself, used as it is (None: PROJECT/NAME)")
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """The run's folder: ``--out``, else ``PROJECT/NAME`` (numbered unless ``--exist-ok`` or resuming)."""
+    if args.out:
+        return Path(args.out)
+    return run_folder(args.project, args.name, args.exist_ok or bool(getattr(args, "resume", None)))
 
 
 def add_qat_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .recipe import add_qat_arguments
+from .recipe import add_output_arguments, add_qat_arguments, output_folder
 from ..models.yolo import (ACTIVATIONS, build_qann, export_checkpoint, is_qann_checkpoint, letterbox, load_checkpoint,
                            model_act, prepare_ultralytics, quantize_model, save_qann, ultralytics_start_checkpoint)
 from ..models.yolo.model import _check_yaml, _yaml_dict
@@ -79,14 +79,8 @@ def train(model: str | Path = "yolov8n.yaml", data: str | Path = "coco8.yaml", l
     (an Ultralytics checkpoint holding the QANN, loadable by ``YOLO(path)`` and ``load_checkpoint``) and
     writes ``best.casc.pt`` (our safe format) beside it. Quantizing a float ``.pt``, the thresholds start at
     the 99.9th percentile of each activation on ``calibrate`` training images and are learnt (0: theta = 1)."""
+    check_inputs(model, data)
     model_path = Path(str(model))
-    if model_path.suffix == ".pt" and not model_path.is_file():
-        raise FileNotFoundError(f"model checkpoint not found: {model}")
-    if model_path.suffix in {".yaml", ".yml"}:
-        _check_yaml(_yaml_dict(str(model)))
-    data_path = Path(str(data))
-    if data_path.suffix in {".yaml", ".yml"} and not data_path.is_file() and data_path.parent != Path("."):
-        raise FileNotFoundError(f"data YAML not found: {data}")
     if act is not None and act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     if not float_model:
@@ -123,6 +117,20 @@ def train(model: str | Path = "yolov8n.yaml", data: str | Path = "coco8.yaml", l
     return best
 
 
+def check_inputs(model: str | Path, data: str | Path) -> None:
+    """The model and data files exist and the model YAML is supported, before any folder is made or Ultralytics
+    runs (it would look a missing name up in its datasets folder and try a download)."""
+    model_path = Path(str(model))
+    if model_path.suffix == ".pt" and not model_path.is_file():
+        raise FileNotFoundError(f"model checkpoint not found: {model}")
+    if model_path.suffix in {".yaml", ".yml"}:
+        _check_yaml(_yaml_dict(str(model)))
+    data_path = Path(str(data))
+    if data_path.suffix in {".yaml", ".yml"} and not data_path.is_file():
+        raise FileNotFoundError(f"data YAML not found: {data}; give the path of an Ultralytics data.yaml (path, "
+                                "train, val, names; named datasets such as coco8.yaml are not downloaded here)")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``casc train yolo``."""
     parser.add_argument("--model", default="yolov8n.yaml",
@@ -138,9 +146,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="float activation before quantization (default: the model's own; SiLU for YAMLs)")
     parser.add_argument("--float", dest="float_model", action="store_true",
                         help="train the float model without quantization (e.g. the ReLU net of the IF baseline)")
-    parser.add_argument("--out", default="runs/casc/train", help="output directory (weights/ inside)")
+    add_output_arguments(parser, "runs/casc", "train")
     parser.add_argument("--workers", type=int, default=2, help="data loader workers")
-    parser.add_argument("--resume", action="store_true", help="resume from OUT/weights/last.pt")
+    parser.add_argument("--resume", action="store_true", help="resume from PROJECT/NAME/weights/last.pt (or OUT's)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip Ultralytics' plots")
     parser.add_argument("--calibrate", type=int, default=0,
                         help="quantizing a float .pt: start each threshold at its 99.9th activation percentile on "
@@ -186,7 +194,7 @@ def train_qat(args: argparse.Namespace) -> Path:
     if not meta["quantized"]:
         teacher = model
         warn_if_silu(meta["act"])
-        rgb = calibration_images(args.data, args.calibrate_images)
+        rgb = calibration_images(args.data, args.calibrate_images, classes=_class_list(meta["names"]))
         model = quantize(model, args.levels, calibration_inputs(rgb, imgsz), theta=args.theta_init,
                          first_levels=args.first_levels)
     if args.distill:
@@ -194,8 +202,8 @@ def train_qat(args: argparse.Namespace) -> Path:
             teacher, _ = load_checkpoint(resolve(args.float_model).path)
         if teacher is None:
             raise ValueError("--distill needs the float model: --float-model NAME|PATH (or a float --model)")
-    dataset = open_dataset(args.data, "train")
-    out = Path(args.out)
+    dataset = open_dataset(args.data, "train", classes=_class_list(meta["names"]))  # VOC: read with the model's names
+    out = output_folder(args)
     save = lambda m, path: save_qann(m, path, names=meta["names"], imgsz=imgsz, act=meta["act"])  # noqa: E731
     summary = finetune(model, dataset, imgsz, out, save, iterations=args.iterations, batch=args.batch, lr=args.lr,
                        theta=args.theta, theta_lr=args.theta_lr, teacher=teacher if args.distill else None,
@@ -206,11 +214,17 @@ def train_qat(args: argparse.Namespace) -> Path:
     return Path(summary["checkpoint"])
 
 
+def _class_list(names) -> list[str]:
+    """A checkpoint's names (a dict by id or a list) as the list ``open_dataset(classes=)`` takes."""
+    return [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
+
+
 def train_from_args(args: argparse.Namespace) -> Path:
     """Run ``casc train yolo``; returns the written checkpoint (``best.pt``, or ``last.pt`` with ``--qat``)."""
     if args.qat:
         return train_qat(args)
+    check_inputs(args.model, args.data)
     return train(model=args.model, data=args.data, levels=args.levels, epochs=args.epochs, imgsz=args.imgsz or 640,
-                 batch=args.batch, device=args.device, act=args.act, float_model=args.float_model, out=args.out,
+                 batch=args.batch, device=args.device, act=args.act, float_model=args.float_model, out=output_folder(args),
                  workers=args.workers, resume=args.resume, plots=getattr(args, "plots", True), calibrate=args.calibrate,
                  **({"time": args.time} if args.time else {}))

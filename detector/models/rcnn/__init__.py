@@ -2,6 +2,8 @@
 
     from detector.models.rcnn import SpikingFasterRCNN
     det = SpikingFasterRCNN.from_checkpoint("fasterrcnn.pth", arch="resnet50_fpn", levels=4)
+    qann = quantize_fasterrcnn(float_model, levels=4, images=rgb_images)    # calibrated, no labels
+    det = SpikingFasterRCNN.from_model(qann, classes=names)
     results = det.predict(["street.jpg"])          # [Results]: .boxes (0-based cls), .steps, .stage_steps, ...
     for event in det.stream("street.jpg"):         # stage-1 steps, then stage-2 steps with detections
         ...
@@ -32,6 +34,7 @@ from .model import (
     load_checkpoint,
     load_float_for_calibration,
     model_from_state_dict,
+    quantize_fasterrcnn,
     save_checkpoint,
     save_qann,
     to_qann_fasterrcnn,
@@ -43,4 +46,5 @@ __all__ = [
     "build_fasterrcnn", "build_qann_fasterrcnn", "to_qann_fasterrcnn", "analog_candidates", "load_checkpoint",
     "model_from_state_dict", "save_checkpoint", "load_float_for_calibration", "calibration_inputs", "save_qann",
     "class_names", "add_spiking_fpn", "has_spiking_fpn", "is_qann_state", "float_for_calibration",
+    "quantize_fasterrcnn",
 ]

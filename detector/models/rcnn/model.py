@@ -47,6 +47,10 @@ MODULE_RULES = ModuleRules(
     nonlinear=(SqueezeExcitation,),
 )
 
+# (bottleneck blocks?, blocks per stage) of a torchvision ResNet body -> our arch name, to read a bare state dict
+RESNET_LAYOUTS = {(False, (2, 2, 2, 2)): "resnet18_fpn", (False, (3, 4, 6, 3)): "resnet34_fpn",
+                  (True, (3, 4, 6, 3)): "resnet50_fpn", (True, (3, 4, 23, 3)): "resnet101_fpn",
+                  (True, (3, 8, 36, 3)): "resnet152_fpn"}
 RESNET_ARCHS = {
     "resnet18_fpn": "resnet18",
     "resnet34_fpn": "resnet34",
@@ -289,7 +293,21 @@ def _infer_from_state_dict(state: dict) -> dict:
     fpn = state.get("backbone.fpn.layer_blocks.0.0.weight")
     if fpn is not None:
         info["fpn_channels"] = int(fpn.shape[0])
+    blocks = tuple(len({k.split(".")[3] for k in state if k.startswith(f"backbone.body.layer{i}.")}) for i in range(1, 5))
+    bottleneck = "backbone.body.layer1.0.conv3.weight" in state
+    if (bottleneck, blocks) in RESNET_LAYOUTS and "backbone.body.layer1.0.conv1.weight" in state:
+        info["arch"] = RESNET_LAYOUTS[(bottleneck, blocks)]
     return info
+
+
+def _load_strict(model: nn.Module, state: dict, arch: str) -> None:
+    """``load_state_dict(strict=True)``, its many-line mismatch report as one line that says what to check."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise ValueError(f"the checkpoint does not fit a {arch} Faster R-CNN (give its arch and num_classes, or "
+                         f"save it with its metadata through save_qann): {detail[:300]}") from None
 
 
 def model_from_state_dict(state: dict, meta: dict, arch: str | None = None, num_classes: int | None = None,
@@ -297,7 +315,7 @@ def model_from_state_dict(state: dict, meta: dict, arch: str | None = None, num_
     """Build the model that ``state`` belongs to and load it (strict). Returns a QANN unless ``levels`` is None
     and the checkpoint is a float one."""
     inferred = _infer_from_state_dict(state)
-    arch = arch or meta.get("arch") or "resnet50_fpn"
+    arch = arch or meta.get("arch") or inferred.get("arch") or "resnet50_fpn"
     num_classes = num_classes or meta.get("num_classes") or inferred.get("num_classes") or 91
     kwargs = {k: meta[k] for k in ("min_size", "max_size", "representation_size") if meta.get(k) is not None}
     if "representation_size" not in kwargs and "representation_size" in inferred and arch != "resnet50_fpn_v2":
@@ -314,9 +332,9 @@ def model_from_state_dict(state: dict, meta: dict, arch: str | None = None, num_
         if has_spiking_fpn(state):
             model = add_spiking_fpn(model, fpn_convs=any(k.startswith("backbone.fpn.layer_input_quants.") for k in state),
                                     inplace=True)
-        model.load_state_dict(with_legacy_quant_state(model, state), strict=True)
+        _load_strict(model, with_legacy_quant_state(model, state), arch)
     else:
-        model.load_state_dict(state, strict=True)
+        _load_strict(model, state, arch)
         if levels is not None:
             model = to_qann_fasterrcnn(model, levels, inplace=True)
     return model
@@ -333,10 +351,10 @@ def load_float_for_calibration(path: str | Path, sha256: str | None = None) -> t
 
 def float_for_calibration(state: dict, meta: dict) -> tuple[nn.Module, dict]:
     """``load_float_for_calibration`` of a float state dict and its metadata already read."""
-    arch = meta.get("arch") or "resnet50_fpn"
+    inferred = _infer_from_state_dict(state)
+    arch = meta.get("arch") or inferred.get("arch") or "resnet50_fpn"
     frozen = {"frozen_bn": False} if arch in RESNET_ARCHS else {}
     state = dict(state)
-    inferred = _infer_from_state_dict(state)
     kwargs = {k: meta[k] for k in ("min_size", "max_size", "representation_size") if meta.get(k) is not None}
     if arch in RESNET_ARCHS and "fpn_channels" in inferred:
         kwargs["fpn_channels"] = inferred["fpn_channels"]
@@ -344,7 +362,7 @@ def float_for_calibration(state: dict, meta: dict) -> tuple[nn.Module, dict]:
     for name, buffer in model.state_dict().items():  # FrozenBatchNorm2d state dicts have no batch counter
         if name.endswith("num_batches_tracked"):
             state.setdefault(name, torch.zeros_like(buffer))
-    model.load_state_dict(state, strict=True)
+    _load_strict(model, state, arch)
     return model.eval(), dict(meta, arch=arch)
 
 
@@ -375,8 +393,30 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict, **extra) -> None:
 
 
 def save_qann(qann: nn.Module, path: str | Path, meta: dict) -> Path:
-    """Write a quantized Faster R-CNN (e.g. from ``detector.calibrate.quantize``) in our checkpoint format."""
+    """Write a quantized Faster R-CNN (e.g. from ``quantize_fasterrcnn``) in our checkpoint format, with the input
+    sizes of its own transform (a checkpoint without them would load at torchvision's 800 px)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, qann, dict(meta, levels=qann_levels(qann)))
+    sizes = {"min_size": int(qann.transform.min_size[0]), "max_size": int(qann.transform.max_size)} \
+        if hasattr(qann, "transform") else {}
+    save_checkpoint(path, qann, dict(meta, **sizes, levels=qann_levels(qann)))
     return path
+
+
+def quantize_fasterrcnn(model: nn.Module, levels: int, images: list, batch: int = 8, **options) -> nn.Module:
+    """A calibrated QANN of a float torchvision Faster R-CNN, ready for ``SpikingFasterRCNN.from_model``.
+
+    ``images``: RGB uint8 arrays (or CHW tensors), no labels; ``options`` go to ``detector.calibrate.quantize``
+    (``theta``, ``rounding``, ``first_levels``, ...). Unlike a plain ``quantize(model, ...)``, the box head's
+    functional ReLUs become modules first (``ReLUTwoMLPHead``), so they are quantized too. The model's own input
+    sizes (``transform.min_size`` / ``max_size``) are kept. Frozen BatchNorms (torchvision's default) keep their
+    statistics; ``float_for_calibration`` gives a model whose BatchNorms are re-estimated."""
+    from ...calibrate import quantize
+
+    target = copy.deepcopy(model).eval()
+    heads = getattr(target, "roi_heads", None)
+    if heads is None or not hasattr(target, "transform"):
+        raise TypeError(f"quantize_fasterrcnn takes a torchvision FasterRCNN, got {type(model).__name__}")
+    if type(heads.box_head) is tv_frcnn.TwoMLPHead:
+        heads.box_head = ReLUTwoMLPHead.from_head(heads.box_head)
+    return quantize(target, levels, calibration_inputs(list(images), batch), inplace=True, **options)

@@ -122,6 +122,12 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         if neuron not in ("cif", "qcfs", "if"):
             raise ValueError(f'neuron must be "cif" (CASC), "qcfs" (QCFS neurons on the same QANN) or "if" '
                              f"(the IF baseline), got {neuron!r}")
+        extra_heads = [head for head, has in (("mask", "has_mask"), ("keypoint", "has_keypoint"))
+                       if getattr(qann.roi_heads, has, lambda: False)()]
+        if extra_heads:
+            raise ValueError(f"SpikingFasterRCNN converts box detection only, and this {type(qann).__name__} has a "
+                             f"{' and a '.join(extra_heads)} head whose outputs would be dropped: use a FasterRCNN, or "
+                             f"set roi_heads.{extra_heads[0]}_roi_pool / _head / _predictor to None for boxes only")
         signed = [m for m in qann.modules() if isinstance(m, ClipQuan) and m.signed]
         if neuron == "qcfs" and signed:
             raise ValueError(f"QCFS neurons fire positive spikes only, and this model has {len(signed)} signed "
@@ -129,9 +135,10 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
                              "without --spiking-fpn (e.g. rcnn-r18-bundled)")
         if neuron != "if":
             if type(qann.roi_heads.box_head) is tv_frcnn.TwoMLPHead or qann_levels(qann) is None:
-                raise ValueError("SpikingFasterRCNN needs a QANN: build it with to_qann_fasterrcnn(model, levels) "
-                                 "(it also replaces TwoMLPHead's functional ReLUs); for the IF baseline on a float "
-                                 'model pass neuron="if", calibration=images')
+                raise ValueError("SpikingFasterRCNN needs a QANN: calibrate one with quantize_fasterrcnn(model, levels, "
+                                 "images) or build one with to_qann_fasterrcnn(model, levels) (both also replace "
+                                 "TwoMLPHead's functional ReLUs); for the IF baseline on a float model pass "
+                                 'neuron="if", calibration=images')
         else:
             if calibration is None:
                 raise ValueError('neuron="if" (the IF baseline) needs calibration=images: a few images whose '
@@ -431,8 +438,11 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
 
 def class_names(classes: list[str] | None, n: int) -> dict[int, str]:
     """0-based class id -> name for ``n`` classes (torchvision's label ``k`` is class ``k - 1``; 0 is the
-    background); ids without a name are named by their number."""
-    return {i: str(classes[i]) if classes and i < len(classes) else str(i) for i in range(n)}
+    background); without ``classes`` the ids are named by their number. A list of another length is an error."""
+    if classes and len(classes) != n:
+        raise ValueError(f"classes: {len(classes)} names for a model with {n} classes (its box predictor has {n + 1} "
+                         f"outputs, the first the background): give one name per class, background excluded")
+    return {i: str(classes[i]) if classes else str(i) for i in range(n)}
 
 
 @contextmanager

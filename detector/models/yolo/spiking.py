@@ -131,6 +131,10 @@ class SpikingYOLO(SpikingDetector):
             p.requires_grad_(False)
         self.levels = qann_levels(self.qann)
         self.names = _names_dict(names) or _names_dict(getattr(qann, "names", None))
+        classes = getattr(self.qann.model[-1], "nc", None) if hasattr(self.qann, "model") else None
+        if names is not None and classes is not None and sorted(self.names) != list(range(classes)):
+            raise ValueError(f"names: {len(self.names)} class names for a model with {classes} classes: give one name "
+                             f"per class id 0..{classes - 1}")
         self.imgsz = int(imgsz)
         self.stride = int(max(self.qann.stride)) if hasattr(self.qann, "stride") else 32
         if self.imgsz % self.stride:
@@ -192,8 +196,9 @@ class SpikingYOLO(SpikingDetector):
                        dtype=dtype, neuron="if", calibration=calibration)
         if not meta["quantized"]:
             if levels is None:
-                raise ValueError(f"{path} holds a float model: pass levels=L to quantize it (and fine-tune it "
-                                 "with `casc train yolo` for accuracy)")
+                raise ValueError(f"{path} holds a float model, not a QANN: quantize it first (casc quantize --model "
+                                 f"{path} --levels 4 --data DATA --out qann.pt; in Python levels=L), fine-tune it "
+                                 "(casc train yolo --qat) and pass the float model as --float-model")
             model = quantize_model(model, levels, meta["act"])
         elif levels is not None and levels != meta["levels"]:
             raise ValueError(f"{path} is a QANN with {meta['levels']} levels, not {levels}")

@@ -12,12 +12,13 @@ set themselves:
   ``sync=False``;
 * ``Arial.ttf`` / ``Arial.Unicode.ttf`` in ``$YOLO_CONFIG_DIR/Ultralytics/``: a copy of matplotlib's DejaVuSans,
   added only when missing, so Ultralytics' plotting never downloads a font;
-* then imports ``ultralytics`` and turns its online checks and auto-install off (also when a user
-  imported Ultralytics before us).
+* then imports ``ultralytics`` (without its first-use settings banner) and turns its online checks and
+  auto-install off (also when a user imported Ultralytics before us).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -88,6 +89,14 @@ def _after_import(user_autoinstall: bool, owned_config: bool) -> None:
             pass
 
 
+class _SettingsBanner(logging.Filter):
+    """Drops the "Creating new Ultralytics Settings ... 'yolo settings'" notice that a first import prints: the
+    settings file lives in this project's cache and is not the user's to edit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Creating new Ultralytics Settings")
+
+
 def prepare_ultralytics() -> None:
     """Make Ultralytics run offline (see the module docstring) and import it. Call it before anything
     imports ``ultralytics``; later calls do nothing."""
@@ -96,8 +105,18 @@ def prepare_ultralytics() -> None:
         return
     user_autoinstall = "YOLO_AUTOINSTALL" in os.environ
     owned_config = _set_environment()
-    import ultralytics  # noqa: F401
-
+    banner = _SettingsBanner()
+    logging.getLogger("ultralytics").addFilter(banner)
+    try:
+        import ultralytics  # noqa: F401
+    except ModuleNotFoundError as error:
+        if error.name != "ultralytics":
+            raise
+        raise ModuleNotFoundError("YOLO models need Ultralytics, installed without its GUI OpenCV: "
+                                  "pip install --no-deps 'ultralytics==8.4.190' (docs/quickstart.md)",
+                                  name="ultralytics") from None
+    finally:
+        logging.getLogger("ultralytics").removeFilter(banner)
     _after_import(user_autoinstall, owned_config)
     _prepared = True
 
