@@ -28,9 +28,8 @@ import sys
 from pathlib import Path
 
 from detector import __version__
+from detector.families import FAMILIES
 
-# family -> module exposing add_train_arguments(parser) and train_from_args(args)
-TRAINERS = {"yolo": "detector.train.yolo", "rcnn": "detector.train.rcnn"}
 # command -> module exposing add_arguments(parser) and main(args) -> exit code
 COMMANDS = {
     "eval": ("eval.runner", "mAP against time steps for ANN, QANN, CASC SNN and the IF baseline"),
@@ -117,7 +116,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
     train = _command_parser(sub, "train", "train or fine-tune a quantized network (QANN)")
     families = train.add_subparsers(dest="family", required=True)
-    for family, module_name in TRAINERS.items():
+    for family, module_name in ((f.name, f.trainer) for f in FAMILIES.values()):
         family_parser = _command_parser(families, family, f"train a {family} QANN")
         # Only the module of the family asked for is imported (and only to build its options).
         if len(argv) >= 2 and argv[0] == "train" and argv[1] == family:

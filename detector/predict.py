@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import glob
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
+from .video import KEYFRAME_EVERY, VIDEO_SUFFIXES, UnreadableVideo, video_frames
 from .weights import ENGINES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 
 
 def _sleep(value: str) -> int | str:
@@ -67,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (None: half the cores, at least 1; more threads than free cores "
                              "make every step wait for a descheduled thread)")
     parser.add_argument("--vid-stride", type=int, default=1, help="use every Nth frame of a video or stream")
+    parser.add_argument("--delta", action=argparse.BooleanOptionalAction, default=True,
+                        help="videos by delta frames: after the first frame each frame feeds only its change "
+                             "(exact; --no-delta: every frame a fresh run)")
+    parser.add_argument("--keyframe-every", type=int, default=KEYFRAME_EVERY,
+                        help="with delta frames, a whole schedule every N frames (0: only the first)")
     parser.add_argument("--project", "--out", dest="project", default="runs/predict",
                         help="parent folder of the run folders")
     parser.add_argument("--name", default="exp", help="run folder name (numbered when taken: exp2, exp3, ...)")
@@ -75,10 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the annotated images and videos")
     parser.add_argument("--save-txt", action="store_true", help="write YOLO-format labels (with scores)")
     parser.add_argument("--save-json", action="store_true", help="write one JSON per image")
-
-
-class UnreadableSource(ValueError):
-    """A video, webcam or stream OpenCV cannot open."""
 
 
 STREAM_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://", "tcp://", "udp://")
@@ -225,35 +227,24 @@ def saved_suffix(path: Path) -> str:
     return suffix if suffix in IMAGE_SUFFIXES - {".gif"} else ".png"
 
 
-def video_frames(source: Path | str, stride: int = 1):
-    """(frame index from 1, frame count (0 for a live stream), fps, BGR frame) of every ``stride``-th frame OpenCV
-    decodes from a video file, a webcam index or a stream URL."""
-    import cv2
-
-    capture = cv2.VideoCapture(int(source) if isinstance(source, str) and source.isdigit() else str(source))
-    if not capture.isOpened():
-        raise UnreadableSource("cannot open the video" if isinstance(source, Path) else
-                               "cannot open the webcam or stream (is it connected, is the URL right?)")
-    try:
-        total = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
-        fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
-        index = 0
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                return
-            index += 1
-            if (index - 1) % stride == 0:
-                yield index, total, fps / stride, frame
-    finally:
-        capture.release()
+def frame_kind(result) -> str:
+    """How a video frame ran: a keyframe (the whole schedule) or a delta frame, with its energy."""
+    kind = "keyframe" if result.keyframe else "delta"
+    return kind if result.energy_uj is None else f"{kind}, {result.energy_uj:.1f} uJ"
 
 
-def predict_frames(detector, source: Path | str, stride: int, options: dict):
+def predict_frames(detector, source: Path | str, stride: int, options: dict, delta: bool = True,
+                   keyframe_every: int | None = None):
     """(frame index, frame count, fps, Results) for every used frame of a video, webcam or stream: the one place
-    that runs a detector over a video's frames."""
+    that runs a detector over a video's frames, through ``SpikingDetector.video`` (delta frames unless ``delta`` is
+    False or the network is rate-coded; the sleep option does not apply to delta frames, which sleep until quiet)."""
+    from .convert import RATE_CODED
+
+    options = {k: v for k, v in options.items() if k != "sleep"}
+    predictor = detector.video(delta=delta and detector.neuron not in RATE_CODED, keyframe_every=keyframe_every,
+                               color="bgr", **options)
     for index, total, fps, frame in video_frames(source, stride):
-        yield index, total, fps, detector.predict([frame], color="bgr", **options)[0]
+        yield index, total, fps, predictor(frame)
 
 
 def load_options(args: argparse.Namespace) -> dict:
@@ -307,17 +298,22 @@ def main(args: argparse.Namespace) -> int:
             stem = outputs.stem(source)
             try:
                 if isinstance(source, str) or source.suffix.lower() in VIDEO_SUFFIXES:
-                    for index, total, fps, result in predict_frames(detector, source, args.vid_stride, options):
+                    started = time.perf_counter()
+                    for n, (index, total, fps, result) in enumerate(
+                            predict_frames(detector, source, args.vid_stride, options, args.delta,
+                                           args.keyframe_every or None), 1):
                         outputs.frame(result, stem, index, fps)
                         speeds.append(result.speed)
                         frames = f"{index}/{total}" if total else str(index)
-                        print(f"video {i}/{len(sources)} (frame {frames}) {source}: {summary(result)}", flush=True)
+                        rate = n / (time.perf_counter() - started)
+                        print(f"video {i}/{len(sources)} (frame {frames}, {frame_kind(result)}, {rate:.1f} fps) "
+                              f"{source}: {summary(result)}", flush=True)
                 else:
                     result = detector.predict([str(source)], **options)[0]
                     outputs.image(result, stem, saved_suffix(source))
                     speeds.append(result.speed)
                     print(f"image {i}/{len(sources)} {source}: {summary(result)}", flush=True)
-            except (ImageError, UnreadableSource, FileNotFoundError) as error:  # named and skipped; the rest run
+            except (ImageError, UnreadableVideo, FileNotFoundError) as error:  # named and skipped; the rest run
                 if len(sources) == 1:
                     raise ValueError(f"{source}: {error}") from None
                 failed.append(source)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from detector.data import open_dataset, parse_names
 from detector.detect import KEYFRAME_EVERY
+from detector.families import FAMILIES, get_family
 from detector.devices import default_threads, resolve_device
 from detector.energy import integer_energy, memory_traffic, neurobench_metrics
 from detector.models import as_records
@@ -51,7 +52,6 @@ DEFAULT_METHODS = ("ann", "qann", "casc", "if")  # casc-paper and qcfs on reques
 PAPER_SLEEP_EXTRA = 4
 # Short enough for a CPU (16 YOLO images in about a minute on 2 cores), long enough to show CASC settle
 # (about L + 2 steps with burst sleep) and the IF baseline's slow climb.
-DEFAULT_TIMESTEPS = {"yolo": "1,2,4,6,8,16,32,64", "rcnn": "2,4,8,12,16,32,64"}
 
 
 def parse_timesteps(spec: str) -> list[int]:
@@ -73,14 +73,13 @@ def parse_timesteps(spec: str) -> list[int]:
 
 
 def stage_budgets(family: str, timesteps: list[int]) -> dict[int, int]:
-    """Total T -> the step budget ``detections_at_steps`` takes: T itself, or T/2 per stage for Faster R-CNN."""
-    if family != "rcnn":
-        return {t: t for t in timesteps}
-    odd = [t for t in timesteps if t % 2]
-    if odd:
-        raise ValueError(f"--timesteps: Faster R-CNN gives each of its two stages T/2 steps, so T must be even; "
-                         f"got {odd}")
-    return {t: t // 2 for t in timesteps}
+    """Total T -> the step budget ``detections_at_steps`` takes per stage (T split evenly over the family's spiking
+    stages: T itself for YOLO, T/2 for Faster R-CNN)."""
+    fam = get_family(family)
+    try:
+        return {t: fam.steps_per_stage(t) for t in timesteps}
+    except ValueError as error:
+        raise ValueError(f"--timesteps: {error}") from None
 
 
 # --- the detectors of one evaluation ------------------------------------------------------------------
@@ -135,7 +134,7 @@ class Detectors:
         results, info = detector.detections_at_steps(images, budgets, conf=a.conf, iou=a.iou, max_det=a.max_det,
                                                      wake=wake, sleep=sleep, burst=burst, max_sleep=a.max_sleep,
                                                      color="rgb")
-        return results, (self._two_stage_info(info) if self.family == "rcnn" else info)
+        return results, (self._two_stage_info(info) if len(get_family(self.family).stages) > 1 else info)
 
     @staticmethod
     def _two_stage_info(info: dict) -> dict:
@@ -194,7 +193,7 @@ class Detectors:
     def probe(self, image: np.ndarray) -> dict[str, float]:
         """Seconds of one QANN forward, of one spiking step and of a spiking run's fixed part (setup, decoding),
         on one image after a warm-up: what the cost estimate prices. Steps from a 1- and a 4-step run."""
-        stages = 2 if self.family == "rcnn" else 1
+        stages = len(get_family(self.family).stages)
         forward = _best_of(2, lambda: self._flat(self.qann, [image]))
         short, long = (_best_of(2, lambda k=k: self._curve(self.qann, [image], [k], k, 0)) for k in (1, 4))
         step = max(long - short, 0.0) / (3 * stages)
@@ -439,7 +438,7 @@ def estimate_cost(probe: dict[str, float], methods: list[str], timesteps: list[i
     """The run's cost before it starts: network passes per image, priced with one timed forward and step."""
     forwards = sum(m in methods for m in ("ann", "qann"))
     steps = {}
-    stages = 2 if family == "rcnn" else 1
+    stages = len(get_family(family).stages)
     if "casc" in methods:
         if args.sleep == "auto":  # burst sleep settles in about 2 sleep steps; one spike per step needs tens
             sleep = 2 if (args.burst or wake) >= wake else 20
@@ -471,7 +470,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads or default_threads())
     device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     qann, float_entry = model_pair(args.model, args.float_model)
-    timesteps = parse_timesteps(args.timesteps or DEFAULT_TIMESTEPS[qann.family])
+    timesteps = parse_timesteps(args.timesteps or get_family(qann.family).default_timesteps)
     stage_budgets(qann.family, timesteps)  # an odd T for Faster R-CNN is refused before any work
     detectors = Detectors(qann, float_entry, methods, args, device, dtype)
     classes = parse_names(args.names) or detectors.names  # what VOC xml (and a YAML without names) is read with
@@ -631,8 +630,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "baseline of the float model)")
     parser.add_argument("--timesteps", default=None,
                         help="total steps T to evaluate, e.g. 1-16,24,32 (Faster R-CNN: even T, T/2 per stage). "
-                             f"None: {DEFAULT_TIMESTEPS['yolo']} for YOLO, {DEFAULT_TIMESTEPS['rcnn']} for "
-                             "Faster R-CNN")
+                             "None: the family's own list (" + "; ".join(f"{f.name}: {f.default_timesteps}"
+                                                                          for f in FAMILIES.values()) + ")")
     parser.add_argument("--wake", type=int, default=None, help="CASC wake steps (None: the QANN's levels L)")
     parser.add_argument("--sleep", default="auto", help='CASC sleep steps: a number, or "auto" (until quiet)')
     parser.add_argument("--burst", type=int, default=None,
@@ -690,7 +689,8 @@ def run_folder_of(args: argparse.Namespace) -> Path:
 def main(args: argparse.Namespace) -> int:
     results = evaluate(args)
     if results:
-        print(format_table(results["summary"], results["schedule"]["timesteps"], results["model"]["family"] == "rcnn",
+        print(format_table(results["summary"], results["schedule"]["timesteps"],
+                           len(get_family(results["model"]["family"]).stages) > 1,
                            args.metric))
         if "video" in results:
             print(format_video_table(results["video"]))

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from detector.data import generate_bundled
+from detector.families import FAMILIES
 from casc.cli import main as casc
-from eval.runner import (DEFAULT_TIMESTEPS, METHODS, add_arguments, default_threads, estimate_cost, evaluate,
+from eval.runner import (METHODS, add_arguments, default_threads, estimate_cost, evaluate,
                          format_table, parse_methods, parse_timesteps, stage_budgets)
 
 
@@ -210,10 +211,10 @@ def test_default_threads_leave_half_the_cores(monkeypatch):
 def test_default_timesteps_and_stage_budgets():
     assert stage_budgets("yolo", [1, 3]) == {1: 1, 3: 3}
     assert stage_budgets("rcnn", [2, 8]) == {2: 1, 8: 4}
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(ValueError, match="splits T evenly over its 2 spiking stages; give a multiple of 2"):
         stage_budgets("rcnn", [1, 4])
-    for family, spec in DEFAULT_TIMESTEPS.items():
-        stage_budgets(family, parse_timesteps(spec))  # the defaults are valid for their family
+    for family in FAMILIES.values():
+        stage_budgets(family.name, parse_timesteps(family.default_timesteps))  # the defaults fit their family
 
 
 def test_help_shows_defaults_and_version(capsys):

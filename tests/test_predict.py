@@ -170,5 +170,19 @@ def test_vid_stride_uses_every_nth_frame(video, tmp_path, capsys):
     assert main(["predict", "--model", "yolov8n-bundled", str(video), "--vid-stride", "2", "--no-save", "--save-txt",
                  "--project", str(tmp_path), "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "(frame 1/3)" in out and "(frame 3/3)" in out and "(frame 2/3)" not in out
+    assert "(frame 1/3, keyframe" in out and "(frame 3/3, delta" in out and "(frame 2/3" not in out
     assert sorted(p.name for p in (tmp_path / "exp" / "labels").iterdir()) == ["clip_1.txt", "clip_3.txt"]
+
+
+def test_videos_run_by_delta_frames_unless_told_otherwise(video, tmp_path, capsys):
+    """casc predict VIDEO: the first frame runs the whole schedule, later ones only their change (each line says
+    which, its energy and the fps so far); --no-delta makes every frame a fresh run with the same detections."""
+    labels = {}
+    for flag in ("--delta", "--no-delta"):
+        assert main(["predict", "--model", "yolov8n-bundled", str(video), "--no-save", "--save-txt", "--threads", "1",
+                     "--project", str(tmp_path), "--name", flag.strip("-"), flag]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("video 1/1")]
+        kinds = [re.search(r"\(frame \d/3, (keyframe|delta), [\d.]+ uJ, [\d.]+ fps\)", line)[1] for line in lines]
+        assert kinds == (["keyframe", "delta", "delta"] if flag == "--delta" else ["keyframe"] * 3), lines
+        labels[flag] = [(tmp_path / flag.strip("-") / "labels" / f"clip_{i}.txt").read_text() for i in (1, 2, 3)]
+    assert labels["--delta"][0] == labels["--no-delta"][0]  # the keyframe is a fresh run

@@ -29,11 +29,7 @@ import torch
 
 from ..convert import RATE_CODED
 from .results import Boxes, DetectionEvent, Results
-from .video import frames_of
-
-# predict_video's default keyframe interval: float32 delta frames drift from the QANN only where a boundary flip in
-# a static region persists; benchmarks/video.py measures that drift over 300 frames, docs/method.md states it.
-KEYFRAME_EVERY = 64
+from ..video import KEYFRAME_EVERY, frames_of
 
 
 @dataclass(frozen=True)
