@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
-# predict_video's default keyframe interval: float32 delta frames drift from the QANN only where a boundary flip in
-# a static region persists; benchmarks/video.py measures that drift, docs/method.md states the choice.
-KEYFRAME_EVERY = 64
+# predict_video's default keyframe interval. In float32 a boundary flip made in a static region persists across
+# delta frames; over 300 frames (benchmarks/video.py) a keyframe every 16 frames keeps as many frames equal to the
+# QANN as fresh runs do (64 and never: fewer, see the README's video section).
+KEYFRAME_EVERY = 16
 
 
 class UnreadableVideo(ValueError):
