@@ -112,6 +112,8 @@ class Detectors:
         # first: a float checkpoint given as --model is refused with what to do, before asking for --float-model
         self.qann = load_detector(_source(qann), device=device, dtype=dtype, **engine)
         self.names = [self.qann.names[i] for i in sorted(self.qann.names)]
+        if "qcfs" in methods:  # the same QANN, QCFS neurons
+            self.qcfs = load_detector(_source(qann), device=device, dtype=dtype, neuron="qcfs")
         if self.needs_float and float_entry is None:
             raise ValueError(f"methods {sorted(self.needs_float)} need the float model: pass --float-model (or "
                              "--methods qann,casc)")
@@ -122,8 +124,6 @@ class Detectors:
         if self.needs_float:
             self.float = load_detector(_source(self.float_entry), device=self.device, dtype=self.dtype, neuron="if",
                                        calibration=calibration)
-        if "qcfs" in methods:  # the same QANN, QCFS neurons
-            self.qcfs = load_detector(_source(qann), device=device, dtype=dtype, neuron="qcfs")
 
     def _flat(self, detector, images) -> list:
         a = self.args
