@@ -45,8 +45,11 @@ class Neuron(CallSiteModule):
             if sim.sleeping:
                 sim.note_activity((counts > 0).flatten())
             if sim.record:
-                sim.recorder.record_spikes(self.site(index), counts, shape.numel(), peak=magnitude.amax(2),
-                                           active=magnitude.ne(0).sum(2))
+                if sim.sleeping and sim.burst > 1:  # a neuron may emit several spikes in this step
+                    peak, active = magnitude.amax(2), torch.sign(magnitude).sum(2)
+                else:  # at most one spike per neuron: every spiking neuron is one event
+                    peak, active = (counts > 0).to(counts.dtype), counts
+                sim.recorder.record_spikes(self.site(index), counts, shape.numel(), peak=peak, active=active)
         return spikes if theta == 1.0 else spikes.mul_(theta)
 
     def _step(self, state: list, current, theta, k, sleep) -> torch.Tensor:
