@@ -98,7 +98,7 @@ def pct(values, q):
 
 
 class RSSOverTime:
-    """Samples a process's RSS every ``every_s`` seconds in a thread; ``samples`` in MB."""
+    """Samples a process's RSS every ``every_s`` seconds in a thread until it ends; ``samples`` and ``peak`` in MB."""
 
     def __init__(self, pid: int, every_s: float = 1.0):
         import threading
@@ -109,8 +109,15 @@ class RSSOverTime:
 
     def _poll(self):
         while not self._stop.is_set():
-            self.samples.append(rss_mb(self.pid))
+            try:
+                self.samples.append(rss_mb(self.pid))
+            except Exception:  # the process ended
+                return
             self._stop.wait(self.every_s)
+
+    @property
+    def peak(self) -> float:
+        return max(self.samples, default=0.0)
 
     def __enter__(self):
         self._thread.start()
@@ -222,33 +229,6 @@ def sleep_bound(models=BUNDLED, images: int = 48, threads: int = 1) -> None:
             print(f"{name}: burst {burst or 'L (default)'}: sleep steps of 'auto' max {max(sleeps)}, "
                   f"mean {statistics.mean(sleeps):.1f} over {count} images (per stage for R-CNN); all settled: "
                   f"{all(settled)}")
-
-
-class PeakRSS:
-    """Polls a process's RSS in a thread; ``peak`` in MB."""
-
-    def __init__(self, pid: int, every_s: float = 0.1):
-        import threading
-
-        self.pid, self.every_s, self.peak = pid, every_s, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self):
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, rss_mb(self.pid))
-            except Exception:  # the process ended
-                return
-            self._stop.wait(self.every_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def hostile_bodies(tmp: Path) -> list[tuple[str, str, bytes, str, dict]]:
@@ -405,12 +385,12 @@ def hostile_benchmark(args) -> int:
         rcnn = round(args.clients * args.rcnn_share)
         print(f"normal clients: {args.clients - rcnn} on {BUNDLED[0]}, {rcnn} on {BUNDLED[1]} (one 256 px val image)")
         asyncio.run(mixed(base, images, 4, 3.0, bodies, 0, 0, 1))  # warm-up
-        with PeakRSS(proc.pid) as clean_rss:
+        with RSSOverTime(proc.pid, every_s=0.1) as clean_rss:
             clean, _ = asyncio.run(mixed(base, images, args.clients, args.duration, bodies, 0, 0, rcnn))
         print(f"clean:   {args.clients} clients x {args.duration:.0f} s: {clean['n']} requests, p50 "
               f"{clean['p50'] * 1000:.0f} ms, p95 {clean['p95'] * 1000:.0f} ms, errors {len(clean['errors'])}, "
               f"peak RSS {clean_rss.peak:.0f} MB")
-        with PeakRSS(proc.pid) as mixed_rss:
+        with RSSOverTime(proc.pid, every_s=0.1) as mixed_rss:
             dirty, tally = asyncio.run(mixed(base, images, args.clients, args.duration, bodies, args.hostile_clients,
                                              args.hostile_pause_s, rcnn, args.slow_clients))
         print(f"hostile: {args.clients} clients x {args.duration:.0f} s + {args.hostile_clients} hostile and "
@@ -504,7 +484,7 @@ def abuse_benchmark(args) -> int:
         data = sixteen_bit_png(4500)
         with httpx.Client(base_url=base, timeout=120) as c:
             idle_rss = rss_mb(proc.pid)
-            with PeakRSS(proc.pid, every_s=0.01) as peak, ThreadPoolExecutor(6) as pool:
+            with RSSOverTime(proc.pid, every_s=0.01) as peak, ThreadPoolExecutor(6) as pool:
                 statuses = list(pool.map(lambda _: c.post("/v1/detect", content=data, headers={
                     "content-type": "image/png"}).status_code, range(6)))
         print(f"16-bit: 6 concurrent 4500x4500 16-bit PNGs ({len(data) // 1024} KB each): statuses {statuses}; "
