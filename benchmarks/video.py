@@ -29,7 +29,7 @@ from detector.data.video import render_sequence
 from detector.weights import load_detector
 
 
-def frames_of(seed: int, kind: str, n: int) -> list[np.ndarray]:
+def sequence_frames(seed: int, kind: str, n: int) -> list[np.ndarray]:
     return [img[..., ::-1].copy() for img, *_ in render_sequence(seed, kind, n)]  # BGR, as a decoder gives them
 
 
@@ -124,7 +124,7 @@ def main() -> None:
     det = load_detector(args.model)
     rows = []
     for kind in ("static", "jitter"):
-        frames = frames_of(0, kind, args.frames)
+        frames = sequence_frames(0, kind, args.frames)
         for t in threads:
             torch.set_num_threads(t)
             r = fresh_vs_delta(det, frames)
@@ -144,7 +144,7 @@ def main() -> None:
     rows = [[r["interval"] if r["interval"] is not None else "never", f"{r['exact']} of {r['frames']}",
              f"{r['agree']} of {r['frames']}", r["first_inexact_frame"] or "—", f"{100 * r['off_mean']:.4f}",
              f"{100 * r['off_last']:.4f}"]
-            for r in drift(det, frames_of(1, "static", args.drift_frames), intervals)]
+            for r in drift(det, sequence_frames(1, "static", args.drift_frames), intervals)]
     print_table(f"float32 drift over {args.drift_frames} frames (static scene, moving objects; {threads[0]} thread)",
                 ["keyframe every", "frames = QANN (1e-3)", "detections = QANN's", "first frame off",
                  "% readout elements off (mean)", "% off (last frame)"], rows)
@@ -152,7 +152,7 @@ def main() -> None:
     if not args.skip_rcnn:
         rcnn_rows(threads[0])
     if args.onnx:
-        onnx_rows(args.model, frames_of(0, "static", args.frames), threads[0])
+        onnx_rows(args.model, sequence_frames(0, "static", args.frames), threads[0])
 
 
 @torch.no_grad()
@@ -161,7 +161,7 @@ def rcnn_rows(threads: int, n: int = 8) -> None:
     stage 2 fresh): per-stage steps and spikes, and time per frame, against fresh runs."""
     torch.set_num_threads(threads)
     det = load_detector("rcnn-r18-bundled-sfpn")
-    frames = frames_of(0, "static", n)
+    frames = sequence_frames(0, "static", n)
     rows = []
     for name, delta, stage2_delta in (("fresh", False, False), ("stage 1 delta, stage 2 fresh", True, False),
                                       ("stage 1 delta, stage 2 delta", True, True)):

@@ -249,14 +249,15 @@ def predict_frames(detector, source: Path | str, stride: int, options: dict, del
 
 def load_options(args: argparse.Namespace) -> dict:
     """``load_detector``'s keyword arguments for ``--imgsz`` (the family decides what a size means)."""
+    from .families import get_family
     from .weights import resolve
 
     if args.imgsz is None:
         return {}
     if args.imgsz < 32:
         raise ValueError(f"--imgsz {args.imgsz}: give an input side of at least 32 pixels")
-    family = "yolo" if args.engine == "onnxruntime" else resolve(args.model).family
-    return {"imgsz": args.imgsz} if family == "yolo" else {"min_size": args.imgsz, "max_size": args.imgsz}
+    sized = args.engine == "onnxruntime" or get_family(resolve(args.model).family).sized
+    return {"imgsz": args.imgsz} if sized else {"min_size": args.imgsz, "max_size": args.imgsz}
 
 
 def exported_model(model: str) -> tuple[str, dict]:

@@ -240,7 +240,7 @@ class TorchStepEngine:
         out = net.forward_stack(stacked, sleeping, wake_counts, rows, first=self._first)
         self._first = False
         self.total = accumulate(self.total, out)
-        return net.sim.activity.cpu()
+        return net.sim.activity.cpu() if sleeping else None
 
     def readout(self, k: int):
         return tree_map(lambda v: v / k, self.total)

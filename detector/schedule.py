@@ -73,9 +73,10 @@ class StepEngine(Protocol):
     def resume(self, record: bool) -> None:
         """Keep states and totals (a delta frame); only this run's counters start anew."""
 
-    def step(self, x: torch.Tensor | None, sleeping: bool, wake_counts: list[int], burst: int) -> torch.Tensor:
-        """Run ``len(wake_counts)`` steps fed ``x`` each (None: zeros); return which (step, row) saw a neuron or
-        island emit, as a CPU bool tensor ``[steps, rows]``."""
+    def step(self, x: torch.Tensor | None, sleeping: bool, wake_counts: list[int], burst: int) -> torch.Tensor | None:
+        """Run ``len(wake_counts)`` steps fed ``x`` each (None: zeros). A sleeping stack returns which (step, row)
+        saw a neuron or island emit, as a CPU bool tensor ``[steps, rows]``; a wake stack returns None (only a
+        silent sleep step settles, so nothing is copied to the host in the wake phase)."""
 
     def readout(self, k: int) -> Any:
         """The readout totals divided by ``k``, in the network's output structure (new tensors)."""
@@ -91,7 +92,7 @@ class StepEngine(Protocol):
         cannot keep one (a delta session then refreshes with a keyframe after another run)."""
 
     def load(self, saved: Any) -> None:
-        """Put back what ``save`` returned."""
+        """Put back what ``save`` returned; called only with a handle, never with None."""
 
 
 def check_int(name: str, value, least: int) -> int:

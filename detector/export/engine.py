@@ -142,13 +142,13 @@ class OrtSpikingNetwork:
     def resume(self, record: bool) -> None:
         self.runs += 1
 
-    def step(self, x: torch.Tensor | None, sleeping: bool, wake_counts: list[int], burst: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor | None, sleeping: bool, wake_counts: list[int], burst: int) -> torch.Tensor | None:
         (k,) = wake_counts
         if not sleeping:  # the input was loaded by start()
             if k == 1:
                 self._step("first")
                 self._parity = 0
-                return torch.ones(1, self.rows, dtype=torch.bool)
+                return None
             key = ("wake", self._parity)
         elif x is None:
             key = ("sleep", self._parity)
@@ -157,7 +157,7 @@ class OrtSpikingNetwork:
             key = ("delta", self._parity)
         active = self._step(key, k=k, burst=burst if sleeping else None)
         self._parity = 1 - self._parity
-        return torch.from_numpy(active[:self.rows].copy()).unsqueeze(0)
+        return torch.from_numpy(active[:self.rows].copy()).unsqueeze(0) if sleeping else None
 
     def readout(self, k: int):
         totals = [torch.from_numpy(v.numpy()[:self.rows]) / k for v in self._states[self._parity][self._n_states:]]
@@ -170,10 +170,7 @@ class OrtSpikingNetwork:
         return None
 
     def save(self) -> None:
-        return None  # states stay on the device: a session interrupted by another run keyframes
-
-    def load(self, saved) -> None:
-        raise NotImplementedError("the ONNX Runtime engine keeps no saved states")
+        return None  # states stay on the device: a session interrupted by another run keyframes (load is never called)
 
     def _load(self, buffer: ort.OrtValue, x: torch.Tensor) -> int:
         rows = x.shape[0]
