@@ -124,17 +124,29 @@ class StatsRecorder:
         self.active_per_step: list[torch.Tensor] = []  # neurons with a non-zero output
         self.sops_per_step: list[torch.Tensor] = []
         self.macs_per_step: list[torch.Tensor] = []  # dense MACs (analog inputs, islands)
+        self._scratch: torch.Tensor | None = None
+        self._scratch_views: dict[tuple, torch.Tensor] = {}
 
     def begin_stack(self, steps: int) -> None:
         self.stack_index += 1
         self.steps_recorded += steps
-        self._stack_spikes: torch.Tensor | float = 0.0  # [steps, batch] once something was recorded
-        self._stack_energy: torch.Tensor | float = 0.0
-        self._stack_peak: torch.Tensor | float = 0.0
-        self._stack_active: torch.Tensor | float = 0.0
-        self._stack_sops: torch.Tensor | float = 0.0
-        self._stack_macs: torch.Tensor | float = 0.0
+        # What each call recorded in this stack, each [steps, batch]; summed once in end_stack, because a
+        # handful of small tensor ops per layer call cost more than the counting itself.
+        self._stack = {"spikes": [], "binary": [], "peak": [], "active": [], "sops": [], "macs": []}
         self._stack_steps = steps
+
+    def scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A buffer shaped and typed as ``like``, shared by every call (one allocation per run, not per layer);
+        its views are kept by shape, since slicing one anew costs about as much as the counting it serves."""
+        key = (like.shape, like.dtype, like.device)
+        view = self._scratch_views.get(key)
+        if view is None:
+            if self._scratch is None or self._scratch.numel() < like.numel() or self._scratch.dtype != like.dtype \
+                    or self._scratch.device != like.device:
+                self._scratch = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+                self._scratch_views = {}
+            view = self._scratch_views[key] = self._scratch[:like.numel()].view(like.shape)
+        return view
 
     @property
     def first_stack(self) -> bool:
@@ -147,30 +159,35 @@ class StatsRecorder:
                                "samples; a forward that mixes samples on the batch axis cannot be simulated")
         return values
 
-    def record_spikes(self, site: str, counts: torch.Tensor, elements_per_row: int, peak: torch.Tensor,
-                      active: torch.Tensor) -> None:
-        """[steps, rows] each: spike events, the most spikes one neuron emitted, neurons with a non-zero output."""
+    def record_spikes(self, site: str, counts: torch.Tensor, elements_per_row: int,
+                      peak: torch.Tensor | None = None, active: torch.Tensor | None = None) -> None:
+        """[steps, rows] each: spike events, the most spikes one neuron emitted, neurons with a non-zero output.
+        Without ``peak`` and ``active`` no neuron emitted more than one spike: every event is one active
+        neuron, and the peak is 1 wherever some neuron spiked (worked out once per stack, in end_stack)."""
         counts = self._per_sample(site, counts)
         self.spikes[site].append(counts)
-        self._stack_spikes = self._stack_spikes + counts
-        self._stack_peak = torch.maximum(peak, torch.as_tensor(self._stack_peak, dtype=peak.dtype, device=peak.device))
-        self._stack_active = self._stack_active + active
+        self._stack["spikes"].append(counts)
+        if peak is None:
+            self._stack["binary"].append(counts)
+        else:
+            self._stack["peak"].append(peak)
+            self._stack["active"].append(active)
         if self.first_stack and len(self.spikes[site]) == 1:
             self.elements[site] += elements_per_row
 
     def record_synapse(self, site, macs_per_row, ops, analog_macs, skipped_rows) -> None:
+        """``ops`` (SOPs) or ``analog_macs`` (dense MACs), [steps, rows] in float64: counts above 2**24 are not
+        exact in float32."""
         if self.first_stack:
             self.forward_macs[site] += macs_per_row
-        if ops is not None:  # counts above 2**24 are not exact in float32
-            ops = self._per_sample(site, ops).double()
+        if ops is not None:
+            ops = self._per_sample(site, ops)
             self.sops[site].append(ops)
-            self._stack_energy = self._stack_energy + ops * PJ_PER_SOP
-            self._stack_sops = self._stack_sops + ops
+            self._stack["sops"].append(ops)
         if analog_macs is not None:
-            analog_macs = self._per_sample(site, analog_macs).double()
+            analog_macs = self._per_sample(site, analog_macs)
             self.analog_macs[site].append(analog_macs)
-            self._stack_energy = self._stack_energy + analog_macs * PJ_PER_MAC
-            self._stack_macs = self._stack_macs + analog_macs
+            self._stack["macs"].append(analog_macs)
         if not isinstance(skipped_rows, int):  # a tensor: this was a sleep stack
             self.skipped_rows.append(skipped_rows)
             self._skipped_macs.append(skipped_rows * macs_per_row)
@@ -181,17 +198,29 @@ class StatsRecorder:
             self.island_macs[site] += macs // (steps * self.batch)
         macs_per_row = torch.full((steps, self.batch), macs / (steps * self.batch), dtype=torch.float64)
         self.analog_macs[site].append(macs_per_row)
-        self._stack_energy = self._stack_energy + macs_per_row * PJ_PER_MAC
-        self._stack_macs = self._stack_macs + macs_per_row
+        self._stack["macs"].append(macs_per_row)
 
     def end_stack(self) -> None:
         """One row per step of this stack (zeros for a step in which no layer computed anything)."""
-        for acc, rows in ((self._stack_spikes, self.spikes_per_step), (self._stack_energy, self.energy_pj_per_step),
-                          (self._stack_peak, self.peak_per_step), (self._stack_active, self.active_per_step),
-                          (self._stack_sops, self.sops_per_step), (self._stack_macs, self.macs_per_step)):
-            if not isinstance(acc, torch.Tensor):
-                acc = torch.zeros(self._stack_steps, self.batch, dtype=torch.float64)
-            rows.extend(acc.double().unbind(0))
+        def combined(name: str, reduce=torch.sum) -> torch.Tensor:
+            parts = self._stack[name]
+            if not parts:
+                return torch.zeros(self._stack_steps, self.batch, dtype=torch.float64)
+            first = parts[0]
+            if any(p.dtype != first.dtype or p.device != first.device for p in parts):  # islands count on the CPU
+                parts = [p.to(device=first.device, dtype=torch.float64) for p in parts]
+            return reduce(torch.stack(parts), 0).double()
+
+        sops, macs = combined("sops"), combined("macs")
+        if sops.device != macs.device:
+            macs = macs.to(sops.device)
+        binary = combined("binary", torch.amax)  # one spike at most: the peak is 1 where a neuron spiked
+        peak = torch.maximum(combined("peak", torch.amax), (binary > 0).to(binary.dtype))
+        active = combined("active") + combined("binary")
+        for acc, rows in ((combined("spikes"), self.spikes_per_step), (sops * PJ_PER_SOP + macs * PJ_PER_MAC,
+                          self.energy_pj_per_step), (peak, self.peak_per_step), (active, self.active_per_step),
+                          (sops, self.sops_per_step), (macs, self.macs_per_step)):
+            rows.extend(acc.unbind(0))
 
     def summary(self, wake: int, steps_used: torch.Tensor) -> "RunStats":
         def total(parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:

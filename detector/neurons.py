@@ -40,16 +40,19 @@ class Neuron(CallSiteModule):
                 per_step[t] = self._step(state, current[t], theta, sim.wake_counts[t], sim.sleeping)
             spikes = per_step.flatten(0, 1)
         if sim.sleeping or sim.record:  # wake steps need no activity map (only a silent sleep step settles)
-            magnitude = per_step.abs().flatten(2)
+            recorder = sim.recorder
+            magnitude = (per_step.abs() if recorder is None else torch.abs(per_step, out=recorder.scratch(per_step))
+                         ).flatten(2)
             counts = magnitude.sum(2)  # events per (step, sample); a burst of n is n events
             if sim.sleeping:
                 sim.note_activity((counts > 0).flatten())
             if sim.record:
                 if sim.sleeping and sim.burst > 1:  # a neuron may emit several spikes in this step
-                    peak, active = magnitude.amax(2), torch.sign(magnitude).sum(2)
+                    peak = magnitude.amax(2)
+                    active = torch.ne(magnitude, 0, out=magnitude).sum(2)  # the magnitudes are not needed again
+                    recorder.record_spikes(self.site(index), counts, shape.numel(), peak=peak, active=active)
                 else:  # at most one spike per neuron: every spiking neuron is one event
-                    peak, active = (counts > 0).to(counts.dtype), counts
-                sim.recorder.record_spikes(self.site(index), counts, shape.numel(), peak=peak, active=active)
+                    recorder.record_spikes(self.site(index), counts, shape.numel())
         return spikes if theta == 1.0 else spikes.mul_(theta)
 
     def _step(self, state: list, current, theta, k, sleep) -> torch.Tensor:

@@ -111,17 +111,18 @@ class Synapse(CallSiteModule):
             self._fanouts[key] = probe.grad[0, 0].to(device=device, dtype=dtype)
         return self._fanouts[key]
 
-    def synaptic_ops(self, x: torch.Tensor) -> torch.Tensor:
-        """Events arriving in each row times the number of targets each one reaches."""
+    def synaptic_ops(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Events arriving in each row times the number of targets each one reaches, in float64.
+
+        ``scratch``: a buffer shaped as ``x`` for the event map (``StatsRecorder.scratch``); writing the
+        comparison straight into it is one pass over ``x``, where sign().abs_() was two and an allocation."""
         layer = self.layer
-        # sign().abs_() marks the events as ones: several times faster on the CPU than ne(0), whose bool result
-        # then has to be summed over the channel axis
-        events = torch.sign(x).abs_()
+        events = torch.ne(x, 0, out=torch.empty_like(x) if scratch is None else scratch)
         if isinstance(layer, _ConvNd):
             fanout = self._fanout(x.shape[2:], x.device, x.dtype)
             per_channel = events.flatten(2) @ fanout.flatten()  # [rows, channels]: events x their targets
-            return per_channel.sum(1) * (layer.out_channels // layer.groups)
-        events = events.flatten(1).sum(1)
+            return per_channel.sum(1, dtype=torch.float64) * (layer.out_channels // layer.groups)
+        events = events.flatten(1).sum(1, dtype=torch.float64)
         return events * layer.out_features if isinstance(layer, nn.Linear) else events
 
     def _record(self, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, spike_input: bool) -> None:
@@ -133,5 +134,5 @@ class Synapse(CallSiteModule):
             computed = torch.full((x.shape[0],), float(per_row_macs), device=x.device, dtype=torch.float64)
             ops, analog = None, (computed if active is None else computed * active).view(steps, -1)
         else:
-            ops, analog = self.synaptic_ops(x).view(steps, -1), None
+            ops, analog = self.synaptic_ops(x, sim.recorder.scratch(x)).view(steps, -1), None
         sim.recorder.record_synapse(self.site_name, per_row_macs, ops, analog, skipped_rows=skipped)
