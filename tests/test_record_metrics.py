@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("record_metrics", ROOT / "weights" / "record_metrics.py")
 record_metrics = importlib.util.module_from_spec(spec)
@@ -36,3 +38,32 @@ def test_metrics_land_on_the_qann_and_float_entries(tmp_path):
     assert entries["q"]["command"] == "casc eval --model q" and entries["q"]["images"] == 10
     assert entries["f"] == {"old": 1, "data": "bundled", "split": "val", "images": 10, "command": "casc eval --model q",
                             "ann": {"map50_95": 0.62, "map50": 0.8}}
+
+
+def _train_bundled():
+    spec = importlib.util.spec_from_file_location("train_bundled", ROOT / "weights" / "train_bundled.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_bundled_model_states_its_training_budget():
+    """"Percent of float" is only fair read against what each model's training had."""
+    train_bundled = _train_bundled()
+    models = json.loads((ROOT / "weights" / "manifest.json").read_text())["models"]
+    for entry in models:
+        train_bundled.check_budget(entry["training_budget"])
+    budgets = {entry["name"]: entry["training_budget"] for entry in models}
+    for entry in models:
+        if entry["kind"] == "qann":
+            assert budgets[entry["name"]]["from"].startswith((entry["float_model"], "rcnn-r18-bundled")), entry["name"]
+
+
+def test_a_budget_comes_from_its_command_line_and_must_say_enough():
+    train_bundled = _train_bundled()
+    step = ["train", "rcnn", "--batch", "16", "--device", "cuda", "--epochs", "14", "--max-minutes", "4.3"]
+    assert train_bundled.budget_of(step, "random init") == {"device": "cuda", "from": "random init", "epochs": 14,
+                                                            "batch": 16, "max_minutes": 4.3}
+    assert train_bundled.budget_of(["--epochs", "3", "--batch", "8", "--time", "0.5"], "x")["max_minutes"] == 30
+    with pytest.raises(ValueError, match="epochs or iterations"):
+        train_bundled.check_budget({"device": "cpu", "from": "x", "batch": 4})

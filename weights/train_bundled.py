@@ -100,26 +100,31 @@ def export(runs: Path, data_root: Path, folder: Path) -> Path:
             "levels": LEVELS if kind == "qann" else None, "float_model": float_model, "dataset": "bundled-v1",
             "imgsz": IMGSZ, "training_command": "casc " + shlex.join(step).replace(str(runs), "runs/bundled")
                                                                  .replace(str(data_root), "$BUNDLED"),
-            "metrics": {},
+            "training_budget": budget_of(step, float_model or "random init"), "metrics": {},
         })
     manifest = folder / "manifest.json"
     manifest.write_text(json.dumps({"models": entries}, indent=1) + "\n")
     return manifest
 
 
-def bundle(name: str, source: Path, command: str, folder: Path = WEIGHTS, float_model: str | None = None) -> dict:
+def bundle(name: str, source: Path, command: str, budget: dict, folder: Path = WEIGHTS,
+           float_model: str | None = None) -> dict:
     """Compact ``source`` into ``folder/NAME.pt`` and write its manifest entry (replacing one of that name).
 
     The entry's family, levels, rounding and size come from the checkpoint itself; its metrics are reset
-    (``weights/record_metrics.py`` fills them from a ``casc eval`` run)."""
+    (``weights/record_metrics.py`` fills them from a ``casc eval`` run). ``budget``: what its training had
+    (``check_budget``), so that "percent of float" can be read against what the float model had."""
+    from detector.families import family_of
     from detector.quant import qann_levels, quantizers
     from detector.weights import load_detector, load_manifest
+
+    check_budget(budget)
 
     target = folder / f"{name}.pt"
     digest = compact(source, target)
     detector = load_detector(str(target))
     network = detector.qann
-    family = "yolo" if hasattr(detector, "imgsz") else "rcnn"
+    family = family_of(detector).name
     old = load_manifest(folder / "manifest.json").get(name)
     entry = {
         "name": name, "family": family, "kind": "qann", "file": target.name, "sha256": digest,
@@ -128,7 +133,7 @@ def bundle(name: str, source: Path, command: str, folder: Path = WEIGHTS, float_
         "site_levels": sorted({q.levels for _, q in quantizers(network)}),
         "rounding": sorted({q.rounding for _, q in quantizers(network)}),
         "float_model": float_model or (old.float_model if old else None), "dataset": "bundled-v1",
-        "imgsz": int(detector.imgsz) if family == "yolo" else IMGSZ, "training_command": command, "metrics": {},
+        "imgsz": int(detector.imgsz) if family == "yolo" else IMGSZ, "training_command": command, "training_budget": budget, "metrics": {},
     }
     if family == "rcnn":
         from detector.models.rcnn import has_spiking_fpn
@@ -143,6 +148,32 @@ def bundle(name: str, source: Path, command: str, folder: Path = WEIGHTS, float_
     return entry
 
 
+BUDGET_KEYS = ("device", "from", "batch")
+
+
+def check_budget(budget: dict) -> None:
+    """A training budget names the device, the starting point, the batch and its length (``epochs`` or
+    ``iterations``); ``minutes`` (measured) or ``max_minutes`` (the command's cap) where known."""
+    missing = [k for k in BUDGET_KEYS if k not in budget]
+    if missing or not {"epochs", "iterations"} & budget.keys():
+        raise ValueError(f"a training budget needs {', '.join(BUDGET_KEYS)} and epochs or iterations; "
+                         f"got {sorted(budget)}")
+
+
+def budget_of(step: list[str], start: str) -> dict:
+    """The budget a ``casc train`` command line asked for (its epochs, batch, device and time cap)."""
+    def value(flag: str):
+        return step[step.index(flag) + 1] if flag in step else None
+
+    budget = {"device": value("--device") or "default", "from": start, "epochs": int(value("--epochs")),
+              "batch": int(value("--batch"))}
+    if value("--max-minutes"):
+        budget["max_minutes"] = float(value("--max-minutes"))
+    elif value("--time"):
+        budget["max_minutes"] = float(value("--time")) * 60
+    return budget
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=["yolo", "rcnn"], help="train this family's float model, then its QANN")
@@ -150,6 +181,9 @@ def main() -> int:
     parser.add_argument("--bundle", nargs=3, metavar=("NAME", "CHECKPOINT", "COMMAND"),
                         help="compact one QANN checkpoint into weights/NAME.pt with its manifest entry")
     parser.add_argument("--float-model", default=None, help="with --bundle: the float model it came from")
+    parser.add_argument("--budget", type=json.loads, default=None,
+                        help='with --bundle: its training budget as JSON, e.g. \'{"device": "CPU, 1 thread", "from": '
+                             '"yolov8n-bundled-float", "iterations": 3000, "batch": 16, "max_minutes": 70}\'')
     parser.add_argument("--runs", default="runs/bundled", help="training outputs")
     parser.add_argument("--weights-dir", default=str(WEIGHTS), help="where --export writes (default: weights/)")
     parser.add_argument("--device", default="0")
@@ -169,7 +203,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.bundle:
         name, source, command = args.bundle
-        print(json.dumps(bundle(name, Path(source), command, Path(args.weights_dir), args.float_model), indent=1))
+        if args.budget is None:
+            parser.error("--bundle needs --budget (what its training had)")
+        print(json.dumps(bundle(name, Path(source), command, args.budget, Path(args.weights_dir), args.float_model),
+                         indent=1))
         return 0
     runs = Path(args.runs).resolve()
     scale = {k: getattr(args, k) for k in ("yolo_epochs", "yolo_hours", "yolo_qann_epochs", "yolo_batch",
