@@ -1,0 +1,35 @@
+"""The benchmarks' own arithmetic: what they time must compute what it replaces."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kernel,stride,padding,tile", [(3, 1, 1, 4), (3, 2, 1, 8), (1, 1, 0, 4), (3, 1, 0, 16)])
+def test_tiled_conv_equals_the_dense_conv_and_skips_quiet_tiles(kernel, stride, padding, tile):
+    tiles = _benchmark("tiles")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, kernel, stride, padding).double()
+    x = torch.zeros(2, 3, 21, 18, dtype=torch.float64)
+    x[0, :, 2:5, 3:6] = torch.randn(3, 3, 3, dtype=torch.float64)  # one local event cluster in the first sample
+    out, fraction = tiles.tiled_conv(x, conv, tile)
+    dense = F.conv2d(x, conv.weight, None, stride, padding)
+    assert out.shape == dense.shape
+    assert torch.allclose(out, dense, atol=1e-12)
+    assert 0 < fraction < 1  # the second sample and the far tiles are not computed
+    assert tiles.tiled_conv(torch.zeros_like(x), conv, tile)[1] == 0
