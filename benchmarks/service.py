@@ -15,11 +15,12 @@ Client and server share this machine's cores: read the ratios with that in mind.
 
 ``--hostile``: the hardening target. Both bundled models are served (default settings); 16 clients send normal
 requests for ``--duration`` s (clean run), then again with hostile clients mixed in (header bombs, tiny lossless
-6000x6000 WebPs, 1x20000 strips, truncated files, playlists / concat lists / images as video, bad WebSocket
-frames, slow-header and slow-body connections, and maximum-cost requests). Printed: normal requests' p50/p95 in
-both runs and their ratio (target <= 2), the 5xx count over the bad inputs (target 0; the maximum-cost requests
-and the 6000x6000 WebPs are valid requests, shown but not counted: under load they may time out), peak server
-RSS (target < 3 GB).
+6000x6000 WebPs, 4500x4500 16-bit PNGs, 24 Mpx JPEGs, a 720p video, 1x20000 strips, truncated files, playlists /
+concat lists / images as video, bad WebSocket frames, slow-header and slow-body connections, and maximum-cost
+requests). Printed: normal requests' p50/p95 in both runs and their ratio (target <= 2), the 5xx count over the
+bad inputs (target 0; the maximum-cost requests and the large images and video are valid requests, shown but not
+counted: under load they may time out), peak server RSS (target < 3 GB), and both runs' peak RSS above idle
+(after the warm-up) against the in-flight budget + 300 MB.
 
 ``--abuse``: the first QANN of the manifest (default settings but ``--limit-concurrency``/``--queue-size`` as
 given): a burst of ``--burst`` requests at once with 70 idle sockets open (served, refused, other statuses,
