@@ -120,9 +120,9 @@ def webp_reference(data: bytes) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
 @pytest.mark.parametrize("lossless", [True, False])
-def test_webp_decodes_as_pillow_reads_it(mode, lossless):
+def test_webp_decodes_as_pillow_reads_it(mode, lossless, tmp_path):
     """WebPs go through OpenCV's decoder: the same pixels as Pillow's reader, alpha on the same background,
-    EXIF orientation applied, and resized to the fitted size."""
+    EXIF orientation applied, from bytes or a path, and resized to the fitted size."""
     ramp = np.add.outer(np.arange(120), np.arange(200)).clip(0, 255).astype(np.uint8)
     planes = [ramp, 255 - ramp, ramp // 2] + ([np.broadcast_to(np.arange(200, dtype=np.uint8), (120, 200))]
                                               if mode == "RGBA" else [])
@@ -131,6 +131,8 @@ def test_webp_decodes_as_pillow_reads_it(mode, lossless):
     data = encoded(Image.fromarray(np.stack(planes, -1), mode), "WEBP", lossless=lossless, quality=90, exif=exif)
     out = decode(data)
     assert out.size == (120, 200) and np.array_equal(out.array, webp_reference(data))
+    (tmp_path / "image.webp").write_bytes(data)
+    assert np.array_equal(read_image(tmp_path / "image.webp"), out.array)
     small = decode(data, fit=(50, 50))
     assert small.size == (120, 200) and small.array.shape == (50, 30, 3)
     reference = np.asarray(Image.fromarray(webp_reference(data)).resize((30, 50), Image.Resampling.BOX))
