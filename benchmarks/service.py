@@ -15,11 +15,12 @@ Client and server share this machine's cores: read the ratios with that in mind.
 
 ``--hostile``: the hardening target. Both bundled models are served (default settings); 16 clients send normal
 requests for ``--duration`` s (clean run), then again with hostile clients mixed in (header bombs, tiny lossless
-6000x6000 WebPs, 1x20000 strips, truncated files, playlists / concat lists / images as video, bad WebSocket
-frames, slow-header and slow-body connections, and maximum-cost requests). Printed: normal requests' p50/p95 in
-both runs and their ratio (target <= 2), the 5xx count over the bad inputs (target 0; the maximum-cost requests
-and the 6000x6000 WebPs are valid requests, shown but not counted: under load they may time out), peak server
-RSS (target < 3 GB).
+6000x6000 WebPs, 4500x4500 16-bit PNGs, 24 Mpx JPEGs, a 720p video, 1x20000 strips, truncated files, playlists /
+concat lists / images as video, bad WebSocket frames, slow-header and slow-body connections, and maximum-cost
+requests). Printed: normal requests' p50/p95 in both runs and their ratio (target <= 2), the 5xx count over the
+bad inputs (target 0; the maximum-cost requests and the large images and video are valid requests, shown but not
+counted: under load they may time out), peak server RSS (target < 3 GB), and both runs' peak RSS above idle
+(after the warm-up) against the in-flight budget + 300 MB.
 
 ``--abuse``: the first QANN of the manifest (default settings but ``--limit-concurrency``/``--queue-size`` as
 given): a burst of ``--burst`` requests at once with 70 idle sockets open (served, refused, other statuses,
@@ -239,7 +240,8 @@ def hostile_bodies(tmp: Path) -> list[tuple[str, str, bytes, str, dict]]:
     from PIL import Image
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_service import hostile_videos, png_header_bomb
+    from test_service import hostile_videos, make_video, png_header_bomb
+    from test_service_abuse import sixteen_bit_png
 
     def enc(array, fmt, **kw):
         buf = io.BytesIO()
@@ -247,10 +249,16 @@ def hostile_bodies(tmp: Path) -> list[tuple[str, str, bytes, str, dict]]:
         return buf.getvalue()
 
     big_webp = enc(np.zeros((6000, 6000, 3), np.uint8), "WEBP", lossless=True)  # ~1.4 KB, 36 Mpx
+    noise = np.random.default_rng(0).integers(0, 255, (4000, 6000, 3), dtype=np.uint8)
+    big_jpeg = enc(noise, "JPEG", quality=75)  # a 24 Mpx photo-sized upload
+    clip = make_video(tmp / "clip.avi", frames=30, size=(1280, 720)).read_bytes()
     videos = hostile_videos(tmp)
     jpeg = Path(__import__("ultralytics").__file__).parent.joinpath("assets", "bus.jpg").read_bytes()
     return [("header_bomb", "/v1/detect", png_header_bomb(100_000, 100_000), "image/png", {}),
             ("webp_6000x6000", "/v1/detect", big_webp, "image/webp", {}),
+            ("png16_4500x4500", "/v1/detect", sixteen_bit_png(4500), "image/png", {}),
+            ("jpeg_6000x4000", "/v1/detect", big_jpeg, "image/jpeg", {"model": BUNDLED[1]}),
+            ("video_720p", "/v1/video", clip, "video/x-msvideo", {"every": 3}),
             ("strip_1x20000", "/v1/detect", enc(np.zeros((1, 20000, 3), np.uint8), "PNG"), "image/png", {}),
             ("truncated_jpeg", "/v1/detect", jpeg[:4000], "image/jpeg", {}),
             ("not_an_image", "/v1/detect/stream", b"hello" * 100, "image/jpeg", {}),
@@ -373,6 +381,7 @@ async def mixed(base: str, images, concurrency: int, duration: float, bodies, ho
 
 def hostile_benchmark(args) -> int:
     from detector.data import bundled_root
+    from service.config import Settings
 
     image = (bundled_root() / "images" / "val" / "000000.jpg").read_bytes()
     images = {m: image for m in BUNDLED}
@@ -385,6 +394,7 @@ def hostile_benchmark(args) -> int:
         rcnn = round(args.clients * args.rcnn_share)
         print(f"normal clients: {args.clients - rcnn} on {BUNDLED[0]}, {rcnn} on {BUNDLED[1]} (one 256 px val image)")
         asyncio.run(mixed(base, images, 4, 3.0, bodies, 0, 0, 1))  # warm-up
+        idle_rss, budget_mb = rss_mb(proc.pid), Settings().max_inflight_mb
         with RSSOverTime(proc.pid, every_s=0.1) as clean_rss:
             clean, _ = asyncio.run(mixed(base, images, args.clients, args.duration, bodies, 0, 0, rcnn))
         print(f"clean:   {args.clients} clients x {args.duration:.0f} s: {clean['n']} requests, p50 "
@@ -400,12 +410,16 @@ def hostile_benchmark(args) -> int:
               f"{mixed_rss.peak:.0f} MB")
         for name, codes in sorted(tally.items()):
             print(f"  {name:18s} {len(codes):4d} x  {json.dumps(sorted(set(map(str, codes))))}")
-        valid = ("max_cost", "webp_6000x6000", "webp_6000_stream", "client_error")  # legitimate, if costly
+        valid = ("max_cost", "webp_6000x6000", "webp_6000_stream", "png16_4500x4500", "jpeg_6000x4000", "video_720p",
+                 "client_error")  # legitimate, if costly
         bad = [c for name, codes in tally.items() if name not in valid for c in codes
                if isinstance(c, int) and c >= 500 or isinstance(c, str) and c.startswith("HTTP/1.1 5")]
         print(f"RATIO normal p95 hostile / clean: {dirty['p95'] / clean['p95']:.2f} (target <= 2)")
         print(f"5xx over bad inputs: {len(bad)} (target 0); peak RSS {max(clean_rss.peak, mixed_rss.peak):.0f} MB "
               f"(target < 3072)")
+        print(f"RSS above idle ({idle_rss:.0f} MB after warm-up): clean peak +{clean_rss.peak - idle_rss:.0f} MB, "
+              f"hostile peak +{mixed_rss.peak - idle_rss:.0f} MB (target: at most the in-flight budget {budget_mb:.0f} "
+              f"+ 300 MB)")
     finally:
         proc.terminate()
         code = proc.wait(60)

@@ -7,7 +7,9 @@ What a camera or an editor writes is normalised the same way everywhere:
   * CMYK, palette, gray, and other modes become RGB.
 
 ``decode`` can also shrink the image while decoding (``fit``): JPEGs then decode at a reduced DCT scale
-(Pillow's draft mode) and only the resized array is kept. Errors are ``ImageError`` subclasses that say
+(Pillow's draft mode) and only the resized array is kept. WebPs are decoded by OpenCV's libwebp straight into one
+array: Pillow's WebP reader holds about 15 bytes a pixel at once (libwebp's animation canvases, a bytes copy and
+its own image), OpenCV's at most 8. Errors are ``ImageError`` subclasses that say
 what was wrong: ``UnsupportedImage`` (not an image of an allowed format), ``ImageTooLarge`` (over the
 pixel limit, checked from the header before decoding), ``CorruptImage`` (truncated or broken data); a missing file is a ``FileNotFoundError``.
 """
@@ -32,7 +34,9 @@ STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16
 T = Image.Transpose
 TRANSPOSES = {2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE, 6: T.ROTATE_270,
               7: T.TRANSVERSE, 8: T.ROTATE_90}  # EXIF orientation -> the transpose that shows the image upright
-STRIP_PIXELS = 1 << 20  # 16-bit images are scaled to 8 bits this many pixels at a time
+STRIP_PIXELS = 1 << 18  # 16-bit images are scaled to 8 bits this many pixels at a time (2 MB as int64)
+COMPOSITE_PIXELS = 1 << 16  # WebP alpha is composited this many pixels at a time (its temporaries: 16 bytes each)
+WEBP_BYTES = 8  # a pixel, decoding a WebP with OpenCV: libwebp's ARGB buffer (lossless) and the BGR(A) output
 
 
 class ImageError(ValueError):
@@ -100,15 +104,19 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     rows = max(1, STRIP_PIXELS // max(w, 1))
     for top in range(0, h, rows):
         strip = np.asarray(image.crop((0, top, w, min(h, top + rows))), dtype=np.int64)
-        gray[top:top + strip.shape[0]] = (np.clip(strip, 0, 65535) + 128) // 257  # = rint(x / 257): 257 is odd
+        np.clip(strip, 0, 65535, out=strip)  # in place: one int64 strip at a time
+        strip += 128
+        strip //= 257  # (x + 128) // 257 = rint(x / 257): 257 is odd
+        gray[top:top + strip.shape[0]] = strip
     return Image.fromarray(gray, "L")
 
 
 def working_bytes(image: Image.Image, target: tuple[int, int]) -> int:
     """The most bytes ``decode`` holds at once for ``image`` (header read) decoded to ``target`` (w, h): Pillow's
     decoded image at its stored bytes a pixel (a JPEG at its reduced DCT scale), the oriented copy, the
-    conversion's intermediates (16-bit: the 8-bit copy; alpha: RGBA, background, composite, RGB), the resized
-    RGB and the returned array. What a caller reserves before decoding an image of unknown provenance."""
+    conversion's intermediates (16-bit: the 8-bit copy; alpha: RGBA and RGB), Pillow's resizing intermediates,
+    the resized RGB and the returned array. What a caller reserves before decoding an image of unknown
+    provenance."""
     w, h = image.size
     if image.format == "JPEG" and target != displayed_size(image):
         tw, th = (target[1], target[0]) if _orientation(image) in SWAPS_AXES else target
@@ -117,15 +125,31 @@ def working_bytes(image: Image.Image, target: tuple[int, int]) -> int:
         w, h = -(-w // reduction), -(-h // reduction)
     stored = STORED_BYTES.get(image.mode, 4)
     oriented = stored if _orientation(image) != 1 else 0
-    strips = 0
-    if image.mode in SIXTEEN_BIT_MODES:
+    strips, resizing = 0, 0
+    if image.format == "WEBP":  # compositing alpha holds BGRA + BGR, 7 bytes a pixel, after the ARGB buffer went
+        per_pixel = WEBP_BYTES
+    elif image.mode in SIXTEEN_BIT_MODES:
         per_pixel = stored + 2  # the 8-bit copy and its oriented copy (orientation is applied after)
-        strips = min(w * h, STRIP_PIXELS) * 8  # one strip as int64
+        strips = min(w * h, STRIP_PIXELS) * (8 + 8)  # one strip as int64, and as cropped (mode "I": 4 + 4)
+        resizing = _resizing_bytes((w, h), target, _orientation(image) in SWAPS_AXES, 1)  # "L"
     elif image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
-        per_pixel = stored + oriented + 16
+        per_pixel = stored + oriented + (0 if image.mode == "RGBA" else 4) + 4
     else:
         per_pixel = stored + oriented + (0 if image.mode == "RGB" else 4)
-    return w * h * (per_pixel + 1) + target[0] * target[1] * 7 + strips  # + 1: the decoder's own buffers
+    if image.format != "WEBP" and image.mode not in SIXTEEN_BIT_MODES:
+        resizing = _resizing_bytes((w, h), target, _orientation(image) in SWAPS_AXES, 4)  # "RGB": 4 bytes a pixel
+    return w * h * (per_pixel + 1) + target[0] * target[1] * 7 + strips + resizing  # + 1: the decoder's buffers
+
+
+def _resizing_bytes(stored: tuple[int, int], target: tuple[int, int], swapped: bool, pixel_bytes: int) -> int:
+    """What Pillow's ``resize(target, reducing_gap=2.0)`` of the oriented image holds besides its result: the
+    ``reduce()``d copy (by whole factors down to at least twice the target) and its first, horizontal pass."""
+    w, h = (stored[1], stored[0]) if swapped else stored
+    if (w, h) == target:
+        return 0
+    fx, fy = max(1, int(w / target[0] / 2)), max(1, int(h / target[1] / 2))
+    reduced = _ceil(w, fx) * _ceil(h, fy) if fx > 1 or fy > 1 else 0
+    return (reduced + target[0] * _ceil(h, fy)) * pixel_bytes
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -133,9 +157,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES:
         return _eight_bit(image).convert("RGB")
     if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        rgb = Image.new("RGB", rgba.size, BACKGROUND)
+        rgb.paste(rgba, (0, 0), rgba)  # blended by its alpha in place: no full-size RGBA background or composite
+        return rgb
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -232,7 +257,8 @@ def decode(source, *, fit: tuple[int, int] | Callable[[tuple[int, int]], tuple[i
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                rgb = _decode_pixels(image, target)
+                rgb = _decode_webp(_bytes_of(source), image, target) if image.format == "WEBP" else \
+                    _decode_pixels(image, target)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise ImageTooLarge(str(error)) from None
         except Exception as error:  # truncated / corrupt data
@@ -260,6 +286,45 @@ def _decode_pixels(image: Image.Image, target: tuple[int, int]) -> Image.Image:
     if rgb.size != target:
         rgb = rgb.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
     return rgb
+
+
+def _bytes_of(source) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    with open(os.fspath(source), "rb") as f:
+        return f.read()
+
+
+def _decode_webp(data: bytes, image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """A WebP (header read by Pillow as ``image``) decoded by OpenCV into one BGR(A) array, alpha composited on
+    ``BACKGROUND`` in strips, resized (area average), then oriented: the orientation is applied to the small
+    image, so the target is first taken back to the stored axes."""
+    import cv2
+
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # UNCHANGED: EXIF not applied
+    if pixels is None or pixels.ndim != 3 or (pixels.shape[1], pixels.shape[0]) != image.size:
+        raise CorruptImage("the WebP data does not decode to the size its header declares")
+    if pixels.shape[2] == 4:
+        pixels = _composited(pixels)
+    orientation = _orientation(image)
+    stored = (target[1], target[0]) if orientation in SWAPS_AXES else target
+    if stored != image.size:
+        pixels = cv2.resize(pixels, stored, interpolation=cv2.INTER_AREA)
+    rgb = Image.fromarray(np.ascontiguousarray(pixels[..., 2::-1]), "RGB")
+    return rgb.transpose(TRANSPOSES[orientation]) if orientation in TRANSPOSES else rgb
+
+
+def _composited(bgra: np.ndarray) -> np.ndarray:
+    """BGRA over ``BACKGROUND`` -> BGR, rint(c a / 255 + b (255 - a) / 255), a strip of rows at a time."""
+    h, w = bgra.shape[:2]
+    bgr = np.empty((h, w, 3), np.uint8)
+    background = np.array(BACKGROUND[::-1], np.uint32)
+    rows = max(1, COMPOSITE_PIXELS // max(w, 1))
+    for top in range(0, h, rows):
+        strip = bgra[top:top + rows].astype(np.uint32)
+        alpha = strip[..., 3:]
+        bgr[top:top + rows] = (strip[..., :3] * alpha + background * (255 - alpha) + 127) // 255
+    return bgr
 
 
 def from_pil(image: Image.Image) -> np.ndarray:
