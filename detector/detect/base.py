@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..convert import RATE_CODED
+from ..neuron_kinds import NeuronKind, neuron_kind
 from .results import Boxes, DetectionEvent, Results
 from ..video import KEYFRAME_EVERY, frames_of
 
@@ -118,6 +118,11 @@ class SpikingDetector(ABC):
     levels: int | None
     neuron: str
 
+    @property
+    def neuron_kind(self) -> NeuronKind:
+        """What its neurons are (``detector.neuron_kinds``): rate-coded or settling, QANN or float."""
+        return neuron_kind(self.neuron)
+
     # -- what an adapter states --
 
     @abstractmethod
@@ -172,7 +177,7 @@ class SpikingDetector(ABC):
                  max_sleep: int = 256, mode: str = "step") -> Schedule:
         """CASC: ``wake`` defaults to the levels L. The rate-coded networks (the IF baseline, QCFS) need ``wake``
         (their T) and do not sleep (``sleep="auto"`` means 0)."""
-        if self.neuron in RATE_CODED:
+        if self.neuron_kind.rate_coded:
             if wake is None:
                 raise ValueError(f'neuron="{self.neuron}" is rate-coded: give wake=T, its number of time steps '
                                  "(no sleep)")
@@ -188,7 +193,7 @@ class SpikingDetector(ABC):
         if not timesteps or any(isinstance(t, bool) or int(t) < 1 for t in timesteps):
             raise ValueError(f"timesteps must be a non-empty list of integers >= 1, got {timesteps!r}")
         ts = sorted({int(t) for t in timesteps})
-        if self.neuron in RATE_CODED:
+        if self.neuron_kind.rate_coded:
             if wake is not None or sleep not in ("auto", 0):
                 raise ValueError(f'detections_at_steps with neuron="{self.neuron}": its schedule at t is wake=t, '
                                  "sleep=0; leave wake and sleep at their defaults")
@@ -243,7 +248,7 @@ class SpikingDetector(ABC):
         frame runs the whole schedule, which redraws any float32 boundary flip a static region kept (None: only the
         first). ``delta=False``: each frame is a fresh run, as ``predict``. Each ``Results`` has its own ``steps``,
         ``spikes``, ``energy_uj`` and ``keyframe``. The other options are ``predict``'s (sleep is "auto")."""
-        if delta and self.neuron in RATE_CODED:
+        if delta and self.neuron_kind.rate_coded:
             raise ValueError(f"delta frames need a network that settles (CASC); a rate-coded network (neuron="
                              f"{self.neuron!r}) has no fixed point: pass delta=False")
         schedule = self.schedule(wake, "auto", burst, max_sleep, mode)

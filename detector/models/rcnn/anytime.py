@@ -15,7 +15,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ...convert import RATE_CODED
 from ...detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection
 from ...energy import PJ_PER_MAC, count_macs
 from ...runtime import RunResult, SpikingNetwork
@@ -167,7 +166,7 @@ class TwoStageSteps:
             proposals = self.proposals(image_list, features, *readout[1:])
             rois = self.roi_features(features, proposals, image_list)
             if rois.shape[0]:
-                wake2 = group1[-1] if self.neuron in RATE_CODED else schedule.wake
+                wake2 = group1[-1] if self.neuron_kind.rate_coded else schedule.wake
                 stage2 = list(self._readouts_at(self.stage2, rois, group1, schedule, wake2))
                 ann_macs2 = ann_macs2 or count_macs(self.qann_stage2, rois[:1])
             else:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...convert import NEURONS, convert
+from ...convert import convert
+from ...neuron_kinds import neuron_kind
 from ...detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection, SpikingDetector, read_bgr
 from ...detect.base import source_path
 from ...quant import ClipQuan, qann_levels
@@ -117,12 +118,11 @@ class SpikingYOLO(SpikingDetector):
                  calibration: Sequence[torch.Tensor] | None = None, percentile: float = 99.9):
         check_supported(qann)
         quantized = any(isinstance(m, ClipQuan) for m in qann.modules())
-        if neuron not in NEURONS:
-            raise ValueError(f'neuron must be one of {", ".join(sorted(NEURONS))}, got {neuron!r}')
-        if neuron != "if" and not quantized:
+        kind = neuron_kind(neuron)
+        if not kind.converts_float and not quantized:
             raise ValueError("SpikingYOLO needs a QANN (ClipQuan activations): build_qann(model, levels) or "
                              "from_checkpoint(path, levels=L) for a float checkpoint")
-        if neuron == "if" and (quantized or not calibration):
+        if kind.converts_float and (quantized or not calibration):
             raise ValueError('neuron="if" (the plain IF baseline) converts a float ReLU model and needs calibration '
                              "images (anything predict takes) or letterboxed batches (see calibration_inputs)")
         self.neuron = neuron
@@ -152,9 +152,9 @@ class SpikingYOLO(SpikingDetector):
                 + ". Keep them as analog islands (hybrid SNN) with analog='auto' or analog=[those paths]; the "
                 "fraction of MACs left analog is reported in the run statistics (analog_mac_fraction)")
         self.analog = analog
-        if neuron == "if":
+        if kind.converts_float:
             batches = [b.to(device=device, dtype=dtype) for b in self._calibration_batches(calibration)]
-            self.snn: SpikingNetwork = convert(self.readout_net, neuron="if", calibration=batches,
+            self.snn: SpikingNetwork = convert(self.readout_net, neuron=neuron, calibration=batches,
                                                percentile=percentile, analog=analog, rules=module_rules())
         else:  # CASC, or QCFS neurons on the same QANN
             self.snn = convert(self.readout_net, neuron=neuron, analog=analog, rules=module_rules())
@@ -191,9 +191,9 @@ class SpikingYOLO(SpikingDetector):
         model becomes the IF baseline with thresholds from ``calibration`` batches. ``neuron="qcfs"``: the QANN
         with QCFS neurons (run ``wake=T``, no sleep)."""
         model, meta = load_checkpoint(path, sha256=sha256)
-        if neuron == "if":
+        if neuron_kind(neuron).converts_float:
             return cls(model, names=meta["names"], imgsz=imgsz or meta["imgsz"], analog=analog, device=device,
-                       dtype=dtype, neuron="if", calibration=calibration)
+                       dtype=dtype, neuron=neuron, calibration=calibration)
         if not meta["quantized"]:
             if levels is None:
                 raise ValueError(f"{path} holds a float model, not a QANN: quantize it first (casc quantize --model "
