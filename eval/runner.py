@@ -34,11 +34,10 @@ from detector.detect import KEYFRAME_EVERY
 from detector.families import FAMILIES, get_family
 from detector.devices import default_threads, resolve_device
 from detector.energy import integer_energy, memory_traffic, neurobench_metrics
-from detector.models import as_records
 from detector.predict import run_folder
 from detector.weights import ENGINES, ModelEntry, load_detector, load_manifest, resolve
 
-from .metrics import coco_metrics, voc_metrics
+from .metrics import coco_metrics, detection_columns, voc_metrics
 from .plots import (METRIC_NAMES, plot_energy_vs_qann, plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency,
                     plot_map_vs_t, schedule_text)
 from .video import MODES, delta_against_fresh, plot_energy_per_frame
@@ -199,8 +198,10 @@ class Detectors:
         step = max(long - short, 0.0) / (3 * stages)
         return {"forward_s": forward, "step_s": step, "run_s": max(short - stages * step, 0.0)}
 
-    def _records(self, results, image_ids) -> list[dict]:
-        return [dict(as_records(r, self.names), image_id=int(i)) for r, i in zip(results, image_ids)]
+    @staticmethod
+    def _records(results, image_ids) -> list[dict]:
+        """Each image's plain form (``Results.to_dict``, boxes as computed) with its dataset image id."""
+        return [{**r.to_dict(decimals=None), "image_id": int(i)} for r, i in zip(results, image_ids)]
 
 
 def _source(entry: ModelEntry):
@@ -232,8 +233,7 @@ def _plain(value):
 # --- metrics and reports ---------------------------------------------------------------------------------
 
 def _metrics(ground_truth, records, classes) -> dict:
-    detections = [{"image_id": r["image_id"], "boxes": np.asarray(r["boxes"], np.float64).reshape(-1, 4),
-                   "scores": r["scores"], "labels": r["classes"]} for r in records]
+    detections = [{"image_id": r["image_id"], **detection_columns(r)} for r in records]
     coco = coco_metrics(ground_truth, detections, classes)
     voc = voc_metrics(ground_truth, detections, classes)
     return {**{k: v for k, v in coco.items() if k != "per_class"}, "voc07_map50": voc["voc07_map50"],
@@ -414,7 +414,7 @@ def _distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
-CACHE_FORMAT = 2  # 2: total-step keys for Faster R-CNN, timed methods; older caches are not reused
+CACHE_FORMAT = 3  # 3: records are Results.to_dict; 2: total-step keys for Faster R-CNN, timed methods; older caches are not reused
 
 
 def _config_key(args, timesteps, methods, qann, float_entry, count) -> str:

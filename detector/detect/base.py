@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..neuron_kinds import NeuronKind, neuron_kind
-from .results import Boxes, DetectionEvent, Results
+from .results import Boxes, DetectionEvent, Results, RunFigures
 from ..video import KEYFRAME_EVERY, frames_of
 
 
@@ -68,9 +68,9 @@ class Batch:
     images: list[np.ndarray | None]
     paths: list[str | None]
 
-    def result(self, i: int, boxes: Boxes, names: dict[int, str]) -> Results:
-        """Image ``i``'s ``Results`` holding ``boxes``."""
-        return Results(boxes, names, orig_img=self.images[i], path=self.paths[i])
+    def result(self, i: int, boxes: Boxes, names: dict[int, str], run: RunFigures | None = None) -> Results:
+        """Image ``i``'s ``Results`` holding ``boxes`` and its spiking ``run``'s figures (None: the QANN's)."""
+        return Results(boxes, names, orig_img=self.images[i], path=self.paths[i], run=run)
 
 
 def read_bgr(image, color: str) -> np.ndarray:
@@ -211,10 +211,9 @@ class SpikingDetector(ABC):
         found = self._postprocess(prepared, out, keep)
         t3 = time.perf_counter()
         per_image = 1000.0 / len(found)
-        for r in found:
-            r.speed = {"preprocess": (t1 - t0) * per_image, "inference": (t2 - t1) * per_image,
-                       "postprocess": (t3 - t2) * per_image}
-        return found
+        speed = {"preprocess": (t1 - t0) * per_image, "inference": (t2 - t1) * per_image,
+                 "postprocess": (t3 - t2) * per_image}
+        return [replace(r, speed=dict(speed)) for r in found]
 
     def _run(self, images, schedule: Schedule | None, keep: Selection, batch: int, color: str | None,
              cancel: threading.Event | None) -> list[Results]:

@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -39,11 +39,11 @@ from torchvision.ops.misc import SqueezeExcitation
 
 from ...convert import UnsupportedModuleError, convert
 from ...neuron_kinds import neuron_kind
-from ...detect import Batch, Boxes, Results, Schedule, Selection, SpikingDetector, read_bgr
+from ...detect import Batch, Boxes, Results, RunFigures, Schedule, Selection, SpikingDetector, read_bgr
 from ...detect.base import source_path
 from ...quant import ClipQuan, qann_levels
 from ...runtime import SpikingNetwork
-from .anytime import TwoStageSteps, set_figures
+from .anytime import TwoStageSteps
 from .model import (MODULE_RULES, ReLUTwoMLPHead, _to_image_tensor, _unwrap_state_dict, is_qann_state,
                     load_checkpoint, model_from_state_dict, to_qann_fasterrcnn)
 
@@ -362,9 +362,11 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         return {"stage1": self.stage1.session(**options),
                 "stage2": self.stage2.session(**options) if stage2_delta else None}
 
-    def _results(self, batch: Batch, out: dict, keep: Selection) -> list[Results]:
+    def _results(self, batch: Batch, out: dict, keep: Selection,
+                 runs: Sequence[RunFigures] | None = None) -> list[Results]:
         """Decoded detections as ``Results``: score above ``conf``, an extra class-wise NMS at ``iou`` (on top
-        of the model's own), at most ``max_det``, only ``classes``; classes 0-based."""
+        of the model's own), at most ``max_det``, only ``classes``; classes 0-based; each with its spiking run's
+        figures (``runs``; None: the QANN's)."""
         dets = self.decode(out["class_logits"], out["box_regression"], out["proposals"], batch.x, batch.shapes,
                            keep.conf)
         results = []
@@ -373,16 +375,15 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
             if keep.classes is not None:
                 boxes = boxes.select(torch.isin(boxes.cls, torch.tensor(keep.classes)))
             boxes = boxes.select(batched_nms(boxes.xyxy, boxes.conf, boxes.cls, keep.iou)[:keep.max_det])
-            results.append(batch.result(i, boxes, self.names))
+            results.append(batch.result(i, boxes, self.names, runs[i] if runs else None))
         return results
 
     def _postprocess(self, batch: Batch, out: dict, keep: Selection) -> list[Results]:
-        results = self._results(batch, out, keep)
+        runs = None
         if out["runs"]:
             run1, run2 = (out["runs"] + [None])[:2]
-            for r, figures in zip(results, self._figures(out["proposals"], run1, run2)):
-                set_figures(r, figures, wake=out["wake"])
-        return results
+            runs = self._figures(out["proposals"], run1, run2, out["wake"])
+        return self._results(batch, out, keep, runs)
 
     # --- public API ----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ...convert import convert
 from ...neuron_kinds import neuron_kind
-from ...detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection, SpikingDetector, read_bgr
+from ...detect import Batch, Boxes, DetectionEvent, Results, RunFigures, Schedule, Selection, SpikingDetector, read_bgr
 from ...detect.base import source_path
 from ...quant import ClipQuan, qann_levels
 from ...runtime import RunResult, SpikingNetwork
@@ -249,9 +249,11 @@ class SpikingYOLO(SpikingDetector):
             results.append(Results(boxes, self.names))
         return results
 
-    def _decoded(self, batch: Batch, maps: list[torch.Tensor], keep: Selection) -> list[Results]:
+    def _decoded(self, batch: Batch, maps: list[torch.Tensor], keep: Selection,
+                 runs: Sequence[RunFigures] | None = None) -> list[Results]:
+        """Each image's ``Results`` with its spiking run's figures (``runs``; None: the QANN's)."""
         results = self.decode(maps, batch.shapes, keep.conf, keep.iou, keep.max_det, keep.classes)
-        return [batch.result(i, r.boxes, self.names) for i, r in enumerate(results)]
+        return [batch.result(i, r.boxes, self.names, runs[i] if runs else None) for i, r in enumerate(results)]
 
     # -- running --
 
@@ -306,29 +308,30 @@ class SpikingYOLO(SpikingDetector):
     def _postprocess(self, batch: Batch, out: RunResult | list[torch.Tensor], keep: Selection) -> list[Results]:
         if not isinstance(out, RunResult):
             return self._decoded(batch, out, keep)
-        results = self._decoded(batch, out.readout, keep)
-        for i, r in enumerate(results):
-            r.steps, r.wake, r.settled, r.keyframe = int(out.steps[i]), out.wake, bool(out.settled[i]), out.keyframe
-            if out.stats is not None:  # None: an engine that counts no spikes (ONNX Runtime)
-                r.spikes, r.energy_uj = float(out.stats.spikes[i]), float(out.stats.energy_pj[i]) * 1e-6
-        return results
+        counted = out.stats is not None  # False: an engine that counts no spikes (ONNX Runtime)
+        runs = [RunFigures(steps=int(out.steps[i]), wake=out.wake, settled=bool(out.settled[i]),
+                           spikes=float(out.stats.spikes[i]) if counted else None,
+                           energy_uj=float(out.stats.energy_pj[i]) * 1e-6 if counted else None, keyframe=out.keyframe)
+                for i in range(len(out.steps))]
+        return self._decoded(batch, out.readout, keep, runs)
 
     def _events(self, batch: Batch, schedule: Schedule, keep: Selection, cancel) -> Iterator[DetectionEvent]:
         """After every time step, the detections decoded from the readouts so far, with spike counts. The last
         event's detections equal ``predict``'s (step mode)."""
         total = energy = 0.0
         for event in self.snn.stream(batch.x, cancel=cancel, **schedule.run_kwargs()):
-            found = self._decoded(batch, event.readout, keep)[0]
             spikes = None if event.spikes is None else float(event.spikes[0])  # None: the engine counts none
             if spikes is None:
                 total = energy = None
             else:
                 total += spikes
                 energy += float(event.energy_pj[0])
-            found.steps, found.wake, found.spikes = event.t, event.wake, total
-            found.settled, found.energy_uj = bool(event.settled[0]), None if energy is None else energy * 1e-6
+            settled = bool(event.settled[0])
+            run = RunFigures(steps=event.t, wake=event.wake, settled=settled, spikes=total,
+                             energy_uj=None if energy is None else energy * 1e-6)
             yield DetectionEvent(stage=1, t=event.t, stage_t=event.t, phase=event.phase, wake=event.wake,
-                                 spikes=spikes, cumulative_spikes=total, settled=found.settled, detections=found,
+                                 spikes=spikes, cumulative_spikes=total, settled=settled,
+                                 detections=self._decoded(batch, event.readout, keep, [run])[0],
                                  final=event.result is not None)
 
     def _anytime(self, batch: Batch, wanted: list[int], schedule: Schedule,
@@ -350,14 +353,12 @@ class SpikingYOLO(SpikingDetector):
         nothing = [None] * len(steps)
         results = {}
         for t in wanted:  # past the run's end (settled) nothing changes any more: the final readout
-            found = self._decoded(batch, readouts.get(t, last.readout), keep)
             energy = nothing if stats is None else (stats.energy_pj_until(t) * 1e-6).tolist()
             spikes = nothing if stats is None else stats.spikes_per_step[:t].sum(0).tolist()
             settled = settled_at.get(t, run.settled.tolist())
-            for i, r in enumerate(found):  # each image's own figures after step t
-                r.steps, r.wake, r.energy_uj = min(t, steps[i]), min(t, schedule.wake), energy[i]
-                r.spikes, r.settled = spikes[i], settled[i]
-            results[t] = found
+            figures = [RunFigures(steps=min(t, steps[i]), wake=min(t, schedule.wake), settled=settled[i],
+                                  spikes=spikes[i], energy_uj=energy[i]) for i in range(len(steps))]  # after step t
+            results[t] = self._decoded(batch, readouts.get(t, last.readout), keep, figures)
         info = {"steps": steps, "settled": run.settled.tolist()}
         if stats is not None:
             info.update({"spikes": stats.spikes.tolist(), "energy_uj": (stats.energy_pj * 1e-6).tolist(),
