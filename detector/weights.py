@@ -78,7 +78,8 @@ def resolve(name_or_path: str | os.PathLike, manifest: dict[str, ModelEntry] | N
 
 
 def checkpoint_family(path: Path) -> str:
-    """``"rcnn"`` for this project's Faster R-CNN checkpoints and torchvision state dicts, else ``"yolo"``."""
+    """The family whose ``checkpoint_format`` this project's checkpoint carries; of other files, ``"rcnn"`` for
+    torchvision state dicts and reference checkpoints, else ``"yolo"`` (Ultralytics' files)."""
     import torch
 
     try:
@@ -86,7 +87,10 @@ def checkpoint_family(path: Path) -> str:
     except Exception:  # an Ultralytics pickle: only the YOLO loader (Ultralytics') can read it
         return "yolo"
     if isinstance(data, dict):
-        if data.get("format") == "casc-fasterrcnn" or "model" in data:
+        family = next((f.name for f in FAMILIES.values() if f.checkpoint_format == data.get("format")), None)
+        if family is not None:
+            return family
+        if "model" in data:
             return "rcnn"
         if any(str(k).startswith(("backbone.", "rpn.", "roi_heads.")) for k in data):
             return "rcnn"
