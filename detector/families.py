@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+__all__ = ["Family", "FAMILIES", "get_family", "family_of"]  # the public API (apps import only these)
+
 
 @dataclass(frozen=True)
 class Family:

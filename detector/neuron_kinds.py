@@ -19,6 +19,8 @@ from torch import nn
 from .neurons import CIFNeuron, IFNeuron, Neuron, QCFSNeuron
 from .quant import ClipQuan
 
+__all__ = ["NeuronKind", "NEURON_KINDS", "neuron_kind"]  # the public API (apps import only these)
+
 # (the activation module, its path, the calibrated thresholds by call site, the QANN's wake levels) -> its neuron
 NeuronFactory = Callable[[nn.Module, str, dict[str, float], "int | None"], Neuron]
 

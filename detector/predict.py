@@ -28,6 +28,10 @@ from pathlib import Path
 from .video import KEYFRAME_EVERY, VIDEO_SUFFIXES, UnreadableVideo, video_frames
 from .weights import ENGINES
 
+__all__ = [  # the public API (apps import only these)
+    "add_arguments", "main", "run_folder", "predict_frames", "find_sources",
+]
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 

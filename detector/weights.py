@@ -20,6 +20,11 @@ from .checkpoint import file_sha256 as sha256_of
 from .checkpoint import verify_file as verify_sha256
 from .families import FAMILIES, get_family
 
+__all__ = [  # the public API (apps import only these)
+    "ENGINES", "ModelEntry", "load_manifest", "resolve", "checkpoint_family", "load_detector", "export_detector",
+    "sha256_of", "verify_sha256",
+]
+
 WEIGHTS_DIR = Path(os.environ.get("CASC_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
 ENGINES = ("pytorch", "onnxruntime")  # what runs the spiking networks
 
