@@ -91,7 +91,8 @@ def test_to_dict_is_the_one_plain_form_and_the_figures_are_set_when_built(found,
         assert [d["box"] for d in exact["detections"]] == res.boxes.xyxy.tolist()
         assert [d["box"] for d in rounded["detections"]] == [[round(v, 3) for v in b] for b in res.boxes.xyxy.tolist()]
         assert [d["score"] for d in exact["detections"]] == res.boxes.conf.tolist()
-        assert [(d["class_id"], d["name"]) for d in exact["detections"]] == list(zip(res.boxes.cls.tolist(), res.labels))
+        assert [(d["class_id"], d["name"]) for d in exact["detections"]] == \
+            list(zip(res.boxes.cls.tolist(), res.labels))
         assert {k: exact[k] for k in ("steps", "settled", "spikes", "energy_uj", "stage_steps", "proposals")} == \
             {"steps": res.run.steps, "settled": res.run.settled, "spikes": res.run.spikes,
              "energy_uj": res.run.energy_uj, "stage_steps": res.run.stage_steps, "proposals": res.run.proposals}

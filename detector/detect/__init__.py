@@ -4,4 +4,5 @@ from .base import KEYFRAME_EVERY, Batch, Schedule, Selection, SpikingDetector, V
 from .results import Boxes, DetectionEvent, Results, RunFigures
 from .single import SingleStageDetector
 
-__all__ = ["KEYFRAME_EVERY", "Batch", "Boxes", "DetectionEvent", "Results", "RunFigures", "Schedule", "Selection", "SingleStageDetector", "SpikingDetector", "VideoPredictor", "read_bgr"]
+__all__ = ["KEYFRAME_EVERY", "Batch", "Boxes", "DetectionEvent", "Results", "RunFigures", "Schedule", "Selection",
+           "SingleStageDetector", "SpikingDetector", "VideoPredictor", "read_bgr"]

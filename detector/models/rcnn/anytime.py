@@ -1,7 +1,7 @@
 """The two stages of ``SpikingFasterRCNN`` step by step: the stream's events and anytime detections at many T.
 
 ``TwoStageSteps`` holds what ``SpikingDetector.stream`` and ``detections_at_steps`` ask of a two-stage
-detector (``_events``, ``_anytime``) and the per-image figures both stages' runs add up to. It is mixed into
+detector (``_events``, ``_anytime``) and the per-image ``RunFigures`` both stages' runs add up to. It is mixed into
 ``SpikingFasterRCNN``, which provides the stages (``stage1`` / ``stage2`` and the networks they were converted
 from, ``qann_stage1`` / ``qann_stage2``) and the glue between them (``proposals``, ``roi_features``,
 ``_results``, ``_empty_stage2``).
@@ -27,8 +27,9 @@ class TwoStageSteps:
     def _figures(self, proposals: list[torch.Tensor], run1: RunResult, run2: RunResult | None,
                  wake: int | None) -> list[RunFigures]:
         """Each image's steps (total and per stage), settled flag, spikes, energy and proposal count from the
-        two stages' runs of ``wake`` wake steps each (``run2`` is None when no image had a proposal; its rows are the images' RoIs). Spikes
-        and energy are None when the runs have no ``stats`` (an engine that counts no spikes: ONNX Runtime)."""
+        two stages' runs of ``wake`` wake steps each (``run2`` is None when no image had a proposal; its rows are the
+        images' RoIs). Spikes and energy are None when the runs have no ``stats`` (an engine that counts no spikes:
+        ONNX Runtime)."""
         s1, s2 = run1.stats, run2.stats if run2 is not None else None
         figures = []
         for i, (a, b) in enumerate(row_ranges(proposals)):
