@@ -7,6 +7,7 @@ import torch
 from toy_family import TOY, ToyDetector, save_toy
 
 from detector.families import FAMILIES, family_of
+from detector.neuron_kinds import NEURON_KINDS
 from detector.weights import load_detector, resolve
 from eval.config import parse_timesteps, stage_budgets
 
@@ -47,3 +48,13 @@ def test_the_layers_above_work_from_the_entry(toy):
     frames = [torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
     video = list(det.predict_video(frames, conf=0.0))  # delta frames through the shared video session
     assert [r.keyframe for r in video] == [True, False, False] and video[1].steps < video[0].steps
+
+
+def test_the_neuron_kind_is_looked_up_for_any_family(toy):
+    """A rate-coded network (QCFS neurons on the toy QANN) runs wake = T with no sleep and has no delta frames."""
+    qcfs = load_detector(toy, neuron="qcfs")
+    assert qcfs.neuron_kind is NEURON_KINDS["qcfs"] and load_detector(toy).neuron_kind is NEURON_KINDS["cif"]
+    at, info = qcfs.detections_at_steps(torch.rand(1, 3, 12, 12), [2, 5], conf=0.0)
+    assert [at[t][0].steps for t in (2, 5)] == [2, 5] and info["steps"] == [5]
+    with pytest.raises(ValueError, match="rate-coded network"):
+        qcfs.video(delta=True)
