@@ -23,10 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 from detector.calibrate import quantize  # noqa: E402
 from detector.data import open_dataset  # noqa: E402
-from detector.models import as_records  # noqa: E402
 from detector.train.quantize import calibration_images  # noqa: E402
 from detector.weights import resolve  # noqa: E402
-from eval.metrics import coco_metrics  # noqa: E402
+from eval.metrics import coco_metrics, detection_columns  # noqa: E402
 
 FLOAT = {"yolo": "yolov8n-bundled-float", "rcnn": "rcnn-r18-bundled-float"}
 # (label, quantize options); theta=None: every threshold 1 (the old default), no BN re-estimation
@@ -93,13 +92,12 @@ def evaluate(family: str, model, meta, val: int, quantized: bool = True) -> dict
                else SpikingFasterRCNN(model, classes=meta.get("classes"), meta=meta, neuron="if",
                                       calibration=[dataset.load_image(0)]))
         predict = det.qann_predict
-    run = lambda ims: [as_records(r) for r in predict(ims, conf=0.001, color="rgb")]  # noqa: E731
+    run = lambda ims: [r.to_dict(decimals=None) for r in predict(ims, conf=0.001, color="rgb")]  # noqa: E731
     detections, truth = [], []
     for start in range(0, count, 8):
         idx = list(range(start, min(start + 8, count)))
         for i, record in zip(idx, run([dataset.load_image(i) for i in idx])):
-            detections.append({"image_id": i, "boxes": record["boxes"], "scores": record["scores"],
-                               "labels": record["classes"]})
+            detections.append({"image_id": i, **detection_columns(record)})
             target = dataset.target(i)
             h, w = dataset.image_size(i)
             truth.append({**target, "image_id": i, "height": h, "width": w})

@@ -32,7 +32,7 @@ from detector.families import FAMILIES
 
 # command -> module exposing add_arguments(parser) and main(args) -> exit code
 COMMANDS = {
-    "eval": ("eval.runner", "mAP against time steps for ANN, QANN, CASC SNN and the IF baseline"),
+    "eval": ("eval.cli", "mAP against time steps for ANN, QANN, CASC SNN and the IF baseline"),
     "plot": ("eval.compare", "draw several casc eval results (e.g. YOLO and Faster R-CNN) on one axis"),
     "serve": ("service.server", "serve spiking detectors over HTTP (FastAPI)"),
     "export": ("detector.export.cli", "export a detector's QANN and spiking step graphs (ONNX)"),
@@ -67,16 +67,13 @@ DEMO_RUNS = (("yolov8n-bundled", 128), ("rcnn-r18-bundled-sfpn", 32))
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from eval.runner import add_arguments, main as evaluate
+    from eval import EvalConfig, evaluate, parse_timesteps, report_text
 
+    timesteps = tuple(parse_timesteps(args.timesteps)) if args.timesteps else None
     for name, limit in DEMO_RUNS:
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
-        timesteps = ["--timesteps", args.timesteps] if args.timesteps else []
-        eval_args = parser.parse_args(["--model", name, "--limit", str(args.limit or limit), *timesteps,
-                                       "--out", str(Path(args.out) / name)])
-        print(f"\n## {name} on the bundled benchmark (val, first {eval_args.limit} images)\n", flush=True)
-        evaluate(eval_args)
+        config = EvalConfig(model=name, limit=args.limit or limit, timesteps=timesteps, out=Path(args.out) / name)
+        print(f"\n## {name} on the bundled benchmark (val, first {config.limit} images)\n", flush=True)
+        print(report_text(evaluate(config)))
     return 0
 
 
@@ -116,7 +113,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
     train = _command_parser(sub, "train", "train or fine-tune a quantized network (QANN)")
     families = train.add_subparsers(dest="family", required=True)
-    for family, module_name in ((f.name, f.trainer) for f in FAMILIES.values()):
+    for family, module_name in ((f.name, f.trainer) for f in FAMILIES.values() if f.trainer):
         family_parser = _command_parser(families, family, f"train a {family} QANN")
         # Only the module of the family asked for is imported (and only to build its options).
         if len(argv) >= 2 and argv[0] == "train" and argv[1] == family:

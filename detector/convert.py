@@ -19,7 +19,8 @@ from torch import nn
 from .errors import UnsupportedModuleError
 from .fuse import BATCHNORMS, fold_batchnorm
 from .islands import AnalogIsland
-from .neurons import CIFNeuron, IFNeuron, Neuron, QCFSNeuron
+from .neuron_kinds import NeuronKind, neuron_kind
+from .neurons import Neuron
 from .pooling import MAX_POOLS, LIPool
 from .quant import QUANTIZABLE_ACTIVATIONS, ClipQuan, calibrate_thresholds, qann_levels, unshare_modules
 from .rules import ModuleRules, resolve
@@ -27,40 +28,31 @@ from .runtime import SpikingNetwork
 from .state import SimulationState
 from .synapses import SYNAPTIC_LAYERS, Synapse
 
-NEURONS: dict[str, Callable[..., Neuron]] = {"cif": CIFNeuron, "qcfs": QCFSNeuron, "if": IFNeuron}
-# Neurons that fire at most one positive spike per step and run wake=T steps with no sleep (rate coding).
-RATE_CODED = ("if", "qcfs")
-
-
-def _activation_types(neuron: str | Callable) -> tuple[type[nn.Module], ...]:
-    return (nn.ReLU, ClipQuan) if neuron == "if" else (ClipQuan,)
-
-
-def _module_problems(model: nn.Module, neuron, analog: set[str], rules: ModuleRules) -> list[tuple[str, str, str]]:
-    spiking = _activation_types(neuron)
+def _module_problems(model: nn.Module, kind: NeuronKind, analog: set[str],
+                     rules: ModuleRules) -> list[tuple[str, str, str]]:
+    spiking = kind.activations()
     allowed_leaves = (*spiking, *SYNAPTIC_LAYERS, *BATCHNORMS, *MAX_POOLS, *rules.linear)
     problems = []
 
     def visit(module: nn.Module, path: str) -> None:
         if path in analog:
             return
-        kind = type(module).__name__
+        module_type = type(module).__name__
         if isinstance(module, rules.nonlinear):
-            problems.append((path, kind, "non-linear module that cannot spike"))
+            problems.append((path, module_type, "non-linear module that cannot spike"))
         elif isinstance(module, QUANTIZABLE_ACTIVATIONS) and not isinstance(module, spiking):
-            why = ("activation not quantized: run to_qann(model, levels) first" if neuron != "if"
-                   else "the IF baseline converts ReLU networks only")
-            problems.append((path, kind, why))
-        elif neuron in RATE_CODED and isinstance(module, ClipQuan) and module.signed:
-            who = "the IF baseline's" if neuron == "if" else "QCFS"
-            problems.append((path, kind, f"signed quantizer: {who} neurons fire positive spikes only "
-                                         "(a spiking-FPN model needs negative spikes: convert it with CASC)"))
+            why = ("the IF baseline converts ReLU networks only" if kind.converts_float
+                   else "activation not quantized: run to_qann(model, levels) first")
+            problems.append((path, module_type, why))
+        elif not kind.signed and isinstance(module, ClipQuan) and module.signed:
+            problems.append((path, module_type, f"signed quantizer: {kind.label} neurons fire positive spikes only "
+                                                "(a spiking-FPN model needs negative spikes: convert it with CASC)"))
         elif isinstance(module, MAX_POOLS) and getattr(module, "return_indices", False):
-            problems.append((path, kind, "max-pool returning indices is not supported"))
+            problems.append((path, module_type, "max-pool returning indices is not supported"))
         elif not module._modules and not isinstance(module, allowed_leaves) and _has_tensors(module):
             # A parameter-free leaf is judged by the functions it applies (the run's flow trace);
             # one with weights does arithmetic we cannot see.
-            problems.append((path, kind, "unknown module with weights: not known to be linear "
+            problems.append((path, module_type, "unknown module with weights: not known to be linear "
                                          "(declare it in ModuleRules(linear=...) if it is, or keep it analog)"))
         for name, child in module.named_children():
             visit(child, f"{path}.{name}" if path else name)
@@ -82,16 +74,17 @@ def validate(model: nn.Module, neuron: str | Callable = "cif", analog: Iterable[
     unknown = sorted(analog - paths)
     if unknown:
         raise ValueError(f"analog=[...] names modules that do not exist: {', '.join(unknown)}")
-    problems = _module_problems(model, neuron, analog, resolve(rules))
+    kind = neuron_kind(neuron)
+    problems = _module_problems(model, kind, analog, resolve(rules))
     if problems:
         raise UnsupportedModuleError(
             problems, "Modules that must stay analog can be kept as analog islands: convert(..., analog=[paths]).")
-    if not any(isinstance(m, _activation_types(neuron)) for m in model.modules()):
+    if not any(isinstance(m, kind.activations()) for m in model.modules()):
         raise ValueError("the model has no activation to turn into spiking neurons "
                          "(expected ClipQuan modules from to_qann; ReLU for the IF baseline)")
 
 
-def _rewrite(module: nn.Module, path: str, neuron, thresholds, analog: set[str], done: dict[int, nn.Module],
+def _rewrite(module: nn.Module, path: str, kind: NeuronKind, thresholds, analog: set[str], done: dict[int, nn.Module],
              wake_levels: int | None):
     for name, child in list(module.named_children()):
         child_path = f"{path}.{name}" if path else name
@@ -100,41 +93,18 @@ def _rewrite(module: nn.Module, path: str, neuron, thresholds, analog: set[str],
             continue
         if child_path in analog:
             new = AnalogIsland(child)
-        elif isinstance(child, (ClipQuan, nn.ReLU)) and isinstance(child, _activation_types(neuron)):
-            new = _make_neuron(child, child_path, neuron, thresholds, wake_levels)
+        elif isinstance(child, kind.activations()):
+            new = kind.make(child, child_path, thresholds, wake_levels)
         elif isinstance(child, MAX_POOLS):
             new = LIPool(child)
         elif isinstance(child, SYNAPTIC_LAYERS):
             new = Synapse(child)
         else:
-            _rewrite(child, child_path, neuron, thresholds, analog, done, wake_levels)
+            _rewrite(child, child_path, kind, thresholds, analog, done, wake_levels)
             continue
         new.site_name = child_path
         done[id(child)] = new
         setattr(module, name, new)
-
-
-def _make_neuron(activation: nn.Module, path: str, neuron, thresholds, wake_levels: int | None) -> Neuron:
-    if neuron == "if":
-        sites = [thresholds[path]] if path in thresholds else []
-        n = 2
-        while f"{path}#{n}" in thresholds:
-            sites.append(thresholds[f"{path}#{n}"])
-            n += 1
-        if not sites:
-            raise ValueError(f"no IF threshold for activation {path}: pass calibration data or thresholds")
-        return IFNeuron(sites)
-    if neuron == "cif":
-        return CIFNeuron.for_quantizer(activation, wake_levels)
-    if neuron == "qcfs":
-        return QCFSNeuron(activation.threshold)
-    # An ablation factory (threshold -> neuron) sees the threshold one spike is worth.
-    made = neuron(activation.threshold * wake_levels / activation.levels)
-    if isinstance(made, CIFNeuron):
-        reference = CIFNeuron.for_quantizer(activation, wake_levels)
-        made.precharge, made.levels, made.wake_levels = reference.precharge, reference.levels, reference.wake_levels
-        made.signed = reference.signed
-    return made
 
 
 def convert(
@@ -157,21 +127,20 @@ def convert(
     model adapter declares about its module types (``ModuleRules``: linear, non-linear, (conv, bn) pairs),
     merged with the built-in rules; nothing else changes what a conversion accepts or folds.
     """
-    if isinstance(neuron, str) and neuron not in NEURONS:
-        raise ValueError(f"unknown neuron {neuron!r}; choose from {sorted(NEURONS)} or pass a callable")
+    kind = neuron_kind(neuron)
     analog = set(analog)
     validate(model, neuron, analog, rules)
     net = copy.deepcopy(model).eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    if neuron == "if":
-        unshare_modules(net, (nn.ReLU, ClipQuan))
+    if kind.converts_float:
+        unshare_modules(net, kind.activations())
         if thresholds is None:
             if calibration is None:
-                raise ValueError('convert(neuron="if") needs calibration batches or thresholds')
+                raise ValueError(f'convert(neuron="{kind.name}") needs calibration batches or thresholds')
             thresholds = calibrate_thresholds(net, calibration, percentile)
     folded, kept = fold_batchnorm(net, rules)
     sim = SimulationState()
-    _rewrite(net, "", neuron, thresholds or {}, analog, {}, qann_levels(model))
-    return SpikingNetwork(net, sim, levels=qann_levels(model), neuron=neuron if isinstance(neuron, str) else "custom",
+    _rewrite(net, "", kind, thresholds or {}, analog, {}, qann_levels(model))
+    return SpikingNetwork(net, sim, levels=qann_levels(model), neuron=kind.name,
                           analog=sorted(analog), batchnorm=(folded, kept))

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+__all__ = ["resolve_device", "default_threads"]  # the public API (apps import only these)
+
 
 def resolve_device(spec: str) -> torch.device:
     """``spec``: "auto" (the GPU when one is visible, else the CPU), or a torch device name (cpu, cuda, cuda:1,

@@ -23,6 +23,10 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+__all__ = [  # the public API (apps import only these)
+    "PJ_PER_SOP", "PJ_PER_MAC", "RunStats", "count_macs", "integer_energy", "memory_traffic", "neurobench_metrics",
+]
+
 PJ_PER_SOP = 0.9
 PJ_PER_MAC = 4.6
 

@@ -2,16 +2,20 @@
 
 A ``Family`` names its adapter package and detector class, its spiking networks (``stages``, the attributes of
 the detector that hold them, in the order they run), its trainer module, the time steps its evaluation curve
-uses by default, and how its input size is given. ``FAMILIES`` is a plain dict, filled here and nowhere else
+uses by default, how its input size is given and the ``format`` its checkpoints carry (how a checkpoint path
+finds its family, ``detector.weights.checkpoint_family``). ``FAMILIES`` is a plain dict, filled here and nowhere else
 (nothing registers itself at import time); adapters are imported only when a family is used. A new family is
 one adapter package and one entry below: the loader, the exporter, the ONNX Runtime engine, eval and the
-service work from these fields and the detector's own methods (``export_networks``).
+service work from these fields and the detector's own methods (``export_networks``); ``tests/toy_family`` is such a
+package (a one-stage detector over ``detector.randnet``, on ``detector.detect.SingleStageDetector``).
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+
+__all__ = ["Family", "FAMILIES", "get_family", "family_of"]  # the public API (apps import only these)
 
 
 @dataclass(frozen=True)
@@ -20,9 +24,10 @@ class Family:
     package: str  # the adapter package
     detector_class: str  # its SpikingDetector subclass
     stages: tuple[str, ...]  # the detector's spiking networks (attributes), in the order they run
-    trainer: str  # module with add_train_arguments(parser) and train_from_args(args)
+    trainer: str | None  # module with add_train_arguments(parser) and train_from_args(args); None: casc train has none
     default_timesteps: str  # the evaluation curve's T list
     sized: bool  # the detector takes an input size (imgsz); False: the model's transform sets it
+    checkpoint_format: str  # the "format" entry of this project's checkpoints of the family
 
     def adapter(self):
         return importlib.import_module(self.package)
@@ -46,9 +51,9 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "yolo": Family("yolo", "detector.models.yolo", "SpikingYOLO", ("snn",), "detector.train.yolo",
-                   "1,2,4,6,8,16,32,64", sized=True),
+                   "1,2,4,6,8,16,32,64", sized=True, checkpoint_format="casc-yolo"),
     "rcnn": Family("rcnn", "detector.models.rcnn", "SpikingFasterRCNN", ("stage1", "stage2"), "detector.train.rcnn",
-                   "2,4,8,12,16,32,64", sized=False),
+                   "2,4,8,12,16,32,64", sized=False, checkpoint_format="casc-fasterrcnn"),
 }
 
 

@@ -12,6 +12,8 @@ import torch
 from .convert import convert
 from .randnet import random_qann
 
+__all__ = ["fidelity_table", "format_table"]  # the public API (apps import only these)
+
 
 def _max_error(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))

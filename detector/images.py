@@ -25,6 +25,11 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+__all__ = [  # the public API (apps import only these)
+    "ImageError", "UnsupportedImage", "ImageTooLarge", "CorruptImage", "Decoded", "open_image", "decode",
+    "read_image", "read_size", "from_pil", "fit_size", "displayed_size", "working_bytes", "jpeg_scan_complete",
+]
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-gray image
 BACKGROUND = (114, 114, 114)
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}

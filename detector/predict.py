@@ -28,6 +28,10 @@ from pathlib import Path
 from .video import KEYFRAME_EVERY, VIDEO_SUFFIXES, UnreadableVideo, video_frames
 from .weights import ENGINES
 
+__all__ = [  # the public API (apps import only these)
+    "add_arguments", "main", "run_folder", "predict_frames", "find_sources",
+]
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
@@ -238,10 +242,8 @@ def predict_frames(detector, source: Path | str, stride: int, options: dict, del
     """(frame index, frame count, fps, Results) for every used frame of a video, webcam or stream: the one place
     that runs a detector over a video's frames, through ``SpikingDetector.video`` (delta frames unless ``delta`` is
     False or the network is rate-coded; the sleep option does not apply to delta frames, which sleep until quiet)."""
-    from .convert import RATE_CODED
-
     options = {k: v for k, v in options.items() if k != "sleep"}
-    predictor = detector.video(delta=delta and detector.neuron not in RATE_CODED, keyframe_every=keyframe_every,
+    predictor = detector.video(delta=delta and not detector.neuron_kind.rate_coded, keyframe_every=keyframe_every,
                                color="bgr", **options)
     for index, total, fps, frame in video_frames(source, stride):
         yield index, total, fps, predictor(frame)

@@ -7,6 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
+__all__ = [  # the public API (apps import only these)
+    "KEYFRAME_EVERY", "VIDEO_SUFFIXES", "UnreadableVideo", "video_frames", "frames_of",
+]
+
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 # predict_video's default keyframe interval. In float32 a boundary flip made in a static region persists across
 # delta frames; over 300 frames (benchmarks/video.py) a keyframe every 16 frames keeps as many frames equal to the

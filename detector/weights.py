@@ -20,6 +20,11 @@ from .checkpoint import file_sha256 as sha256_of
 from .checkpoint import verify_file as verify_sha256
 from .families import FAMILIES, get_family
 
+__all__ = [  # the public API (apps import only these)
+    "ENGINES", "ModelEntry", "load_manifest", "resolve", "checkpoint_family", "load_detector", "export_detector",
+    "sha256_of", "verify_sha256",
+]
+
 WEIGHTS_DIR = Path(os.environ.get("CASC_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
 ENGINES = ("pytorch", "onnxruntime")  # what runs the spiking networks
 
@@ -78,7 +83,8 @@ def resolve(name_or_path: str | os.PathLike, manifest: dict[str, ModelEntry] | N
 
 
 def checkpoint_family(path: Path) -> str:
-    """``"rcnn"`` for this project's Faster R-CNN checkpoints and torchvision state dicts, else ``"yolo"``."""
+    """The family whose ``checkpoint_format`` this project's checkpoint carries; of other files, ``"rcnn"`` for
+    torchvision state dicts and reference checkpoints, else ``"yolo"`` (Ultralytics' files)."""
     import torch
 
     try:
@@ -86,7 +92,10 @@ def checkpoint_family(path: Path) -> str:
     except Exception:  # an Ultralytics pickle: only the YOLO loader (Ultralytics') can read it
         return "yolo"
     if isinstance(data, dict):
-        if data.get("format") == "casc-fasterrcnn" or "model" in data:
+        family = next((f.name for f in FAMILIES.values() if f.checkpoint_format == data.get("format")), None)
+        if family is not None:
+            return family
+        if "model" in data:
             return "rcnn"
         if any(str(k).startswith(("backbone.", "rpn.", "roi_heads.")) for k in data):
             return "rcnn"

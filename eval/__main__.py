@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from .runner import add_arguments, main
+from .cli import add_arguments, main
 
 parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -2,7 +2,8 @@
 
 Inputs are plain: ground truth as a list of per-image dicts ``{"image_id", "boxes" [N,4] xyxy
 pixels, "labels" [N] 0-based, "difficult" [N] bool, "height", "width"}`` and detections as a
-list of per-image dicts ``{"image_id", "boxes", "scores", "labels"}`` (numpy or tensors).
+list of per-image dicts ``{"image_id", "boxes", "scores", "labels"}`` (numpy or tensors; ``detection_columns``
+makes them from a result's plain form, ``Results.to_dict``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ def _np(a, dtype=None) -> np.ndarray:
     if hasattr(a, "detach"):
         a = a.detach().cpu().numpy()
     return np.asarray(a, dtype=dtype)
+
+
+def detection_columns(record: dict) -> dict:
+    """The detections of a ``Results.to_dict()`` record as the columns the metrics take: ``boxes`` [N, 4] xyxy,
+    ``scores`` [N], ``labels`` [N] (0-based class ids)."""
+    detections = record["detections"]
+    return {"boxes": np.asarray([d["box"] for d in detections], np.float64).reshape(-1, 4),
+            "scores": [d["score"] for d in detections], "labels": [d["class_id"] for d in detections]}
 
 
 def coco_metrics(ground_truth: list[dict], detections: list[dict], classes: list[str]) -> dict:

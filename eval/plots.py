@@ -17,6 +17,8 @@ import matplotlib.ticker
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from detector.families import get_family  # noqa: E402
+
 # drawn in this order: CASC's points over casc-paper's larger diamonds where the two coincide (the wake steps)
 SPIKING_STYLE = {"casc-paper": ("tab:purple", "D"), "casc": ("tab:red", "o"), "qcfs": ("tab:cyan", "X"),
                  "if": ("tab:blue", "s")}
@@ -138,7 +140,7 @@ def plot_map_vs_t(runs: list[dict], path: Path, metric: str = "map50_95") -> plt
     ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([str(t) for t in ticks]))
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.tick_params(axis="x", labelsize=9 if len(ticks) <= 12 else 7)
-    two_stage = any(r["model"]["family"] == "rcnn" for r in runs)
+    two_stage = any(len(get_family(r["model"]["family"]).stages) > 1 for r in runs)
     ax.set_xlabel("total time steps T = wake + sleep" + (" (Faster R-CNN: both stages, T/2 each)" if two_stage else ""))
     _finish(fig, ax, runs, metric, f"{METRIC_NAMES[metric]} vs time steps", path)
     return fig

@@ -44,17 +44,15 @@ def scale_detections(detections: list[dict], sx: float, sy: float) -> list[dict]
                           round(d["box"][3] * sy, 3)]} for d in detections]
 
 
-def _detections(result) -> list[dict]:
-    return [{"box": [round(v, 3) for v in b], "score": s, "class_id": c, "name": n}
-            for b, s, c, n in zip(result.boxes.xyxy.tolist(), result.boxes.conf.tolist(), result.boxes.cls.tolist(),
-                                  result.labels)]
+# What the service answers of a result's plain form (``Results.to_dict``, the one serializer): its public contract.
+RESULT_KEYS = ("detections", "steps", "wake", "spikes", "energy_uj", "settled", "keyframe")
 
 
 def result_of(result, wake: int | None) -> dict:
-    """A ``detector.detect.Results`` as the service's answer (``keyframe``: a video frame that ran the whole
-    schedule; False: a delta frame, which fed only its change)."""
-    return {"detections": _detections(result), "steps": result.steps, "wake": wake, "spikes": result.spikes,
-            "energy_uj": result.energy_uj, "settled": result.settled, "keyframe": result.keyframe}
+    """A ``detector.detect.Results`` as the service's answer, ``wake`` the request's (``keyframe``: a video frame
+    that ran the whole schedule; False: a delta frame, which fed only its change)."""
+    plain = result.to_dict()
+    return {**{key: plain[key] for key in RESULT_KEYS}, "wake": wake}
 
 
 class Backend:
@@ -125,7 +123,7 @@ class Backend:
                                     burst=p.burst, max_sleep=p.max_sleep, cancel=cancel, color="rgb"):
             yield {"type": "step", "stage": ev.stage, "t": ev.t, "phase": ev.phase, "wake": ev.wake,
                    "spikes": ev.spikes, "cumulative_spikes": ev.cumulative_spikes, "settled": ev.settled,
-                   "detections": _detections(ev.detections)}
+                   "detections": ev.detections.to_dict()["detections"]}
             if ev.final:
                 yield {"type": "final", **result_of(ev.detections, wake)}
 

@@ -6,7 +6,8 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detector import ClipQuan, UnsupportedModuleError, convert, fold_batchnorm, register_bn_pairs, to_qann
-from detector.neurons import CIFNeuron
+from detector.neuron_kinds import NEURON_KINDS, neuron_kind
+from detector.neurons import CIFNeuron, QCFSNeuron
 from detector.synapses import ChannelAffine, Synapse
 
 
@@ -308,3 +309,23 @@ def test_forward_mixing_samples_on_the_batch_axis_is_refused_naming_the_module(h
     qann = small_qann()
     torch.testing.assert_close(convert(qann).run(x, wake=4, mode=mode, record=record).readout, qann(x).detach(),
                                rtol=0, atol=1e-9)
+
+
+def test_neuron_kinds_state_what_each_neuron_needs():
+    """Conversion, the detectors and the schedule look a neuron up instead of testing its name."""
+    cif, qcfs, if_ = (neuron_kind(name) for name in ("cif", "qcfs", "if"))
+    assert [k.rate_coded for k in (cif, qcfs, if_)] == [False, True, True]  # only CASC sleeps to a fixed point
+    assert [k.signed for k in (cif, qcfs, if_)] == [True, False, False]
+    assert cif.activations() == qcfs.activations() == (ClipQuan,) and if_.activations() == (nn.ReLU, ClipQuan)
+    assert set(NEURON_KINDS) == {"cif", "qcfs", "if"}
+    quantizer = ClipQuan(4, threshold=2.0)
+    assert type(cif.make(quantizer, "a", {}, 4)) is CIFNeuron and type(qcfs.make(quantizer, "a", {}, 4)) is QCFSNeuron
+    assert if_.make(nn.ReLU(), "a", {"a": 1.5, "a#2": 0.5}, None).site_thresholds == [1.5, 0.5]
+    with pytest.raises(ValueError, match="no IF threshold for activation b"):
+        if_.make(nn.ReLU(), "b", {"a": 1.5}, None)
+    custom = neuron_kind(lambda threshold: CIFNeuron(threshold, spike_cap=False))
+    made = custom.make(quantizer, "a", {}, 8)  # a spike is worth the threshold of 8 wake steps over 4 levels
+    assert custom.name == "custom" and not custom.rate_coded and made.threshold == 4.0
+    assert made.precharge == quantizer.phi and (made.levels, made.wake_levels) == (4, 8)
+    with pytest.raises(ValueError, match="neuron must be one of cif, qcfs, if"):
+        neuron_kind("lif")

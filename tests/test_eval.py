@@ -13,8 +13,11 @@ import pytest
 from detector.data import generate_bundled
 from detector.families import FAMILIES
 from casc.cli import main as casc
-from eval.runner import (METHODS, add_arguments, default_threads, estimate_cost, evaluate,
-                         format_table, parse_methods, parse_timesteps, stage_budgets)
+from detector.devices import default_threads
+from eval import EvalConfig, evaluate, report_text
+from eval.cli import add_arguments, config_of
+from eval.config import METHODS, parse_methods, parse_timesteps, stage_budgets
+from eval.report import estimate_cost, format_table
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +27,11 @@ def tiny_set(tmp_path_factory):
     return root
 
 
-def eval_args(*argv) -> argparse.Namespace:
+def eval_args(*argv) -> EvalConfig:
+    """The config ``casc eval`` makes of ``argv``."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return parser.parse_args(list(argv))
+    return config_of(parser.parse_args(list(argv)))
 
 
 def yolo_argv(tiny_set, out, *extra):
@@ -55,14 +59,14 @@ def test_parse_timesteps():
 def test_yolo_all_methods_one_pass_outputs_and_resume(tiny_set, tmp_path):
     out = tmp_path / "yolo"
     results = evaluate(eval_args(*yolo_argv(tiny_set, out)))
-    summary = results["summary"]
+    summary = results.summary
     assert set(summary) == {"ann", "qann", "casc", "if"}
     qann, casc = summary["qann"]["metrics"]["flat"], summary["casc"]["metrics"]
     # float64: once settled, the spiking network's detections are the QANN's, so is every metric
     assert casc["auto"]["map50_95"] == qann["map50_95"] and casc["auto"]["map50"] == qann["map50"]
     assert casc["auto"]["steps_mean"] > 4 and set(summary["if"]["metrics"]) == {"1", "4", "8"}
     assert summary["casc"]["energy_uj_at"]["8"] > summary["casc"]["energy_uj_at"]["1"] > 0
-    assert results["model"]["sha256"] and results["data"]["images"] == 4
+    assert results.model["sha256"] and results.data["images"] == 4
     rows = (out / "curve.csv").read_text().splitlines()
     # one row per method and T: ann and qann once (no T), CASC at T = 1, 4, 8 and auto, IF at T = 1, 4, 8
     keys = [tuple(row.split(",")[:2]) for row in rows[1:]]
@@ -72,18 +76,24 @@ def test_yolo_all_methods_one_pass_outputs_and_resume(tiny_set, tmp_path):
     for name in ("map_vs_t", "map_vs_energy", "map_vs_latency", "firing_rates"):
         assert_drawn(out / f"{name}.png")
     assert summary["if"]["latency_ms_at"]["1"] < summary["if"]["latency_ms_at"]["8"] <= summary["if"]["latency_ms"]
-    assert summary["ann"]["latency_ms"] > 0 and results["schedule"]["burst"] == results["schedule"]["wake"] == 4
+    assert summary["ann"]["latency_ms"] > 0 and results.schedule["burst"] == results.schedule["wake"] == 4
+    # the report is what results.json holds, and what casc eval prints of it
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results.as_json()))
+    assert results.out == out and results.written[:2] == ["results.json", "curve.csv"]
+    text = report_text(results)
+    assert text.startswith("| method | T=1 | T=4 | T=8 | T=auto |") and text.endswith(
+        f"results in {out.resolve()}: {', '.join(results.written)}")
 
     cached = sorted((out / "cache").rglob("batch_*.json"))
     stamps = [p.stat().st_mtime_ns for p in cached]
     again = evaluate(eval_args(*yolo_argv(tiny_set, out)))  # resumes: nothing recomputed
     assert [p.stat().st_mtime_ns for p in cached] == stamps
-    assert again["summary"]["casc"]["metrics"] == summary["casc"]["metrics"]
+    assert again.summary["casc"]["metrics"] == summary["casc"]["metrics"]
 
 
 def test_torchrun_two_processes_give_the_numbers_of_one(tiny_set, tmp_path):
     argv = yolo_argv(tiny_set, tmp_path / "one", "--methods", "qann,casc")
-    single = evaluate(eval_args(*argv))["summary"]
+    single = evaluate(eval_args(*argv)).summary
     two = tmp_path / "two"
     argv[argv.index("--out") + 1] = str(two)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -106,28 +116,28 @@ def test_onnxruntime_engine_gives_the_pytorch_curve_without_energy(tiny_set, tmp
     expected = evaluate(eval_args(*argv))
     argv[argv.index("--out") + 1] = str(tmp_path / "ort")
     got = evaluate(eval_args(*argv, "--engine", "onnxruntime"))
-    assert got["machine"]["engine"] == "onnxruntime" and got["machine"]["provider"] == "cpu"
+    assert got.machine["engine"] == "onnxruntime" and got.machine["provider"] == "cpu"
     for method, keys in (("casc", ("1", "4", "8", "auto")), ("casc-paper", ("1", "4", "8"))):  # paper: burst 1
         for key in keys:
-            e, g = expected["summary"][method]["metrics"][key], got["summary"][method]["metrics"][key]
+            e, g = expected.summary[method]["metrics"][key], got.summary[method]["metrics"][key]
             assert g["steps_mean"] == e["steps_mean"], (method, key)
             assert abs(g["map50_95"] - e["map50_95"]) <= 0.05 and abs(g["map50"] - e["map50"]) <= 0.05, key
-    assert "energy_ratio_vs_qann" not in got["summary"]["casc"]  # no spike counts, so no comparison blocks
-    assert got["summary"]["qann"]["metrics"]["flat"] == expected["summary"]["qann"]["metrics"]["flat"]
-    assert all(v is None for v in got["summary"]["casc"]["energy_uj_at"].values())
-    assert expected["summary"]["casc"]["energy_uj_at"]["8"] > 0
+    assert "energy_ratio_vs_qann" not in got.summary["casc"]  # no spike counts, so no comparison blocks
+    assert got.summary["qann"]["metrics"]["flat"] == expected.summary["qann"]["metrics"]["flat"]
+    assert all(v is None for v in got.summary["casc"]["energy_uj_at"].values())
+    assert expected.summary["casc"]["energy_uj_at"]["8"] > 0
 
 
 def test_two_stage_rcnn_settles_on_the_qann_on_total_steps(tiny_set, tmp_path):
     results = evaluate(eval_args("--model", "rcnn-r18-bundled", "--data", f"coco:{tiny_set}", "--limit", "2",
                                  "--timesteps", "2,8", "--methods", "qann,casc", "--dtype", "float64",
                                  "--threads", "1", "--out", str(tmp_path / "rcnn")))
-    summary = results["summary"]
+    summary = results.summary
     casc = summary["casc"]["metrics"]
     assert casc["auto"]["map50_95"] == summary["qann"]["metrics"]["flat"]["map50_95"]
     assert casc["auto"]["steps_mean"] > 8  # both stages, wake + sleep each
     # T is the total of both stages (T/2 each); the per-stage split is kept
-    assert results["schedule"]["stage_budgets"] == {"2": 1, "8": 4}
+    assert results.schedule["stage_budgets"] == {"2": 1, "8": 4}
     assert casc["2"]["stage1_steps_mean"] == casc["2"]["stage2_steps_mean"] == 1 and casc["2"]["steps_mean"] == 2
     assert casc["8"]["steps_mean"] == casc["8"]["stage1_steps_mean"] + casc["8"]["stage2_steps_mean"] <= 8
 
@@ -139,9 +149,9 @@ def test_every_single_method_runs(tiny_set, tmp_path, capsys, family, method):
     results = evaluate(eval_args("--model", model, "--data", f"coco:{tiny_set}", "--limit", "1", "--methods", method,
                                  "--timesteps", steps, "--calibration-images", "2", "--threads", "1",
                                  "--out", str(tmp_path)))
-    assert list(results["summary"]) == [method]
+    assert list(results.summary) == [method]
     assert "cost estimate: 1 image × (" in capsys.readouterr().out
-    table = format_table(results["summary"], results["schedule"]["timesteps"], family == "rcnn")
+    table = format_table(results.summary, results.schedule["timesteps"], family == "rcnn")
     assert all(f"T={t}" in table for t in steps.split(","))
     assert (tmp_path / "map_vs_t.png").is_file() and (tmp_path / "map_vs_latency.png").is_file()
 
@@ -153,7 +163,7 @@ def test_comparison_methods_binary_steps_and_energy_against_the_qann(tiny_set, t
     out = tmp_path / "cmp"
     results = evaluate(eval_args(*yolo_argv(tiny_set, out, "--methods", "qann,casc,casc-paper,qcfs",
                                             "--timesteps", "1,4,8,12", "--limit", "2")))
-    summary = results["summary"]
+    summary = results.summary
     paper, qcfs, casc = summary["casc-paper"], summary["qcfs"], summary["casc"]
     assert paper["metrics"]["12"]["steps_mean"] == 12 and "auto" not in paper["metrics"]
     for method in (paper, qcfs):  # one spike per step: binary already
@@ -176,6 +186,29 @@ def test_comparison_methods_binary_steps_and_energy_against_the_qann(tiny_set, t
 def test_qcfs_on_onnxruntime_is_refused_clearly(tiny_set, tmp_path):
     with pytest.raises(ValueError, match="qcfs runs on the PyTorch engine only"):
         evaluate(eval_args(*yolo_argv(tiny_set, tmp_path, "--methods", "qann,qcfs", "--engine", "onnxruntime")))
+
+
+def test_the_command_line_makes_the_config_python_makes():
+    """casc eval's defaults are EvalConfig's, so eval.evaluate from Python runs what the command runs."""
+    assert eval_args("--model", "m") == EvalConfig(model="m")
+    assert eval_args("--model", "m", "--methods", "qann, casc", "--timesteps", "1-3,8", "--sleep", "5") == \
+        EvalConfig(model="m", methods=("qann", "casc"), timesteps=(1, 2, 3, 8), sleep=5)
+    with pytest.raises(ValueError, match="unknown"):
+        EvalConfig(model="m", methods=("casc", "lif"))
+    with pytest.raises(ValueError, match="sleep must be"):
+        EvalConfig(model="m", sleep="5")
+
+
+def test_demo_calls_evaluate_with_a_config_per_bundled_detector(monkeypatch, tmp_path, capsys):
+    asked = []
+    monkeypatch.setattr("eval.evaluate", lambda config: asked.append(config) or config.model)
+    monkeypatch.setattr("eval.report_text", lambda report: f"table of {report}")
+    assert casc(["demo", "--limit", "2", "--timesteps", "1-2", "--out", str(tmp_path)]) == 0
+    assert asked == [EvalConfig(model=name, limit=2, timesteps=(1, 2), out=tmp_path / name)
+                     for name in ("yolov8n-bundled", "rcnn-r18-bundled-sfpn")]
+    out = capsys.readouterr().out
+    assert "## yolov8n-bundled on the bundled benchmark (val, first 2 images)" in out
+    assert "table of yolov8n-bundled" in out and "table of rcnn-r18-bundled-sfpn" in out
 
 
 def test_table_keeps_every_requested_t():

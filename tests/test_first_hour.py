@@ -14,7 +14,7 @@ from detector.data import open_dataset
 from detector.models.rcnn import build_fasterrcnn
 from detector.weights import load_detector
 from eval.plots import plot_map_vs_t
-from eval.runner import steps_to_reach
+from eval.summary import steps_to_reach
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,7 @@
 """The library does not reach up into the application: ``detector/`` never imports ``eval``, ``service`` or
-``casc`` (the ``casc`` command, the evaluator and the service build on the library, not the other way), and
-its modules stay small."""
+``casc`` (the ``casc`` command, the evaluator and the service build on the library, not the other way); the
+applications use only the library's public API (what ``detector`` exports and the names a module lists in its
+``__all__``); nothing in the package imports in a cycle; and the library's modules stay small."""
 
 from __future__ import annotations
 
@@ -33,8 +34,68 @@ def test_the_library_imports_nothing_above_it():
 
 
 def test_the_check_sees_every_kind_of_import():
-    code = "import eval.runner\nfrom service import app\nimportlib.import_module('casc.cli')\nfrom .x import y\n"
-    assert [name for _, name in _imported_modules(ast.parse(code))] == ["eval.runner", "service", "casc.cli"]
+    code = "import eval.run\nfrom service import app\nimportlib.import_module('casc.cli')\nfrom .x import y\n"
+    assert [name for _, name in _imported_modules(ast.parse(code))] == ["eval.run", "service", "casc.cli"]
+
+
+# --- the applications use only the public API ---------------------------------------------------------------------
+
+APPS = ("eval", "service", "casc")
+
+
+def _module_file(module: str) -> Path | None:
+    base = ROOT.joinpath(*module.split("."))
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def public_names(module: str) -> set[str] | None:
+    """What the library module ``module`` offers the applications: its ``__all__`` (a list of names, or
+    ``list(_EXPORTS)``, the lazy exports of ``detector``) and ``__version__``; None when it declares no ``__all__``
+    (its names are internals)."""
+    path = _module_file(module)
+    if path is None:
+        return None
+    assigned = {node.targets[0].id: node.value for node in ast.parse(path.read_text()).body
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    if "__all__" not in assigned:
+        return None
+    names = assigned["__all__"]
+    if isinstance(names, ast.Call):  # list(_EXPORTS)
+        names = ast.List([key for key in assigned[names.args[0].id].keys])
+    return {element.value for element in names.elts} | ({"__version__"} if "__version__" in assigned else set())
+
+
+def reaches_past_the_api(tree: ast.AST) -> list[str]:
+    """Every import of ``tree`` from ``detector`` that is not public: a module without ``__all__``, or a name
+    missing from it (a public sub-module counts as a name of its package)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [f"{node.lineno}: import {a.name}" for a in node.names
+                      if a.name.split(".")[0] == "detector" and public_names(a.name) is None]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == "detector":
+            offered = public_names(node.module) or set()
+            found += [f"{node.lineno}: from {node.module} import {a.name}" for a in node.names
+                      if a.name not in offered and public_names(f"{node.module}.{a.name}") is None]
+    return found
+
+
+def test_the_applications_import_only_the_public_api():
+    files = sorted(p for app in APPS for p in (ROOT / app).rglob("*.py"))
+    found = [f"{path.relative_to(ROOT)}:{line}" for path in files
+             for line in reaches_past_the_api(ast.parse(path.read_text(), str(path)))]
+    assert not found, "the applications reach past the public API (export the name, or use another):\n" + \
+        "\n".join(found)
+
+
+def test_the_public_api_check_tells_internals_from_exports():
+    code = ("from detector import convert, images, __version__\nfrom detector.weights import load_detector\n"
+            "import detector.families\nfrom detector.runtime import RunCancelled\nimport detector.state\n"
+            "from detector.weights import WEIGHTS_DIR\nfrom .local import anything\n")
+    assert reaches_past_the_api(ast.parse(code)) == [
+        "4: from detector.runtime import RunCancelled", "5: import detector.state",
+        "6: from detector.weights import WEIGHTS_DIR"]
+    assert "RunCancelled" in public_names("detector") and public_names("detector.state") is None
 
 
 def test_no_library_module_is_above_500_lines():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from eval.metrics import coco_metrics, voc_metrics
+from eval.metrics import coco_metrics, detection_columns, voc_metrics
 
 CLASSES = ["a", "b"]
 
@@ -29,6 +29,16 @@ def test_perfect_detections_score_one():
     assert coco["per_class"] == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
     voc = voc_metrics(GROUND_TRUTH, perfect, CLASSES)
     assert voc["voc07_map50"] == pytest.approx(1.0) and voc["voc_map50"] == pytest.approx(1.0)
+
+
+def test_detection_columns_read_a_results_plain_form():
+    record = {"detections": [{"box": [10, 10, 50, 50], "score": 0.9, "class_id": 0, "name": "a"},
+                             {"box": [60, 60, 90, 95], "score": 0.8, "class_id": 1, "name": "b"}], "steps": 6}
+    columns = detection_columns(record)
+    assert columns["boxes"].tolist() == [[10, 10, 50, 50], [60, 60, 90, 95]] and columns["labels"] == [0, 1]
+    assert columns["scores"] == [0.9, 0.8] and detection_columns({"detections": []})["boxes"].shape == (0, 4)
+    coco = coco_metrics(GROUND_TRUTH[:1], [{"image_id": 1, **columns}], CLASSES)
+    assert coco["map50_95"] == pytest.approx(1.0)
 
 
 def test_no_detections_score_zero():

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from detector.data import ensure_bundled
-from detector.detect import Boxes, Results, SpikingDetector
+from dataclasses import FrozenInstanceError
+
+from detector.detect import Boxes, Results, RunFigures, SpikingDetector
 from detector.detect.results import class_color
-from detector.models import as_records
 from detector.weights import load_detector
 
 
@@ -33,7 +34,8 @@ def found(detectors, image_path):
 
 def one_box() -> Results:
     boxes = Boxes(torch.tensor([[10.0, 20.0, 50.0, 40.0]]), torch.tensor([0.75]), torch.tensor([2]), (60, 100))
-    return Results(boxes, {0: "a", 1: "b", 2: "circle"}, orig_img=np.zeros((60, 100, 3), np.uint8), steps=7)
+    return Results(boxes, {0: "a", 1: "b", 2: "circle"}, orig_img=np.zeros((60, 100, 3), np.uint8),
+                   run=RunFigures(steps=7))
 
 
 def test_boxes_formats():
@@ -83,14 +85,24 @@ def test_both_families_return_results_with_their_figures(found):
         assert res.plot().shape == (256, 256, 3)
 
 
-def test_as_records_is_the_results_plain_form(found):
+def test_to_dict_is_the_one_plain_form_and_the_figures_are_set_when_built(found, detectors, image_path):
     for res in found.values():
-        record = as_records(res)
-        assert record["boxes"] == res.boxes.xyxy.tolist() and record["scores"] == res.boxes.conf.tolist()
-        assert record["classes"] == res.boxes.cls.tolist() and record["names"] == res.labels
-        assert (record["steps"], record["spikes"], record["energy_uj"]) == (res.steps, res.spikes, res.energy_uj)
-        override = [f"k{i}" for i in range(len(res.names))]
-        assert as_records(res, override)["names"] == [override[c] for c in record["classes"]]
+        exact, rounded = res.to_dict(decimals=None), res.to_dict()
+        assert [d["box"] for d in exact["detections"]] == res.boxes.xyxy.tolist()
+        assert [d["box"] for d in rounded["detections"]] == [[round(v, 3) for v in b] for b in res.boxes.xyxy.tolist()]
+        assert [d["score"] for d in exact["detections"]] == res.boxes.conf.tolist()
+        assert [(d["class_id"], d["name"]) for d in exact["detections"]] == \
+            list(zip(res.boxes.cls.tolist(), res.labels))
+        assert {k: exact[k] for k in ("steps", "settled", "spikes", "energy_uj", "stage_steps", "proposals")} == \
+            {"steps": res.run.steps, "settled": res.run.settled, "spikes": res.run.spikes,
+             "energy_uj": res.run.energy_uj, "stage_steps": res.run.stage_steps, "proposals": res.run.proposals}
+        with pytest.raises(FrozenInstanceError):  # built once, with its figures
+            res.steps = 3
+    qann = detectors["yolo"].qann_predict([str(image_path)], conf=0.05)[0].to_dict()
+    assert qann["steps"] is None and qann["spikes"] is None and set(qann["speed"]) == {"preprocess", "inference",
+                                                                                       "postprocess"}
+    with pytest.raises(AttributeError, match="no attribute 'stepz'"):
+        found["yolo"].stepz
 
 
 def test_one_predict_for_both_families():

@@ -27,6 +27,10 @@ import numpy as np
 
 from .synthetic import CLASSES, GENERATOR, MIN_SIZE, MIN_VISIBLE, _background, _draw_object
 
+__all__ = [  # the public API (apps import only these)
+    "ensure_video", "generate_video", "render_sequence", "sequences_of", "video_root",
+]
+
 KINDS = ("static", "jitter")
 VIDEO_GENERATOR = "bundled-video-v1"
 MAX_MOVING = 4

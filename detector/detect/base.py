@@ -20,15 +20,15 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from ..convert import RATE_CODED
-from .results import Boxes, DetectionEvent, Results
+from ..neuron_kinds import NeuronKind, neuron_kind
+from .results import Boxes, DetectionEvent, Results, RunFigures
 from ..video import KEYFRAME_EVERY, frames_of
 
 
@@ -68,9 +68,9 @@ class Batch:
     images: list[np.ndarray | None]
     paths: list[str | None]
 
-    def result(self, i: int, boxes: Boxes, names: dict[int, str]) -> Results:
-        """Image ``i``'s ``Results`` holding ``boxes``."""
-        return Results(boxes, names, orig_img=self.images[i], path=self.paths[i])
+    def result(self, i: int, boxes: Boxes, names: dict[int, str], run: RunFigures | None = None) -> Results:
+        """Image ``i``'s ``Results`` holding ``boxes`` and its spiking ``run``'s figures (None: the QANN's)."""
+        return Results(boxes, names, orig_img=self.images[i], path=self.paths[i], run=run)
 
 
 def read_bgr(image, color: str) -> np.ndarray:
@@ -117,6 +117,11 @@ class SpikingDetector(ABC):
     names: dict[int, str]
     levels: int | None
     neuron: str
+
+    @property
+    def neuron_kind(self) -> NeuronKind:
+        """What its neurons are (``detector.neuron_kinds``): rate-coded or settling, QANN or float."""
+        return neuron_kind(self.neuron)
 
     # -- what an adapter states --
 
@@ -172,7 +177,7 @@ class SpikingDetector(ABC):
                  max_sleep: int = 256, mode: str = "step") -> Schedule:
         """CASC: ``wake`` defaults to the levels L. The rate-coded networks (the IF baseline, QCFS) need ``wake``
         (their T) and do not sleep (``sleep="auto"`` means 0)."""
-        if self.neuron in RATE_CODED:
+        if self.neuron_kind.rate_coded:
             if wake is None:
                 raise ValueError(f'neuron="{self.neuron}" is rate-coded: give wake=T, its number of time steps '
                                  "(no sleep)")
@@ -188,7 +193,7 @@ class SpikingDetector(ABC):
         if not timesteps or any(isinstance(t, bool) or int(t) < 1 for t in timesteps):
             raise ValueError(f"timesteps must be a non-empty list of integers >= 1, got {timesteps!r}")
         ts = sorted({int(t) for t in timesteps})
-        if self.neuron in RATE_CODED:
+        if self.neuron_kind.rate_coded:
             if wake is not None or sleep not in ("auto", 0):
                 raise ValueError(f'detections_at_steps with neuron="{self.neuron}": its schedule at t is wake=t, '
                                  "sleep=0; leave wake and sleep at their defaults")
@@ -206,10 +211,9 @@ class SpikingDetector(ABC):
         found = self._postprocess(prepared, out, keep)
         t3 = time.perf_counter()
         per_image = 1000.0 / len(found)
-        for r in found:
-            r.speed = {"preprocess": (t1 - t0) * per_image, "inference": (t2 - t1) * per_image,
-                       "postprocess": (t3 - t2) * per_image}
-        return found
+        speed = {"preprocess": (t1 - t0) * per_image, "inference": (t2 - t1) * per_image,
+                 "postprocess": (t3 - t2) * per_image}
+        return [replace(r, speed=dict(speed)) for r in found]
 
     def _run(self, images, schedule: Schedule | None, keep: Selection, batch: int, color: str | None,
              cancel: threading.Event | None) -> list[Results]:
@@ -243,7 +247,7 @@ class SpikingDetector(ABC):
         frame runs the whole schedule, which redraws any float32 boundary flip a static region kept (None: only the
         first). ``delta=False``: each frame is a fresh run, as ``predict``. Each ``Results`` has its own ``steps``,
         ``spikes``, ``energy_uj`` and ``keyframe``. The other options are ``predict``'s (sleep is "auto")."""
-        if delta and self.neuron in RATE_CODED:
+        if delta and self.neuron_kind.rate_coded:
             raise ValueError(f"delta frames need a network that settles (CASC); a rate-coded network (neuron="
                              f"{self.neuron!r}) has no fixed point: pass delta=False")
         schedule = self.schedule(wake, "auto", burst, max_sleep, mode)

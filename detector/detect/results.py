@@ -4,7 +4,11 @@
     r.boxes.xyxy, r.boxes.conf, r.boxes.cls       # original pixels, scores, 0-based classes
     r.steps, r.stage_steps, r.settled              # total T (both stages for Faster R-CNN), per stage, fixed point
     r.spikes, r.energy_uj, r.speed                 # spike events, energy estimate, ms per phase
+    r.run                                          # those figures of the spiking run (RunFigures; None: the QANN)
     r.plot(); r.save("out.jpg"); r.save_txt("out.txt"); r.to_json()
+
+A ``Results`` is built once with its figures (frozen): the adapters hand the ``RunFigures`` of each image to the
+constructor. ``to_dict`` is the one plain form, used by ``casc predict``, ``casc eval`` and the service.
 
 Images follow Ultralytics' convention: ``orig_img`` and ``plot()`` are BGR (what ``cv2.imwrite`` takes).
 """
@@ -12,7 +16,7 @@ Images follow Ultralytics' convention: ``orig_img`` and ``plot()`` are BGR (what
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -63,24 +67,42 @@ class Boxes:
         return Boxes(self.xyxy[keep], self.conf[keep], self.cls[keep], self.orig_shape)
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
+class RunFigures:
+    """How one image's spiking run went. ``spikes`` and ``energy_uj`` are None from an engine that counts no
+    spikes (ONNX Runtime); ``stage_steps`` and ``proposals`` only for two-stage detectors; ``keyframe`` only for a
+    video's frames."""
+
+    steps: int  # total time steps T (wake + sleep, all stages)
+    stage_steps: dict[str, int] | None = None  # steps per stage ({"stage1", "stage2"})
+    wake: int | None = None  # wake steps of the schedule (per stage)
+    settled: bool | None = None  # every stage reached its fixed point
+    spikes: float | None = None  # spike events, all stages
+    energy_uj: float | None = None  # estimate (SOPs at 0.9 pJ, MACs at 4.6 pJ), microjoules
+    proposals: int | None = None  # RoIs that reached stage 2
+    keyframe: bool | None = None  # True: a whole schedule ran; False: a video's delta frame fed only its change
+
+
+FIGURES = tuple(f.name for f in fields(RunFigures))
+
+
+@dataclass(eq=False, frozen=True)
 class Results:
-    """Detections of one image and how the spiking run went (``steps`` ... ``energy_uj`` are None for the
-    QANN). ``stage_steps``: steps per stage (``{"stage1", "stage2"}``) for two-stage detectors, else None."""
+    """Detections of one image and how the spiking run went: ``run`` (None for the QANN), whose figures read as
+    attributes too (``r.steps`` is ``r.run.steps``, None for the QANN)."""
 
     boxes: Boxes
     names: dict[int, str]
     orig_img: np.ndarray | None = None  # HxWx3 uint8 BGR, None for a preprocessed tensor input
     path: str | None = None  # the image file, when the input was one
-    steps: int | None = None  # total time steps T (wake + sleep, all stages)
-    stage_steps: dict[str, int] | None = None
-    wake: int | None = None  # wake steps of the schedule (per stage)
-    settled: bool | None = None  # every stage reached its fixed point
-    spikes: float | None = None  # spike events, all stages
-    energy_uj: float | None = None  # estimate (SOPs at 0.9 pJ, MACs at 4.6 pJ), microjoules
-    proposals: int | None = None  # RoIs that reached stage 2 (two-stage detectors)
-    keyframe: bool | None = None  # True: a whole schedule ran; False: a video's delta frame fed only its change
+    run: RunFigures | None = None
     speed: dict[str, float] = field(default_factory=dict)  # ms per image: preprocess, inference, postprocess
+
+    def __getattr__(self, name: str):
+        # only reached for names that are not fields: the run's figures, None when there was no spiking run
+        if name in FIGURES:
+            return None if self.run is None else getattr(self.run, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def orig_shape(self) -> tuple[int, int]:
@@ -136,16 +158,18 @@ class Results:
         path.write_text("".join(line + "\n" for line in lines))
         return str(path)
 
-    def to_dict(self) -> dict:
-        """JSON-ready: the detections (box xyxy, score, class_id, name: the keys of the service's responses) and the
-        run's figures."""
-        detections = [{"box": [round(v, 3) for v in b], "score": s, "class_id": c, "name": n}
-                      for b, s, c, n in zip(self.boxes.xyxy.tolist(), self.boxes.conf.tolist(),
-                                            self.boxes.cls.tolist(), self.labels)]
-        return {"path": self.path, "orig_shape": list(self.orig_shape), "detections": detections,
-                "steps": self.steps, "stage_steps": self.stage_steps, "wake": self.wake, "settled": self.settled,
-                "spikes": self.spikes, "energy_uj": self.energy_uj, "proposals": self.proposals,
-                "keyframe": self.keyframe, "speed": dict(self.speed)}
+    def to_dict(self, decimals: int | None = 3) -> dict:
+        """JSON-ready, the one plain form of a result: the detections (``box`` xyxy in original pixels, rounded to
+        ``decimals``, None: as computed; ``score``; ``class_id``, 0-based; ``name``: the keys of the service's
+        responses), the run's figures (None for the QANN) and ``speed``."""
+        boxes = self.boxes.xyxy.tolist()
+        if decimals is not None:
+            boxes = [[round(v, decimals) for v in b] for b in boxes]
+        detections = [{"box": b, "score": s, "class_id": c, "name": n}
+                      for b, s, c, n in zip(boxes, self.boxes.conf.tolist(), self.boxes.cls.tolist(), self.labels)]
+        figures = dict.fromkeys(FIGURES) if self.run is None else asdict(self.run)
+        return {"path": self.path, "orig_shape": list(self.orig_shape), "detections": detections, **figures,
+                "speed": dict(self.speed)}
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)

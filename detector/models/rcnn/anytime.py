@@ -1,7 +1,7 @@
 """The two stages of ``SpikingFasterRCNN`` step by step: the stream's events and anytime detections at many T.
 
 ``TwoStageSteps`` holds what ``SpikingDetector.stream`` and ``detections_at_steps`` ask of a two-stage
-detector (``_events``, ``_anytime``) and the per-image figures both stages' runs add up to. It is mixed into
+detector (``_events``, ``_anytime``) and the per-image ``RunFigures`` both stages' runs add up to. It is mixed into
 ``SpikingFasterRCNN``, which provides the stages (``stage1`` / ``stage2`` and the networks they were converted
 from, ``qann_stage1`` / ``qann_stage2``) and the glue between them (``proposals``, ``roi_features``,
 ``_results``, ``_empty_stage2``).
@@ -10,13 +10,13 @@ from, ``qann_stage1`` / ``qann_stage2``) and the glue between them (``proposals`
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from ...convert import RATE_CODED
-from ...detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection
+from ...detect import Batch, Boxes, DetectionEvent, Results, RunFigures, Schedule, Selection
 from ...energy import PJ_PER_MAC, count_macs
 from ...runtime import RunResult, SpikingNetwork
 
@@ -24,10 +24,12 @@ from ...runtime import RunResult, SpikingNetwork
 class TwoStageSteps:
     """Stage 1 then stage 2, step by step (mixed into ``SpikingFasterRCNN``; see the module docstring)."""
 
-    def _figures(self, proposals: list[torch.Tensor], run1: RunResult, run2: RunResult | None) -> list[dict]:
+    def _figures(self, proposals: list[torch.Tensor], run1: RunResult, run2: RunResult | None,
+                 wake: int | None) -> list[RunFigures]:
         """Each image's steps (total and per stage), settled flag, spikes, energy and proposal count from the
-        two stages' runs (``run2`` is None when no image had a proposal; its rows are the images' RoIs). Spikes
-        and energy are None when the runs have no ``stats`` (an engine that counts no spikes: ONNX Runtime)."""
+        two stages' runs of ``wake`` wake steps each (``run2`` is None when no image had a proposal; its rows are the
+        images' RoIs). Spikes and energy are None when the runs have no ``stats`` (an engine that counts no spikes:
+        ONNX Runtime)."""
         s1, s2 = run1.stats, run2.stats if run2 is not None else None
         figures = []
         for i, (a, b) in enumerate(row_ranges(proposals)):
@@ -37,10 +39,10 @@ class TwoStageSteps:
             if s1 is not None:
                 spikes = float(s1.spikes[i]) + (float(s2.spikes[a:b].sum()) if s2 is not None else 0.0)
                 energy = (float(s1.energy_pj[i]) + (float(s2.energy_pj[a:b].sum()) if s2 is not None else 0.0)) * 1e-6
-            figures.append({
-                "steps": t1 + t2, "stage_steps": {"stage1": t1, "stage2": t2},
-                "settled": bool(run1.settled[i]) and (run2 is None or b == a or bool(run2.settled[a:b].all())),
-                "spikes": spikes, "energy_uj": energy, "proposals": b - a, "keyframe": run1.keyframe})
+            figures.append(RunFigures(
+                steps=t1 + t2, stage_steps={"stage1": t1, "stage2": t2}, wake=wake,
+                settled=bool(run1.settled[i]) and (run2 is None or b == a or bool(run2.settled[a:b].all())),
+                spikes=spikes, energy_uj=energy, proposals=b - a, keyframe=run1.keyframe))
         return figures
 
     @staticmethod
@@ -100,9 +102,9 @@ class TwoStageSteps:
         for ev in self.stage1.stream(image_list.tensors, cancel=cancel, **schedule.run_kwargs()):
             last1 = ev
             spikes, total, energy = _counted(ev, total, energy)
-            empty = batch.result(0, Boxes.empty(batch.shapes[0]), self.names)
-            set_figures(empty, {"steps": ev.t, "stage_steps": {"stage1": ev.t, "stage2": 0}, "settled": False,
-                         "spikes": total, "energy_uj": _uj(energy)}, wake=ev.wake)
+            empty = batch.result(0, Boxes.empty(batch.shapes[0]), self.names, RunFigures(
+                steps=ev.t, stage_steps={"stage1": ev.t, "stage2": 0}, wake=ev.wake, settled=False, spikes=total,
+                energy_uj=_uj(energy)))
             yield DetectionEvent(stage=1, t=ev.t, stage_t=ev.t, phase=ev.phase, wake=ev.wake, spikes=spikes,
                                  cumulative_spikes=total, settled=bool(ev.settled.all()), detections=empty)
         run1 = last1.result
@@ -117,12 +119,12 @@ class TwoStageSteps:
                 if pending is not None:
                     yield pending
                 spikes, total, energy = _counted(ev, total, energy)
-                found = self._results(batch, dict(out, class_logits=ev.readout[0], box_regression=ev.readout[1]),
-                                      keep)[0]
                 settled = bool(ev.settled.all())
-                set_figures(found, {"steps": t1 + ev.t, "stage_steps": {"stage1": t1, "stage2": ev.t},
-                             "settled": settled and bool(run1.settled.all()), "spikes": total,
-                             "energy_uj": _uj(energy), "proposals": int(rois.shape[0])}, wake=ev.wake)
+                run = RunFigures(steps=t1 + ev.t, stage_steps={"stage1": t1, "stage2": ev.t}, wake=ev.wake,
+                                 settled=settled and bool(run1.settled.all()), spikes=total, energy_uj=_uj(energy),
+                                 proposals=int(rois.shape[0]))
+                found = self._results(batch, dict(out, class_logits=ev.readout[0], box_regression=ev.readout[1]),
+                                      keep, [run])[0]
                 pending = DetectionEvent(stage=2, t=t1 + ev.t, stage_t=ev.t, phase=ev.phase, wake=ev.wake,
                                          spikes=spikes, cumulative_spikes=total, settled=settled, detections=found)
                 run2 = ev.result
@@ -131,7 +133,8 @@ class TwoStageSteps:
             found = self._results(batch, dict(out, class_logits=logits, box_regression=regression), keep)[0]
             pending = DetectionEvent(stage=2, t=t1, stage_t=0, phase="sleep", wake=0, spikes=0.0,
                                      cumulative_spikes=total, settled=True, detections=found)
-        set_figures(pending.detections, self._figures(proposals, run1, run2)[0], wake=schedule.wake)
+        # only now is it known to be the last step: its detections get the figures of both whole runs
+        pending.detections = replace(pending.detections, run=self._figures(proposals, run1, run2, schedule.wake)[0])
         pending.final = True
         yield pending
 
@@ -152,7 +155,6 @@ class TwoStageSteps:
         ``_image_workloads``), ``ann_energy_uj`` (per image: stage 1
         plus stage 2 once per RoI), ``proposals`` and both stages' ``firing_rates`` (of the largest ``t``)."""
         image_list = batch.x
-        n_images = image_list.tensors.shape[0]
         detections: dict[int, list[Results]] = {}
         info: dict[str, Any] = {"energy_uj_at": {}, "stage1_steps_at": {}, "stage2_steps_at": {}, "steps_at": {}}
         settled_at: dict[int, list[bool]] = {}
@@ -167,7 +169,7 @@ class TwoStageSteps:
             proposals = self.proposals(image_list, features, *readout[1:])
             rois = self.roi_features(features, proposals, image_list)
             if rois.shape[0]:
-                wake2 = group1[-1] if self.neuron in RATE_CODED else schedule.wake
+                wake2 = group1[-1] if self.neuron_kind.rate_coded else schedule.wake
                 stage2 = list(self._readouts_at(self.stage2, rois, group1, schedule, wake2))
                 ann_macs2 = ann_macs2 or count_macs(self.qann_stage2, rois[:1])
             else:
@@ -175,29 +177,22 @@ class TwoStageSteps:
             last2 = stage2[-1][-1]  # the stage-2 run serving these t (None: no RoIs, or not recorded)
             stats2 = None if last2 is None else last2.stats
             rates2: dict[str, float] = {}
+            ranges = row_ranges(proposals)
             for group2, (logits, regression), used2, energy2, spikes2, settled2, run2 in stage2:
                 if run2 is not None and run2.stats is not None:
                     rates2 = run2.stats.firing_rates
-                dets = self._results(batch, {"class_logits": logits, "box_regression": regression,
-                                             "proposals": proposals}, keep)
-                ranges = row_ranges(proposals)
-                s1 = [int(used1[i]) for i in range(n_images)]
-                s2 = [int(used2[a:b].max()) if b > a else 0 for a, b in ranges]
                 counted = energy1 is not None and (rois.shape[0] == 0 or energy2 is not None)
-                e = [float(energy1[i]) + float(energy2[a:b].sum()) if counted else None
-                     for i, (a, b) in enumerate(ranges)]
-                settled = [bool(settled1[i]) and bool(settled2[a:b].all()) for i, (a, b) in enumerate(ranges)]
-                for i, (det, (a, b)) in enumerate(zip(dets, ranges)):
-                    spikes = float(spikes1[i]) + float(spikes2[a:b].sum()) if counted else None
-                    set_figures(det, {"steps": s1[i] + s2[i], "stage_steps": {"stage1": s1[i], "stage2": s2[i]},
-                               "settled": settled[i], "spikes": spikes, "energy_uj": _uj(e[i]), "proposals": b - a},
-                                wake=schedule.wake)
+                figures = _group_figures(ranges, schedule.wake, (used1, energy1, spikes1, settled1),
+                                         (used2, energy2, spikes2, settled2), counted)
+                dets = self._results(batch, {"class_logits": logits, "box_regression": regression,
+                                             "proposals": proposals}, keep, figures)
                 for t in group2:
                     detections[t] = dets
-                    info["energy_uj_at"][t] = [_uj(v) for v in e]
-                    info["stage1_steps_at"][t], info["stage2_steps_at"][t] = s1, s2
-                    info["steps_at"][t] = [a + b for a, b in zip(s1, s2)]
-                    settled_at[t] = settled
+                    info["energy_uj_at"][t] = [f.energy_uj for f in figures]
+                    info["stage1_steps_at"][t] = [f.stage_steps["stage1"] for f in figures]
+                    info["stage2_steps_at"][t] = [f.stage_steps["stage2"] for f in figures]
+                    info["steps_at"][t] = [f.steps for f in figures]
+                    settled_at[t] = [f.settled for f in figures]
                     work2_at[t] = (None if stats2 is None else stats2.workload_until(t), ranges)
             final_rows = [len(p) for p in proposals]
             if run1 is not None and run1.stats is not None:  # stage 2's sites are box_head.* / box_predictor.*
@@ -211,6 +206,23 @@ class TwoStageSteps:
         info["ann_energy_uj"] = [(ann_macs1 + (ann_macs2 or 0) * n) * PJ_PER_MAC * 1e-6 for n in final_rows]
         info["proposals"] = final_rows
         return detections, info
+
+
+def _group_figures(ranges: list[tuple[int, int]], wake: int, stage1: tuple, stage2: tuple,
+                   counted: bool) -> list[RunFigures]:
+    """Each image's figures at a budget of both stages: ``stage1`` (steps used, energy, spikes, settled per image)
+    and ``stage2`` (the same per RoI, ``ranges`` each image's rows); spikes and energy only when ``counted``."""
+    (used1, energy1, spikes1, settled1), (used2, energy2, spikes2, settled2) = stage1, stage2
+    figures = []
+    for i, (a, b) in enumerate(ranges):
+        s1, s2 = int(used1[i]), int(used2[a:b].max()) if b > a else 0
+        energy = float(energy1[i]) + float(energy2[a:b].sum()) if counted else None
+        figures.append(RunFigures(
+            steps=s1 + s2, stage_steps={"stage1": s1, "stage2": s2}, wake=wake,
+            settled=bool(settled1[i]) and bool(settled2[a:b].all()),
+            spikes=float(spikes1[i]) + float(spikes2[a:b].sum()) if counted else None, energy_uj=_uj(energy),
+            proposals=b - a))
+    return figures
 
 
 def _image_workloads(stage1: dict[str, torch.Tensor], stage2: dict[str, torch.Tensor] | None,
@@ -247,9 +259,3 @@ def row_ranges(proposals: list[torch.Tensor]) -> list[tuple[int, int]]:
     starts = np.cumsum([0] + [len(p) for p in proposals])
     return [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
 
-
-def set_figures(results: Results, figures: dict, wake: int | None) -> None:
-    """Each figure (steps, stage_steps, settled, spikes, energy_uj, ...) as an attribute of ``results``."""
-    for name, value in figures.items():
-        setattr(results, name, value)
-    results.wake = wake

@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -38,11 +38,12 @@ from torchvision.ops import batched_nms
 from torchvision.ops.misc import SqueezeExcitation
 
 from ...convert import UnsupportedModuleError, convert
-from ...detect import Batch, Boxes, Results, Schedule, Selection, SpikingDetector, read_bgr
+from ...neuron_kinds import neuron_kind
+from ...detect import Batch, Boxes, Results, RunFigures, Schedule, Selection, SpikingDetector, read_bgr
 from ...detect.base import source_path
 from ...quant import ClipQuan, qann_levels
 from ...runtime import SpikingNetwork
-from .anytime import TwoStageSteps, set_figures
+from .anytime import TwoStageSteps
 from .model import (MODULE_RULES, ReLUTwoMLPHead, _to_image_tensor, _unwrap_state_dict, is_qann_state,
                     load_checkpoint, model_from_state_dict, to_qann_fasterrcnn)
 
@@ -119,9 +120,7 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         for attr in ("transform", "backbone", "rpn", "roi_heads"):
             if not hasattr(qann, attr):
                 raise TypeError(f"expected a torchvision GeneralizedRCNN (FasterRCNN), got {type(qann).__name__}")
-        if neuron not in ("cif", "qcfs", "if"):
-            raise ValueError(f'neuron must be "cif" (CASC), "qcfs" (QCFS neurons on the same QANN) or "if" '
-                             f"(the IF baseline), got {neuron!r}")
+        kind = neuron_kind(neuron)
         extra_heads = [head for head, has in (("mask", "has_mask"), ("keypoint", "has_keypoint"))
                        if getattr(qann.roi_heads, has, lambda: False)()]
         if extra_heads:
@@ -129,11 +128,11 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
                              f"{' and a '.join(extra_heads)} head whose outputs would be dropped: use a FasterRCNN, or "
                              f"set roi_heads.{extra_heads[0]}_roi_pool / _head / _predictor to None for boxes only")
         signed = [m for m in qann.modules() if isinstance(m, ClipQuan) and m.signed]
-        if neuron == "qcfs" and signed:
-            raise ValueError(f"QCFS neurons fire positive spikes only, and this model has {len(signed)} signed "
+        if not kind.converts_float and not kind.signed and signed:
+            raise ValueError(f"{kind.label} neurons fire positive spikes only, and this model has {len(signed)} signed "
                              "quantizers (a spiking FPN), which need negative spikes: compare QCFS on a model "
                              "without --spiking-fpn (e.g. rcnn-r18-bundled)")
-        if neuron != "if":
+        if not kind.converts_float:
             if type(qann.roi_heads.box_head) is tv_frcnn.TwoMLPHead or qann_levels(qann) is None:
                 raise ValueError("SpikingFasterRCNN needs a QANN: calibrate one with quantize_fasterrcnn(model, levels, "
                                  "images) or build one with to_qann_fasterrcnn(model, levels) (both also replace "
@@ -148,8 +147,8 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
                 qann.roi_heads.box_head = ReLUTwoMLPHead.from_head(qann.roi_heads.box_head)
         self.qann = qann.eval()
         self.neuron = neuron
-        self.levels = qann_levels(qann) if neuron != "if" else None
-        self.percentile = percentile if neuron == "if" else None
+        self.levels = None if kind.converts_float else qann_levels(qann)
+        self.percentile = percentile if kind.converts_float else None
         self.classes = list(classes) if classes else None
         self.names = class_names(self.classes, qann.roi_heads.box_predictor.cls_score.out_features - 1)
         self.meta = dict(meta or {})
@@ -159,14 +158,14 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         self.qann_stage1 = RCNNStage1(qann.backbone, qann.rpn.head)
         self.qann_stage2 = RCNNStage2(qann.roi_heads.box_head, qann.roi_heads.box_predictor)
         try:
-            if neuron != "if":  # CASC, or QCFS neurons on the same QANN
+            if not kind.converts_float:  # CASC, or QCFS neurons on the same QANN
                 self.stage1: SpikingNetwork = convert(self.qann_stage1, neuron=neuron, analog=a1, rules=MODULE_RULES)
                 self.stage2: SpikingNetwork = convert(self.qann_stage2, neuron=neuron, analog=a2, rules=MODULE_RULES)
             else:
                 batches1, batches2 = self._calibration_batches(calibration, calibration_batch)
-                self.stage1 = convert(self.qann_stage1, neuron="if", calibration=batches1, percentile=percentile,
+                self.stage1 = convert(self.qann_stage1, neuron=neuron, calibration=batches1, percentile=percentile,
                                       analog=a1, rules=MODULE_RULES)
-                self.stage2 = convert(self.qann_stage2, neuron="if", calibration=batches2, percentile=percentile,
+                self.stage2 = convert(self.qann_stage2, neuron=neuron, calibration=batches2, percentile=percentile,
                                       analog=a2, rules=MODULE_RULES)
         except UnsupportedModuleError as error:
             hint = ""
@@ -213,11 +212,11 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         ``neuron="if"``: the IF baseline of a float ReLU model (or of a QANN), thresholds = ``percentile`` of
         each call site's activations on the ``calibration`` images; ``levels`` must then be None.
         """
-        if neuron == "if":
+        if neuron_kind(neuron).converts_float:
             if levels is not None:
                 raise ValueError('from_model(neuron="if"): the IF baseline converts the float model as it is; '
                                  "levels=... (quantization) applies to CASC only")
-            return cls(model, analog=analog, classes=classes, neuron="if", calibration=calibration,
+            return cls(model, analog=analog, classes=classes, neuron=neuron, calibration=calibration,
                        percentile=percentile)
         if qann_levels(model) is None:
             if levels is None:
@@ -244,14 +243,15 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         ``dtype`` before it is converted, so BatchNorms fold in that precision (folded in float32 and then cast
         to float64, a layer is off by 1e-7 and no longer reproduces the float64 QANN exactly).
         """
-        if neuron == "if" and levels is not None:
+        converts_float = neuron_kind(neuron).converts_float
+        if converts_float and levels is not None:
             raise ValueError('from_checkpoint(neuron="if"): levels=... (quantization) applies to CASC only')
-        if neuron == "if" and calibration is None:  # fail before loading
+        if converts_float and calibration is None:  # fail before loading
             raise ValueError('neuron="if" (the IF baseline) needs calibration=images: a few images whose '
                              "activations set each call site's threshold (the percentile)")
         data = load_checkpoint(path, sha256)
         state, meta = _unwrap_state_dict(data)
-        if not is_qann_state(state) and levels is None and neuron != "if":
+        if not is_qann_state(state) and levels is None and not converts_float:
             levels = 4
         qann = model_from_state_dict(state, meta, arch=arch, num_classes=num_classes, levels=levels, **build_kwargs)
         qann = qann.to(device=device, dtype=dtype)
@@ -362,9 +362,11 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
         return {"stage1": self.stage1.session(**options),
                 "stage2": self.stage2.session(**options) if stage2_delta else None}
 
-    def _results(self, batch: Batch, out: dict, keep: Selection) -> list[Results]:
+    def _results(self, batch: Batch, out: dict, keep: Selection,
+                 runs: Sequence[RunFigures] | None = None) -> list[Results]:
         """Decoded detections as ``Results``: score above ``conf``, an extra class-wise NMS at ``iou`` (on top
-        of the model's own), at most ``max_det``, only ``classes``; classes 0-based."""
+        of the model's own), at most ``max_det``, only ``classes``; classes 0-based; each with its spiking run's
+        figures (``runs``; None: the QANN's)."""
         dets = self.decode(out["class_logits"], out["box_regression"], out["proposals"], batch.x, batch.shapes,
                            keep.conf)
         results = []
@@ -373,16 +375,15 @@ class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
             if keep.classes is not None:
                 boxes = boxes.select(torch.isin(boxes.cls, torch.tensor(keep.classes)))
             boxes = boxes.select(batched_nms(boxes.xyxy, boxes.conf, boxes.cls, keep.iou)[:keep.max_det])
-            results.append(batch.result(i, boxes, self.names))
+            results.append(batch.result(i, boxes, self.names, runs[i] if runs else None))
         return results
 
     def _postprocess(self, batch: Batch, out: dict, keep: Selection) -> list[Results]:
-        results = self._results(batch, out, keep)
+        runs = None
         if out["runs"]:
             run1, run2 = (out["runs"] + [None])[:2]
-            for r, figures in zip(results, self._figures(out["proposals"], run1, run2)):
-                set_figures(r, figures, wake=out["wake"])
-        return results
+            runs = self._figures(out["proposals"], run1, run2, out["wake"])
+        return self._results(batch, out, keep, runs)
 
     # --- public API ----------------------------------------------------------------------------
 

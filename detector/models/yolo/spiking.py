@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ...convert import NEURONS, convert
-from ...detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection, SpikingDetector, read_bgr
+from ...convert import convert
+from ...neuron_kinds import neuron_kind
+from ...detect import Batch, Boxes, Results, RunFigures, Selection, SingleStageDetector, read_bgr
 from ...detect.base import source_path
 from ...quant import ClipQuan, qann_levels
 from ...runtime import RunResult, SpikingNetwork
@@ -99,7 +100,7 @@ def _skip_folded_batchnorms(network: nn.Module) -> None:
             m.forward = m.forward_fuse
 
 
-class SpikingYOLO(SpikingDetector):
+class SpikingYOLO(SingleStageDetector):
     """A YOLO QANN converted to a spiking network, with Ultralytics' pre- and post-processing.
 
     Attributes: ``qann`` (the DetectionModel QANN, eval), ``snn`` (the ``SpikingNetwork``; its readouts are
@@ -117,12 +118,11 @@ class SpikingYOLO(SpikingDetector):
                  calibration: Sequence[torch.Tensor] | None = None, percentile: float = 99.9):
         check_supported(qann)
         quantized = any(isinstance(m, ClipQuan) for m in qann.modules())
-        if neuron not in NEURONS:
-            raise ValueError(f'neuron must be one of {", ".join(sorted(NEURONS))}, got {neuron!r}')
-        if neuron != "if" and not quantized:
+        kind = neuron_kind(neuron)
+        if not kind.converts_float and not quantized:
             raise ValueError("SpikingYOLO needs a QANN (ClipQuan activations): build_qann(model, levels) or "
                              "from_checkpoint(path, levels=L) for a float checkpoint")
-        if neuron == "if" and (quantized or not calibration):
+        if kind.converts_float and (quantized or not calibration):
             raise ValueError('neuron="if" (the plain IF baseline) converts a float ReLU model and needs calibration '
                              "images (anything predict takes) or letterboxed batches (see calibration_inputs)")
         self.neuron = neuron
@@ -152,9 +152,9 @@ class SpikingYOLO(SpikingDetector):
                 + ". Keep them as analog islands (hybrid SNN) with analog='auto' or analog=[those paths]; the "
                 "fraction of MACs left analog is reported in the run statistics (analog_mac_fraction)")
         self.analog = analog
-        if neuron == "if":
+        if kind.converts_float:
             batches = [b.to(device=device, dtype=dtype) for b in self._calibration_batches(calibration)]
-            self.snn: SpikingNetwork = convert(self.readout_net, neuron="if", calibration=batches,
+            self.snn: SpikingNetwork = convert(self.readout_net, neuron=neuron, calibration=batches,
                                                percentile=percentile, analog=analog, rules=module_rules())
         else:  # CASC, or QCFS neurons on the same QANN
             self.snn = convert(self.readout_net, neuron=neuron, analog=analog, rules=module_rules())
@@ -191,9 +191,9 @@ class SpikingYOLO(SpikingDetector):
         model becomes the IF baseline with thresholds from ``calibration`` batches. ``neuron="qcfs"``: the QANN
         with QCFS neurons (run ``wake=T``, no sleep)."""
         model, meta = load_checkpoint(path, sha256=sha256)
-        if neuron == "if":
+        if neuron_kind(neuron).converts_float:
             return cls(model, names=meta["names"], imgsz=imgsz or meta["imgsz"], analog=analog, device=device,
-                       dtype=dtype, neuron="if", calibration=calibration)
+                       dtype=dtype, neuron=neuron, calibration=calibration)
         if not meta["quantized"]:
             if levels is None:
                 raise ValueError(f"{path} holds a float model, not a QANN: quantize it first (casc quantize --model "
@@ -249,9 +249,11 @@ class SpikingYOLO(SpikingDetector):
             results.append(Results(boxes, self.names))
         return results
 
-    def _decoded(self, batch: Batch, maps: list[torch.Tensor], keep: Selection) -> list[Results]:
+    def _decoded(self, batch: Batch, maps: list[torch.Tensor], keep: Selection,
+                 runs: Sequence[RunFigures] | None = None) -> list[Results]:
+        """Each image's ``Results`` with its spiking run's figures (``runs``; None: the QANN's)."""
         results = self.decode(maps, batch.shapes, keep.conf, keep.iou, keep.max_det, keep.classes)
-        return [batch.result(i, r.boxes, self.names) for i, r in enumerate(results)]
+        return [batch.result(i, r.boxes, self.names, runs[i] if runs else None) for i, r in enumerate(results)]
 
     # -- running --
 
@@ -291,78 +293,3 @@ class SpikingYOLO(SpikingDetector):
     def qann_raw(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The QANN's raw per-level maps for a preprocessed batch ``x`` (what the SNN reproduces)."""
         return self.readout_net(x)
-
-    def _infer(self, batch: Batch, schedule: Schedule | None, cancel, session=None) -> RunResult | list[torch.Tensor]:
-        if schedule is None:
-            return self.readout_net(batch.x)
-        if session is not None:
-            return session.run(batch.x, cancel=cancel)
-        return self.snn.run(batch.x, mode=schedule.mode, cancel=cancel, **schedule.run_kwargs())
-
-    def _video_session(self, schedule: Schedule, keyframe_every: int | None):
-        return self.snn.session(wake=schedule.wake, burst=schedule.burst, max_sleep=schedule.max_sleep,
-                                mode=schedule.mode, keyframe_every=keyframe_every)
-
-    def _postprocess(self, batch: Batch, out: RunResult | list[torch.Tensor], keep: Selection) -> list[Results]:
-        if not isinstance(out, RunResult):
-            return self._decoded(batch, out, keep)
-        results = self._decoded(batch, out.readout, keep)
-        for i, r in enumerate(results):
-            r.steps, r.wake, r.settled, r.keyframe = int(out.steps[i]), out.wake, bool(out.settled[i]), out.keyframe
-            if out.stats is not None:  # None: an engine that counts no spikes (ONNX Runtime)
-                r.spikes, r.energy_uj = float(out.stats.spikes[i]), float(out.stats.energy_pj[i]) * 1e-6
-        return results
-
-    def _events(self, batch: Batch, schedule: Schedule, keep: Selection, cancel) -> Iterator[DetectionEvent]:
-        """After every time step, the detections decoded from the readouts so far, with spike counts. The last
-        event's detections equal ``predict``'s (step mode)."""
-        total = energy = 0.0
-        for event in self.snn.stream(batch.x, cancel=cancel, **schedule.run_kwargs()):
-            found = self._decoded(batch, event.readout, keep)[0]
-            spikes = None if event.spikes is None else float(event.spikes[0])  # None: the engine counts none
-            if spikes is None:
-                total = energy = None
-            else:
-                total += spikes
-                energy += float(event.energy_pj[0])
-            found.steps, found.wake, found.spikes = event.t, event.wake, total
-            found.settled, found.energy_uj = bool(event.settled[0]), None if energy is None else energy * 1e-6
-            yield DetectionEvent(stage=1, t=event.t, stage_t=event.t, phase=event.phase, wake=event.wake,
-                                 spikes=spikes, cumulative_spikes=total, settled=found.settled, detections=found,
-                                 final=event.result is not None)
-
-    def _anytime(self, batch: Batch, wanted: list[int], schedule: Schedule,
-                 keep: Selection) -> tuple[dict[int, list[Results]], dict]:
-        """CASC readouts stop changing once a sample settles, so a ``t`` past the end reuses the final answer;
-        the IF baseline runs ``wake=max(t)`` steps and its readout after step ``t`` (summed, divided by ``t``)
-        is exactly the ``wake=t`` result. ``info``: per-image steps used, settled, spikes and energy of the full
-        run, ``energy_uj_at`` and ``workload_at`` (every requested ``t``; ``RunStats.workload_until``), ANN energy,
-        firing rates."""
-        readouts, settled_at, last = {}, {}, None
-        for event in self.snn.stream(batch.x, **schedule.run_kwargs()):
-            last = event
-            if event.t in wanted:
-                readouts[event.t] = event.readout
-                settled_at[event.t] = event.settled.tolist()
-        run = last.result
-        stats = run.stats  # None: an engine that counts no spikes (ONNX Runtime), so no spikes or energy
-        steps = run.steps.tolist()
-        nothing = [None] * len(steps)
-        results = {}
-        for t in wanted:  # past the run's end (settled) nothing changes any more: the final readout
-            found = self._decoded(batch, readouts.get(t, last.readout), keep)
-            energy = nothing if stats is None else (stats.energy_pj_until(t) * 1e-6).tolist()
-            spikes = nothing if stats is None else stats.spikes_per_step[:t].sum(0).tolist()
-            settled = settled_at.get(t, run.settled.tolist())
-            for i, r in enumerate(found):  # each image's own figures after step t
-                r.steps, r.wake, r.energy_uj = min(t, steps[i]), min(t, schedule.wake), energy[i]
-                r.spikes, r.settled = spikes[i], settled[i]
-            results[t] = found
-        info = {"steps": steps, "settled": run.settled.tolist()}
-        if stats is not None:
-            info.update({"spikes": stats.spikes.tolist(), "energy_uj": (stats.energy_pj * 1e-6).tolist(),
-                         "energy_uj_at": {t: (stats.energy_pj_until(t) * 1e-6).tolist() for t in wanted},
-                         "workload_at": {t: {k: v.tolist() for k, v in stats.workload_until(t).items()}
-                                         for t in wanted},
-                         "ann_energy_uj": stats.ann_energy_pj * 1e-6, "firing_rates": stats.firing_rates})
-        return results, info
