@@ -1,7 +1,7 @@
 """Detector families: what the layers above the adapters need to know of each, in one place.
 
 A ``Family`` names its adapter package and detector class, its spiking networks (``stages``, the attributes of
-the detector that hold them, in the order they run), its trainer module, the time steps its evaluation curve
+the detector that hold them, in the order they run), its trainer module (the adapter also names the parts of its network, ``layer_part``), the time steps its evaluation curve
 uses by default, how its input size is given and the ``format`` its checkpoints carry (how a checkpoint path
 finds its family, ``detector.weights.checkpoint_family``). ``FAMILIES`` is a plain dict, filled here and nowhere else
 (nothing registers itself at import time); adapters are imported only when a family is used. A new family is
@@ -40,6 +40,11 @@ class Family:
         if imgsz is not None and self.sized:
             kwargs["imgsz"] = imgsz
         return self.detector_type().from_checkpoint(path, sha256=sha256, **kwargs)
+
+    def layer_part(self, site: str) -> str:
+        """The part of the network (e.g. backbone, neck, head) a neuron call site belongs to: the adapter's
+        ``layer_part``, which alone knows its module paths."""
+        return self.adapter().layer_part(site)
 
     def steps_per_stage(self, total: int) -> int:
         """Each stage's step budget within a total ``T`` (every stage runs its own schedule)."""

@@ -7,7 +7,6 @@ The float ANN and the QANN do not depend on T, so on the time-step axis they are
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import matplotlib
@@ -249,27 +248,6 @@ def _finish(fig, ax, runs, metric, what, path, machine: bool = False) -> None:
 
 # --- firing rates ------------------------------------------------------------------------------------------
 
-YOLO_BACKBONE_LAST = 9  # YOLOv8's backbone is layers 0..9 (SPPF last); the neck follows, the Detect head is last
-
-
-def layer_stage(name: str, family: str) -> str:
-    """Which part of the network a neuron call site belongs to, from its module path."""
-    if family == "rcnn":
-        if name.startswith(("roi_heads", "box_head", "stage2")):
-            return "stage 2: box head"
-        if name.startswith(("rpn", "rpn_head")):
-            return "stage 1: RPN"
-        if ".fpn" in name or name.startswith("fpn"):
-            return "stage 1: FPN"
-        return "stage 1: backbone"
-    if name.startswith("head") or ".22." in f".{name}":
-        return "head"
-    index = re.match(r"(?:layers|model)\.(\d+)", name)
-    if index and int(index.group(1)) <= YOLO_BACKBONE_LAST:
-        return "backbone"
-    return "neck"
-
-
 STAGE_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
 
 
@@ -277,7 +255,8 @@ def plot_firing_rates(rates: dict[str, float], path: Path, family: str, title: s
     """Spikes per neuron per step of every neuron call site, as horizontal bars in network order, coloured and
     labelled by stage (YOLO: backbone / neck / head; Faster R-CNN: stage 1 parts / stage 2)."""
     names = list(rates)
-    stages = [layer_stage(n, family) for n in names]
+    part_of = get_family(family).layer_part
+    stages = [part_of(n) for n in names]
     order = list(dict.fromkeys(stages))
     height = 1.6 + 0.2 * len(names)
     fig, ax = plt.subplots(figsize=(8, height), dpi=DPI)

@@ -7,7 +7,8 @@ import pytest
 
 from casc.cli import main as casc
 from eval.compare import load_results, plot_runs
-from eval.plots import (layer_stage, plot_energy_vs_qann, plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency,
+from detector.families import get_family
+from eval.plots import (plot_energy_vs_qann, plot_firing_rates, plot_map_vs_energy, plot_map_vs_latency,
                         plot_map_vs_t, schedule_text)
 
 
@@ -93,14 +94,15 @@ def test_firing_rates_are_horizontal_bars_grouped_by_stage(tmp_path):
     assert min(t.get_fontsize() for t in ax.get_yticklabels()) >= 8
 
 
-def test_layer_stage_names_the_part_of_the_network():
-    assert layer_stage("layers.9.cv2.act", "yolo") == "backbone"
-    assert layer_stage("layers.10.cv1.act", "yolo") == "neck"
-    assert layer_stage("head.cv3.2.1.act", "yolo") == layer_stage("model.22.cv2.0.0.act", "yolo") == "head"
-    assert layer_stage("backbone.body.layer1.0.relu", "rcnn") == "stage 1: backbone"
-    assert layer_stage("backbone.fpn.inner.0", "rcnn") == "stage 1: FPN"
-    assert layer_stage("rpn_head.conv.0.1#2", "rcnn") == "stage 1: RPN"
-    assert layer_stage("roi_heads.box_head.relu6", "rcnn") == "stage 2: box head"
+def test_each_family_names_the_part_of_its_network():
+    yolo, rcnn = get_family("yolo").layer_part, get_family("rcnn").layer_part
+    assert yolo("layers.9.cv2.act") == "backbone"
+    assert yolo("layers.10.cv1.act") == "neck"
+    assert yolo("head.cv3.2.1.act") == yolo("model.22.cv2.0.0.act") == "head"
+    assert rcnn("backbone.body.layer1.0.relu") == "stage 1: backbone"
+    assert rcnn("backbone.fpn.inner.0") == "stage 1: FPN"
+    assert rcnn("rpn_head.conv.0.1#2") == "stage 1: RPN"
+    assert rcnn("roi_heads.box_head.relu6") == "stage 2: box head"
 
 
 def test_schedule_text_defaults_burst_to_the_wake_count():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from toy_family import TOY, ToyDetector, save_toy
 
-from detector.families import FAMILIES, family_of
+from detector.families import FAMILIES, family_of, get_family
 from detector.neuron_kinds import NEURON_KINDS
 from detector.weights import load_detector, resolve
 from eval.config import parse_timesteps, stage_budgets
@@ -58,3 +58,7 @@ def test_the_neuron_kind_is_looked_up_for_any_family(toy):
     assert [at[t][0].steps for t in (2, 5)] == [2, 5] and info["steps"] == [5]
     with pytest.raises(ValueError, match="rate-coded network"):
         qcfs.video(delta=True)
+
+
+def test_the_family_names_its_network_parts_for_the_firing_rate_plot(toy):
+    assert get_family("toy").layer_part("blocks.0.act") == "network"

@@ -22,6 +22,12 @@ from detector.quant import qann_levels
 from detector.randnet import random_qann
 
 CHECKPOINT_FORMAT = "casc-toy"
+
+
+def layer_part(site: str) -> str:
+    """One part: the toy network has no backbone / head split."""
+    return "network"
+
 BOX_HALF_SIDE = 2.0  # pixels either side of a class's peak
 # The entry a test puts into detector.families.FAMILIES (nothing registers itself at import time).
 TOY = Family("toy", __name__, "ToyDetector", ("snn",), trainer=None, default_timesteps="1,2,4,8", sized=False,

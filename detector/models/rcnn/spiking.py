@@ -92,6 +92,17 @@ def _split_analog(analog: Iterable[str]) -> tuple[list[str], list[str]]:
     return stage1, stage2
 
 
+def layer_part(site: str) -> str:
+    """Stage 1 (backbone, FPN, RPN) or stage 2 (box head): where a neuron call site (its module path) belongs."""
+    if site.startswith(("roi_heads", "box_head", "stage2")):
+        return "stage 2: box head"
+    if site.startswith(("rpn", "rpn_head")):
+        return "stage 1: RPN"
+    if ".fpn" in site or site.startswith("fpn"):
+        return "stage 1: FPN"
+    return "stage 1: backbone"
+
+
 class SpikingFasterRCNN(TwoStageSteps, SpikingDetector, nn.Module):
     """Two spiking stages around torchvision's own Faster R-CNN decoding code.
 

@@ -35,12 +35,12 @@ from .model import (
     save_qann,
     ultralytics_start_checkpoint,
 )
-from .spiking import SpikingYOLO, YOLOReadoutNet, attention_paths, calibration_inputs, letterbox
+from .spiking import SpikingYOLO, YOLOReadoutNet, attention_paths, calibration_inputs, layer_part, letterbox
 from .ultralytics_env import prepare_ultralytics
 
 __all__ = [
     "SpikingYOLO", "UnsupportedModelError", "build_qann", "load_checkpoint",
     "export_checkpoint", "check_supported", "attention_paths", "YOLOReadoutNet", "CHECKPOINT_FORMAT",
     "calibration_inputs", "save_qann", "letterbox", "ultralytics_start_checkpoint", "is_qann_checkpoint",
-    "quantize_model", "model_act", "ACTIVATIONS", "module_rules", "prepare_ultralytics",
+    "quantize_model", "model_act", "ACTIVATIONS", "module_rules", "prepare_ultralytics", "layer_part",
 ]

@@ -10,6 +10,7 @@ decoding and NMS run on the *accumulated* readouts with Ultralytics' own code (`
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -98,6 +99,17 @@ def _skip_folded_batchnorms(network: nn.Module) -> None:
     for m in network.modules():
         if isinstance(m, conv_type) and type(m).forward is conv_type.forward and isinstance(m.bn, nn.Identity):
             m.forward = m.forward_fuse
+
+
+BACKBONE_LAST = 9  # YOLOv8's backbone is layers 0..9 (SPPF last); the neck follows, the Detect head is last
+
+
+def layer_part(site: str) -> str:
+    """Backbone, neck or head: the part of a YOLO network a neuron call site (its module path) belongs to."""
+    if site.startswith("head") or ".22." in f".{site}":
+        return "head"
+    index = re.match(r"(?:layers|model)\.(\d+)", site)
+    return "backbone" if index and int(index.group(1)) <= BACKBONE_LAST else "neck"
 
 
 class SpikingYOLO(SingleStageDetector):
