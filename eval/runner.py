@@ -35,6 +35,7 @@ from detector.families import FAMILIES, get_family
 from detector.devices import default_threads, resolve_device
 from detector.energy import integer_energy, memory_traffic, neurobench_metrics
 from detector.models import as_records
+from detector.options import Schedule, Selection, add_arguments as add_options
 from detector.predict import run_folder
 from detector.weights import ENGINES, ModelEntry, load_detector, load_manifest, resolve
 
@@ -465,8 +466,6 @@ def _duration(seconds: float) -> str:
 def evaluate(args: argparse.Namespace) -> dict:
     rank, world = _distributed()
     methods = parse_methods(args.methods)
-    if args.sleep != "auto":
-        args.sleep = int(args.sleep)
     torch.set_num_threads(args.threads or default_threads())
     device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     qann, float_entry = model_pair(args.model, args.float_model)
@@ -632,17 +631,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="total steps T to evaluate, e.g. 1-16,24,32 (Faster R-CNN: even T, T/2 per stage). "
                              "None: the family's own list (" + "; ".join(f"{f.name}: {f.default_timesteps}"
                                                                           for f in FAMILIES.values()) + ")")
-    parser.add_argument("--wake", type=int, default=None, help="CASC wake steps (None: the QANN's levels L)")
-    parser.add_argument("--sleep", default="auto", help='CASC sleep steps: a number, or "auto" (until quiet)')
-    parser.add_argument("--burst", type=int, default=None,
-                        help="burst γ: spikes a neuron may emit per sleep step (None: the wake count, which settles "
-                             "in about 2 sleep steps; 1: one spike per step, tens of sleep steps)")
-    parser.add_argument("--max-sleep", type=int, default=256, help='cap on sleep steps with --sleep auto')
+    # CASC's schedule and the detections kept; conf low, for mAP
+    add_options(parser, Schedule, Selection, defaults={"conf": 0.001}, skip=("classes",))
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images (None: all)")
     parser.add_argument("--batch", type=int, default=1, help="images per run (also the cache and progress unit)")
-    parser.add_argument("--conf", type=float, default=0.001, help="score threshold (low, for mAP)")
-    parser.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (YOLO)")
-    parser.add_argument("--max-det", type=int, default=300, help="detections kept per image (YOLO)")
     parser.add_argument("--calibration-images", type=int, default=32,
                         help="training images for the IF baseline's thresholds")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")

@@ -20,6 +20,7 @@ from torch import nn
 from ...convert import NEURONS, convert
 from ...detect import Batch, Boxes, DetectionEvent, Results, Schedule, Selection, SpikingDetector, read_bgr
 from ...detect.base import source_path
+from ...options import MAX_SLEEP
 from ...quant import ClipQuan, qann_levels
 from ...runtime import RunResult, SpikingNetwork
 from .model import UnsupportedModelError, _names_dict, check_supported, load_checkpoint, module_rules, quantize_model
@@ -257,7 +258,7 @@ class SpikingYOLO(SpikingDetector):
 
     @torch.no_grad()
     def raw(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
-            burst: int | None = None, max_sleep: int = 256) -> RunResult:
+            burst: int | None = None, max_sleep: int = MAX_SLEEP) -> RunResult:
         """The spiking network's run on a preprocessed batch ``x``: ``.readout`` holds the accumulated raw
         per-level maps, ``.steps``/``.settled``/``.stats`` how it went."""
         return self.snn.run(x, wake=wake if wake is not None else self.levels, sleep=sleep, mode=mode, burst=burst,
