@@ -11,6 +11,7 @@ WAKE_FACTOR = 4  # default wake limit: 4 x the model's levels L (the QANN is exa
 # Default sleep limit. Measured with sleep="auto" on the bundled val images (benchmarks/service.py
 # --sleep-bound): YOLOv8n 2 sleep steps with burst sleep, 20 with burst=1; Faster R-CNN r18 2 and 9 per stage.
 MAX_SLEEP = 32
+MAX_DET = 1000  # detections a request may ask for
 MAX_ASPECT = 20.0  # longest / shortest side; a 1 x 20000 strip is not a photo any detector here can use
 
 
@@ -26,6 +27,7 @@ class Settings:
     max_aspect: float = MAX_ASPECT
     max_wake: int | None = None  # per request; None: WAKE_FACTOR x the model's levels
     max_sleep: int = MAX_SLEEP  # per request: a fixed sleep, and the cap of sleep="auto"
+    max_det: int = MAX_DET  # per request
     queue_size: int = 16  # per model worker
     timeout_s: float = 30.0  # per request (504)
     batch_window_ms: float = 5.0  # micro-batching window
@@ -65,3 +67,11 @@ class Settings:
 
     def wake_limit(self, levels: int) -> int:
         return self.max_wake if self.max_wake is not None else WAKE_FACTOR * int(levels)
+
+    def caps(self, levels: int) -> dict[str, int]:
+        """The most a request to a model of ``levels`` may ask for, per run parameter (``detector.options`` declares
+        the parameters and their own bounds; these are narrower): enforced by ``service.params.to_params`` and
+        stated in the OpenAPI schema."""
+        wake = self.wake_limit(levels)
+        return {"wake": wake, "burst": wake, "sleep": self.max_sleep, "max_sleep": self.max_sleep,
+                "max_det": self.max_det}

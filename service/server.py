@@ -233,7 +233,7 @@ def main(args: argparse.Namespace) -> int:
                             ws_max_size=max(settings.max_upload_bytes, 1 << 16),
                             timeout_keep_alive=settings.keep_alive_s,
                             timeout_graceful_shutdown=int(settings.timeout_s) + 5, lifespan="on")
-    server = graceful_server(config, app.state.begin_shutdown, settings.shutdown_delay_s)
+    server = graceful_server(config, app.state.service.begin_shutdown, settings.shutdown_delay_s)
     server.run()
     return 0 if server.started else 1
 

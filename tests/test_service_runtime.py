@@ -382,7 +382,7 @@ def test_bytes_in_flight_are_bounded():
         fits = png(w=300, h=300)  # 450 KB while decoding: two at a time, the third waits its turn
         responses = post_many(client, 3, bodies=[fits] * 3)
         assert [r.status_code for r in responses] == [200] * 3
-        budget = client.app.state.service["budget"]
+        budget = client.app.state.service.budget
         assert 0 < budget.peak <= budget.limit and budget.used == 0  # never over the budget; all given back
 
 
@@ -449,7 +449,7 @@ def test_origin_allow_list():
         assert r.status_code == 403 and r.json()["error"] == "origin_not_allowed"
     with TestClient(app_with(backend, allowed_origins=["http://evil.example"]), base_url="http://svc:8000") as client:
         assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **other}).status_code == 200
-    from service.app import own_origins
+    from service.middleware import own_origins
 
     assert "http://localhost:8000" in own_origins("0.0.0.0", 8000) and own_origins("::1", 80)[0] == "http://127.0.0.1:80"
     with TestClient(app_with(backend, host="detect.example", port=443)) as client:  # a public name
@@ -628,7 +628,7 @@ def test_video_temp_files_count_against_the_disk_budget():
 def test_openapi_states_the_enforced_bounds_and_every_ref_resolves():
     import re
 
-    from service.app import sleep_pattern
+    from service.openapi import sleep_pattern
 
     backend = FakeBackend()  # levels 4: wake at most 16
     with TestClient(app_with(backend, max_sleep=5)) as client:
