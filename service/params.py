@@ -22,7 +22,7 @@ from .config import Settings
 from .errors import ServiceError
 
 # the service takes every run parameter but the class filter
-DECLARED = {name: spec for name, spec in options_of(Schedule, Selection).items() if name != "classes"}
+DECLARED = {name: declared for name, declared in options_of(Schedule, Selection).items() if name != "classes"}
 MODEL_FIELD = dict(description="model name (GET /v1/models); default: the first loaded", max_length=200)
 
 

@@ -10,7 +10,7 @@ under the name of the manifest entry whose sha256 it matches; a file that matche
 Connections are bounded: a request's headers must arrive within ``--header-timeout-s`` and its body within
 ``--body-timeout-s``; idle keep-alive connections close after ``--keep-alive-s``; at most
 ``--limit-concurrency`` requests in flight at once, the rest refused at once with a JSON 503 and Retry-After
-(the service's admission, ``service.app``: open connections are not counted, so idle sockets cannot turn
+(the service's admission, ``service.middleware``: open connections are not counted, so idle sockets cannot turn
 ``/healthz`` away, and probes are always answered). On SIGTERM, ``/readyz`` answers 503 at once, the listener closes
 ``--shutdown-delay-s`` later, in-flight requests finish, queued work drains, and the exit status is 0.
 """
