@@ -1,9 +1,9 @@
 """The run parameters, declared once: ``Schedule`` (how a spiking network runs) and ``Selection`` (which
 detections are kept), each field with its default, bounds and help text.
 
-    from detector.options import Schedule, add_arguments, values_of
+    from detector.options import Schedule, Selection, add_arguments, values_of
     add_arguments(parser, Schedule, Selection)           # --wake --sleep --burst --max-sleep --conf ...
-    detector.predict(images, **values_of(args, Schedule, Selection))
+    results = detector.predict(images, **values_of(parser.parse_args(), Schedule, Selection))
 
 ``casc predict``, ``casc eval`` and the service (``service/params.py``) make their command-line options and
 request parameters from these declarations, so a default or a bound is written here only. The library checks a
@@ -24,7 +24,8 @@ AUTO = "auto"  # sleep until the network is quiet (a silent step), at most max_s
 @dataclass(frozen=True)
 class Bounds:
     """What the apps know of one field: the type of a value (int or float), inclusive bounds (None: open), help
-    text, and whether the field also takes the word ``auto`` (sleep) or several values (classes)."""
+    text, and whether the field also takes the word ``auto`` (sleep) or, on a command line, several values
+    (classes)."""
 
     help: str
     kind: type = int
@@ -38,13 +39,12 @@ class Bounds:
         bounds."""
         if self.auto and value == AUTO:
             return value
-        for v in (value if self.many else (value,)):
-            if isinstance(v, bool) or not isinstance(v, (int,) if self.kind is int else (int, float)) or \
-                    not self.contains(v):
-                raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int,) if self.kind is int else (int, float)) or \
+                not self._contains(value):
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
         return value
 
-    def contains(self, v: float) -> bool:
+    def _contains(self, v: float) -> bool:
         return (self.minimum is None or v >= self.minimum) and (self.maximum is None or v <= self.maximum)
 
     def describe(self) -> str:
@@ -144,6 +144,6 @@ def add_arguments(parser: argparse.ArgumentParser, *declarations: type, defaults
                 parser.add_argument(flag, type=_argument_type(declaration, name), default=default, help=bounds.help)
 
 
-def values_of(args: argparse.Namespace, *declarations: type, skip: tuple[str, ...] = ()) -> dict:
+def values_of(args: argparse.Namespace, *declarations: type) -> dict:
     """The options of ``declarations`` as parsed into ``args``, by name (the library's keyword arguments)."""
-    return {name: getattr(args, name) for name in options_of(*declarations) if name not in skip}
+    return {name: getattr(args, name) for name in options_of(*declarations)}

@@ -117,7 +117,8 @@ class SpikingNetwork(nn.Module):
 
     @torch.no_grad()
     def stream(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
-               max_sleep: int = MAX_SLEEP, record: bool = True, cancel: threading.Event | None = None) -> Iterator[StepEvent]:
+               max_sleep: int = MAX_SLEEP, record: bool = True,
+               cancel: threading.Event | None = None) -> Iterator[StepEvent]:
         """Yield a ``StepEvent`` after every time step (step mode); the last one carries the ``RunResult``,
         equal to ``run``'s."""
         yield from self._schedule(x, wake, sleep, "step", burst, max_sleep, 1, record, cancel, True)
