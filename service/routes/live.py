@@ -17,7 +17,7 @@ from ..errors import ServiceError
 from ..jobs import decoded_job, params_for, response_of, run_job
 from ..middleware import origin_allowed
 from ..params import QUERY_NAMES
-from ..state import AppState
+from ..state import AppState, state_of
 from ..uploads import reject_unknown
 from ..worker import ModelWorker
 from .video import VIDEO_QUERY_NAMES
@@ -34,7 +34,7 @@ async def live(websocket: WebSocket):
     (latest wins); ``dropped`` counts the skipped ones. A bad frame gets an error message and the socket
     stays open. Query parameters as for ``/v1/detect``. Closed after --ws-idle-s without a message and
     after --ws-max-s in all; a page of another origin is refused (policy close)."""
-    state: AppState = websocket.app.state.service
+    state = state_of(websocket)
     if not origin_allowed(websocket.headers.get("origin"), state.origins):
         await websocket.close(code=WS_CLOSE_POLICY, reason="origin not allowed")
         return
