@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -62,7 +64,7 @@ async def detect_stream(request: Request, query: dict = Depends(detect_query), s
         await state.budget.release_all(held)
         raise
     reply = lambda event: {"type": "final", **response_of(worker, params, event, decode_ms, job, t0)}  # noqa: E731
-    body = stream_body(state, worker, job, first, events, deadline, held, reply, sse)
+    body = stream_body(state, StreamRun(worker, job, events, deadline, held, reply, sse), first)
     media = "text/event-stream" if sse else "application/x-ndjson"
     return StreamingResponse(body, media_type=media, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -93,29 +95,43 @@ def encode(event: dict, sse: bool) -> bytes:
     return (json.dumps(event) + "\n").encode()
 
 
-async def stream_body(state: AppState, worker: ModelWorker, job: Job, event: dict, events: asyncio.Queue,
-                      deadline: float, held: list[int], reply, sse: bool):
+@dataclass
+class StreamRun:
+    """One image being streamed: its worker and job, the queue of its events, the deadline, the bytes it holds,
+    how its ``final`` event becomes the reply (``reply``), and whether the events go out as SSE."""
+
+    worker: ModelWorker
+    job: Job
+    events: asyncio.Queue
+    deadline: float
+    held: list[int]
+    reply: Callable[[dict], dict]
+    sse: bool
+
+
+async def stream_body(state: AppState, run: StreamRun, event: dict):
     """The stream's bytes from its first ``event`` on: steps with boxes in the image's pixels, the ``final`` event
-    as ``reply`` makes it, an error event on timeout or failure; the worker stops however it ends."""
+    as ``run.reply`` makes it, an error event on timeout or failure; the worker stops however it ends."""
+    name, job = run.worker.backend.name, run.job
     try:
         while event is not None:
             if event.get("type") == "final":
-                state.metrics.add_result(worker.backend.name, event.get("spikes"))
-                event = reply(event)
+                state.metrics.add_result(name, event.get("spikes"))
+                event = run.reply(event)
             else:
                 event = {**event, "detections": scale_detections(event["detections"], *job.scale)}
-            yield encode(event, sse)
+            yield encode(event, run.sse)
             try:
-                event = await asyncio.wait_for(events.get(), max(0.001, deadline - time.monotonic()))
+                event = await asyncio.wait_for(run.events.get(), max(0.001, run.deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                state.metrics.reject(worker.backend.name, "timeout")
+                state.metrics.reject(name, "timeout")
                 yield encode({"type": "error", "error": "timeout",
-                              "detail": f"stream not finished within {state.settings.timeout_s} s"}, sse)
+                              "detail": f"stream not finished within {state.settings.timeout_s} s"}, run.sse)
                 return
         if job.future.done() and job.future.exception() is not None:
             error = job.future.exception()
             body = error.body() if isinstance(error, ServiceError) else {"error": "internal", "detail": "internal error"}
-            yield encode({"type": "error", **body}, sse)
+            yield encode({"type": "error", **body}, run.sse)
     finally:  # client gone, timeout or done: stop the worker's loop
         job.cancelled.set()
-        await state.budget.release_all(held)
+        await state.budget.release_all(run.held)
