@@ -79,3 +79,19 @@ def test_casc_predict_and_casc_eval_take_their_run_options_from_the_declaration(
         assert defaults["conf"] == conf and defaults["max_det"] == Selection().max_det
         help_of = {a.dest: a.help for a in parser._actions}
         assert help_of["burst"] == bounds_of(Schedule, "burst").help
+
+
+def test_the_library_signatures_default_to_the_declaration():
+    import inspect
+
+    from detector import SpikingNetwork
+    from detector.detect import SpikingDetector
+
+    for function in (SpikingDetector.predict, SpikingDetector.stream, SpikingDetector.video,
+                     SpikingDetector.detections_at_steps, SpikingNetwork.run, SpikingNetwork.stream):
+        parameters = inspect.signature(function).parameters
+        assert parameters["max_sleep"].default == Schedule().max_sleep, function.__qualname__
+        if "iou" in parameters:
+            assert (parameters["iou"].default, parameters["max_det"].default) == (Selection().iou,
+                                                                                  Selection().max_det)
+    assert inspect.signature(SpikingDetector.predict).parameters["conf"].default == Selection().conf

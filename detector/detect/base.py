@@ -195,9 +195,9 @@ class SpikingDetector(ABC):
         return results
 
     @torch.no_grad()
-    def predict(self, images, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
-                classes: Sequence[int] | None = None, wake: int | None = None, sleep: int | str = "auto",
-                burst: int | None = None, max_sleep: int = MAX_SLEEP, mode: str = "step",
+    def predict(self, images, conf: float = Selection.conf, iou: float = Selection.iou,
+                max_det: int = Selection.max_det, classes: Sequence[int] | None = None, wake: int | None = None,
+                sleep: int | str = "auto", burst: int | None = None, max_sleep: int = MAX_SLEEP, mode: str = "step",
                 cancel: threading.Event | None = None, batch: int = 8, color: str | None = None) -> list[Results]:
         """Spiking detection: one ``Results`` per image. ``images``: path(s), PIL images, HxWx3 uint8 arrays
         (``color``: "bgr" or "rgb", default the family's ``color``) or a tensor. ``conf``/``iou``/``max_det``/
@@ -207,9 +207,9 @@ class SpikingDetector(ABC):
         return self._run(images, self.schedule(wake, sleep, burst, max_sleep, mode),
                          _selection(conf, iou, max_det, classes), batch, color, cancel)
 
-    def video(self, delta: bool = True, keyframe_every: int | None = KEYFRAME_EVERY, conf: float = 0.25,
-              iou: float = 0.7, max_det: int = 300, classes: Sequence[int] | None = None, wake: int | None = None,
-              burst: int | None = None, max_sleep: int = MAX_SLEEP, mode: str = "step",
+    def video(self, delta: bool = True, keyframe_every: int | None = KEYFRAME_EVERY, conf: float = Selection.conf,
+              iou: float = Selection.iou, max_det: int = Selection.max_det, classes: Sequence[int] | None = None,
+              wake: int | None = None, burst: int | None = None, max_sleep: int = MAX_SLEEP, mode: str = "step",
               color: str | None = None) -> "VideoPredictor":
         """A predictor for the frames of one video, called once per frame: ``vp(frame) -> Results``.
 
@@ -237,17 +237,18 @@ class SpikingDetector(ABC):
             yield predictor(frame, cancel=cancel)
 
     @torch.no_grad()
-    def qann_predict(self, images, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
-                     classes: Sequence[int] | None = None, batch: int = 8, color: str | None = None) -> list[Results]:
+    def qann_predict(self, images, conf: float = Selection.conf, iou: float = Selection.iou,
+                     max_det: int = Selection.max_det, classes: Sequence[int] | None = None, batch: int = 8,
+                     color: str | None = None) -> list[Results]:
         """The network converted from (the QANN; the float ANN for the IF baseline) through the same pre- and
         post-processing: the reference the spiking network reproduces."""
         return self._run(images, None, _selection(conf, iou, max_det, classes), batch, color, None)
 
     @torch.no_grad()
-    def stream(self, image, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
-               classes: Sequence[int] | None = None, wake: int | None = None, sleep: int | str = "auto",
-               burst: int | None = None, max_sleep: int = MAX_SLEEP, cancel: threading.Event | None = None,
-               color: str | None = None) -> Iterator[DetectionEvent]:
+    def stream(self, image, conf: float = Selection.conf, iou: float = Selection.iou,
+               max_det: int = Selection.max_det, classes: Sequence[int] | None = None, wake: int | None = None,
+               sleep: int | str = "auto", burst: int | None = None, max_sleep: int = MAX_SLEEP,
+               cancel: threading.Event | None = None, color: str | None = None) -> Iterator[DetectionEvent]:
         """Anytime detection of one image: an event after every time step with the detections decoded from the
         readouts so far; the last one (``final``) equals ``predict``'s result."""
         items = self._items(image)
@@ -258,9 +259,10 @@ class SpikingDetector(ABC):
                                 _selection(conf, iou, max_det, classes), cancel)
 
     @torch.no_grad()
-    def detections_at_steps(self, images, timesteps: Iterable[int], conf: float = 0.001, iou: float = 0.7,
-                            max_det: int = 300, classes: Sequence[int] | None = None, wake: int | None = None,
-                            sleep: int | str = "auto", burst: int | None = None, max_sleep: int = MAX_SLEEP,
+    def detections_at_steps(self, images, timesteps: Iterable[int], conf: float = 0.001, iou: float = Selection.iou,
+                            max_det: int = Selection.max_det, classes: Sequence[int] | None = None,
+                            wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
+                            max_sleep: int = MAX_SLEEP,
                             color: str | None = None) -> tuple[dict[int, list[Results]], dict]:
         """Anytime evaluation from one run: ``({t: [Results per image]}, info)`` for every total step count ``t``
         (per stage for a two-stage detector), each ``Results`` with its steps, spikes, energy and settled flag

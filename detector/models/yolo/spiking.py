@@ -223,9 +223,9 @@ class SpikingYOLO(SpikingDetector):
         x, shapes = letterbox(images, self.imgsz, self.stride)
         return Batch(x.to(self.device, self.dtype), shapes, images, [source_path(i) for i in items])
 
-    def decode(self, maps: list[torch.Tensor], shapes: list[tuple[int, int]] | None = None, conf: float = 0.25,
-               iou: float = 0.7, max_det: int = 300, classes: Sequence[int] | None = None,
-               agnostic: bool = False) -> list[Results]:
+    def decode(self, maps: list[torch.Tensor], shapes: list[tuple[int, int]] | None = None,
+               conf: float = Selection.conf, iou: float = Selection.iou, max_det: int = Selection.max_det,
+               classes: Sequence[int] | None = None, agnostic: bool = False) -> list[Results]:
         """Raw head maps (accumulated readouts or QANN output) -> ``Results``, with Ultralytics' decoding
         (DFL + ``Detect._inference``) and ``non_max_suppression``; boxes scaled back to ``shapes``."""
         from ultralytics.utils import ops
