@@ -437,7 +437,7 @@ def abuse_benchmark(args) -> int:
     import httpx
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_service_abuse import cpu_seconds, raw_request, sixteen_bit_png
+    from test_service_abuse import cpu_used, heavy_requests, raw_request, sixteen_bit_png
 
     from service.backends import default_model_name
     from service.config import Settings
@@ -475,23 +475,12 @@ def abuse_benchmark(args) -> int:
               f"{took:.1f} s; /healthz during it: {len(probes)} probes, statuses {sorted({p[0] for p in probes})}, "
               f"slowest {max(p[1] for p in probes) * 1000:.0f} ms")
 
-        sockets = []
-        for _ in range(8):
-            s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(f"POST /v1/detect?wake=16&sleep=32&burst=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                      f"image/jpeg\r\nContent-Length: {len(image)}\r\n\r\n".encode() + image)
-            sockets.append(s)
+        sockets = heavy_requests(port, image)
         time.sleep(0.8)
-        before = cpu_seconds(proc.pid)
-        time.sleep(0.5)
-        busy = (cpu_seconds(proc.pid) - before) / 0.5
+        busy = cpu_used(proc.pid, 0.5) / 0.5
         for s in sockets:
             s.close()
-        seconds = []
-        for _ in range(3):
-            before = cpu_seconds(proc.pid)
-            time.sleep(1.0)
-            seconds.append(cpu_seconds(proc.pid) - before)
+        seconds = [cpu_used(proc.pid, 1.0) for _ in range(3)]
         print(f"abandoned: 8 max-cost requests dropped after 0.8 s (server CPU {busy:.2f} s/s while they ran); "
               f"server CPU seconds in each second after: {' '.join(f'{v:.2f}' for v in seconds)}")
 

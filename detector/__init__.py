@@ -22,7 +22,8 @@ _EXPORTS = {
     "IFNeuron": "neurons", "LIPool": "pooling", "quantize": "calibrate", "reestimate_batchnorm": "calibrate",
     "ClipQuan": "quant", "to_qann": "quant", "ModuleRules": "rules", "register_bn_pairs": "rules",
     "register_linear_module": "rules", "register_nonlinear_module": "rules", "RunCancelled": "runtime",
-    "RunResult": "runtime", "SpikingNetwork": "runtime", "StepEvent": "runtime",
+    "RunResult": "runtime", "SpikingNetwork": "runtime", "StepEvent": "runtime", "Schedule": "options",
+    "Selection": "options",
 }
 
 __all__ = list(_EXPORTS)

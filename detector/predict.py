@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from .options import Schedule, Selection, add_arguments as add_options, values_of
 from .video import KEYFRAME_EVERY, VIDEO_SUFFIXES, UnreadableVideo, video_frames
 from .weights import ENGINES
 
@@ -35,33 +36,16 @@ __all__ = [  # the public API (apps import only these)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
-def _sleep(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of steps, got {value!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="*", metavar="SOURCE",
                         help="image or video files, folders, globs, a webcam index (0) or a stream URL (rtsp://...)")
     parser.add_argument("--model", required=True,
                         help="a bundled model name (weights/manifest.json), a checkpoint, or a casc export folder (or "
                              "one of its .onnx files: runs on ONNX Runtime)")
-    parser.add_argument("--conf", type=float, default=0.25, help="minimum score")
-    parser.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold")
+    add_options(parser, Schedule, Selection)
     parser.add_argument("--imgsz", type=int, default=None,
                         help="input size (YOLO: the letterbox side; Faster R-CNN: the resize's sides); "
                              "default: the model's own")
-    parser.add_argument("--max-det", type=int, default=300, help="detections per image at most")
-    parser.add_argument("--classes", nargs="+", default=None, metavar="ID",
-                        help="only these class ids (0-based), e.g. --classes 1 5 or --classes 1,5")
-    parser.add_argument("--wake", type=int, default=None, help="wake steps (default: the model's levels L)")
-    parser.add_argument("--sleep", type=_sleep, default="auto", help="sleep steps, or 'auto' (until quiet)")
-    parser.add_argument("--burst", type=int, default=None, help="spikes per neuron per sleep step (default: wake)")
-    parser.add_argument("--max-sleep", type=int, default=256, help="the cap of --sleep auto")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (with --engine onnxruntime "
                         "the host part runs on the CPU: auto means cpu)")
     parser.add_argument("--engine", default="pytorch", choices=ENGINES,
@@ -293,8 +277,7 @@ def main(args: argparse.Namespace) -> int:
     detector = load_detector(model, device=device, engine=args.engine, provider=args.provider,
                              **load_options(args), **exported)
     outputs = Outputs(args.project, args.name, args.exist_ok, args.save, args.save_txt, args.save_json)
-    options = dict(conf=args.conf, iou=args.iou, max_det=args.max_det, classes=args.classes, wake=args.wake,
-                   sleep=args.sleep, burst=args.burst, max_sleep=args.max_sleep)
+    options = values_of(args, Schedule, Selection)
     speeds, failed = [], []
     try:
         for i, source in enumerate(sources, 1):

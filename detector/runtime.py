@@ -22,6 +22,7 @@ from torch.nn.modules.conv import _ConvNd
 from .energy import RunStats, StatsRecorder
 from .flow import ANALOG, SpikeFlowTrace
 from .neurons import Neuron
+from .options import MAX_SLEEP
 from .schedule import (DeltaSession, RunCancelled, RunResult, StepEvent, check_int, check_schedule, last_result,
                        run_schedule)
 from .state import CallSiteModule, SimulationState
@@ -102,7 +103,7 @@ class SpikingNetwork(nn.Module):
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
-            burst: int | None = None, max_sleep: int = 256, sleep_chunk: int = 8, record: bool = True,
+            burst: int | None = None, max_sleep: int = MAX_SLEEP, sleep_chunk: int = 8, record: bool = True,
             cancel: threading.Event | None = None) -> RunResult:
         """Run the full schedule on ``x`` and return a ``RunResult`` (readouts summed, divided by ``wake``).
 
@@ -116,12 +117,13 @@ class SpikingNetwork(nn.Module):
 
     @torch.no_grad()
     def stream(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
-               max_sleep: int = 256, record: bool = True, cancel: threading.Event | None = None) -> Iterator[StepEvent]:
+               max_sleep: int = MAX_SLEEP, record: bool = True,
+               cancel: threading.Event | None = None) -> Iterator[StepEvent]:
         """Yield a ``StepEvent`` after every time step (step mode); the last one carries the ``RunResult``,
         equal to ``run``'s."""
         yield from self._schedule(x, wake, sleep, "step", burst, max_sleep, 1, record, cancel, True)
 
-    def session(self, wake: int | None = None, burst: int | None = None, max_sleep: int = 256, mode: str = "step",
+    def session(self, wake: int | None = None, burst: int | None = None, max_sleep: int = MAX_SLEEP, mode: str = "step",
                 sleep_chunk: int = 8, record: bool = True, keyframe_every: int | None = None) -> "DeltaSession":
         """A delta session for the frames of a video (``schedule.DeltaSession``): ``session.run(frame)`` per frame;
         after the first, a frame feeds only its change and sleeps until quiet. Its readouts equal the QANN's

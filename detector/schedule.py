@@ -24,8 +24,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from .energy import RunStats
-
-AUTO = "auto"
+from .options import AUTO, MAX_SLEEP, Schedule, bounds_of
 
 
 class RunCancelled(RuntimeError):
@@ -104,17 +103,14 @@ def check_int(name: str, value, least: int) -> int:
 def check_schedule(wake: int | None, sleep: int | str, burst: int | None, max_sleep: int,
                    levels: int | None) -> tuple[int, int]:
     """``(wake, burst)`` with their defaults (the network's level count L; ``burst = wake``), or a ValueError
-    naming the parameter that is out of range."""
+    naming the parameter that is out of its declared bounds (``detector.options.Schedule``)."""
     if wake is None:
         if levels is None:
             raise ValueError("wake is required: this network has no single quantization level count")
         wake = levels
-    check_int("wake", wake, 1)
-    if sleep != AUTO and (isinstance(sleep, bool) or not isinstance(sleep, int) or sleep < 0):
-        raise ValueError(f'sleep must be an integer >= 0 or "auto", got {sleep!r}')
     burst = wake if burst is None else burst
-    check_int("burst", burst, 1)
-    check_int("max_sleep", max_sleep, 1)
+    for name, value in (("wake", wake), ("sleep", sleep), ("burst", burst), ("max_sleep", max_sleep)):
+        bounds_of(Schedule, name).check(name, value)
     return wake, burst
 
 
@@ -215,7 +211,7 @@ class DeltaSession:
     keyframe). A frame of another shape, dtype or device, a cancelled or failed frame, ``reset()``, and every
     ``keyframe_every``-th frame start from fresh states."""
 
-    def __init__(self, engine: StepEngine, wake: int, burst: int, max_sleep: int = 256, stack: bool = False,
+    def __init__(self, engine: StepEngine, wake: int, burst: int, max_sleep: int = MAX_SLEEP, stack: bool = False,
                  sleep_chunk: int = 8, record: bool = True, keyframe_every: int | None = None):
         if keyframe_every is not None:
             check_int("keyframe_every", keyframe_every, 1)

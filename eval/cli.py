@@ -6,6 +6,7 @@ import argparse
 from dataclasses import fields
 
 from detector.families import FAMILIES
+from detector.options import Schedule, Selection, add_arguments as add_options
 from detector.video import KEYFRAME_EVERY
 from detector.weights import ENGINES, load_manifest
 
@@ -33,17 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="total steps T to evaluate, e.g. 1-16,24,32 (Faster R-CNN: even T, T/2 per stage). "
                              "None: the family's own list (" + "; ".join(f"{f.name}: {f.default_timesteps}"
                                                                           for f in FAMILIES.values()) + ")")
-    parser.add_argument("--wake", type=int, default=None, help="CASC wake steps (None: the QANN's levels L)")
-    parser.add_argument("--sleep", default="auto", help='CASC sleep steps: a number, or "auto" (until quiet)')
-    parser.add_argument("--burst", type=int, default=None,
-                        help="burst γ: spikes a neuron may emit per sleep step (None: the wake count, which settles "
-                             "in about 2 sleep steps; 1: one spike per step, tens of sleep steps)")
-    parser.add_argument("--max-sleep", type=int, default=256, help='cap on sleep steps with --sleep auto')
+    # CASC's schedule and the detections kept, from their one declaration (conf low, for mAP)
+    add_options(parser, Schedule, Selection, defaults={"conf": EvalConfig.conf}, skip=("classes",))
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images (None: all)")
     parser.add_argument("--batch", type=int, default=1, help="images per run (also the cache and progress unit)")
-    parser.add_argument("--conf", type=float, default=0.001, help="score threshold (low, for mAP)")
-    parser.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (YOLO)")
-    parser.add_argument("--max-det", type=int, default=300, help="detections kept per image (YOLO)")
     parser.add_argument("--calibration-images", type=int, default=32,
                         help="training images for the IF baseline's thresholds")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
@@ -85,7 +79,6 @@ def config_of(args: argparse.Namespace) -> EvalConfig:
     options = {f.name: getattr(args, f.name) for f in fields(EvalConfig)}
     options["methods"] = parse_methods(args.methods)
     options["timesteps"] = tuple(parse_timesteps(args.timesteps)) if args.timesteps else None
-    options["sleep"] = args.sleep if args.sleep == "auto" else int(args.sleep)
     return EvalConfig(**options)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detector.families import get_family
+from detector.options import Schedule, Selection
 from detector.video import KEYFRAME_EVERY
 
 # method -> the neuron kind its spiking network converts to (detector.neuron_kinds); ann and qann are forward passes
@@ -31,15 +32,15 @@ class EvalConfig:
     split: str = "val"
     methods: tuple[str, ...] = DEFAULT_METHODS
     timesteps: tuple[int, ...] | None = None  # total steps T (None: the family's default list)
-    wake: int | None = None  # None: the QANN's levels L
-    sleep: int | str = "auto"
-    burst: int | None = None
-    max_sleep: int = 256
+    wake: int | None = Schedule.wake  # None: the QANN's levels L
+    sleep: int | str = Schedule.sleep
+    burst: int | None = Schedule.burst
+    max_sleep: int = Schedule.max_sleep
     limit: int | None = None
     batch: int = 1
-    conf: float = 0.001
-    iou: float = 0.7
-    max_det: int = 300
+    conf: float = 0.001  # low, for mAP (Selection's default keeps only confident detections)
+    iou: float = Selection.iou
+    max_det: int = Selection.max_det
     calibration_images: int = 32
     device: str = "cpu"
     engine: str = "pytorch"

@@ -14,19 +14,13 @@ from typing import Iterator
 import numpy as np
 
 from detector.families import family_of, get_family
+from detector.options import Schedule, Selection
 
 
 @dataclass(frozen=True)
-class Params:
-    """Inference settings; requests with equal params can share one batched ``predict`` call."""
-
-    wake: int | None = None  # None: the model's levels
-    sleep: int | str = "auto"
-    conf: float = 0.25
-    iou: float = 0.7
-    max_det: int = 300
-    burst: int | None = None  # spikes per neuron per sleep step; None: the wake count (burst sleep)
-    max_sleep: int = 32  # the cap of sleep="auto"
+class Params(Selection, Schedule):
+    """A request's schedule and selection (``detector.options``); requests with equal params can share one
+    batched ``predict`` call."""
 
     def heavy(self, levels: int) -> bool:
         """Costs more than a default request: more wake steps than L, a fixed sleep over L, or a burst smaller

@@ -1,4 +1,5 @@
-"""Service settings (one dataclass; ``casc serve`` fills it from the command line)."""
+"""Service settings: one dataclass, each field with its help and bounds; ``casc serve`` makes its options from
+them (``service/server.py``)."""
 
 from __future__ import annotations
 
@@ -8,48 +9,83 @@ SUPPORTED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/we
 IMAGE_CONTENT_TYPES = {"image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/bmp",
                        "image/x-ms-bmp", "image/x-bmp"}
 WAKE_FACTOR = 4  # default wake limit: 4 x the model's levels L (the QANN is exact at wake = L)
-# Default sleep limit. Measured with sleep="auto" on the bundled val images (benchmarks/service.py
-# --sleep-bound): YOLOv8n 2 sleep steps with burst sleep, 20 with burst=1; Faster R-CNN r18 2 and 9 per stage.
-MAX_SLEEP = 32
 MAX_ASPECT = 20.0  # longest / shortest side; a 1 x 20000 strip is not a photo any detector here can use
+
+
+def setting(default=None, help: str = "", *, factory=None, least: float | None = None, above: float | None = None,
+            flag: str | None = None, **argparse_options):
+    """A field of ``Settings`` with what ``casc serve`` makes of it (``service/server.py``): its help, its lower
+    bound (``least``: >=, ``above``: >), its option name when not ``--field-name``, and argparse's keywords."""
+    metadata = {"help": help, "least": least, "above": above, "flag": flag, "argparse": argparse_options}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class Settings:
-    models: list[str] = field(default_factory=list)  # names or checkpoint paths; first is the default
-    host: str = "127.0.0.1"
-    port: int = 8000
-    threads: int = 1  # torch intra-op threads (torch.set_num_threads)
-    max_pixels: int = 40_000_000  # width*height limit, checked from the header before decoding
-    max_upload_mb: float = 20.0
-    max_inflight_mb: float = 512.0  # bodies + decoding + queued images, all requests together
-    max_aspect: float = MAX_ASPECT
-    max_wake: int | None = None  # per request; None: WAKE_FACTOR x the model's levels
-    max_sleep: int = MAX_SLEEP  # per request: a fixed sleep, and the cap of sleep="auto"
-    queue_size: int = 16  # per model worker
-    timeout_s: float = 30.0  # per request (504)
-    batch_window_ms: float = 5.0  # micro-batching window
-    max_batch: int = 8
-    max_video_frames: int = 300  # frames decoded from one uploaded video
-    max_video_s: float = 120.0  # video duration limit (from its header)
-    # temp files of uploaded videos, all requests together; below the 512Mi emptyDir that deploy/k8s mounts on
-    # /tmp (a pod over its sizeLimit is evicted)
-    max_video_disk_mb: float = 384.0
-    device: str = "cpu"
-    demo_image: str | None = None  # served at GET /demo-image (the web page's demo)
-    allow_unverified: bool = False  # serve checkpoint files that match no manifest entry
-    analog: str | list[str] | None = None  # YOLO11 hybrids: "auto" or module paths kept analog
-    engine: str = "pytorch"  # what runs the spiking networks: pytorch or onnxruntime (no spike counts)
-    provider: str = "cpu"  # ONNX Runtime's execution provider: cpu, cuda, tensorrt
-    # connections
-    body_timeout_s: float = 30.0  # the whole request body must arrive within this (408)
-    header_timeout_s: float = 10.0  # request line + headers must arrive within this (connection closed)
-    keep_alive_s: int = 5  # idle keep-alive connections are closed after this
-    limit_concurrency: int = 64  # requests + WebSockets in flight (probes excepted); more get a JSON 503
-    ws_idle_s: float = 60.0  # a WebSocket with no message for this long is closed
-    ws_max_s: float = 600.0  # a WebSocket is closed after this long in all
-    allowed_origins: list[str] = field(default_factory=list)  # browser Origins allowed besides own_origins()
-    shutdown_delay_s: float = 1.0  # after SIGTERM: /readyz says 503 this long before the listener closes
+    models: list[str] = setting(
+        factory=list, flag="--model", action="append", metavar="NAME|PATH",
+        help="bundled model name or checkpoint path; repeat to serve several (the first is the default); default: the "
+             "first QANN entry of weights/manifest.json")
+    allow_unverified: bool = setting(False, "serve a checkpoint file whose sha256 matches no manifest entry (trusted "
+                                            "files only)", action="store_true")
+    analog: str | list[str] | None = setting(
+        None, "YOLO11 hybrids: keep attention modules as analog islands ('auto': all of them, or comma-separated "
+              "module paths)", metavar="auto|PATHS")
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface, e.g. in a container behind its "
+                                     "port mapping)")
+    port: int = setting(8000, "TCP port")
+    threads: int = setting(1, "torch threads (torch.set_num_threads)", least=1)
+    max_pixels: int = setting(40_000_000, "image width*height limit (checked from the header, before decoding)",
+                              least=1)
+    max_upload_mb: float = setting(20.0, "request body limit (413)", above=0)
+    max_inflight_mb: float = setting(512.0, "bytes held by all requests together: bodies, decoding, queued images",
+                                     above=0)
+    max_aspect: float = setting(MAX_ASPECT, "longest/shortest side limit (422)", least=1)
+    max_wake: int | None = setting(None, f"wake steps a request may ask for (default: {WAKE_FACTOR} x the model's "
+                                         "levels)", least=1, type=int)
+    # The service's sleep cap (the library's is detector.options.Schedule.max_sleep). Measured with sleep="auto" on
+    # the bundled val images (benchmarks/service.py --sleep-bound): YOLOv8n 2 sleep steps with burst sleep, 20 with
+    # burst=1; Faster R-CNN r18 2 and 9 per stage.
+    max_sleep: int = setting(32, "sleep steps a request may ask for, and the cap of sleep=auto", least=1)
+    max_det: int = setting(1000, "detections a request may ask for", least=1)
+    queue_size: int = setting(16, "waiting requests per model (503)", least=1)
+    timeout_s: float = setting(30.0, "per-request timeout (504); the model stops within one time step", above=0)
+    batch_window_ms: float = setting(5.0, "micro-batching: wait this long for requests to join a batch (0: no "
+                                          "waiting)", least=0)
+    max_batch: int = setting(8, "images per predict call (1: no batching)", least=1)
+    max_video_frames: int = setting(300, "frames decoded from one uploaded video at most", least=1)
+    max_video_s: float = setting(120.0, "longest video accepted, in seconds from its header (413)", above=0)
+    # below the 512Mi emptyDir that deploy/k8s mounts on /tmp (a pod over its sizeLimit is evicted)
+    max_video_disk_mb: float = setting(384.0, "temp-file space of uploaded videos, all requests together (503 when "
+                                              "full); keep it below the size of the volume holding the temp dir",
+                                       above=0)
+    body_timeout_s: float = setting(30.0, "seconds for a request body to arrive (408)", above=0)
+    header_timeout_s: float = setting(10.0, "seconds for a request's headers to arrive (the connection is closed)",
+                                      above=0)
+    keep_alive_s: int = setting(5, "seconds an idle keep-alive connection stays open", least=1)
+    limit_concurrency: int = setting(64, "requests and WebSockets in flight at once; more get a JSON 503 with "
+                                         "Retry-After at once (/healthz, /readyz and /metrics are never counted nor "
+                                         "refused)", least=1)
+    ws_idle_s: float = setting(60.0, "seconds a WebSocket may stay silent before it is closed", above=0)
+    ws_max_s: float = setting(600.0, "seconds a WebSocket may stay open in all", above=0)
+    allowed_origins: list[str] = setting(
+        factory=list, flag="--allow-origin", action="append", metavar="ORIGIN",
+        help="a browser origin (scheme://host:port) allowed besides this server's own (http://HOST:PORT of --host, or "
+             "the loopback names for 127.0.0.1 / 0.0.0.0; the Host header is never trusted); the public name of a "
+             "deployment's web page goes here; '*' for any")
+    shutdown_delay_s: float = setting(1.0, "after SIGTERM, /readyz answers 503 this long before the listener closes",
+                                      least=0)
+    device: str = setting("cpu", "torch device (cpu, cuda, cuda:1, ...)")
+    engine: str = setting("pytorch", "what runs the spiking networks: the PyTorch simulator, or ONNX Runtime on the "
+                                     "exported step graphs (exported on first use into the cache; no spike counts, no "
+                                     "/v1/detect/stream)")
+    provider: str = setting("cpu", "ONNX Runtime's execution provider: cpu, cuda, tensorrt (--threads sets its "
+                                   "threads too)")
+    demo_image: str | None = setting(None, "an image served at /demo-image for the web page's Demo button (casc "
+                                           "serve's default: a bundled val image, once the bundled benchmark is on "
+                                           "disk)")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -65,3 +101,11 @@ class Settings:
 
     def wake_limit(self, levels: int) -> int:
         return self.max_wake if self.max_wake is not None else WAKE_FACTOR * int(levels)
+
+    def caps(self, levels: int) -> dict[str, int]:
+        """The most a request to a model of ``levels`` may ask for, per run parameter (``detector.options`` declares
+        the parameters and their own bounds; these are narrower): enforced by ``service.params.to_params`` and
+        stated in the OpenAPI schema."""
+        wake = self.wake_limit(levels)
+        return {"wake": wake, "burst": wake, "sleep": self.max_sleep, "max_sleep": self.max_sleep,
+                "max_det": self.max_det}

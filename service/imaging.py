@@ -1,10 +1,7 @@
 """Uploaded images -> the model's input: format allow-list, pixel limit from the header, decoding straight to the
-size the model resizes to (``detector.images``), shape checks, and the budget of bytes in flight."""
+size the model resizes to (``detector.images``), shape checks."""
 
 from __future__ import annotations
-
-import asyncio
-import time
 
 import numpy as np
 from PIL import Image
@@ -91,37 +88,3 @@ def fit_frame(frame_rgb: np.ndarray, backend) -> tuple[np.ndarray, tuple[float, 
     if (tw, th) == (w, h):
         return frame_rgb, (1.0, 1.0)
     return cv2.resize(frame_rgb, (tw, th), interpolation=cv2.INTER_AREA), (w / tw, h / th)
-
-
-class ByteBudget:
-    """Bytes held by all requests together (bodies, decoding, queued images). ``reserve`` waits for room until
-    a deadline: a burst of large uploads is served one after another instead of all at once."""
-
-    def __init__(self, limit: int, held: str = "in memory", too_large: str = "image_too_large"):
-        self.limit, self.used, self.peak = int(limit), 0, 0  # peak: the most ever held at once
-        self.held, self.too_large = held, too_large  # the replies' words: where the bytes are, the 413's code
-        self._freed = asyncio.Condition()
-
-    async def reserve(self, n: int, deadline: float) -> int:
-        if n > self.limit:
-            raise ServiceError(413, self.too_large, f"this request needs {n} bytes {self.held}; the service "
-                                                    f"holds at most {self.limit} for all requests")
-        async with self._freed:
-            while self.used + n > self.limit:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ServiceError(503, "busy", f"too many large requests in flight (bytes {self.held})",
-                                       {"Retry-After": "1"})
-                try:
-                    await asyncio.wait_for(self._freed.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
-            self.used += n
-            self.peak = max(self.peak, self.used)
-        return n
-
-    async def release(self, n: int) -> None:
-        if n:
-            async with self._freed:
-                self.used -= n
-                self._freed.notify_all()

@@ -10,7 +10,7 @@ under the name of the manifest entry whose sha256 it matches; a file that matche
 Connections are bounded: a request's headers must arrive within ``--header-timeout-s`` and its body within
 ``--body-timeout-s``; idle keep-alive connections close after ``--keep-alive-s``; at most
 ``--limit-concurrency`` requests in flight at once, the rest refused at once with a JSON 503 and Retry-After
-(the service's admission, ``service.app``: open connections are not counted, so idle sockets cannot turn
+(the service's admission, ``service.middleware``: open connections are not counted, so idle sockets cannot turn
 ``/healthz`` away, and probes are always answered). On SIGTERM, ``/readyz`` answers 503 at once, the listener closes
 ``--shutdown-delay-s`` later, in-flight requests finish, queued work drains, and the exit status is 0.
 """
@@ -18,6 +18,7 @@ Connections are bounded: a request's headers must arrive within ``--header-timeo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -35,109 +36,41 @@ def default_demo_image() -> str | None:
     return str(image) if image.is_file() else None
 
 
+CHOICES = {"engine": ENGINES}  # named by the library (Settings would import torch for them)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = Settings()
-    parser.add_argument("--model", action="append", default=None, metavar="NAME|PATH",
-                        help="bundled model name or checkpoint path; repeat to serve several (the first is the "
-                             "default); default: the first QANN entry of weights/manifest.json")
-    parser.add_argument("--allow-unverified", action="store_true",
-                        help="serve a checkpoint file whose sha256 matches no manifest entry (trusted files only)")
-    parser.add_argument("--analog", default=None, metavar="auto|PATHS",
-                        help="YOLO11 hybrids: keep attention modules as analog islands ('auto': all of them, or "
-                             "comma-separated module paths)")
-    parser.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: every interface, e.g. in a "
-                                                         "container behind its port mapping)")
-    parser.add_argument("--port", type=int, default=d.port, help="TCP port")
-    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (torch.set_num_threads)")
-    parser.add_argument("--max-pixels", type=int, default=d.max_pixels, help="image width*height limit")
-    parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb, help="request body limit (413)")
-    parser.add_argument("--max-inflight-mb", type=float, default=d.max_inflight_mb,
-                        help="bytes held by all requests together: bodies, decoding, queued images")
-    parser.add_argument("--max-aspect", type=float, default=d.max_aspect, help="longest/shortest side limit (422)")
-    parser.add_argument("--max-wake", type=int, default=None, help="wake steps a request may ask for "
-                                                                   "(default: 4 x the model's levels)")
-    parser.add_argument("--max-sleep", type=int, default=d.max_sleep,
-                        help="sleep steps a request may ask for, and the cap of sleep=auto")
-    parser.add_argument("--queue-size", type=int, default=d.queue_size, help="waiting requests per model (503)")
-    parser.add_argument("--timeout-s", type=float, default=d.timeout_s, help="per-request timeout (504); the "
-                                                                             "model stops within one time step")
-    parser.add_argument("--batch-window-ms", type=float, default=d.batch_window_ms,
-                        help="micro-batching: wait this long for requests to join a batch (0: no waiting)")
-    parser.add_argument("--max-batch", type=int, default=d.max_batch, help="images per predict call (1: no batching)")
-    parser.add_argument("--max-video-frames", type=int, default=d.max_video_frames,
-                        help="frames decoded from one uploaded video at most")
-    parser.add_argument("--max-video-s", type=float, default=d.max_video_s,
-                        help="longest video accepted, in seconds from its header (413)")
-    parser.add_argument("--max-video-disk-mb", type=float, default=d.max_video_disk_mb,
-                        help="temp-file space of uploaded videos, all requests together (503 when full); keep it "
-                             "below the size of the volume holding the temp dir")
-    parser.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
-                        help="seconds for a request body to arrive (408)")
-    parser.add_argument("--header-timeout-s", type=float, default=d.header_timeout_s,
-                        help="seconds for a request's headers to arrive (the connection is closed)")
-    parser.add_argument("--keep-alive-s", type=int, default=d.keep_alive_s,
-                        help="seconds an idle keep-alive connection stays open")
-    parser.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency,
-                        help="requests and WebSockets in flight at once; more get a JSON 503 with Retry-After at "
-                             "once (/healthz, /readyz and /metrics are never counted nor refused)")
-    parser.add_argument("--ws-idle-s", type=float, default=d.ws_idle_s,
-                        help="seconds a WebSocket may stay silent before it is closed")
-    parser.add_argument("--ws-max-s", type=float, default=d.ws_max_s,
-                        help="seconds a WebSocket may stay open in all")
-    parser.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
-                        help="a browser origin (scheme://host:port) allowed besides this server's own (http://HOST:PORT "
-                             "of --host, or the loopback names for 127.0.0.1 / 0.0.0.0; the Host header is never "
-                             "trusted); the public name of a deployment's web page goes here; '*' for any")
-    parser.add_argument("--shutdown-delay-s", type=float, default=d.shutdown_delay_s,
-                        help="after SIGTERM, /readyz answers 503 this long before the listener closes")
-    parser.add_argument("--device", default=d.device, help="torch device (cpu, cuda, cuda:1, ...)")
-    parser.add_argument("--engine", default=d.engine, choices=ENGINES,
-                        help="what runs the spiking networks: the PyTorch simulator, or ONNX Runtime on the exported "
-                             "step graphs (exported on first use into the cache; no spike counts, no "
-                             "/v1/detect/stream)")
-    parser.add_argument("--provider", default=d.provider, help="ONNX Runtime's execution provider: cpu, cuda, tensorrt "
-                        "(--threads sets its threads too)")
-    parser.add_argument("--demo-image", default=default_demo_image(),
-                        help="an image served at /demo-image for the web page's Demo button (default: a bundled val "
-                             "image, once the bundled benchmark is on disk)")
+    """One option per field of ``Settings``: its help, default and bounds as the field declares them."""
+    for f in dataclasses.fields(Settings):
+        options = dict(f.metadata["argparse"])
+        if f.name in CHOICES:
+            options["choices"] = CHOICES[f.name]
+        if "action" not in options and "type" not in options and f.default is not None:
+            options["type"] = type(f.default)
+        default = default_demo_image() if f.name == "demo_image" else \
+            None if f.default is dataclasses.MISSING else f.default
+        parser.add_argument(_flag(f), dest=f.name, default=default, help=f.metadata["help"], **options)
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (debug, info, warning, error)")
 
 
-POSITIVE = ("max_upload_mb", "max_inflight_mb", "timeout_s", "max_video_s", "max_video_disk_mb", "body_timeout_s",
-            "header_timeout_s", "ws_idle_s", "ws_max_s")
-AT_LEAST_ONE = ("threads", "max_pixels", "queue_size", "max_batch", "max_video_frames", "max_sleep",
-                "keep_alive_s", "limit_concurrency")
-
-
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    for name in AT_LEAST_ONE:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in POSITIVE:
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
-    if args.max_aspect < 1:
-        raise ValueError("--max-aspect must be >= 1")
-    if args.max_wake is not None and args.max_wake < 1:
-        raise ValueError("--max-wake must be >= 1")
-    if args.batch_window_ms < 0 or args.shutdown_delay_s < 0:
-        raise ValueError("--batch-window-ms and --shutdown-delay-s must be >= 0")
-    analog = None
-    if args.analog:
-        analog = "auto" if args.analog == "auto" else [p.strip() for p in args.analog.split(",") if p.strip()]
-    return Settings(models=list(args.model or []), host=args.host, port=args.port, threads=args.threads,
-                    max_pixels=args.max_pixels, max_upload_mb=args.max_upload_mb,
-                    max_inflight_mb=args.max_inflight_mb, max_aspect=args.max_aspect, max_wake=args.max_wake,
-                    max_sleep=args.max_sleep, queue_size=args.queue_size, timeout_s=args.timeout_s,
-                    batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
-                    max_video_frames=args.max_video_frames, max_video_s=args.max_video_s,
-                    max_video_disk_mb=args.max_video_disk_mb, device=args.device,
-                    demo_image=args.demo_image, allow_unverified=args.allow_unverified, analog=analog,
-                    engine=args.engine, provider=args.provider,
-                    body_timeout_s=args.body_timeout_s, header_timeout_s=args.header_timeout_s,
-                    keep_alive_s=args.keep_alive_s, limit_concurrency=args.limit_concurrency,
-                    ws_idle_s=args.ws_idle_s, ws_max_s=args.ws_max_s, allowed_origins=list(args.allow_origin or []),
-                    shutdown_delay_s=args.shutdown_delay_s)
+    """``Settings`` from ``casc serve``'s options, each within its declared lower bound (a ValueError naming it)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    for f in dataclasses.fields(Settings):
+        value, least, above = values[f.name], f.metadata["least"], f.metadata["above"]
+        if value is not None and least is not None and value < least:
+            raise ValueError(f"{_flag(f)} must be >= {least}")
+        if value is not None and above is not None and not value > above:
+            raise ValueError(f"{_flag(f)} must be > {above}")
+    analog = values["analog"]
+    values["analog"] = None if not analog else "auto" if analog == "auto" else \
+        [p.strip() for p in analog.split(",") if p.strip()]
+    values["models"], values["allowed_origins"] = list(values["models"] or []), list(values["allowed_origins"] or [])
+    return Settings(**values)
 
 
 def guarded_h11(header_timeout_s: float):
@@ -233,7 +166,7 @@ def main(args: argparse.Namespace) -> int:
                             ws_max_size=max(settings.max_upload_bytes, 1 << 16),
                             timeout_keep_alive=settings.keep_alive_s,
                             timeout_graceful_shutdown=int(settings.timeout_s) + 5, lifespan="on")
-    server = graceful_server(config, app.state.begin_shutdown, settings.shutdown_delay_s)
+    server = graceful_server(config, app.state.service.begin_shutdown, settings.shutdown_delay_s)
     server.run()
     return 0 if server.started else 1
 

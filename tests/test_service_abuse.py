@@ -72,6 +72,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_used(pid: int, seconds: float) -> float:
+    """CPU seconds process ``pid`` uses in the next ``seconds``."""
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return cpu_seconds(pid) - before
+
+
+def heavy_requests(port: int, body: bytes, count: int = 8) -> list[socket.socket]:
+    """``count`` max-cost ``/v1/detect`` requests, each on a connection of its own left open (the caller drops
+    them: abandoned requests)."""
+    sockets = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(f"POST /v1/detect?{HEAVY} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sockets.append(s)
+    return sockets
+
+
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -118,22 +137,13 @@ def test_burst_is_served_up_to_capacity_and_probes_always_answer(hostile_server)
 def test_abandoned_detect_requests_stop_computing(hostile_server):
     proc, base = hostile_server
     port, body = port_of(base), bus_bytes()
-    sockets = []
-    for _ in range(8):
-        s = socket.create_connection(("127.0.0.1", port))
-        s.sendall(f"POST /v1/detect?{HEAVY} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        sockets.append(s)
+    sockets = heavy_requests(port, body)
     time.sleep(0.8)
-    busy_from = cpu_seconds(proc.pid)
-    time.sleep(0.5)
-    assert cpu_seconds(proc.pid) - busy_from > 0.2, "the heavy requests were not running: the test shows nothing"
+    assert cpu_used(proc.pid, 0.5) > 0.2, "the heavy requests were not running: the test shows nothing"
     for s in sockets:  # the clients give up
         s.close()
     time.sleep(1.0)
-    idle_from = cpu_seconds(proc.pid)
-    time.sleep(1.0)
-    used = cpu_seconds(proc.pid) - idle_from
+    used = cpu_used(proc.pid, 1.0)
     assert used < 0.15, f"the server used {used:.2f} s of CPU in the second after its clients had gone"
     with httpx.Client(base_url=base, timeout=30) as c:
         assert c.post("/v1/detect", content=body, headers={"content-type": "image/jpeg"}).status_code == 200

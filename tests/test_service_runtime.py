@@ -382,7 +382,7 @@ def test_bytes_in_flight_are_bounded():
         fits = png(w=300, h=300)  # 450 KB while decoding: two at a time, the third waits its turn
         responses = post_many(client, 3, bodies=[fits] * 3)
         assert [r.status_code for r in responses] == [200] * 3
-        budget = client.app.state.service["budget"]
+        budget = client.app.state.service.budget
         assert 0 < budget.peak <= budget.limit and budget.used == 0  # never over the budget; all given back
 
 
@@ -449,7 +449,7 @@ def test_origin_allow_list():
         assert r.status_code == 403 and r.json()["error"] == "origin_not_allowed"
     with TestClient(app_with(backend, allowed_origins=["http://evil.example"]), base_url="http://svc:8000") as client:
         assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png", **other}).status_code == 200
-    from service.app import own_origins
+    from service.middleware import own_origins
 
     assert "http://localhost:8000" in own_origins("0.0.0.0", 8000) and own_origins("::1", 80)[0] == "http://127.0.0.1:80"
     with TestClient(app_with(backend, host="detect.example", port=443)) as client:  # a public name
@@ -628,7 +628,7 @@ def test_video_temp_files_count_against_the_disk_budget():
 def test_openapi_states_the_enforced_bounds_and_every_ref_resolves():
     import re
 
-    from service.app import sleep_pattern
+    from service.openapi import sleep_pattern
 
     backend = FakeBackend()  # levels 4: wake at most 16
     with TestClient(app_with(backend, max_sleep=5)) as client:
@@ -644,3 +644,58 @@ def test_openapi_states_the_enforced_bounds_and_every_ref_resolves():
     assert query["max_sleep"]["anyOf"][0]["maximum"] == 5 and form["max_sleep"]["maximum"] == 5
     assert form["sleep"]["pattern"] == sleep_pattern(5) and re.match(sleep_pattern(5), "5")
     assert not re.match(sleep_pattern(5), "6") and re.match(sleep_pattern(5), "auto")
+
+
+def test_request_parameters_and_their_schema_come_from_the_one_declaration():
+    """Query and form fields are detector.options' Schedule and Selection (help, lower bounds), capped by the
+    settings (Settings.caps) in what the server enforces and in what its schema states."""
+    from detector.options import Schedule, Selection, bounds_of
+
+    backend = FakeBackend()  # levels 4
+    settings = Settings(max_sleep=5, max_det=50)
+    with TestClient(create_app(settings, {backend.name: backend})) as client:
+        detect = client.get("/openapi.json").json()["paths"]["/v1/detect"]["post"]
+        query = {p["name"]: p for p in detect["parameters"]}
+        form = detect["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+        caps = settings.caps(backend.levels)
+        for declaration, name in ((Schedule, "wake"), (Schedule, "max_sleep"), (Selection, "max_det")):
+            bounds = bounds_of(declaration, name)
+            for schema in (query[name]["schema"]["anyOf"][0], form[name]):
+                assert (schema["minimum"], schema["maximum"]) == (bounds.minimum, caps[name]), name
+            assert query[name]["description"] == bounds.help == form[name]["description"]
+        assert query["conf"]["schema"]["anyOf"][0]["maximum"] == bounds_of(Selection, "conf").maximum
+        assert "classes" not in query
+        r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png"}, params={"max_det": 51})
+        assert r.status_code == 422 and r.json()["detail"] == "max_det: at most 50"
+        r = client.post("/v1/detect", content=png(), headers={"content-type": "image/png"}, params={"max_det": 50})
+        assert r.status_code == 200 and backend.params[-1].max_det == 50
+
+
+def test_serve_options_are_the_settings_fields():
+    import argparse
+    import dataclasses
+
+    from service.server import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(Settings):
+        assert options[f.name].help == f.metadata["help"], f.name
+    settings = settings_from_args(parser.parse_args(["--demo-image", "x.jpg"]))
+    assert settings == Settings(demo_image="x.jpg")
+    with pytest.raises(ValueError, match="--max-det must be >= 1"):
+        settings_from_args(parser.parse_args(["--max-det", "0"]))
+
+
+def test_create_app_is_short_and_so_is_every_function_of_the_service():
+    import ast
+    import inspect
+    from pathlib import Path
+
+    assert len(inspect.getsource(create_app).splitlines()) <= 80
+    root = Path(__file__).resolve().parents[1] / "service"
+    long = [f"{path.relative_to(root)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in root.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert not long, long

@@ -28,34 +28,9 @@ import numpy as np
 import torch
 
 from ..neuron_kinds import NeuronKind, neuron_kind
+from ..options import MAX_SLEEP, Schedule, Selection
 from .results import Boxes, DetectionEvent, Results, RunFigures
 from ..video import KEYFRAME_EVERY, frames_of
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How a spiking stage runs: ``wake`` steps with input and biases, then ``sleep`` steps ("auto": until a
-    silent step, at most ``max_sleep``); ``burst`` spikes per neuron per sleep step (None: the wake count)."""
-
-    wake: int
-    sleep: int | str = "auto"
-    burst: int | None = None
-    max_sleep: int = 256
-    mode: str = "step"
-
-    def run_kwargs(self) -> dict:
-        return {"wake": self.wake, "sleep": self.sleep, "burst": self.burst, "max_sleep": self.max_sleep}
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which decoded detections are kept: score at least ``conf``, NMS at ``iou``, at most ``max_det``, only
-    ``classes`` (0-based ids) when given."""
-
-    conf: float = 0.25
-    iou: float = 0.7
-    max_det: int = 300
-    classes: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -174,7 +149,7 @@ class SpikingDetector(ABC):
         return batch.x, batch.shapes
 
     def schedule(self, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
-                 max_sleep: int = 256, mode: str = "step") -> Schedule:
+                 max_sleep: int = MAX_SLEEP, mode: str = "step") -> Schedule:
         """CASC: ``wake`` defaults to the levels L. The rate-coded networks (the IF baseline, QCFS) need ``wake``
         (their T) and do not sleep (``sleep="auto"`` means 0)."""
         if self.neuron_kind.rate_coded:
@@ -185,7 +160,7 @@ class SpikingDetector(ABC):
         return Schedule(wake if wake is not None else self.levels, sleep, burst, max_sleep, mode)
 
     def anytime_schedule(self, timesteps: Iterable[int], wake: int | None = None, sleep: int | str = "auto",
-                         burst: int | None = None, max_sleep: int = 256) -> tuple[list[int], Schedule]:
+                         burst: int | None = None, max_sleep: int = MAX_SLEEP) -> tuple[list[int], Schedule]:
         """``detections_at_steps``' sorted step counts and the one run serving them: CASC ``wake`` (default L) and
         ``sleep``; the rate-coded IF baseline and QCFS ``wake=max(t)``, no sleep (the readout after step t is the
         wake=t result)."""
@@ -224,9 +199,9 @@ class SpikingDetector(ABC):
         return results
 
     @torch.no_grad()
-    def predict(self, images, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
-                classes: Sequence[int] | None = None, wake: int | None = None, sleep: int | str = "auto",
-                burst: int | None = None, max_sleep: int = 256, mode: str = "step",
+    def predict(self, images, conf: float = Selection.conf, iou: float = Selection.iou,
+                max_det: int = Selection.max_det, classes: Sequence[int] | None = None, wake: int | None = None,
+                sleep: int | str = "auto", burst: int | None = None, max_sleep: int = MAX_SLEEP, mode: str = "step",
                 cancel: threading.Event | None = None, batch: int = 8, color: str | None = None) -> list[Results]:
         """Spiking detection: one ``Results`` per image. ``images``: path(s), PIL images, HxWx3 uint8 arrays
         (``color``: "bgr" or "rgb", default the family's ``color``) or a tensor. ``conf``/``iou``/``max_det``/
@@ -236,9 +211,9 @@ class SpikingDetector(ABC):
         return self._run(images, self.schedule(wake, sleep, burst, max_sleep, mode),
                          _selection(conf, iou, max_det, classes), batch, color, cancel)
 
-    def video(self, delta: bool = True, keyframe_every: int | None = KEYFRAME_EVERY, conf: float = 0.25,
-              iou: float = 0.7, max_det: int = 300, classes: Sequence[int] | None = None, wake: int | None = None,
-              burst: int | None = None, max_sleep: int = 256, mode: str = "step",
+    def video(self, delta: bool = True, keyframe_every: int | None = KEYFRAME_EVERY, conf: float = Selection.conf,
+              iou: float = Selection.iou, max_det: int = Selection.max_det, classes: Sequence[int] | None = None,
+              wake: int | None = None, burst: int | None = None, max_sleep: int = MAX_SLEEP, mode: str = "step",
               color: str | None = None) -> "VideoPredictor":
         """A predictor for the frames of one video, called once per frame: ``vp(frame) -> Results``.
 
@@ -266,17 +241,18 @@ class SpikingDetector(ABC):
             yield predictor(frame, cancel=cancel)
 
     @torch.no_grad()
-    def qann_predict(self, images, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
-                     classes: Sequence[int] | None = None, batch: int = 8, color: str | None = None) -> list[Results]:
+    def qann_predict(self, images, conf: float = Selection.conf, iou: float = Selection.iou,
+                     max_det: int = Selection.max_det, classes: Sequence[int] | None = None, batch: int = 8,
+                     color: str | None = None) -> list[Results]:
         """The network converted from (the QANN; the float ANN for the IF baseline) through the same pre- and
         post-processing: the reference the spiking network reproduces."""
         return self._run(images, None, _selection(conf, iou, max_det, classes), batch, color, None)
 
     @torch.no_grad()
-    def stream(self, image, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
-               classes: Sequence[int] | None = None, wake: int | None = None, sleep: int | str = "auto",
-               burst: int | None = None, max_sleep: int = 256, cancel: threading.Event | None = None,
-               color: str | None = None) -> Iterator[DetectionEvent]:
+    def stream(self, image, conf: float = Selection.conf, iou: float = Selection.iou,
+               max_det: int = Selection.max_det, classes: Sequence[int] | None = None, wake: int | None = None,
+               sleep: int | str = "auto", burst: int | None = None, max_sleep: int = MAX_SLEEP,
+               cancel: threading.Event | None = None, color: str | None = None) -> Iterator[DetectionEvent]:
         """Anytime detection of one image: an event after every time step with the detections decoded from the
         readouts so far; the last one (``final``) equals ``predict``'s result."""
         items = self._items(image)
@@ -287,9 +263,10 @@ class SpikingDetector(ABC):
                                 _selection(conf, iou, max_det, classes), cancel)
 
     @torch.no_grad()
-    def detections_at_steps(self, images, timesteps: Iterable[int], conf: float = 0.001, iou: float = 0.7,
-                            max_det: int = 300, classes: Sequence[int] | None = None, wake: int | None = None,
-                            sleep: int | str = "auto", burst: int | None = None, max_sleep: int = 256,
+    def detections_at_steps(self, images, timesteps: Iterable[int], conf: float = 0.001, iou: float = Selection.iou,
+                            max_det: int = Selection.max_det, classes: Sequence[int] | None = None,
+                            wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
+                            max_sleep: int = MAX_SLEEP,
                             color: str | None = None) -> tuple[dict[int, list[Results]], dict]:
         """Anytime evaluation from one run: ``({t: [Results per image]}, info)`` for every total step count ``t``
         (per stage for a two-stage detector), each ``Results`` with its steps, spikes, energy and settled flag

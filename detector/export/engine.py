@@ -19,6 +19,7 @@ import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 from torch.utils import _pytree as pytree
 
+from ..options import MAX_SLEEP
 from ..schedule import DeltaSession, RunResult, StepEvent, check_schedule, last_result, run_schedule
 
 # provider name -> ONNX Runtime execution providers, in order of preference
@@ -182,7 +183,7 @@ class OrtSpikingNetwork:
     # --- the schedule's entry points, as the PyTorch runtime's -----------------------------
 
     def run(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
-            burst: int | None = None, max_sleep: int = 256, cancel: threading.Event | None = None) -> RunResult:
+            burst: int | None = None, max_sleep: int = MAX_SLEEP, cancel: threading.Event | None = None) -> RunResult:
         """``SpikingNetwork.run``'s schedule and result, called the same way (step mode; ``stats=None``: the
         graphs do not count spikes or energy). A batch larger than the exported one runs in slices of it."""
         if mode != "step":
@@ -193,7 +194,7 @@ class OrtSpikingNetwork:
                         for i in range(0, x.shape[0], self.batch)])
 
     def stream(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", burst: int | None = None,
-               max_sleep: int = 256, record: bool = True, cancel: threading.Event | None = None):
+               max_sleep: int = MAX_SLEEP, record: bool = True, cancel: threading.Event | None = None):
         """``SpikingNetwork.stream``: a ``StepEvent`` after every step with the readouts so far, the last one
         carrying the ``RunResult``. ``spikes`` / ``energy_pj`` / ``stats`` are None whatever ``record`` says (the
         graphs count none), and the batch must fit the exported one (the readouts are read back every step)."""
@@ -201,7 +202,7 @@ class OrtSpikingNetwork:
         self._fits(x, "stream")
         yield from run_schedule(self, x, wake, sleep, burst, max_sleep, record=False, cancel=cancel, every_step=True)
 
-    def session(self, wake: int | None = None, burst: int | None = None, max_sleep: int = 256, mode: str = "step",
+    def session(self, wake: int | None = None, burst: int | None = None, max_sleep: int = MAX_SLEEP, mode: str = "step",
                 record: bool = True, keyframe_every: int | None = None) -> DeltaSession:
         """``SpikingNetwork.session`` on this engine: frames of at most the exported batch; no statistics."""
         if mode != "step":

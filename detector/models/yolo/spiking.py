@@ -22,6 +22,7 @@ from ...convert import convert
 from ...neuron_kinds import neuron_kind
 from ...detect import Batch, Boxes, Results, RunFigures, Selection, SingleStageDetector, read_bgr
 from ...detect.base import source_path
+from ...options import MAX_SLEEP
 from ...quant import ClipQuan, qann_levels
 from ...runtime import RunResult, SpikingNetwork
 from .model import UnsupportedModelError, _names_dict, check_supported, load_checkpoint, module_rules, quantize_model
@@ -234,9 +235,9 @@ class SpikingYOLO(SingleStageDetector):
         x, shapes = letterbox(images, self.imgsz, self.stride)
         return Batch(x.to(self.device, self.dtype), shapes, images, [source_path(i) for i in items])
 
-    def decode(self, maps: list[torch.Tensor], shapes: list[tuple[int, int]] | None = None, conf: float = 0.25,
-               iou: float = 0.7, max_det: int = 300, classes: Sequence[int] | None = None,
-               agnostic: bool = False) -> list[Results]:
+    def decode(self, maps: list[torch.Tensor], shapes: list[tuple[int, int]] | None = None,
+               conf: float = Selection.conf, iou: float = Selection.iou, max_det: int = Selection.max_det,
+               classes: Sequence[int] | None = None, agnostic: bool = False) -> list[Results]:
         """Raw head maps (accumulated readouts or QANN output) -> ``Results``, with Ultralytics' decoding
         (DFL + ``Detect._inference``) and ``non_max_suppression``; boxes scaled back to ``shapes``."""
         from ultralytics.utils import ops
@@ -271,7 +272,7 @@ class SpikingYOLO(SingleStageDetector):
 
     @torch.no_grad()
     def raw(self, x: torch.Tensor, wake: int | None = None, sleep: int | str = "auto", mode: str = "step",
-            burst: int | None = None, max_sleep: int = 256) -> RunResult:
+            burst: int | None = None, max_sleep: int = MAX_SLEEP) -> RunResult:
         """The spiking network's run on a preprocessed batch ``x``: ``.readout`` holds the accumulated raw
         per-level maps, ``.steps``/``.settled``/``.stats`` how it went."""
         return self.snn.run(x, wake=wake if wake is not None else self.levels, sleep=sleep, mode=mode, burst=burst,
