@@ -69,9 +69,11 @@ def test_the_library_checks_a_schedule_against_the_declared_bounds():
 
 def test_casc_predict_and_casc_eval_take_their_run_options_from_the_declaration():
     from detector.predict import add_arguments as predict_arguments
-    from eval.runner import add_arguments as eval_arguments
+    from eval.cli import add_arguments as eval_arguments
 
-    for add, conf in ((predict_arguments, Selection().conf), (eval_arguments, 0.001)):
+    from eval import EvalConfig
+
+    for add, conf in ((predict_arguments, Selection().conf), (eval_arguments, EvalConfig.conf)):
         parser = argparse.ArgumentParser()
         add(parser)
         defaults = {a.dest: a.default for a in parser._actions}
