@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from ..calibrate import THETA_METHODS
 from ..predict import run_folder
-from .yolo_qat import THETA_MODES
+from ..quant import ClipQuan
+
+THETA_MODES = ("learn", "freeze")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, project: str, name: str) -> None:
@@ -38,3 +42,17 @@ def add_qat_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     parser.add_argument("--first-levels", type=int, default=None,
                         help="levels of the first activation (e.g. 8; the network then runs that many wake steps)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
+
+
+def split_thresholds(model: torch.nn.Module, theta: str) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(thresholds, the other trainable parameters) of a QANN. ``theta="learn"`` makes every ClipQuan threshold a
+    parameter (its own optimizer group, without weight decay); ``"freeze"`` keeps them as buffers at their
+    calibrated values, so no optimizer (nor Ultralytics' trainer, which re-enables frozen parameters) moves them."""
+    if theta not in THETA_MODES:
+        raise ValueError(f"theta must be one of {THETA_MODES}, got {theta!r}")
+    quantizers = [m for m in model.modules() if isinstance(m, ClipQuan)]
+    for quantizer in quantizers:
+        quantizer.set_learnable(theta == "learn")
+    thresholds = [q.threshold_param for q in quantizers if q.learnable]
+    ids = {id(p) for p in thresholds}
+    return thresholds, [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
