@@ -36,7 +36,8 @@ from ..models.rcnn import (ARCHS, _unwrap_state_dict, add_spiking_fpn, build_fas
 from ..quant import qann_levels
 from ..weights import resolve
 from .distributed import Process, start_process
-from .recipe import add_output_arguments, add_qat_arguments, output_folder, split_thresholds
+from .recipe import (THETA_GROUP, add_output_arguments, add_qat_arguments, keep_thresholds_positive, output_folder,
+                     split_thresholds)
 
 
 def _open_dataset(spec: str, split: str, classes: list[str] | None = None):
@@ -91,7 +92,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--names", default=None,
                         help="a VOC dataset's (or a names-less data.yaml's) class names, comma-separated or a file "
                              "with one per line (None: the 20 VOC classes)")
-    parser.add_argument("--levels", type=int, default=4, help="quantization levels L of the QANN")
+    parser.add_argument("--levels", type=int, default=4,
+                        help="quantization levels L of a float start (a QANN start keeps its own)")
     parser.add_argument("--float", action="store_true", help="train the float model (no quantization)")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch", type=int, default=2, help="images per process (torchrun: the global batch is "
@@ -130,9 +132,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def parameter_groups(model: torch.nn.Module, theta: str, weight_decay: float) -> list[dict]:
     """Trainable weights with decay; the quantizers' thresholds learnt without decay (``theta="learn"``) or frozen."""
     thresholds, weights = split_thresholds(model, theta)
-    groups = [{"params": weights, "weight_decay": weight_decay}]
+    groups = [{"params": weights, "weight_decay": weight_decay, "param_group": "weight"}]
     if thresholds:
-        groups.append({"params": thresholds, "weight_decay": 0.0})
+        groups.append({"params": thresholds, "weight_decay": 0.0, "param_group": THETA_GROUP})
     return groups
 
 
@@ -278,6 +280,7 @@ def _train(args: argparse.Namespace, process: Process) -> Path:
     lr = args.lr if args.lr is not None else 0.02 * global_batch / 16
     optimizer = torch.optim.SGD(parameter_groups(model, args.theta, args.weight_decay), lr=lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
+    keep_thresholds_positive(optimizer)
     trained = distribute(model, process, device)
     torch.manual_seed(args.seed + process.rank)  # each process its own RPN / RoI sampling draws
     loader = train_loader(ds, args.batch, process, args.seed, args.workers)

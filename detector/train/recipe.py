@@ -12,6 +12,8 @@ from ..predict import run_folder
 from ..quant import ClipQuan
 
 THETA_MODES = ("learn", "freeze")
+THETA_GROUP = "theta"  # the optimizer group of the thresholds (the key Ultralytics names its groups with)
+MIN_THRESHOLD = 1e-4  # a threshold stays > 0: the clip divides by it and a CIF neuron refuses <= 0 (detector/neurons.py)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, project: str, name: str) -> None:
@@ -56,3 +58,17 @@ def split_thresholds(model: torch.nn.Module, theta: str) -> tuple[list[torch.nn.
     thresholds = [q.threshold_param for q in quantizers if q.learnable]
     ids = {id(p) for p in thresholds}
     return thresholds, [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+
+
+def keep_thresholds_positive(optimizer: torch.optim.Optimizer) -> None:
+    """After every step, raise the thresholds of the ``THETA_GROUP`` group that fell below ``MIN_THRESHOLD``: an
+    Adam step moves a 0-d parameter by about the learning rate, enough to carry a small calibrated threshold (of a
+    randomly initialised network, say) below zero."""
+    def clamp(optimizer, *_):
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                if group.get("param_group") == THETA_GROUP:
+                    for p in group["params"]:
+                        p.clamp_(min=MIN_THRESHOLD)
+
+    optimizer.register_step_post_hook(clamp)
