@@ -1,4 +1,4 @@
-"""Faster R-CNN training under torchrun on the CPU (gloo): two processes equal one with the same global batch."""
+"""casc train rcnn: under torchrun on the CPU (gloo) two processes equal one with the same global batch; --model."""
 
 from __future__ import annotations
 
@@ -112,3 +112,18 @@ def test_a_model_of_another_family_is_refused(capsys):
 
     assert main(["train", "rcnn", "--model", "yolov8n-bundled", "--data", "bundled", "--epochs", "1"]) == 2
     assert "yolov8n-bundled is a yolo model; casc train rcnn trains Faster R-CNN" in capsys.readouterr().err
+
+
+def test_a_bundled_qann_continues_its_training(tmp_path):
+    from casc.cli import main
+    from detector.models.rcnn import load_checkpoint
+    from detector.weights import resolve
+
+    out = tmp_path / "run"
+    assert main(["train", "rcnn", "--model", "rcnn-r18-bundled", "--data", "bundled", "--epochs", "1", "--batch", "1",
+                 "--workers", "0", "--device", "cpu", "--max-minutes", "0.001", "--out", str(out)]) == 0  # one step
+    saved = torch.load(out / "last.pt", weights_only=True)
+    bundled = load_checkpoint(resolve("rcnn-r18-bundled").path)
+    assert saved["meta"]["levels"] == bundled["meta"]["levels"] == 4 and saved["meta"]["arch"] == "resnet18_fpn"
+    assert (saved["meta"]["min_size"], saved["meta"]["max_size"]) == (256, 256)  # the checkpoint's sizes, not 800
+    assert saved["state_dict"].keys() == bundled["state_dict"].keys()
