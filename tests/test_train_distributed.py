@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 from torchvision.models.detection._utils import Matcher
@@ -90,7 +89,7 @@ def test_torchrun_two_cpu_processes_train_and_only_rank_0_writes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "casc",
                "train", "rcnn", "--model", "resnet18_fpn", "--data", str(data), "--epochs", "1", "--batch", "1",
                "--min-size", "64", "--max-size", "96", "--representation-size", "32", "--workers", "0",
-               "--warmup-iters", "1", "--device", "cpu", "--out", str(out)]
+               "--warmup-iters", "1", "--device", "cpu", "--max-minutes", "10", "--out", str(out)]  # a cap: all-reduced
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes x 1 images = global batch 2, lr 0.0025" in done.stderr

@@ -51,7 +51,7 @@ def _trainer(tmp_path: Path, theta: str = "learn", nc: int = 3):
 def test_thresholds_get_their_own_group_without_decay(theta, tmp_path):
     trainer, start = _trainer(tmp_path, theta, nc=3)
     model = trainer.get_model(cfg=start.yaml, weights=start, verbose=False)
-    assert model.yaml["nc"] == 8 and model.yaml["casc"]["qat"]["theta"] == theta  # the data's 8 classes: a new class head
+    assert model.yaml["nc"] == 8 and model.yaml["casc"]["qat"]["theta"] == theta  # the data's 8 classes: new head
     quantizers = [m for m in model.modules() if isinstance(m, ClipQuan)]
     assert [q.threshold for q in quantizers] == pytest.approx([0.5 + i / 100 for i in range(len(quantizers))])
     assert all(q.learnable == (theta == "learn") for q in quantizers)
@@ -100,6 +100,23 @@ def test_a_bundled_qann_continues_and_a_float_model_starts_calibrated():
     assert teacher_spec(args, float_start) == "yolov8n-bundled-float"
     with pytest.raises(ValueError, match="is a rcnn model; casc train yolo trains YOLO"):
         start_model(_parsed(["--model", "rcnn-r18-bundled", "--data", "bundled"]))
+
+
+def test_trainer_arguments_from_the_shared_options(tmp_path, capsys):
+    from casc.cli import main
+    from detector.train.yolo import data_yaml, trainer_overrides
+
+    assert data_yaml("bundled") == ensure_bundled() / "data.yaml"
+    with pytest.raises(ValueError, match="train on coco:DIR or voc:DIR with --qat"):
+        data_yaml(f"coco:{tmp_path}")
+    args = _parsed(["--data", "bundled", "--iterations", "10", "--batch", "16", "--lr", "0.002", "--max-minutes", "30",
+                    "--device", "cpu", "--out", str(tmp_path / "run")])
+    overrides = trainer_overrides(args, tmp_path / "start.pt", tmp_path / "data.yaml", 256, train_images=100)
+    assert overrides["epochs"] == 2 and overrides["time"] == 0.5  # 10 steps of 7 per epoch; 30 minutes in hours
+    assert (overrides["optimizer"], overrides["lr0"], overrides["device"]) == ("AdamW", 0.002, "cpu")
+    assert (overrides["project"], overrides["name"], overrides["imgsz"]) == (str(tmp_path), "run", 256)
+    assert main(["train", "yolo", "--data", "bundled", "--out", str(tmp_path / "run"), "--resume"]) == 2
+    assert "--resume: no " in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_a_start_that_is_not_ours_is_refused(tmp_path):
@@ -154,3 +171,9 @@ def test_two_iterations_of_the_trainer_on_the_bundled_data(tmp_path, capsys):
     trained, _ = load_checkpoint(out / "weights" / "last.pt")  # Ultralytics' checkpoint carries the settings
     assert trained.yaml["casc"]["qat"] == {"theta": "learn", "theta_lr": None, "distill": 0.5,
                                            "teacher": "yolov8n-bundled-float"}
+    # resume, as after an interruption: the run had asked for 2 epochs (a checkpoint this test wrote itself)
+    ckpt = torch.load(out / "weights" / "last.pt", weights_only=False)
+    ckpt["train_args"]["epochs"], ckpt["epoch"] = 2, 0  # (Ultralytics marks a finished run's last.pt epoch -1)
+    torch.save(ckpt, out / "weights" / "last.pt")
+    assert main(["train", "yolo", "--data", str(data), "--out", str(out), "--resume"]) == 0
+    assert len((out / "results.csv").read_text().splitlines()) == 3  # the header and 2 epochs

@@ -13,7 +13,7 @@ from ..quant import ClipQuan
 
 THETA_MODES = ("learn", "freeze")
 THETA_GROUP = "theta"  # the optimizer group of the thresholds (the key Ultralytics names its groups with)
-MIN_THRESHOLD = 1e-4  # a threshold stays > 0: the clip divides by it and a CIF neuron refuses <= 0 (detector/neurons.py)
+MIN_THRESHOLD = 1e-4  # a threshold stays > 0: the clip divides by it, a CIF neuron refuses <= 0 (detector/neurons.py)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, project: str, name: str) -> None:

@@ -133,11 +133,10 @@ def train_qat(args: argparse.Namespace) -> Path:
     from .yolo_qat import finetune
 
     model, meta, float_start, dataset = start_model(args)
-    spec = teacher_spec(args, float_start)
-    teacher = None
+    spec, teacher = teacher_spec(args, float_start), None
     if spec is not None:
         entry = resolve(spec)
-        teacher = float_start if spec == args.model else load_checkpoint(entry.path, sha256=entry.sha256)[0]
+        teacher = load_checkpoint(entry.path, sha256=entry.sha256)[0] if args.float_model else float_start
     out = output_folder(args)
     save = lambda m, path: save_qann(m, path, names=meta["names"], imgsz=meta["imgsz"], act=meta["act"])  # noqa: E731
     summary = finetune(model, dataset, meta["imgsz"], out, save, iterations=args.iterations or 1000, batch=args.batch,
