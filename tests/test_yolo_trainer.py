@@ -171,6 +171,9 @@ def test_two_iterations_of_the_trainer_on_the_bundled_data(tmp_path, capsys):
     trained, _ = load_checkpoint(out / "weights" / "last.pt")  # Ultralytics' checkpoint carries the settings
     assert trained.yaml["casc"]["qat"] == {"theta": "learn", "theta_lr": None, "distill": 0.5,
                                            "teacher": "yolov8n-bundled-float"}
+    assert main(["train", "yolo", "--data", str(data), "--out", str(out), "--resume"]) == 2
+    assert f"has finished; train its QANN further with --model {out / 'weights' / 'last.casc.pt'}" in \
+        capsys.readouterr().err
     # resume, as after an interruption: the run had asked for 2 epochs (a checkpoint this test wrote itself)
     ckpt = torch.load(out / "weights" / "last.pt", weights_only=False)
     ckpt["train_args"]["epochs"], ckpt["epoch"] = 2, 0  # (Ultralytics marks a finished run's last.pt epoch -1)

@@ -190,6 +190,7 @@ def trainer_overrides(args: argparse.Namespace, start: Path, data: Path, imgsz: 
 def train_ultralytics(args: argparse.Namespace) -> Path:
     """The recipe inside Ultralytics' trainer (``QATDetectionTrainer``); returns ``best.pt`` and writes
     ``best.casc.pt`` beside it."""
+    from ..models.yolo.pt_files import load_ultralytics_file
     from .yolo_trainer import QATDetectionTrainer
 
     data = data_yaml(args.data)
@@ -198,6 +199,9 @@ def train_ultralytics(args: argparse.Namespace) -> Path:
         last = out / "weights" / "last.pt"
         if not last.is_file():
             raise FileNotFoundError(f"--resume: no {last} to resume from")
+        if load_ultralytics_file(last).get("epoch", -1) < 0:  # Ultralytics marks a finished run's last.pt so
+            raise ValueError(f"--resume: the run in {out} has finished; train its QANN further with --model "
+                             f"{last.with_suffix('.casc.pt')}")
         overrides = {"resume": str(last), "model": str(last)}
         imgsz = None
     else:
