@@ -84,19 +84,23 @@ def test_one_step_on_two_processes_equals_the_same_global_batch_on_one(tmp_path)
 def test_torchrun_two_cpu_processes_train_and_only_rank_0_writes(tmp_path):
     data = tmp_path / "coco"
     _coco_fixture(data)
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "rcnn"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "casc",
                "train", "rcnn", "--model", "resnet18_fpn", "--data", str(data), "--epochs", "1", "--batch", "1",
                "--min-size", "64", "--max-size", "96", "--representation-size", "32", "--workers", "0",
-               "--warmup-iters", "1", "--device", "cpu", "--max-minutes", "10", "--out", str(out)]  # a cap: all-reduced
+               "--warmup-iters", "1", "--device", "cpu", "--max-minutes", "10",  # a time cap: all-reduced per step
+               "--project", str(tmp_path / "runs"), "--name", "rcnn"]  # a run folder that process 0 numbers
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes x 1 images = global batch 2, lr 0.0025" in done.stderr
-    assert done.stdout.count("checkpoint: ") == 2  # each process returns the path; one file, written by rank 0
+    # each process returns the same path; one file, written by process 0
+    returned = [line for line in done.stdout.splitlines() if line.startswith("checkpoint: ")]
+    assert returned == [f"checkpoint: {out / 'last.pt'}"] * 2
     saved = torch.load(out / "last.pt", weights_only=True)
     assert saved["epoch"] == 0 and saved["world_size"] == 2 and saved["global_batch"] == 2
     assert saved["meta"]["levels"] == 4 and sorted(p.name for p in out.iterdir()) == ["last.pt"]
+    assert [p.name for p in out.parent.iterdir()] == ["rcnn"]  # one folder, not one per process
 
 
 def test_a_job_of_one_without_torchrun(monkeypatch):
@@ -104,6 +108,7 @@ def test_a_job_of_one_without_torchrun(monkeypatch):
     process = start_process("cpu")
     assert process == Process() and process.is_main and not process.distributed
     assert process.any(True) and not process.any(False) and process.device("auto").type in ("cpu", "cuda")
+    assert process.from_main(lambda: "made once") == "made once"
 
 
 def test_a_model_of_another_family_is_refused(capsys):

@@ -47,6 +47,15 @@ class Process:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
+    def from_main(self, make):
+        """``make()`` run by process 0 alone, its result handed to every process (a numbered run folder is made
+        once, and all processes name the same one)."""
+        if not self.distributed:
+            return make()
+        value = [make() if self.is_main else None]
+        dist.broadcast_object_list(value, src=0)
+        return value[0]
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

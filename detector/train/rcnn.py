@@ -251,7 +251,7 @@ def _train(args: argparse.Namespace, process: Process) -> Path:
     classes = list(ds.classes)
     num_classes = len(classes) + 1
     levels = None if args.float else args.levels
-    out = output_folder(args)
+    out = process.from_main(lambda: output_folder(args))
     if process.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
