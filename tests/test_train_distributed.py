@@ -101,6 +101,13 @@ def test_torchrun_two_cpu_processes_train_and_only_rank_0_writes(tmp_path):
     assert saved["epoch"] == 0 and saved["world_size"] == 2 and saved["global_batch"] == 2
     assert saved["meta"]["levels"] == 4 and sorted(p.name for p in out.iterdir()) == ["last.pt"]
     assert [p.name for p in out.parent.iterdir()] == ["rcnn"]  # one folder, not one per process
+    # resume with another number of processes: model, optimizer and schedule from the checkpoint, the next epoch
+    from casc.cli import main
+
+    resume = command[command.index("train"):command.index("--epochs")] + command[command.index("--batch"):]
+    assert main(resume + ["--epochs", "2", "--resume", str(out / "last.pt")]) == 0
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["world_size"] == 1
 
 
 def test_a_job_of_one_without_torchrun(monkeypatch):
