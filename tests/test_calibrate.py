@@ -261,6 +261,18 @@ def test_rcnn_parameter_groups_put_thresholds_apart_without_decay():
     assert len(parameter_groups(net, "freeze", 1e-4)) == 1 and not net[1].learnable
 
 
+def test_a_learnt_threshold_never_falls_to_zero():
+    from detector.train.rcnn import parameter_groups
+    from detector.train.recipe import MIN_THRESHOLD, keep_thresholds_positive
+
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), ClipQuan(4, 0.01), nn.Conv2d(2, 1, 1))
+    optimizer = torch.optim.SGD(parameter_groups(net, "learn", 0.0), lr=10.0)
+    keep_thresholds_positive(optimizer)
+    net[1].threshold_param.grad = torch.tensor(1.0)  # a step of -10 from 0.01
+    optimizer.step()
+    assert net[1].threshold == pytest.approx(MIN_THRESHOLD)
+
+
 def test_quantizing_a_silu_model_warns_that_the_if_baseline_needs_relu(capsys):
     from detector.train.yolo import warn_if_silu
 

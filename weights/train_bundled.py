@@ -54,7 +54,7 @@ def commands(runs: Path, data_root: Path, device: str, workers: int, scale: dict
         "rcnn": [
             ["train", "rcnn", *rcnn_common, "--float", "--train-bn", "--trainable-layers", "5",
              "--epochs", str(scale["rcnn_epochs"]), *_minutes(scale["rcnn_minutes"]), "--out", str(runs / "rcnn-float")],
-            ["train", "rcnn", *rcnn_common, "--weights", str(runs / "rcnn-float" / "last.pt"), "--levels", str(LEVELS),
+            ["train", "rcnn", *rcnn_common, "--model", str(runs / "rcnn-float" / "last.pt"), "--levels", str(LEVELS),
              "--trainable-layers", "5", "--lr", str(scale["rcnn_qann_lr"]), "--epochs", str(scale["rcnn_qann_epochs"]),
              *_minutes(scale["rcnn_qann_minutes"]), "--out", str(runs / "rcnn-qann")],
         ],

@@ -1,4 +1,8 @@
-"""Quantization-aware fine-tuning of a YOLO QANN, sized for a CPU: the recipe behind ``casc train yolo --qat``.
+"""Quantization-aware fine-tuning of a YOLO QANN, sized for a CPU: the loop behind ``casc train yolo --qat``.
+
+Its parameter groups, distillation and frozen teacher are also the recipe's inside Ultralytics' trainer
+(``detector.train.yolo_trainer``), the path for GPUs, Ultralytics' augmentation and DDP; this loop is the
+CPU path that produced the bundled QANNs (``weights/manifest.json``).
 
 Start from a calibrated QANN (``casc quantize``: MSE thresholds, rounding, BatchNorm re-estimated),
 then fine-tune with Ultralytics' detection loss:
@@ -31,9 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..models.yolo import letterbox, prepare_ultralytics
-from ..quant import ClipQuan
-
-THETA_MODES = ("learn", "freeze")
+from .recipe import THETA_GROUP, keep_thresholds_positive, split_thresholds
 
 
 def _batch(dataset, indices: list[int], imgsz: int, flip: random.Random) -> dict:
@@ -61,26 +63,30 @@ def _batch(dataset, indices: list[int], imgsz: int, flip: random.Random) -> dict
             "batch_idx": torch.from_numpy(np.concatenate(owner))}
 
 
-def _distillation_loss(student: dict, teacher: dict) -> torch.Tensor:
+def distillation_loss(student: dict, teacher: dict) -> torch.Tensor:
+    """Distance of the QANN's raw head outputs to the float model's: box distributions by MSE, class logits by
+    BCE on the float model's sigmoid."""
     return F.mse_loss(student["boxes"], teacher["boxes"]) + F.binary_cross_entropy_with_logits(
         student["scores"], teacher["scores"].sigmoid())
 
 
+def frozen_teacher(float_model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the float model for distillation: no gradients, BatchNorm in eval, its Detect head in the
+    training form, whose raw outputs ``distillation_loss`` compares."""
+    teacher = copy.deepcopy(float_model).float().eval()
+    teacher.model[-1].train()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, theta: str, theta_lr: float) -> list[dict]:
     """Weights with decay; biases and norms without; thresholds in their own group (or frozen)."""
-    decay, no_decay, thresholds = [], [], []
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if isinstance(module, ClipQuan):
-                thresholds.append(param)
-            elif param.ndim > 1:
-                decay.append(param)
-            else:
-                no_decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr},
-              {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
-    if theta == "learn" and thresholds:
-        groups.append({"params": thresholds, "weight_decay": 0.0, "lr": theta_lr})
+    thresholds, others = split_thresholds(model, theta)
+    groups = [{"params": [p for p in others if p.ndim > 1], "weight_decay": weight_decay, "lr": lr},
+              {"params": [p for p in others if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}]
+    if thresholds:
+        groups.append({"params": thresholds, "weight_decay": 0.0, "lr": theta_lr, "param_group": THETA_GROUP})
     return groups
 
 
@@ -97,29 +103,23 @@ def finetune(qann, dataset, imgsz: int, out: Path, save, iterations: int = 1000,
     from ultralytics.cfg import get_cfg
     from ultralytics.utils.torch_utils import ModelEMA
 
-    if theta not in THETA_MODES:
-        raise ValueError(f"theta must be one of {THETA_MODES}, got {theta!r}")
     if distill and teacher is None:
         raise ValueError("distillation needs the float model (teacher)")
     torch.manual_seed(seed)
     order = random.Random(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for quantizer in (m for m in qann.modules() if isinstance(m, ClipQuan)):
-        quantizer.set_learnable(theta == "learn")
     qann.args = get_cfg()  # the loss reads its box / cls / dfl gains from here
     qann.criterion = None
     qann.train()
     for p in qann.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameter_groups(qann, lr, weight_decay, theta, theta_lr or lr), lr=lr)
+    keep_thresholds_positive(optimizer)
     base = [g["lr"] for g in optimizer.param_groups]
     averaged = ModelEMA(qann) if ema else None
     if teacher is not None:
-        teacher = copy.deepcopy(teacher).eval()
-        teacher.model[-1].train()  # raw head outputs (the Detect head's training form), BatchNorm in eval
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        teacher = frozen_teacher(teacher)
     indices: list[int] = []
     started = time.monotonic()
     smoothed, done = None, 0
@@ -149,7 +149,7 @@ def finetune(qann, dataset, imgsz: int, out: Path, save, iterations: int = 1000,
         if distill:
             with torch.no_grad():
                 target = teacher(data["img"])
-            loss = loss + distill * _distillation_loss(preds, target)
+            loss = loss + distill * distillation_loss(preds, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(qann.parameters(), 10.0)

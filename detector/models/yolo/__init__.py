@@ -27,7 +27,6 @@ from .model import (
     build_qann,
     check_supported,
     export_checkpoint,
-    is_qann_checkpoint,
     load_checkpoint,
     model_act,
     module_rules,
@@ -41,6 +40,6 @@ from .ultralytics_env import prepare_ultralytics
 __all__ = [
     "SpikingYOLO", "UnsupportedModelError", "build_qann", "load_checkpoint",
     "export_checkpoint", "check_supported", "attention_paths", "YOLOReadoutNet", "CHECKPOINT_FORMAT",
-    "calibration_inputs", "save_qann", "letterbox", "ultralytics_start_checkpoint", "is_qann_checkpoint",
+    "calibration_inputs", "save_qann", "letterbox", "ultralytics_start_checkpoint",
     "quantize_model", "model_act", "ACTIVATIONS", "module_rules", "prepare_ultralytics", "layer_part",
 ]

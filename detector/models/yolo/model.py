@@ -256,19 +256,14 @@ def load_checkpoint(path: str | Path, sha256: str | None = None, levels: int | N
     return model, meta
 
 
-def ultralytics_start_checkpoint(path: Path, out: Path) -> Path:
-    """The start weights for Ultralytics' trainer, which reads only its own format and unpickles it without an
-    allowlist: ``path`` (ours, or an Ultralytics ``.pt``) loaded safely and re-saved in that format under ``out``,
-    so that the trainer never unpickles a file it was handed (a payload is refused here, by ``load_checkpoint``)."""
-    model, _ = load_checkpoint(path)
-    out.mkdir(parents=True, exist_ok=True)
-    start = out / f"start-{path.stem}.pt"
-    torch.save({"model": model.half(), "train_args": {}, "epoch": -1}, start)
-    return start
-
-
-def is_qann_checkpoint(path: Path) -> bool:
-    return bool(load_checkpoint(path)[1]["quantized"])
+def ultralytics_start_checkpoint(model: DetectionModel, path: str | Path) -> Path:
+    """``model`` as start weights for Ultralytics' trainer, which reads only its own format and unpickles it without
+    an allowlist: it is handed only files written here, of models that ``load_checkpoint`` read safely. Float32:
+    half precision would move calibrated thresholds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": copy.deepcopy(model).float(), "train_args": {}, "epoch": -1}, path)
+    return path
 
 
 def _from_safe(ckpt: dict) -> DetectionModel:
