@@ -9,6 +9,7 @@ folded as deployed. Also checks fidelity on the chosen device: max |SNN readout 
 
     python benchmarks/runtime.py                       # CPU, imgsz 320, batch 1 and 8
     python benchmarks/runtime.py --model yolov8n-bundled --threads 1
+    python benchmarks/runtime.py --model yolov8n-bundled --threads 1 --cpu-time   # steadier on a shared machine
     python benchmarks/runtime.py --model rcnn-r18-bundled-l8 --threads 1
     python benchmarks/runtime.py --device cuda --batch 1 8 32
     python benchmarks/runtime.py --burst 1             # the paper's one spike per sleep step (default: burst sleep)
@@ -28,27 +29,41 @@ from detector.randnet import random_qann, randomise_batchnorm
 from detector.weights import resolve
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
-    return timed_alternating({"fn": fn}, repeats, device)["fn"]
+class Clock:
+    """What a timing reads: wall time and the median of the rounds, or (``cpu_time``) this thread's CPU time and the
+    minimum, which other processes on a shared machine disturb far less (CPU only: a GPU's work is not the thread's)."""
+
+    def __init__(self, device: torch.device, cpu_time: bool = False):
+        if cpu_time and device.type != "cpu":
+            raise ValueError("--cpu-time measures the CPU thread: use it with --device cpu")
+        self.device, self.cpu_time = device, cpu_time
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.thread_time() if self.cpu_time else time.perf_counter()
+
+    def summary(self, seconds: list[float]) -> float:
+        return min(seconds) if self.cpu_time else sorted(seconds)[len(seconds) // 2]
 
 
-def timed_alternating(fns: dict, repeats: int, device: torch.device) -> dict:
-    """Median seconds of each function, run in alternating rounds after one warm-up each, so that a ratio of
-    two of them is measured under the same machine load."""
+def timed(fn, repeats: int, clock: Clock) -> float:
+    """Seconds of ``fn()`` over ``repeats`` runs after one warm-up (``Clock.summary`` of them)."""
+    return timed_alternating({"fn": fn}, repeats, clock)["fn"]
+
+
+def timed_alternating(fns: dict, repeats: int, clock: Clock) -> dict:
+    """Seconds of each function, run in alternating rounds after one warm-up each, so that a ratio of two of them
+    is measured under the same machine load."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock.now()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            times[name].append(clock.now() - start)
+    return {name: clock.summary(t) for name, t in times.items()}
 
 
 @torch.no_grad()
@@ -90,8 +105,9 @@ def networks(model: str | None):
 
 
 @torch.no_grad()
-def measure(batch: int, imgsz: int, device: torch.device, repeats: int, model: str | None,
+def measure(batch: int, imgsz: int, clock: Clock, repeats: int, model: str | None,
             burst: int | None = None) -> list[dict]:
+    device = clock.device
     float_model, qann, trained_imgsz, images = networks(model)
     imgsz = trained_imgsz or imgsz
     ann = YOLOReadoutNet(float_model.fuse(verbose=False)).to(device).eval()  # BN folded, as deployed
@@ -101,14 +117,14 @@ def measure(batch: int, imgsz: int, device: torch.device, repeats: int, model: s
         x = detector.preprocess([images[i % len(images)] for i in range(batch)])[0]
     else:
         x = torch.rand(batch, 3, imgsz, imgsz, device=device)
-    qann_s = timed(lambda: detector.qann_raw(x), repeats, device)
+    qann_s = timed(lambda: detector.qann_raw(x), repeats, clock)
     rows = []
     for mode in ("step", "multistep"):
         for record in (False, True):
-            wake_s = timed(lambda: snn.run(x, wake=4, sleep=0, mode=mode, record=record), repeats, device) / 4
+            wake_s = timed(lambda: snn.run(x, wake=4, sleep=0, mode=mode, record=record), repeats, clock) / 4
             runs = []  # the timed runs' results (the last one's steps are reported)
             both = timed_alternating({"ann": lambda: ann(x), "snn": lambda: runs.append(snn.run(
-                x, wake=4, sleep="auto", mode=mode, record=record, burst=burst))}, repeats, device)
+                x, wake=4, sleep="auto", mode=mode, record=record, burst=burst))}, repeats, clock)
             ann_s, total_s = both["ann"], both["snn"]
             used = runs[-1].steps
             steps = int(used.max())
@@ -127,7 +143,8 @@ def measure(batch: int, imgsz: int, device: torch.device, repeats: int, model: s
 
 
 @torch.no_grad()
-def measure_rcnn(batch: int, device: torch.device, repeats: int, model: str, burst: int | None = None) -> list[dict]:
+def measure_rcnn(batch: int, clock: Clock, repeats: int, model: str, burst: int | None = None) -> list[dict]:
+    device = clock.device
     from collections import OrderedDict
 
     from detector import fold_batchnorm
@@ -149,8 +166,8 @@ def measure_rcnn(batch: int, device: torch.device, repeats: int, model: str, bur
     features, objectness, deltas = detector.qann_stage1(x)
     features = OrderedDict(features)
     rois = detector.roi_features(features, detector.proposals(image_list, features, objectness, deltas), image_list)
-    qann_s = timed(lambda: detector.qann_stage1(x), repeats, device) + timed(lambda: detector.qann_stage2(rois),
-                                                                            repeats, device)
+    qann_s = timed(lambda: detector.qann_stage1(x), repeats, clock) + timed(lambda: detector.qann_stage2(rois),
+                                                                            repeats, clock)
     wake = detector.levels
     rows = []
     for mode in ("step", "multistep"):
@@ -158,10 +175,10 @@ def measure_rcnn(batch: int, device: torch.device, repeats: int, model: str, bur
             stages, ann_s = [], []
             for snn, ann, inputs in ((detector.stage1, ann1, x), (detector.stage2, ann2, rois)):
                 wake_s = timed(lambda: snn.run(inputs, wake=wake, sleep=0, mode=mode, record=record), repeats,
-                               device) / wake
+                               clock) / wake
                 runs = []
                 both = timed_alternating({"ann": lambda: ann(inputs), "snn": lambda: runs.append(snn.run(
-                    inputs, wake=wake, sleep="auto", mode=mode, record=record, burst=burst))}, repeats, device)
+                    inputs, wake=wake, sleep="auto", mode=mode, record=record, burst=burst))}, repeats, clock)
                 ann_s.append(both["ann"])
                 stages.append((wake_s, both["snn"], int(runs[-1].steps.max()), runs[-1].steps.double().mean()))
             (w1, s1, t1, m1), (w2, s2, t2, m2) = stages
@@ -188,23 +205,28 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--burst", type=int, default=None,
                         help="spikes a neuron may emit per sleep step (default: the wake count, burst sleep; 1: the paper's)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time this thread's CPU seconds (the minimum of the rounds) instead of wall time (their "
+                             "median): steadier on a machine shared with other work; CPU only")
     parser.add_argument("--model", default=None, help="a trained QANN (bundled name, e.g. yolov8n-bundled) measured "
                                                       "on bundled val images; default: random-init YOLOv8n")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    clock = Clock(device, args.cpu_time)
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"timing={'CPU time of this thread, minimum' if args.cpu_time else 'wall time, median'} of {args.repeats}")
     check = fidelity(device, burst=args.burst)
     print(f"fidelity (YOLOv8n QANN L=4, float64, imgsz {check['imgsz']}): max |SNN - QANN| = "
           f"{check['max_abs_error_float64']:.2e}, steps {check['steps']}; {check['random_nets']} random QANNs, "
           f"both modes: max error {check['random_nets_max_abs_error_float64']:.2e}")
     two_stage = args.model is not None and resolve(args.model).family == "rcnn"
     if two_stage:
-        rows = [row for batch in args.batch for row in measure_rcnn(batch, device, args.repeats, args.model, args.burst)]
+        rows = [row for batch in args.batch for row in measure_rcnn(batch, clock, args.repeats, args.model, args.burst)]
     else:
         rows = [row for batch in args.batch
-                for row in measure(batch, args.imgsz, device, args.repeats, args.model, args.burst)]
+                for row in measure(batch, args.imgsz, clock, args.repeats, args.model, args.burst)]
     print(f"network: {args.model or 'random-init YOLOv8n QANN L=4'}, imgsz {rows[0]['imgsz']}, "
           f"sleep burst {rows[0]['burst']}")
     print("| batch | mode | record | ANN ms | QANN ms | wake step ms | sleep step ms | T auto (mean/max) "

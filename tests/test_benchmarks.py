@@ -33,3 +33,13 @@ def test_tiled_conv_equals_the_dense_conv_and_skips_quiet_tiles(kernel, stride, 
     assert torch.allclose(out, dense, atol=1e-12)
     assert 0 < fraction < 1  # the second sample and the far tiles are not computed
     assert tiles.tiled_conv(torch.zeros_like(x), conv, tile)[1] == 0
+
+
+def test_the_runtime_clock_reads_wall_or_cpu_time():
+    runtime = _benchmark("runtime")
+    wall, cpu = runtime.Clock(torch.device("cpu")), runtime.Clock(torch.device("cpu"), cpu_time=True)
+    assert wall.summary([3.0, 1.0, 2.0]) == 2.0 and cpu.summary([3.0, 1.0, 2.0]) == 1.0  # median / minimum
+    busy = {"spin": lambda: sum(range(200_000))}
+    assert runtime.timed_alternating(busy, 2, cpu)["spin"] > 0
+    with pytest.raises(ValueError, match="--cpu-time"):
+        runtime.Clock(torch.device("cuda"), cpu_time=True)
