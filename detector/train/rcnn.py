@@ -238,23 +238,12 @@ def train_from_args(args: argparse.Namespace) -> Path:
         process.close()
 
 
-def _train(args: argparse.Namespace, process: Process) -> Path:
-    from tqdm import tqdm
-
-    from ..data import parse_names
-
-    torch.manual_seed(args.seed)
-    device = process.device(args.device)
-    ds = _open_dataset(args.data, args.split, parse_names(args.names))
-    if len(ds) == 0:
-        raise ValueError(f"dataset {args.data} ({args.split}) is empty")
+def _model_to_train(args: argparse.Namespace, ds, process: Process) -> tuple[torch.nn.Module, dict, dict | None]:
+    """The model to train (resumed, or started by ``_start_model``), its checkpoint metadata, and the resumed
+    checkpoint (None when starting)."""
     classes = list(ds.classes)
     num_classes = len(classes) + 1
     levels = None if args.float else args.levels
-    out = process.from_main(lambda: output_folder(args))
-    if process.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:
         state, meta = _unwrap_state_dict(resume)
@@ -275,7 +264,32 @@ def _train(args: argparse.Namespace, process: Process) -> Path:
             "spiking_fpn": has_spiking_fpn(model),
             "min_size": int(model.transform.min_size[0]), "max_size": int(model.transform.max_size),
             "representation_size": int(rep), "fpn_channels": int(model.backbone.out_channels), "data": str(args.data)}
+    return model, meta, resume
 
+
+def _warmup_schedule(optimizer, iterations: int, epoch_length: int):
+    """The first epoch's linear warm-up from lr / 1000 (torchvision's reference recipe), or None."""
+    iters = min(iterations, epoch_length - 1)
+    if iters <= 0:
+        return None
+    factor = 1.0 / 1000
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: factor + (1 - factor) * min(it, iters) / iters)
+
+
+def _train(args: argparse.Namespace, process: Process) -> Path:
+    from tqdm import tqdm
+
+    from ..data import parse_names
+
+    torch.manual_seed(args.seed)
+    device = process.device(args.device)
+    ds = _open_dataset(args.data, args.split, parse_names(args.names))
+    if len(ds) == 0:
+        raise ValueError(f"dataset {args.data} ({args.split}) is empty")
+    out = process.from_main(lambda: output_folder(args))
+    if process.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    model, meta, resume = _model_to_train(args, ds, process)
     global_batch = args.batch * process.world_size
     lr = args.lr if args.lr is not None else 0.02 * global_batch / 16
     optimizer = torch.optim.SGD(parameter_groups(model, args.theta, args.weight_decay), lr=lr,
@@ -308,13 +322,7 @@ def _train(args: argparse.Namespace, process: Process) -> Path:
     deadline = None if args.max_minutes is None else started + args.max_minutes * 60
     for epoch in range(start, args.epochs):
         loader.sampler.set_epoch(epoch)
-        warmup = None
-        if epoch == 0 and args.warmup_iters > 0:
-            iters = min(args.warmup_iters, len(loader) - 1)
-            if iters > 0:
-                factor = 1.0 / 1000
-                warmup = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, lambda it: factor + (1 - factor) * min(it, iters) / iters)
+        warmup = _warmup_schedule(optimizer, args.warmup_iters, len(loader)) if epoch == 0 else None
         with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr, dynamic_ncols=True,
                   disable=not process.is_main) as bar:
             loss, stopped = train_one_epoch(trained, loader, optimizer, device, process, scaler, warmup, deadline, bar)
