@@ -40,7 +40,7 @@ def release_freed() -> None:
 
 CLEAR_REFS, STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
 PEAK_RESET = "5"  # written to clear_refs: the peak resident set (VmHWM) starts again from the current one
-PER_IMAGE_FLOOR = 4  # an image's part is at least a quarter of a batch of one: two close peaks are noise
+PER_IMAGE_FLOOR = 0.25  # an image's part is at least this share of a batch of one's peak: two close peaks are noise
 
 
 def _status_bytes(field: str) -> int:
@@ -75,7 +75,7 @@ class InferenceMemory:
     @classmethod
     def from_peaks(cls, one: int, two: int) -> "InferenceMemory":
         """From the peak growth of a batch of one image and of two."""
-        per_image = max(two - one, one // PER_IMAGE_FLOOR)
+        per_image = max(two - one, int(one * PER_IMAGE_FLOOR))
         return cls(per_image, max(0, one - per_image))
 
     def within(self, limit: int, models: int) -> "InferenceMemory":

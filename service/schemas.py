@@ -47,8 +47,8 @@ class ModelInfo(BaseModel):
     analog: list[str] = Field(default_factory=list, description="modules kept as analog islands (hybrid SNN)")
     engine: str = Field("pytorch", description="what runs the spiking networks: pytorch, or onnxruntime (no spike "
                         "counts: spikes and energy_uj are null)")
-    inference_bytes: Optional[InferenceBytes] = Field(None, description="inference memory measured at start-up "
-                                                      "(null with --no-budget-inference or where it cannot be measured)")
+    inference_bytes: Optional[InferenceBytes] = Field(None, description="inference memory measured at start-up (null "
+                                                      "with --no-budget-inference or where it cannot be measured)")
     default: bool = False
 
 
