@@ -176,7 +176,7 @@ def warmup(backend: Backend) -> float:
 
 
 # The shapes tried for a model's largest input (landscape; a portrait one has the same area): Faster R-CNN's resize
-# gives its largest area near min_size x max_size (5/3 for 800 x 1333), YOLO's any shape the imgsz square.
+# gives its largest area near min_size x max_size (5/3 for 800 x 1333), YOLO's letterbox imgsz x imgsz to a square.
 ASPECTS, SHORT_SIDE = (1.0, 4 / 3, 5 / 3, 2.0), 640
 
 

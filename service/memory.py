@@ -82,4 +82,3 @@ class InferenceMemory:
         """What a byte budget of ``limit`` shared by ``models`` workers reserves: the fixed parts of all at most half
         of it and an image's part at most a quarter, so that requests still fit beside them."""
         return InferenceMemory(min(self.per_image, limit // 4), min(self.fixed, limit // (2 * max(1, models))))
-
