@@ -387,6 +387,36 @@ def test_bytes_in_flight_are_bounded():
         assert 0 < budget.peak <= budget.limit and budget.used == 0  # never over the budget; all given back
 
 
+def test_the_byte_budget_is_first_come_first_served():
+    import asyncio
+
+    from service.budget import ByteBudget
+    from service.errors import ServiceError
+
+    async def scenario() -> list[str]:
+        budget, order = ByteBudget(100), []
+        first = await budget.reserve(60, time.monotonic() + 1)
+
+        async def reserve(name: str, n: int, wait_s: float = 1.0):
+            await budget.reserve(n, time.monotonic() + wait_s)
+            order.append(name)
+
+        large = asyncio.ensure_future(reserve("large", 80))
+        await asyncio.sleep(0.01)
+        small = asyncio.ensure_future(reserve("small", 30))  # it fits now, but the large one came first
+        await asyncio.sleep(0.01)
+        assert order == []
+        await budget.release(first)
+        await large
+        with pytest.raises(ServiceError, match="too many large requests"):
+            await reserve("late", 10, wait_s=0.05)  # it fits, but the small one (waiting for room) came first
+        await budget.release(80)
+        await small
+        return order
+
+    assert asyncio.run(scenario()) == ["large", "small"]
+
+
 def test_peak_growth_sees_an_allocation_and_none_without_a_resettable_peak(monkeypatch, tmp_path):
     from service import memory
 
