@@ -20,18 +20,20 @@ class ByteBudget:
         self._freed = asyncio.Condition()
         self._waiting: collections.deque = collections.deque()  # tickets of the reservations waiting, oldest first
 
-    async def reserve(self, n: int, deadline: float) -> int:
+    async def reserve(self, n: int, deadline: float, in_line: bool = True) -> int:
         """Reserve ``n`` bytes, first come first served: a large reservation that waits is not overtaken by small
         ones that fit (with inference in the budget, small ones always fit again and a large one waited until its
-        deadline, ``benchmarks/service.py --hostile``)."""
+        deadline, ``benchmarks/service.py --hostile``). ``in_line=False``: bytes already received (a body's chunks),
+        taken as soon as they fit, so that a slow upload is not held up past its deadline by a large reservation."""
         if n > self.limit:
             raise ServiceError(413, self.too_large, f"this request needs {n} bytes {self.held}; the service "
                                                     f"holds at most {self.limit} for all requests")
         ticket = object()
         async with self._freed:
-            self._waiting.append(ticket)
+            if in_line:
+                self._waiting.append(ticket)
             try:
-                while self._waiting[0] is not ticket or self.used + n > self.limit:
+                while (in_line and self._waiting[0] is not ticket) or self.used + n > self.limit:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise ServiceError(503, "busy", f"too many large requests in flight (bytes {self.held})",
@@ -41,8 +43,9 @@ class ByteBudget:
                     except asyncio.TimeoutError:
                         pass
             finally:
-                self._waiting.remove(ticket)
-                self._freed.notify_all()  # the next in line may fit
+                if in_line:
+                    self._waiting.remove(ticket)
+                    self._freed.notify_all()  # the next in line may fit
             self.used += n
             self.peak = max(self.peak, self.used)
         return n
