@@ -16,6 +16,8 @@ import numpy as np
 from detector.families import family_of, get_family
 from detector.options import Schedule, Selection
 
+from .memory import InferenceMemory, peak_growth
+
 
 @dataclass(frozen=True)
 class Params(Selection, Schedule):
@@ -171,3 +173,26 @@ def warmup(backend: Backend) -> float:
     start = time.perf_counter()
     backend.predict([np.full((32, 32, 3), 114, np.uint8)], Params(sleep=0, max_sleep=1))
     return time.perf_counter() - start
+
+
+# The shapes tried for a model's largest input (landscape; a portrait one has the same area): Faster R-CNN's resize
+# gives its largest area near min_size x max_size (5/3 for 800 x 1333), YOLO's letterbox imgsz x imgsz to a square.
+ASPECTS, SHORT_SIDE = (1.0, 4 / 3, 5 / 3, 2.0), 640
+
+
+def largest_input(backend: Backend, max_aspect: float) -> tuple[int, int]:
+    """(w, h) of the largest input the model runs on: the largest area its own resize gives over a few aspect
+    ratios within ``max_aspect``."""
+    shapes = [(round(SHORT_SIDE * a), SHORT_SIDE) for a in ASPECTS if a <= max_aspect]
+    return max((backend.input_size(s) for s in shapes), key=lambda s: s[0] * s[1])
+
+
+def inference_memory(backend: Backend, p: Params, max_aspect: float) -> InferenceMemory | None:
+    """The model's inference memory with ``p``, from the peak resident set of a predict on seeded noise (many
+    boxes) of its largest input, at batch 2 and then 1 (what the first large batch keeps, e.g. caches, counts in
+    batch 2: the per-image part errs high); None where the peak cannot be measured (``peak_growth``)."""
+    w, h = largest_input(backend, max_aspect)
+    image = np.random.default_rng(0).integers(0, 256, (h, w, 3), np.uint8)
+    two = peak_growth(lambda: backend.predict([image, image], p))
+    one = peak_growth(lambda: backend.predict([image], p))
+    return None if one is None or two is None else InferenceMemory.from_peaks(one, two)

@@ -3,6 +3,7 @@ them (``service/server.py``)."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 
 SUPPORTED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp"}
@@ -40,8 +41,11 @@ class Settings:
     max_pixels: int = setting(40_000_000, "image width*height limit (checked from the header, before decoding)",
                               least=1)
     max_upload_mb: float = setting(20.0, "request body limit (413)", above=0)
-    max_inflight_mb: float = setting(512.0, "bytes held by all requests together: bodies, decoding, queued images",
-                                     above=0)
+    max_inflight_mb: float = setting(512.0, "bytes held by all requests together: bodies, decoding, queued images, "
+                                                 "and their inference (--budget-inference)", above=0)
+    budget_inference: bool = setting(
+        True, "count inference memory in --max-inflight-mb: measured per model at start-up, an image's part reserved "
+              "with each request, the fixed part once for the model's worker", action=argparse.BooleanOptionalAction)
     max_aspect: float = setting(MAX_ASPECT, "longest/shortest side limit (422)", least=1)
     max_wake: int | None = setting(None, f"wake steps a request may ask for (default: {WAKE_FACTOR} x the model's "
                                          "levels)", least=1, type=int)

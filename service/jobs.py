@@ -83,16 +83,19 @@ async def run_patient(state: AppState, worker: ModelWorker, job: Job, deadline: 
 async def decoded_job(state: AppState, kind: str, data: bytes, worker: ModelWorker, params: Params,
                       held: list[int], deadline: float, **job_fields) -> Job:
     """Check the header, decode straight to the model's input size (its working memory reserved while it
-    runs), and hold only the resized image's bytes until the job ends."""
+    runs), and hold only the resized image's bytes and its part of the model's inference memory until the job
+    ends."""
     settings, budget, backend = state.settings, state.budget, worker.backend
     size = await run_in_threadpool(header_size, data, settings.max_pixels)
     check_shape(size, backend, settings.max_pixels, settings.max_aspect)
-    working = await budget.reserve(await run_in_threadpool(working_bytes, data, size, backend), deadline)
-    try:
-        decoded = await run_in_threadpool(decode_for, data, backend, settings.max_pixels)
-    finally:
-        await budget.release(working)
-    held.append(await budget.reserve(decoded.array.nbytes, deadline))
+    per_image = state.budgeted(backend.name).per_image
+    working = await run_in_threadpool(working_bytes, data, size, backend)
+    held.append(await budget.reserve(working + per_image, deadline))  # one wait in line for the whole job
+    decoded = await run_in_threadpool(decode_for, data, backend, settings.max_pixels)
+    reserved = held.pop()
+    kept = min(reserved, decoded.array.nbytes + per_image)  # working_bytes counts the decoded array
+    await budget.release(reserved - kept)
+    held.append(kept)
     return Job(kind, decoded.array, params, scale=decoded.scale, size=decoded.size,
                heavy=params.heavy(backend.levels), **job_fields)
 

@@ -21,6 +21,16 @@ class Ready(BaseModel):
     models: list[str]
 
 
+class InferenceBytes(BaseModel):
+    per_image: int = Field(description="bytes of a predict's peak resident set per image of a batch, at the model's "
+                                       "largest input")
+    fixed: int = Field(description="bytes of a predict's peak resident set once per batch")
+    budgeted_per_image: int = Field(description="what the in-flight budget reserves per request (at most a quarter "
+                                                "of it)")
+    budgeted_fixed: int = Field(description="what the in-flight budget reserves for the model's worker (the models' "
+                                            "together at most half of it)")
+
+
 class ModelInfo(BaseModel):
     name: str
     family: Literal["yolo", "rcnn"]
@@ -37,6 +47,8 @@ class ModelInfo(BaseModel):
     analog: list[str] = Field(default_factory=list, description="modules kept as analog islands (hybrid SNN)")
     engine: str = Field("pytorch", description="what runs the spiking networks: pytorch, or onnxruntime (no spike "
                         "counts: spikes and energy_uj are null)")
+    inference_bytes: Optional[InferenceBytes] = Field(None, description="inference memory measured at start-up (null "
+                                                      "with --no-budget-inference or where it cannot be measured)")
     default: bool = False
 
 

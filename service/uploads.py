@@ -57,7 +57,7 @@ async def read_body(state: AppState, request: Request, held: list[int], deadline
             if size > limit:
                 raise ServiceError(413, "upload_too_large", f"upload exceeds the limit of {limit} bytes",
                                    {"Connection": "close"})
-            held.append(await state.budget.reserve(len(chunk), deadline))
+            held.append(await state.budget.reserve(len(chunk), deadline, in_line=False))
             chunks.append(chunk)
     except asyncio.TimeoutError:
         raise ServiceError(408, "body_timeout", f"the request body did not arrive within {settings.body_timeout_s} s",

@@ -375,7 +375,8 @@ def test_exif_orientation_and_sixteen_bit_in_replies():
 
 def test_bytes_in_flight_are_bounded():
     backend = FakeBackend(delay=0.6, fit_box=(64, 64))
-    with TestClient(app_with(backend, max_inflight_mb=1.0, timeout_s=5)) as client:
+    # about decoding's bytes: the inference part (test_a_request_reserves_its_part_of_the_inference_memory) is off
+    with TestClient(app_with(backend, max_inflight_mb=1.0, timeout_s=5, budget_inference=False)) as client:
         big = png(w=500, h=500)  # 250,000 px x 5 bytes while decoding (RGB): more than the whole 1 MB budget
         r = client.post("/v1/detect", content=big, headers={"content-type": "image/png"})
         assert r.status_code == 413 and r.json()["error"] == "image_too_large"
@@ -384,6 +385,121 @@ def test_bytes_in_flight_are_bounded():
         assert [r.status_code for r in responses] == [200] * 3
         budget = client.app.state.service.budget
         assert 0 < budget.peak <= budget.limit and budget.used == 0  # never over the budget; all given back
+
+
+def test_the_byte_budget_is_first_come_first_served():
+    import asyncio
+
+    from service.budget import ByteBudget
+    from service.errors import ServiceError
+
+    async def scenario() -> list[str]:
+        budget, order = ByteBudget(100), []
+        first = await budget.reserve(60, time.monotonic() + 1)
+
+        async def reserve(name: str, n: int, wait_s: float = 1.0):
+            await budget.reserve(n, time.monotonic() + wait_s)
+            order.append(name)
+
+        large = asyncio.ensure_future(reserve("large", 80))
+        await asyncio.sleep(0.01)
+        small = asyncio.ensure_future(reserve("small", 30))  # it fits now, but the large one came first
+        await asyncio.sleep(0.01)
+        assert order == []
+        received = await budget.reserve(5, time.monotonic() + 0.05, in_line=False)  # a body's chunk: when it fits
+        await budget.release(received + first)
+        await large
+        with pytest.raises(ServiceError, match="too many large requests"):
+            await reserve("late", 10, wait_s=0.05)  # it fits, but the small one (waiting for room) came first
+        await budget.release(80)
+        await small
+        return order
+
+    assert asyncio.run(scenario()) == ["large", "small"]
+
+
+def test_peak_growth_sees_an_allocation_and_none_without_a_resettable_peak(monkeypatch, tmp_path):
+    from service import memory
+
+    grown = memory.peak_growth(lambda: np.ones(64 * 2 ** 20, np.uint8).sum())  # 64 MB, touched, then freed
+    if grown is None:
+        pytest.skip("no resettable peak RSS here (Linux's /proc/self/clear_refs)")
+    assert 60 * 2 ** 20 <= grown < 200 * 2 ** 20, grown
+    monkeypatch.setattr(memory, "CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    assert memory.peak_growth(lambda: None) is None
+
+
+def test_inference_memory_from_two_peaks_and_within_a_budget():
+    from service.memory import InferenceMemory
+
+    assert InferenceMemory.from_peaks(100, 160) == InferenceMemory(per_image=60, fixed=40)
+    assert InferenceMemory.from_peaks(100, 101) == InferenceMemory(per_image=25, fixed=75)  # noise: the floor
+    assert InferenceMemory.from_peaks(100, 300) == InferenceMemory(per_image=200, fixed=0)
+    assert InferenceMemory(400, 600).within(1000, models=2) == InferenceMemory(250, 250)
+    assert InferenceMemory(10, 20).within(1000, models=2) == InferenceMemory(10, 20)
+
+
+def test_the_largest_input_is_the_largest_area_the_models_resize_gives(tmp_path):
+    from service.backends import largest_input, load_backend
+    from test_service import make_tiny_checkpoint
+
+    assert largest_input(FakeBackend(), 20.0) == (1280, 640)  # no resize of its own: the widest shape tried
+    assert largest_input(FakeBackend(), 1.5) == (853, 640)
+    yolo = load_backend(str(make_tiny_checkpoint(tmp_path / "tiny.pt")), allow_unverified=True)
+    assert largest_input(yolo, 20.0) == (64, 64)  # the letterbox: imgsz square
+
+
+def test_inference_memory_of_the_tiny_model_is_measured(tmp_path):
+    from service.backends import inference_memory, load_backend
+    from test_service import make_tiny_checkpoint
+
+    yolo = load_backend(str(make_tiny_checkpoint(tmp_path / "tiny.pt", imgsz=128)), allow_unverified=True)
+    measured = inference_memory(yolo, Params(sleep=0, max_sleep=1), 20.0)
+    if measured is None:
+        pytest.skip("no resettable peak RSS here (Linux's /proc/self/clear_refs)")
+    assert 0 < measured.per_image < 500 * 2 ** 20 and 0 <= measured.fixed < 500 * 2 ** 20, measured
+
+
+def test_a_request_reserves_its_part_of_the_inference_memory():
+    from service.memory import InferenceMemory
+
+    backend = FakeBackend(delay=0.2)
+    with TestClient(app_with(backend)) as client:
+        state = client.app.state.service
+        figures = client.get("/v1/models").json()["models"][0]["inference_bytes"]
+        if figures is None:
+            pytest.skip("no resettable peak RSS here (Linux's /proc/self/clear_refs)")
+        assert figures["per_image"] >= 0 and state.budget.used == figures["budgeted_fixed"]  # held by the worker
+        fixed = state.budget.used
+        state.inference["fake"] = InferenceMemory(per_image=300_000, fixed=0)
+        state.budget.peak = fixed
+        assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png"}).status_code == 200
+        assert state.budget.peak >= fixed + 32 * 24 * 3 + 300_000 and state.budget.used == fixed
+    assert state.budget.used == 0  # the worker's part given back on shutdown
+    with TestClient(app_with(backend, budget_inference=False)) as client:
+        state = client.app.state.service
+        assert client.get("/v1/models").json()["models"][0]["inference_bytes"] is None and state.budget.used == 0
+        assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png"}).status_code == 200
+        assert state.budget.peak < 300_000
+
+
+def test_inference_larger_than_the_budget_is_capped_and_requests_still_served(monkeypatch, capsys):
+    from service import state as state_module
+    from service.memory import InferenceMemory
+
+    monkeypatch.setattr(state_module, "inference_memory", lambda *_: InferenceMemory(8 * 2 ** 20, 8 * 2 ** 20))
+    with TestClient(app_with(FakeBackend(), max_inflight_mb=1.0, timeout_s=5)) as client:
+        assert client.post("/v1/detect", content=png(), headers={"content-type": "image/png"}).status_code == 200
+        info = client.get("/v1/models").json()["models"][0]["inference_bytes"]
+        assert info == {"per_image": 8 * 2 ** 20, "fixed": 8 * 2 ** 20, "budgeted_per_image": 2 ** 18,
+                        "budgeted_fixed": 2 ** 19}
+    err = capsys.readouterr().err
+    assert "fake: inference takes 8 MB per image + 8 MB per batch" in err
+    assert "fake: its inference does not fit beside requests in --max-inflight-mb 1" in err
+    monkeypatch.setattr(state_module, "inference_memory", lambda *_: None)
+    with TestClient(app_with(FakeBackend())) as client:
+        assert client.get("/v1/models").json()["models"][0]["inference_bytes"] is None
+    assert "fake: inference memory is not budgeted" in capsys.readouterr().err
 
 
 # --- WebSocket: bad frames, limits, origins -------------------------------------------------------------------
@@ -571,7 +687,8 @@ def test_admission_refuses_excess_at_once_and_always_answers_probes():
     from starlette.websockets import WebSocketDisconnect
 
     backend = FakeBackend(delay=1.5)
-    with TestClient(app_with(backend, limit_concurrency=1, timeout_s=10)) as client:
+    # no inference measurement: its two predicts would take 3 s of this fake's delay
+    with TestClient(app_with(backend, limit_concurrency=1, timeout_s=10, budget_inference=False)) as client:
         slow = threading.Thread(target=lambda: client.post("/v1/detect", content=png(),
                                                            headers={"content-type": "image/png"}))
         slow.start()

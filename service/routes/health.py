@@ -32,8 +32,18 @@ async def models(state: AppState = Depends(state_of)):
     default = next(iter(state.backends))
     return {"default": default, "models": [{**b.describe(), "default": name == default,
                                             "max_wake": state.settings.wake_limit(b.levels),
-                                            "max_sleep": state.settings.max_sleep}
+                                            "max_sleep": state.settings.max_sleep,
+                                            "inference_bytes": inference_bytes(state, name)}
                                            for name, b in state.backends.items()]}
+
+
+def inference_bytes(state: AppState, name: str) -> dict | None:
+    """Model ``name``'s measured inference memory and what the budget reserves of it; None when not measured."""
+    if name not in state.inference:
+        return None
+    measured, budgeted = state.inference[name], state.budgeted(name)
+    return {"per_image": measured.per_image, "fixed": measured.fixed, "budgeted_per_image": budgeted.per_image,
+            "budgeted_fixed": budgeted.fixed}
 
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["service"], summary="Prometheus metrics")

@@ -127,11 +127,16 @@ async def video_lines(state: AppState, run: VideoRun):
 
 
 async def frame_line(state: AppState, run: VideoRun, frame, index: int) -> dict:
-    """One processed frame's ``frame`` line."""
+    """One processed frame's ``frame`` line; the resized frame and its part of the model's inference memory are
+    held in the byte budget while it runs."""
     backend = run.worker.backend
     image, scale = fit_frame(frame[..., ::-1], backend)
     job = Job("frame", image, run.params, scale=scale, heavy=run.params.heavy(backend.levels), video=run.predictor)
-    result = await run_patient(state, run.worker, job, run.deadline)
+    held = [await state.budget.reserve(image.nbytes + state.budgeted(backend.name).per_image, run.deadline)]
+    try:
+        result = await run_patient(state, run.worker, job, run.deadline)
+    finally:
+        await state.budget.release_all(held)
     state.metrics.add_result(backend.name, result.get("spikes"))
     fps = run.info["fps"]
     return {"type": "frame", "frame": index, "time_s": round(index / fps, 4) if fps > 0 else 0.0,
