@@ -10,6 +10,7 @@ SUPPORTED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/we
 IMAGE_CONTENT_TYPES = {"image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/bmp",
                        "image/x-ms-bmp", "image/x-bmp"}
 WAKE_FACTOR = 4  # default wake limit: 4 x the model's levels L (the QANN is exact at wake = L)
+MAX_FRAME_STRIDE = 1000  # the largest video frame stride a request may ask for (every, keyframe_every)
 MAX_ASPECT = 20.0  # longest / shortest side; a 1 x 20000 strip is not a photo any detector here can use
 
 

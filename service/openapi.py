@@ -3,6 +3,7 @@ or the raw bytes), the error replies, and the service's caps stamped on the gene
 
 from __future__ import annotations
 
+from .config import MAX_FRAME_STRIDE
 from .params import RequestParams
 from .schemas import ErrorResponse
 from .state import AppState
@@ -35,7 +36,7 @@ IMAGE_BODY = request_body("the image: multipart field `file`, or the raw bytes w
 VIDEO_BODY = request_body("the video (MP4/MOV, AVI, Matroska/WebM): multipart field `file`, or the raw bytes "
                           "(video/*, application/octet-stream)",
                           ["video/mp4", "video/x-msvideo", "application/octet-stream"],
-                          {"every": {"type": "integer", "minimum": 1, "maximum": 1000}})
+                          {"every": {"type": "integer", "minimum": 1, "maximum": MAX_FRAME_STRIDE}})
 
 
 def sleep_pattern(max_sleep: int) -> str:

@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 from detector.runtime import RunCancelled  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.backends import Backend, Params  # noqa: E402
-from service.config import Settings  # noqa: E402
+from service.config import MAX_FRAME_STRIDE, Settings  # noqa: E402
 from service.worker import AllCancelled, Job, ModelWorker, QueueFull  # noqa: E402
 
 FAIL_WIDTH = 13  # the fake model fails on images of this width
@@ -761,6 +761,11 @@ def test_openapi_states_the_enforced_bounds_and_every_ref_resolves():
     assert query["max_sleep"]["anyOf"][0]["maximum"] == 5 and form["max_sleep"]["maximum"] == 5
     assert form["sleep"]["pattern"] == sleep_pattern(5) and re.match(sleep_pattern(5), "5")
     assert not re.match(sleep_pattern(5), "6") and re.match(sleep_pattern(5), "auto")
+    video = schema["paths"]["/v1/video"]["post"]
+    strides = {p["name"]: p["schema"] for p in video["parameters"] if p["name"] in ("every", "keyframe_every")}
+    stated = [strides["keyframe_every"], strides["every"]["anyOf"][0],
+              video["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["every"]]
+    assert all(s["maximum"] == MAX_FRAME_STRIDE for s in stated), stated
 
 
 def test_request_parameters_and_their_schema_come_from_the_one_declaration():

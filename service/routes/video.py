@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from detector.detect import KEYFRAME_EVERY
 
 from ..backends import Params, scale_detections
+from ..config import MAX_FRAME_STRIDE
 from ..errors import ServiceError
 from ..imaging import fit_frame
 from ..jobs import params_for, run_patient
@@ -59,10 +60,10 @@ class VideoRun:
 @router.post("/v1/video", summary="detections for every N-th frame of an uploaded video", description=DESCRIPTION,
              responses=RESPONSES, openapi_extra=VIDEO_BODY)
 async def video(request: Request, query: dict = Depends(detect_query), state: AppState = Depends(state_of),
-                every: Optional[int] = Query(None, ge=1, le=1000, description="process every N-th frame (1)"),
+                every: Optional[int] = Query(None, ge=1, le=MAX_FRAME_STRIDE, description="process every N-th frame (1)"),
                 delta: bool = Query(True, description="keep the network's state from frame to frame and feed "
                                     "only each frame's change (exact; a changed frame takes about 2 steps)"),
-                keyframe_every: int = Query(KEYFRAME_EVERY, ge=1, le=1000, description="with delta: run the "
+                keyframe_every: int = Query(KEYFRAME_EVERY, ge=1, le=MAX_FRAME_STRIDE, description="with delta: run the "
                                             "whole schedule every N processed frames")):
     reject_unknown(request.query_params.keys(), QUERY_NAMES | VIDEO_QUERY_NAMES | {"every"}, "query")
     deadline = time.monotonic() + state.settings.timeout_s
@@ -145,12 +146,13 @@ async def frame_line(state: AppState, run: VideoRun, frame, index: int) -> dict:
 
 
 def every_of(fields: dict, every: int | None) -> int:
-    """``every`` from the form (it wins over the query's), 1..1000; default 1."""
+    """``every`` from the form (it wins over the query's), 1..MAX_FRAME_STRIDE; default 1."""
     if "every" in fields and fields["every"] != "":
+        bad = ServiceError(422, "invalid_parameter", f"every: must be an integer 1..{MAX_FRAME_STRIDE}")
         try:
             every = int(fields["every"])
         except ValueError:
-            raise ServiceError(422, "invalid_parameter", "every: must be an integer 1..1000") from None
-        if not 1 <= every <= 1000:
-            raise ServiceError(422, "invalid_parameter", "every: must be an integer 1..1000")
+            raise bad from None
+        if not 1 <= every <= MAX_FRAME_STRIDE:
+            raise bad
     return every or 1
