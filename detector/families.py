@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 __all__ = ["Family", "FAMILIES", "get_family", "family_of"]  # the public API (apps import only these)
 
+# What every family's quantize_checkpoint takes besides its inputs (detector.calibrate.quantize's options, the names).
+SHARED_QUANTIZE_OPTIONS = ("theta", "percentile", "rounding", "first_levels", "names")
+
 
 @dataclass(frozen=True)
 class Family:
@@ -28,6 +31,7 @@ class Family:
     default_timesteps: str  # the evaluation curve's T list
     sized: bool  # the detector takes an input size (imgsz); False: the model's transform sets it
     checkpoint_format: str  # the "format" entry of this project's checkpoints of the family
+    quantize_options: tuple[str, ...] = ()  # options of ``quantize`` that only this family takes
 
     def adapter(self):
         return importlib.import_module(self.package)
@@ -40,6 +44,22 @@ class Family:
         if imgsz is not None and self.sized:
             kwargs["imgsz"] = imgsz
         return self.detector_type().from_checkpoint(path, sha256=sha256, **kwargs)
+
+    def foreign_quantize_options(self, options: dict) -> list[str]:
+        """The options set in ``options`` that this family's quantizer does not take."""
+        return sorted(k for k, v in options.items() if v and k not in SHARED_QUANTIZE_OPTIONS + self.quantize_options)
+
+    def quantize(self, path, sha256: str | None, rgb_images: list, out, levels: int, batch: int, **options):
+        """Write the calibrated QANN of the float checkpoint ``path`` to ``out`` (the adapter's
+        ``quantize_checkpoint``); an option this family does not take is refused by name."""
+        quantize_checkpoint = getattr(self.adapter(), "quantize_checkpoint", None)
+        if quantize_checkpoint is None:
+            raise ValueError(f"the {self.name} family has no quantizer (its adapter defines no quantize_checkpoint)")
+        foreign = self.foreign_quantize_options(options)
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)}: not an option for a {self.name} model")
+        return quantize_checkpoint(path, sha256, rgb_images, out, levels, batch,
+                                   **{k: v for k, v in options.items() if v or k in SHARED_QUANTIZE_OPTIONS})
 
     def layer_part(self, site: str) -> str:
         """The part of the network (e.g. backbone, neck, head) a neuron call site belongs to: the adapter's
@@ -58,7 +78,8 @@ FAMILIES: dict[str, Family] = {
     "yolo": Family("yolo", "detector.models.yolo", "SpikingYOLO", ("snn",), "detector.train.yolo",
                    "1,2,4,6,8,16,32,64", sized=True, checkpoint_format="casc-yolo"),
     "rcnn": Family("rcnn", "detector.models.rcnn", "SpikingFasterRCNN", ("stage1", "stage2"), "detector.train.rcnn",
-                   "2,4,8,12,16,32,64", sized=False, checkpoint_format="casc-fasterrcnn"),
+                   "2,4,8,12,16,32,64", sized=False, checkpoint_format="casc-fasterrcnn",
+                   quantize_options=("spiking_fpn", "min_size", "max_size")),
 }
 
 

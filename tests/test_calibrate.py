@@ -196,7 +196,7 @@ def test_casc_quantize_spiking_fpn_from_a_float_or_a_qann_faster_rcnn(tmp_path, 
     bundled = {p: q.threshold for p, q in quantizers(load_detector("rcnn-r18-bundled").qann)}
     assert {p: t for p, t in ((p, q.threshold) for p, q in quantizers(net)) if p in bundled} == bundled
     assert casc(["quantize", "--model", "yolov8n-bundled-float", *common, "--out", str(tmp_path / "y.pt")]) == 2
-    assert "--spiking-fpn applies to Faster R-CNN" in capsys.readouterr().err
+    assert "--spiking-fpn: not an option for yolov8n-bundled-float, a yolo model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("theta", ["learn", "freeze"])

@@ -35,3 +35,22 @@ def test_importing_the_registry_imports_no_adapter():
     code = "import sys, detector.families; print(any(m.startswith('detector.models') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"
+
+
+def test_quantize_is_the_familys_and_refuses_what_the_family_does_not_take(tmp_path):
+    """casc quantize has no family test: each adapter's quantize_checkpoint is looked up; options of another family
+    are refused by name before the adapter runs, and a family without a quantizer says so."""
+    from toy_family import TOY
+
+    from detector.weights import resolve
+
+    yolo, rcnn = get_family("yolo"), get_family("rcnn")
+    entry = resolve("yolov8n-bundled-float")
+    assert yolo.foreign_quantize_options({"spiking_fpn": True, "min_size": 256, "theta": "mse", "max_size": None}) \
+        == ["min_size", "spiking_fpn"]
+    assert rcnn.foreign_quantize_options({"spiking_fpn": True, "min_size": 256, "rounding": "round"}) == []
+    with pytest.raises(ValueError, match="spiking_fpn: not an option for a yolo model"):
+        yolo.quantize(entry.path, entry.sha256, [], tmp_path / "q.pt", 4, 2, spiking_fpn=True)
+    with pytest.raises(ValueError, match="the toy family has no quantizer"):
+        TOY.quantize(entry.path, entry.sha256, [], tmp_path / "q.pt", 4, 2)
+    assert not (tmp_path / "q.pt").exists()

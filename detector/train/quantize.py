@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..calibrate import THETA_METHODS, quantize
+from ..calibrate import THETA_METHODS
 from ..data import open_dataset, parse_names
+from ..families import get_family
 from ..quant import ROUNDING
 from ..weights import resolve, verify_sha256
 
@@ -44,38 +45,17 @@ def quantize_checkpoint(model: str, data: str, out: str | Path, levels: int = 4,
     per stage (progress that also shows in a log file)."""
     entry = resolve(model)
     verify_sha256(entry.path, entry.sha256)
-    given = [option for option, value in (("--spiking-fpn", spiking_fpn), ("--min-size", min_size),
-                                          ("--max-size", max_size)) if value]
-    if entry.family != "rcnn" and given:
-        raise ValueError(f"{' and '.join(given)} applies to Faster R-CNN; {model} is a {entry.family} model")
+    family = get_family(entry.family)
+    options = dict(theta=theta, percentile=percentile, rounding=rounding, first_levels=first_levels, names=names,
+                   spiking_fpn=spiking_fpn, min_size=min_size, max_size=max_size)
+    foreign = family.foreign_quantize_options(options)
+    if foreign:  # before reading any image
+        raise ValueError(f"{' and '.join('--' + k.replace('_', '-') for k in foreign)}: not an option for "
+                         f"{model}, a {family.name} model")
     rgb = calibration_images(data, images, split, names)
-    log(f"quantize: {len(rgb)} calibration images from {data} ({split}); calibrating {levels} levels ...")
-    options = dict(theta=theta, percentile=percentile, rounding=rounding, first_levels=first_levels)
-    if entry.family == "yolo":
-        from ..models import yolo
-
-        float_model, meta = yolo.load_checkpoint(entry.path, sha256=entry.sha256)
-        if meta["quantized"]:
-            raise ValueError(f"{model} is already a QANN; quantize the float checkpoint it came from")
-        qann = quantize(float_model, levels, yolo.calibration_inputs(rgb, meta["imgsz"], batch), **options)
-        return yolo.save_qann(qann, out, names=names or meta["names"], imgsz=meta["imgsz"], act=meta["act"])
-    from ..models import rcnn
-
-    state, meta = rcnn._unwrap_state_dict(rcnn.load_checkpoint(entry.path, entry.sha256))
-    meta = dict(meta, **{k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v})
-    if rcnn.is_qann_state(state):
-        if not spiking_fpn:
-            raise ValueError(f"{model} is already a QANN; quantize the float checkpoint it came from")
-        qann = rcnn.model_from_state_dict(state, meta, levels=None).eval()
-    else:
-        float_model, meta = rcnn.float_for_calibration(state, meta)
-        qann = rcnn.quantize_fasterrcnn(float_model, levels, rgb, batch, **options)
-    if spiking_fpn:
-        log("quantize: the spiking FPN's signed quantizers ...")
-        qann = rcnn.add_spiking_fpn(qann, calibration=rcnn.calibration_inputs(rgb, batch), inplace=True)
-    classes = {"classes": names} if names else {}
-    rcnn.class_names(names, qann.roi_heads.box_predictor.cls_score.out_features - 1)  # a wrong length fails here
-    return rcnn.save_qann(qann, out, dict(meta, spiking_fpn=spiking_fpn, **classes))
+    log(f"quantize: {len(rgb)} calibration images from {data} ({split}); calibrating {levels} levels"
+        + (" and the spiking FPN's signed quantizers" if spiking_fpn else "") + " ...")
+    return family.quantize(entry.path, entry.sha256, rgb, out, levels, batch, **options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

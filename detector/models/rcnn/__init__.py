@@ -39,12 +39,12 @@ from .model import (
     save_qann,
     to_qann_fasterrcnn,
 )
-from .spiking import RCNNStage1, RCNNStage2, SpikingFasterRCNN, class_names, layer_part
+from .spiking import RCNNStage1, RCNNStage2, SpikingFasterRCNN, class_names, layer_part, quantize_checkpoint
 
 __all__ = [
     "SpikingFasterRCNN", "RCNNStage1", "RCNNStage2", "ReLUTwoMLPHead", "ARCHS", "CHECKPOINT_FORMAT", "MODULE_RULES",
     "build_fasterrcnn", "build_qann_fasterrcnn", "to_qann_fasterrcnn", "analog_candidates", "load_checkpoint",
     "model_from_state_dict", "save_checkpoint", "load_float_for_calibration", "calibration_inputs", "save_qann",
     "class_names", "add_spiking_fpn", "has_spiking_fpn", "is_qann_state", "float_for_calibration",
-    "quantize_fasterrcnn", "layer_part",
+    "quantize_fasterrcnn", "layer_part", "quantize_checkpoint",
 ]

@@ -44,8 +44,9 @@ from ...detect.base import source_path
 from ...quant import ClipQuan, qann_levels
 from ...runtime import SpikingNetwork
 from .anytime import TwoStageSteps
-from .model import (MODULE_RULES, ReLUTwoMLPHead, _to_image_tensor, _unwrap_state_dict, is_qann_state,
-                    load_checkpoint, model_from_state_dict, to_qann_fasterrcnn)
+from .model import (MODULE_RULES, ReLUTwoMLPHead, _to_image_tensor, _unwrap_state_dict, add_spiking_fpn,
+                    calibration_inputs, float_for_calibration, is_qann_state, load_checkpoint, model_from_state_dict,
+                    quantize_fasterrcnn, save_qann, to_qann_fasterrcnn)
 
 
 class RCNNStage1(nn.Module):
@@ -455,6 +456,30 @@ def class_names(classes: list[str] | None, n: int) -> dict[int, str]:
         raise ValueError(f"classes: {len(classes)} names for a model with {n} classes (its box predictor has {n + 1} "
                          f"outputs, the first the background): give one name per class, background excluded")
     return {i: str(classes[i]) if classes else str(i) for i in range(n)}
+
+
+def quantize_checkpoint(path: str | Path, sha256: str | None, rgb_images: list, out: str | Path,
+                        levels: int, batch: int = 8, names: list[str] | None = None, spiking_fpn: bool = False,
+                        min_size: int | None = None, max_size: int | None = None, **calibration) -> Path:
+    """The QANN of the float checkpoint ``path``, calibrated on ``rgb_images`` (no labels) by
+    ``quantize_fasterrcnn`` (``calibration``: theta, percentile, rounding, first_levels) and written to ``out``.
+
+    ``spiking_fpn``: also quantize the FPN's signed signals (``add_spiking_fpn``); ``path`` may then be a QANN
+    already, which gets only those quantizers. ``min_size`` / ``max_size``: the input sizes, for a torchvision
+    state dict that does not record them. ``names``: the class names to store (default: the checkpoint's)."""
+    state, meta = _unwrap_state_dict(load_checkpoint(path, sha256))
+    meta = dict(meta, **{k: v for k, v in (("min_size", min_size), ("max_size", max_size)) if v})
+    if is_qann_state(state):
+        if not spiking_fpn:
+            raise ValueError(f"{path} is already a QANN; quantize the float checkpoint it came from")
+        qann = model_from_state_dict(state, meta, levels=None).eval()
+    else:
+        float_model, meta = float_for_calibration(state, meta)
+        qann = quantize_fasterrcnn(float_model, levels, rgb_images, batch, **calibration)
+    if spiking_fpn:
+        qann = add_spiking_fpn(qann, calibration=calibration_inputs(rgb_images, batch), inplace=True)
+    class_names(names, qann.roi_heads.box_predictor.cls_score.out_features - 1)  # a wrong length fails here
+    return save_qann(qann, out, dict(meta, spiking_fpn=spiking_fpn, **({"classes": names} if names else {})))
 
 
 @contextmanager

@@ -34,7 +34,8 @@ from .model import (
     save_qann,
     ultralytics_start_checkpoint,
 )
-from .spiking import SpikingYOLO, YOLOReadoutNet, attention_paths, calibration_inputs, layer_part, letterbox
+from .spiking import (SpikingYOLO, YOLOReadoutNet, attention_paths, calibration_inputs, layer_part, letterbox,
+                      quantize_checkpoint)
 from .ultralytics_env import prepare_ultralytics
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "export_checkpoint", "check_supported", "attention_paths", "YOLOReadoutNet", "CHECKPOINT_FORMAT",
     "calibration_inputs", "save_qann", "letterbox", "ultralytics_start_checkpoint",
     "quantize_model", "model_act", "ACTIVATIONS", "module_rules", "prepare_ultralytics", "layer_part",
+    "quantize_checkpoint",
 ]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...calibrate import quantize
 from ...convert import convert
 from ...neuron_kinds import neuron_kind
 from ...detect import Batch, Boxes, Results, RunFigures, Selection, SingleStageDetector, read_bgr
@@ -25,7 +26,8 @@ from ...detect.base import source_path
 from ...options import MAX_SLEEP
 from ...quant import ClipQuan, qann_levels
 from ...runtime import RunResult, SpikingNetwork
-from .model import UnsupportedModelError, _names_dict, check_supported, load_checkpoint, module_rules, quantize_model
+from .model import (UnsupportedModelError, _names_dict, check_supported, load_checkpoint, module_rules, quantize_model,
+                    save_qann)
 from .ultralytics_env import prepare_ultralytics, ultralytics_api
 
 if TYPE_CHECKING:
@@ -91,6 +93,18 @@ def calibration_inputs(rgb_images: list[np.ndarray], imgsz: int, batch: int = 16
     """RGB uint8 images as the letterboxed batches the model takes (what ``detector.calibrate`` runs)."""
     return [letterbox([im[..., ::-1] for im in rgb_images[i:i + batch]], imgsz)[0]
             for i in range(0, len(rgb_images), batch)]
+
+
+def quantize_checkpoint(path: str | Path, sha256: str | None, rgb_images: list[np.ndarray], out: str | Path,
+                        levels: int, batch: int = 16, names: list[str] | None = None, **calibration) -> Path:
+    """The QANN of the float checkpoint ``path``, calibrated on ``rgb_images`` (no labels) by
+    ``detector.calibrate.quantize`` (``calibration``: theta, percentile, rounding, first_levels) and written to
+    ``out`` with ``names`` (default: the checkpoint's)."""
+    float_model, meta = load_checkpoint(path, sha256=sha256)
+    if meta["quantized"]:
+        raise ValueError(f"{path} is already a QANN; quantize the float checkpoint it came from")
+    qann = quantize(float_model, levels, calibration_inputs(rgb_images, meta["imgsz"], batch), **calibration)
+    return save_qann(qann, out, names=names or meta["names"], imgsz=meta["imgsz"], act=meta["act"])
 
 
 def _skip_folded_batchnorms(network: nn.Module) -> None:
