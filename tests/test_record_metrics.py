@@ -67,3 +67,22 @@ def test_a_budget_comes_from_its_command_line_and_must_say_enough():
     assert train_bundled.budget_of(["--epochs", "3", "--batch", "8", "--time", "0.5"], "x")["max_minutes"] == 30
     with pytest.raises(ValueError, match="epochs or iterations"):
         train_bundled.check_budget({"device": "cpu", "from": "x", "batch": 4})
+
+
+def test_bundle_writes_a_float_or_a_qann_entry_from_the_checkpoint_itself(tmp_path):
+    """The kind, levels and float model of a bundled entry come from the checkpoint (a float model has no
+    quantizers); a bundled name keeps its place in the manifest."""
+    train_bundled = _train_bundled()
+    weights = ROOT / "weights"
+    (tmp_path / "manifest.json").write_text((weights / "manifest.json").read_text())
+    budget = {"device": "CPU, 1 thread", "from": "x", "batch": 4, "epochs": 1}
+    float_entry = train_bundled.bundle("yolov8n-bundled-float", weights / "yolov8n-bundled-float.pt", "casc train a",
+                                       budget, tmp_path)
+    qann_entry = train_bundled.bundle("yolov8n-bundled", weights / "yolov8n-bundled.pt", "casc train b", budget, tmp_path)
+    assert float_entry["kind"] == "float" and float_entry["levels"] is None and float_entry["float_model"] is None
+    assert "rounding" not in float_entry and float_entry["training_budget"] == budget
+    assert qann_entry["kind"] == "qann" and qann_entry["levels"] == 4 and qann_entry["site_levels"] == [4]
+    assert qann_entry["rounding"] == ["round"] and qann_entry["float_model"] == "yolov8n-bundled-float"
+    names = [m["name"] for m in json.loads((tmp_path / "manifest.json").read_text())["models"]]
+    assert names == [m["name"] for m in json.loads((weights / "manifest.json").read_text())["models"]]
+    assert (tmp_path / "yolov8n-bundled.pt").is_file() and qann_entry["metrics"] == {}

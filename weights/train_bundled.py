@@ -111,31 +111,34 @@ def bundle(name: str, source: Path, command: str, budget: dict, folder: Path = W
            float_model: str | None = None) -> dict:
     """Compact ``source`` into ``folder/NAME.pt`` and write its manifest entry (replacing one of that name).
 
-    The entry's family, levels, rounding and size come from the checkpoint itself; its metrics are reset
-    (``weights/record_metrics.py`` fills them from a ``casc eval`` run). ``budget``: what its training had
-    (``check_budget``), so that "percent of float" can be read against what the float model had."""
-    from detector.families import family_of
+    The entry's family, kind (a QANN, or a float model: no quantizers), levels, rounding and size come from the
+    checkpoint itself; its metrics are reset (``weights/record_metrics.py`` fills them from a ``casc eval`` run).
+    ``budget``: what its training had (``check_budget``), so that "percent of float" can be read against what the
+    float model had."""
     from detector.quant import qann_levels, quantizers
-    from detector.weights import load_detector, load_manifest
+    from detector.weights import checkpoint_family, load_detector, load_manifest
 
     check_budget(budget)
 
     target = folder / f"{name}.pt"
     digest = compact(source, target)
-    detector = load_detector(str(target))
-    network = detector.qann
-    family = family_of(detector).name
+    saved = torch.load(target, map_location="cpu", weights_only=True)
+    family = checkpoint_family(target)
+    network = found = None
+    if any(k.endswith("threshold_param") for k in saved["state_dict"]):  # ClipQuan thresholds: a QANN
+        network = load_detector(str(target)).qann
+        found = quantizers(network)
     old = load_manifest(folder / "manifest.json").get(name)
     entry = {
-        "name": name, "family": family, "kind": "qann", "file": target.name, "sha256": digest,
+        "name": name, "family": family, "kind": "qann" if found else "float", "file": target.name, "sha256": digest,
         "arch": old.info.get("arch") if old else ("yolov8n" if family == "yolo" else "fasterrcnn_resnet18_fpn"),
-        "act": "relu", "levels": qann_levels(network),
-        "site_levels": sorted({q.levels for _, q in quantizers(network)}),
-        "rounding": sorted({q.rounding for _, q in quantizers(network)}),
-        "float_model": float_model or (old.float_model if old else None), "dataset": "bundled-v1",
-        "imgsz": int(detector.imgsz) if family == "yolo" else IMGSZ, "training_command": command, "training_budget": budget, "metrics": {},
+        "act": "relu", "levels": qann_levels(network) if found else None,
+        **({"site_levels": sorted({q.levels for _, q in found}), "rounding": sorted({q.rounding for _, q in found})}
+           if found else {}),
+        "float_model": (float_model or (old.float_model if old else None)) if found else None, "dataset": "bundled-v1",
+        "imgsz": int(saved.get("imgsz", IMGSZ)), "training_command": command, "training_budget": budget, "metrics": {},
     }
-    if family == "rcnn":
+    if family == "rcnn" and found:
         from detector.models.rcnn import has_spiking_fpn
 
         entry["spiking_fpn"] = has_spiking_fpn(network)
