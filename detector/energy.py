@@ -16,6 +16,7 @@ definitions (``neurobench_metrics``).
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -61,6 +62,12 @@ def int_mac_pj(activation_bits_: int) -> float:
 def sram_pj_per_bit() -> float:
     """Reads and writes alike, from the 8 KB SRAM figure (a local buffer): 10 pJ / 64 bits."""
     return HOROWITZ_45NM_PJ["sram_8kb_read_64bit"] / 64
+
+
+def counting_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that sums of spike or event counts of a ``dtype`` tensor are taken in: half types hold integers
+    exactly only up to 2048 (bfloat16: 256), float32 up to 2**24."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def layer_macs(layer: nn.Module, output: torch.Tensor) -> int:
@@ -109,8 +116,9 @@ def count_macs(model: nn.Module, *inputs) -> int:
 class StatsRecorder:
     """Collects per-layer counts while the network runs; tensors stay on the device until `summary`."""
 
-    def __init__(self, batch: int):
+    def __init__(self, batch: int, device: torch.device | str = "cpu"):
         self.batch = batch
+        self.device = torch.device(device)  # the run's: a stack in which nothing counted gets zeros there
         self.stack_index = -1
         self.spikes: dict[str, list[torch.Tensor]] = defaultdict(list)  # each [steps, batch]
         self.elements: dict[str, int] = defaultdict(int)  # neurons per sample, all call sites
@@ -130,6 +138,8 @@ class StatsRecorder:
         self.macs_per_step: list[torch.Tensor] = []  # dense MACs (analog inputs, islands)
         self._scratch: torch.Tensor | None = None
         self._scratch_views: dict[tuple, torch.Tensor] = {}
+        self._events: dict[int, tuple] = {}  # see publish_events
+
 
     def begin_stack(self, steps: int) -> None:
         self.stack_index += 1
@@ -138,6 +148,21 @@ class StatsRecorder:
         # handful of small tensor ops per layer call cost more than the counting itself.
         self._stack = {"spikes": [], "binary": [], "peak": [], "active": [], "sops": [], "macs": []}
         self._stack_steps = steps
+        self._events = {}
+
+    def publish_events(self, output: torch.Tensor, events: torch.Tensor) -> None:
+        """A neuron's output and its events at each position, summed over channels (``[rows, *spatial]``, what
+        ``Synapse.events_per_position`` would count): a synapse that receives this very tensor, unchanged since,
+        counts its synaptic operations from them instead of passing over the tensor again. Kept for one stack."""
+        self._events[id(output)] = (weakref.ref(output), output._version, events)
+
+    def events_of(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What ``publish_events`` published for ``x``; None for any other tensor, or once ``x`` was changed in
+        place (its version counter moved), or when the published tensor is gone and its id reused."""
+        entry = self._events.get(id(x))
+        if entry is None or entry[0]() is not x or entry[1] != x._version:
+            return None
+        return entry[2]
 
     def scratch(self, like: torch.Tensor) -> torch.Tensor:
         """A buffer shaped and typed as ``like``, shared by every call (one allocation per run, not per layer);
@@ -196,11 +221,11 @@ class StatsRecorder:
             self.skipped_rows.append(skipped_rows)
             self._skipped_macs.append(skipped_rows * macs_per_row)
 
-    def record_island(self, site: str, macs: int, steps: int) -> None:
-        """``macs``: everything the island computed in this stack (all steps, all rows)."""
+    def record_island(self, site: str, macs: int, steps: int, device: torch.device) -> None:
+        """``macs``: everything the island computed in this stack (all steps, all rows); ``device``: the run's."""
         if self.first_stack:
             self.island_macs[site] += macs // (steps * self.batch)
-        macs_per_row = torch.full((steps, self.batch), macs / (steps * self.batch), dtype=torch.float64)
+        macs_per_row = torch.full((steps, self.batch), macs / (steps * self.batch), dtype=torch.float64, device=device)
         self.analog_macs[site].append(macs_per_row)
         self._stack["macs"].append(macs_per_row)
 
@@ -209,15 +234,10 @@ class StatsRecorder:
         def combined(name: str, reduce=torch.sum) -> torch.Tensor:
             parts = self._stack[name]
             if not parts:
-                return torch.zeros(self._stack_steps, self.batch, dtype=torch.float64)
-            first = parts[0]
-            if any(p.dtype != first.dtype or p.device != first.device for p in parts):  # islands count on the CPU
-                parts = [p.to(device=first.device, dtype=torch.float64) for p in parts]
-            return reduce(torch.stack(parts), 0).double()
+                return torch.zeros(self._stack_steps, self.batch, dtype=torch.float64, device=self.device)
+            return reduce(torch.stack(parts), 0).double()  # stack promotes mixed dtypes (all on one device)
 
         sops, macs = combined("sops"), combined("macs")
-        if sops.device != macs.device:
-            macs = macs.to(sops.device)
         binary = combined("binary", torch.amax)  # one spike at most: the peak is 1 where a neuron spiked
         peak = torch.maximum(combined("peak", torch.amax), (binary > 0).to(binary.dtype))
         active = combined("active") + combined("binary")

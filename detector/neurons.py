@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from .energy import counting_dtype
 from .state import CallSiteModule
+
+
+def _per_sample(per_position: torch.Tensor) -> torch.Tensor:
+    """[steps, batch, *positions] summed to [steps, batch]."""
+    return per_position.flatten(2).sum(2) if per_position.dim() > 2 else per_position
 
 
 class Neuron(CallSiteModule):
@@ -39,21 +45,33 @@ class Neuron(CallSiteModule):
             for t in range(steps):
                 per_step[t] = self._step(state, current[t], theta, sim.wake_counts[t], sim.sleeping)
             spikes = per_step.flatten(0, 1)
-        if sim.sleeping or sim.record:  # wake steps need no activity map (only a silent sleep step settles)
-            recorder = sim.recorder
-            magnitude = (per_step.abs() if recorder is None else torch.abs(per_step, out=recorder.scratch(per_step))
-                         ).flatten(2)
-            counts = magnitude.sum(2)  # events per (step, sample); a burst of n is n events
-            if sim.sleeping:
-                sim.note_activity((counts > 0).flatten())
-            if sim.record:
-                if sim.sleeping and sim.burst > 1:  # a neuron may emit several spikes in this step
-                    peak = magnitude.amax(2)
-                    active = torch.ne(magnitude, 0, out=magnitude).sum(2)  # the magnitudes are not needed again
-                    recorder.record_spikes(self.site(index), counts, shape.numel(), peak=peak, active=active)
-                else:  # at most one spike per neuron: every spiking neuron is one event
-                    recorder.record_spikes(self.site(index), counts, shape.numel())
-        return spikes if theta == 1.0 else spikes.mul_(theta)
+        if not (sim.sleeping or sim.record):  # wake steps need no activity map (only a silent sleep step settles)
+            return spikes if theta == 1.0 else spikes.mul_(theta)
+        recorder = sim.recorder
+        magnitude = per_step.abs() if recorder is None else torch.abs(per_step, out=recorder.scratch(per_step))
+        if not sim.record:
+            sim.note_activity(magnitude.flatten(2).sum(2).flatten() > 0)
+            return spikes if theta == 1.0 else spikes.mul_(theta)
+        if magnitude.dim() == 2:  # one value per sample: a single position
+            magnitude = magnitude.unsqueeze(2)
+        # Spikes at each position, summed over channels: the counts per (step, sample) follow, and so do the
+        # synaptic operations of a synapse fed by this output (published below, so it need not count them again).
+        total = counting_dtype(magnitude.dtype)
+        per_position = magnitude.sum(2, dtype=total)
+        counts = _per_sample(per_position)  # events per (step, sample); a burst of n is n events
+        if sim.sleeping:
+            sim.note_activity((counts > 0).flatten())
+        site = self.site(index)
+        if sim.sleeping and sim.burst > 1:  # a neuron may emit several spikes in this step
+            peak = magnitude.flatten(2).amax(2)
+            events = torch.ne(magnitude, 0, out=magnitude).sum(2, dtype=total)  # neurons that fired, per position
+            recorder.record_spikes(site, counts, shape.numel(), peak=peak, active=_per_sample(events))
+        else:  # at most one spike per neuron: every spiking neuron is one event
+            events = per_position
+            recorder.record_spikes(site, counts, shape.numel())
+        out = spikes if theta == 1.0 else spikes.mul_(theta)
+        recorder.publish_events(out, events.flatten(0, 1))
+        return out
 
     def _step(self, state: list, current, theta, k, sleep) -> torch.Tensor:
         if state:

@@ -209,20 +209,21 @@ class TorchStepEngine:
         self.runs = 0
         self.total = None  # readouts summed over the run's steps (the model's output structure)
         self.rows = 0
+        self.device = torch.device("cpu")
         self._first = False
         self._zeros: torch.Tensor | None = None
 
     def _begin(self, record: bool) -> None:
         self.runs += 1
         self.net.sim.record = record
-        self.net.sim.recorder = StatsRecorder(self.rows) if record else None
+        self.net.sim.recorder = StatsRecorder(self.rows, self.device) if record else None
 
     def check_input(self, x) -> None:
         self.net.check_input(x)
 
     def start(self, x: torch.Tensor, record: bool) -> None:
         self.net.reset()
-        self.total, self.rows, self._first, self._zeros = None, x.shape[0], True, None
+        self.total, self.rows, self.device, self._first, self._zeros = None, x.shape[0], x.device, True, None
         self._begin(record)
 
     def resume(self, record: bool) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .energy import layer_macs
+from .energy import counting_dtype, layer_macs
 from .state import CallSiteModule
 
 
@@ -52,7 +52,8 @@ class Synapse(CallSiteModule):
             raise TypeError(f"Synapse wraps {', '.join(t.__name__ for t in SYNAPTIC_LAYERS)}, got {type(layer).__name__}")
         self.layer = layer
         self._out_shapes: dict[torch.Size, torch.Size] = {}
-        self._fanouts: dict[tuple, torch.Tensor] = {}
+        self._plans: dict[tuple, tuple] = {}  # per input shape, see _counting_plan
+        self._macs_per_row: dict[torch.Size, int] = {}
         self.input_kinds: list[bool] = []
 
     def note_input_kind(self, spikes: bool) -> None:
@@ -97,42 +98,70 @@ class Synapse(CallSiteModule):
 
     # --- work counting -------------------------------------------------------------------
 
-    def _fanout(self, spatial: torch.Size, device, dtype) -> torch.Tensor:
-        """Per input position: how many (output position, kernel tap) pairs read it."""
-        key = (tuple(spatial), device, dtype)
-        if key not in self._fanouts:
+    def _counting_plan(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """How this layer's synaptic operations are counted for inputs shaped as ``x``, worked out once per shape:
+        ``(targets_at, targets)``. ``targets_at``: in float64, flattened, how many targets an event at each input
+        position reaches (fan-out x output channels per group); None where that is the same everywhere,
+        ``targets``."""
+        key = (x.shape[1:], x.device)
+        plan = self._plans.get(key)
+        if plan is None:
             layer = self.layer
-            dims = len(layer.kernel_size)
-            conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-            with torch.enable_grad():
-                probe = torch.ones((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
-                taps = torch.ones((1, 1, *layer.kernel_size), dtype=torch.float64)
-                conv(probe, taps, None, layer.stride, layer.padding, layer.dilation).sum().backward()
-            self._fanouts[key] = probe.grad[0, 0].to(device=device, dtype=dtype)
-        return self._fanouts[key]
+            if isinstance(layer, _ConvNd):
+                targets_at = self._fanout(x.shape[2:]).flatten().to(x.device) * (layer.out_channels // layer.groups)
+                plan = (None, float(targets_at[0])) if bool((targets_at == targets_at[0]).all()) else (targets_at, 0.0)
+            else:
+                plan = (None, float(layer.out_features if isinstance(layer, nn.Linear) else 1))
+            self._plans[key] = plan
+        return plan
 
-    def synaptic_ops(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """Events arriving in each row times the number of targets each one reaches, in float64.
-
-        ``scratch``: a buffer shaped as ``x`` for the event map (``StatsRecorder.scratch``); writing the
-        comparison straight into it is one pass over ``x``, where sign().abs_() was two and an allocation."""
+    def _fanout(self, spatial: torch.Size) -> torch.Tensor:
+        """Per input position: how many (output position, kernel tap) pairs read it (float64)."""
         layer = self.layer
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(layer.kernel_size) - 1]
+        with torch.enable_grad():
+            probe = torch.ones((1, 1, *spatial), dtype=torch.float64, requires_grad=True)
+            taps = torch.ones((1, 1, *layer.kernel_size), dtype=torch.float64)
+            conv(probe, taps, None, layer.stride, layer.padding, layer.dilation).sum().backward()
+        return probe.grad[0, 0]
+
+    @staticmethod
+    def events_per_position(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Input events of each row at each position, summed over channels (axis 1): ``[rows, *spatial]``.
+
+        ``scratch``: a buffer shaped as ``x`` for the event map (``StatsRecorder.scratch``), so that the
+        comparison is one pass over ``x`` with no allocation."""
         events = torch.ne(x, 0, out=torch.empty_like(x) if scratch is None else scratch)
-        if isinstance(layer, _ConvNd):
-            fanout = self._fanout(x.shape[2:], x.device, x.dtype)
-            per_channel = events.flatten(2) @ fanout.flatten()  # [rows, channels]: events x their targets
-            return per_channel.sum(1, dtype=torch.float64) * (layer.out_channels // layer.groups)
-        events = events.flatten(1).sum(1, dtype=torch.float64)
-        return events * layer.out_features if isinstance(layer, nn.Linear) else events
+        return events.sum(1, dtype=counting_dtype(x.dtype))
+
+    def synaptic_ops(self, x: torch.Tensor, events: torch.Tensor | None = None,
+                     scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Events arriving in each row times the number of targets each one reaches, in float64 (counts above
+        2**24 are not exact in float32).
+
+        ``events``: ``events_per_position(x)`` where it is already known (a neuron publishes it for its output,
+        ``StatsRecorder.events_of``); otherwise it is counted here."""
+        if events is None:
+            events = self.events_per_position(x, scratch)
+        targets_at, targets = self._counting_plan(x)
+        if targets_at is not None:
+            return events.flatten(1).double() @ targets_at
+        return events.reshape(len(events), -1).sum(1, dtype=torch.float64).mul_(targets)
 
     def _record(self, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, spike_input: bool) -> None:
         sim = self.sim
+        recorder = sim.recorder
         steps = sim.steps
-        per_row_macs = layer_macs(self.layer, y) // max(y.shape[0], 1)
+        per_row_macs = self._macs_per_row.get(x.shape[1:])
+        if per_row_macs is None:
+            per_row_macs = self._macs_per_row[x.shape[1:]] = layer_macs(self.layer, y) // max(y.shape[0], 1)
         skipped = 0 if active is None else x.shape[0] - active.sum()
         if not spike_input:
             computed = torch.full((x.shape[0],), float(per_row_macs), device=x.device, dtype=torch.float64)
             ops, analog = None, (computed if active is None else computed * active).view(steps, -1)
         else:
-            ops, analog = self.synaptic_ops(x, sim.recorder.scratch(x)).view(steps, -1), None
-        sim.recorder.record_synapse(self.site_name, per_row_macs, ops, analog, skipped_rows=skipped)
+            events = recorder.events_of(x)
+            if events is None:
+                events = self.events_per_position(x, recorder.scratch(x))
+            ops, analog = self.synaptic_ops(x, events).view(steps, -1), None
+        recorder.record_synapse(self.site_name, per_row_macs, ops, analog, skipped_rows=skipped)

@@ -20,6 +20,9 @@ class Recorder:
     def scratch(self, like):
         return torch.full_like(like, float("nan"))  # the counting must overwrite all of it
 
+    def events_of(self, x):
+        return None  # no neuron published this input: the synapse counts its events itself
+
 
 def synapse_with(layer, analog_input=False, sleeping=False):
     syn = Synapse(layer)
@@ -282,3 +285,42 @@ def test_workload_of_a_run_matches_its_counters():
     assert (work["active_outputs"] <= stats.spikes).all() and (work["active_outputs"] > 0).all()
     first = stats.workload_until(1)
     assert (first["steps"] == 1).all() and torch.equal(first["macs"], work["ann_analog_macs"])
+
+
+@pytest.mark.parametrize("mode", ["step", "multistep"])
+@pytest.mark.parametrize("burst", [1, None])
+def test_synapses_fed_by_a_neuron_count_the_events_it_published_exactly(mode, burst, monkeypatch):
+    """A synapse that receives a neuron's output counts its SOPs from what the neuron published; counting them
+    from the tensor itself (as for any other input) must give the same figures, layer by layer and step by step."""
+    from detector.energy import StatsRecorder
+    from detector.randnet import random_qann
+
+    events_of, used = StatsRecorder.events_of, []
+    for seed, levels in ((3, 2), (11, 4), (19, 8)):  # random nets: pools, SPPF, split / concat, up / concat, residuals
+        qann = random_qann(seed, levels=levels, depth=10).double()
+        snn = convert(qann)
+        x = torch.rand(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 2
+        monkeypatch.setattr(StatsRecorder, "events_of", lambda self, t: used.append(events_of(self, t)) or used[-1])
+        published = snn.run(x, wake=levels, sleep="auto", mode=mode, burst=burst).stats
+        monkeypatch.setattr(StatsRecorder, "events_of", lambda self, t: None)
+        counted = snn.run(x, wake=levels, sleep="auto", mode=mode, burst=burst).stats
+        assert published.sops_per_layer == counted.sops_per_layer
+        assert torch.equal(published.sops_per_step, counted.sops_per_step)
+        assert torch.equal(published.spikes_per_step, counted.spikes_per_step)
+    assert any(e is not None for e in used) and any(e is None for e in used)  # both ways were taken
+
+
+def test_published_events_are_forgotten_once_the_tensor_changes():
+    from detector.energy import StatsRecorder
+
+    recorder = StatsRecorder(batch=1)
+    recorder.begin_stack(1)
+    out, events = torch.ones(1, 2, 3, 3), torch.full((1, 3, 3), 2.0)
+    recorder.publish_events(out, events)
+    assert recorder.events_of(out) is events
+    assert recorder.events_of(out.clone()) is None and recorder.events_of(out.view(1, 2, 9)) is None
+    out.mul_(0)  # changed in place: what was published no longer describes it
+    assert recorder.events_of(out) is None
+    recorder.publish_events(out, events)
+    recorder.begin_stack(1)  # kept for one stack only
+    assert recorder.events_of(out) is None
