@@ -64,10 +64,10 @@ def sram_pj_per_bit() -> float:
     return HOROWITZ_45NM_PJ["sram_8kb_read_64bit"] / 64
 
 
-def counting_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype that sums of spike or event counts of a ``dtype`` tensor are taken in: half types hold integers
-    exactly only up to 2048 (bfloat16: 256), float32 up to 2**24."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def count_sum(counts: torch.Tensor, dim: int) -> torch.Tensor:
+    """``counts.sum(dim)`` of spike or event counts, taken in float32 for a half-precision tensor (which holds
+    integers exactly only up to 2048, bfloat16 up to 256); float32 and float64 sum in their own dtype."""
+    return counts.sum(dim) if counts.dtype in (torch.float32, torch.float64) else counts.sum(dim, dtype=torch.float32)
 
 
 def layer_macs(layer: nn.Module, output: torch.Tensor) -> int:
@@ -151,7 +151,7 @@ class StatsRecorder:
         self._events = {}
 
     def publish_events(self, output: torch.Tensor, events: torch.Tensor) -> None:
-        """A neuron's output and its events at each position, summed over channels (``[rows, *spatial]``, what
+        """A neuron's output and its events at each position, summed over channels (``[rows, positions]``, what
         ``Synapse.events_per_position`` would count): a synapse that receives this very tensor, unchanged since,
         counts its synaptic operations from them instead of passing over the tensor again. Kept for one stack."""
         self._events[id(output)] = (weakref.ref(output), output._version, events)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .energy import counting_dtype
+from .energy import count_sum
 from .state import CallSiteModule
 
 
@@ -56,21 +56,20 @@ class Neuron(CallSiteModule):
             magnitude = magnitude.unsqueeze(2)
         # Spikes at each position, summed over channels: the counts per (step, sample) follow, and so do the
         # synaptic operations of a synapse fed by this output (published below, so it need not count them again).
-        total = counting_dtype(magnitude.dtype)
-        per_position = magnitude.sum(2, dtype=total)
+        per_position = count_sum(magnitude, 2)
         counts = _per_sample(per_position)  # events per (step, sample); a burst of n is n events
         if sim.sleeping:
             sim.note_activity((counts > 0).flatten())
         site = self.site(index)
         if sim.sleeping and sim.burst > 1:  # a neuron may emit several spikes in this step
             peak = magnitude.flatten(2).amax(2)
-            events = torch.ne(magnitude, 0, out=magnitude).sum(2, dtype=total)  # neurons that fired, per position
+            events = count_sum(torch.ne(magnitude, 0, out=magnitude), 2)  # neurons that fired, per position
             recorder.record_spikes(site, counts, shape.numel(), peak=peak, active=_per_sample(events))
         else:  # at most one spike per neuron: every spiking neuron is one event
             events = per_position
             recorder.record_spikes(site, counts, shape.numel())
         out = spikes if theta == 1.0 else spikes.mul_(theta)
-        recorder.publish_events(out, events.flatten(0, 1))
+        recorder.publish_events(out, events.view(steps * sim.batch, -1))
         return out
 
     def _step(self, state: list, current, theta, k, sleep) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .energy import counting_dtype, layer_macs
+from .energy import count_sum, layer_macs
 from .state import CallSiteModule
 
 
@@ -127,12 +127,12 @@ class Synapse(CallSiteModule):
 
     @staticmethod
     def events_per_position(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """Input events of each row at each position, summed over channels (axis 1): ``[rows, *spatial]``.
+        """Input events of each row at each position, summed over channels (axis 1): ``[rows, positions]``.
 
         ``scratch``: a buffer shaped as ``x`` for the event map (``StatsRecorder.scratch``), so that the
         comparison is one pass over ``x`` with no allocation."""
         events = torch.ne(x, 0, out=torch.empty_like(x) if scratch is None else scratch)
-        return events.sum(1, dtype=counting_dtype(x.dtype))
+        return count_sum(events, 1).view(len(x), -1)
 
     def synaptic_ops(self, x: torch.Tensor, events: torch.Tensor | None = None,
                      scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,8 +145,8 @@ class Synapse(CallSiteModule):
             events = self.events_per_position(x, scratch)
         targets_at, targets = self._counting_plan(x)
         if targets_at is not None:
-            return events.flatten(1).double() @ targets_at
-        return events.reshape(len(events), -1).sum(1, dtype=torch.float64).mul_(targets)
+            return events.double() @ targets_at
+        return events.sum(1, dtype=torch.float64).mul_(targets)
 
     def _record(self, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, spike_input: bool) -> None:
         sim = self.sim
