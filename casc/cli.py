@@ -177,7 +177,10 @@ def _switch(key: str, value: str) -> bool:
 
 def _train(module, args: argparse.Namespace) -> int:
     path = module.train_from_args(args)
-    print(f"checkpoint: {path}")
+    # One write per line: under torchrun every process prints here to one shared stdout, and an unbuffered
+    # print writes the text and its newline apart, so two processes' lines could merge.
+    sys.stdout.write(f"checkpoint: {path}\n")
+    sys.stdout.flush()
     return 0
 
 
