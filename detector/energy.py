@@ -153,7 +153,10 @@ class StatsRecorder:
     def publish_events(self, output: torch.Tensor, events: torch.Tensor) -> None:
         """A neuron's output and its events at each position, summed over channels (``[rows, positions]``, what
         ``Synapse.events_per_position`` would count): a synapse that receives this very tensor, unchanged since,
-        counts its synaptic operations from them instead of passing over the tensor again. Kept for one stack."""
+        counts its synaptic operations from them instead of passing over the tensor again. Kept for one stack; not
+        for a tensor made under ``torch.inference_mode``, which keeps no version counter."""
+        if output.is_inference():  # no version counter to tell an in-place change by: counted from the tensor
+            return
         self._events[id(output)] = (weakref.ref(output), output._version, events)
 
     def events_of(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -324,3 +324,16 @@ def test_published_events_are_forgotten_once_the_tensor_changes():
     recorder.publish_events(out, events)
     recorder.begin_stack(1)  # kept for one stack only
     assert recorder.events_of(out) is None
+
+
+def test_a_recorded_run_under_inference_mode_counts_the_same():
+    """Inference tensors keep no version counter: their events are counted from the tensor, to the same figures."""
+    from detector.randnet import random_qann
+
+    snn = convert(random_qann(11, levels=4, depth=8).double())
+    x = torch.rand(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = snn.run(x, wake=4, sleep="auto").stats
+    with torch.inference_mode():
+        stats = snn.run(x, wake=4, sleep="auto").stats
+    assert stats.sops_per_layer == expected.sops_per_layer and torch.equal(stats.sops_per_step, expected.sops_per_step)
