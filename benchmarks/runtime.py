@@ -2,7 +2,8 @@
 
 Prints, per batch size and execution mode: float-ANN and QANN forward time, SNN seconds per wake
 step and per sleep step, total steps used by sleep="auto", and the ratio
-SNN time / (T x ANN forward) measured in the same run, with and without spike/SOP recording.
+SNN time / (T x ANN forward) measured in the same run, with and without spike/SOP recording; and, for YOLO, the
+tensor operations one run dispatches with and without recording (a count, steady where times are not).
 For Faster R-CNN each stage runs its own schedule on the same input (stage 2 on the QANN's RoIs), so
 the ratio is (stage-1 SNN + stage-2 SNN) / (T1 x stage-1 ANN + T2 x stage-2 ANN), the ANN's BatchNorms
 folded as deployed. Also checks fidelity on the chosen device: max |SNN readout - QANN output| in float64.
@@ -143,6 +144,21 @@ def measure(batch: int, imgsz: int, clock: Clock, repeats: int, model: str | Non
 
 
 @torch.no_grad()
+def tensor_operations(snn, x, mode: str = "step") -> dict:
+    """Tensor operations dispatched by one default-schedule run, without and with recording (``torch.profiler``,
+    top-level ``aten`` calls): a count that, unlike a time, does not move with the machine's load."""
+    from torch.profiler import profile
+
+    counts = {}
+    for record in (False, True):
+        snn.run(x, wake=4, sleep="auto", mode=mode, record=record)  # warm: the flow trace is not counted
+        with profile() as prof:
+            snn.run(x, wake=4, sleep="auto", mode=mode, record=record)
+        counts[record] = sum(1 for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::"))
+    return {"mode": mode, "batch": int(x.shape[0]), "off": counts[False], "on": counts[True]}
+
+
+@torch.no_grad()
 def measure_rcnn(batch: int, clock: Clock, repeats: int, model: str, burst: int | None = None) -> list[dict]:
     device = clock.device
     from collections import OrderedDict
@@ -237,9 +253,18 @@ def main() -> None:
               f"| {r['qann_forward_s'] * 1e3:.1f} | {r['snn_wake_step_s'] * 1e3:.1f} | {r['snn_sleep_step_s'] * 1e3:.1f} "
               f"| {r['steps_auto_mean']:.1f}/{r['steps_auto_max']} | {r['snn_total_s'] * 1e3:.0f} "
               f"| {r['ratio_snn_over_T_ann']:.2f} | {r['sleep_over_wake']:.2f} |")
+    operations = None
+    if not two_stage:
+        _, qann, trained_imgsz, images = networks(args.model)
+        detector = SpikingYOLO.from_model(qann, imgsz=trained_imgsz or args.imgsz, device=device)
+        x = detector.preprocess(images[:1])[0] if images else torch.rand(1, 3, args.imgsz, args.imgsz, device=device)
+        operations = [tensor_operations(detector.snn, x, mode) for mode in ("step", "multistep")]
+        for o in operations:
+            print(f"tensor operations per run ({o['mode']}, batch {o['batch']}): {o['off']} without recording, "
+                  f"{o['on']} with (+{o['on'] - o['off']})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "fidelity": check, "rows": rows}, f, indent=1)
+            json.dump({"device": str(device), "fidelity": check, "rows": rows, "operations": operations}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,14 @@ def test_the_runtime_clock_reads_wall_or_cpu_time():
     assert runtime.timed_alternating(busy, 2, cpu)["spin"] > 0
     with pytest.raises(ValueError, match="--cpu-time"):
         runtime.Clock(torch.device("cuda"), cpu_time=True)
+
+
+def test_the_runtime_counts_more_tensor_operations_with_recording():
+    from detector import convert
+    from detector.randnet import random_qann
+
+    runtime = _benchmark("runtime")
+    snn = convert(random_qann(5, levels=4, depth=6))
+    counts = runtime.tensor_operations(snn, torch.rand(1, 3, 8, 8))
+    assert counts["mode"] == "step" and counts["batch"] == 1
+    assert 0 < counts["off"] < counts["on"]  # recording counts with tensor operations of its own
