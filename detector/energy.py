@@ -140,7 +140,6 @@ class StatsRecorder:
         self._scratch_views: dict[tuple, torch.Tensor] = {}
         self._events: dict[int, tuple] = {}  # see publish_events
 
-
     def begin_stack(self, steps: int) -> None:
         self.stack_index += 1
         self.steps_recorded += steps
@@ -224,11 +223,12 @@ class StatsRecorder:
             self.skipped_rows.append(skipped_rows)
             self._skipped_macs.append(skipped_rows * macs_per_row)
 
-    def record_island(self, site: str, macs: int, steps: int, device: torch.device) -> None:
-        """``macs``: everything the island computed in this stack (all steps, all rows); ``device``: the run's."""
+    def record_island(self, site: str, macs: int, steps: int) -> None:
+        """``macs``: everything the island computed in this stack (all steps, all rows)."""
         if self.first_stack:
             self.island_macs[site] += macs // (steps * self.batch)
-        macs_per_row = torch.full((steps, self.batch), macs / (steps * self.batch), dtype=torch.float64, device=device)
+        macs_per_row = torch.full((steps, self.batch), macs / (steps * self.batch), dtype=torch.float64,
+                                  device=self.device)
         self.analog_macs[site].append(macs_per_row)
         self._stack["macs"].append(macs_per_row)
 

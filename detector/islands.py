@@ -46,8 +46,8 @@ class AnalogIsland(CallSiteModule):
         index, state = self.next_state(lambda: [[torch.zeros_like(p[0]) for p in per_step], None])
         with MacCounter(self.module) as counter:
             outs = [self._emit(state, [p[t] for p in per_step], sim.wake_counts[t], kwargs) for t in range(steps)]
-        out = torch.stack(outs)
         if sim.record:
-            sim.recorder.record_island(self.site(index), counter.macs, steps, out.device)
+            sim.recorder.record_island(self.site(index), counter.macs, steps)
+        out = torch.stack(outs)
         sim.note_activity(out.flatten(2).ne(0).any(2).flatten())
         return out.flatten(0, 1)

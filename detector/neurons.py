@@ -45,32 +45,36 @@ class Neuron(CallSiteModule):
             for t in range(steps):
                 per_step[t] = self._step(state, current[t], theta, sim.wake_counts[t], sim.sleeping)
             spikes = per_step.flatten(0, 1)
-        if not (sim.sleeping or sim.record):  # wake steps need no activity map (only a silent sleep step settles)
-            return spikes if theta == 1.0 else spikes.mul_(theta)
+        # Wake steps need no activity map (only a silent sleep step settles) and, unrecorded, no counts.
+        events = self._count_spikes(index, per_step, shape) if sim.sleeping or sim.record else None
+        out = spikes if theta == 1.0 else spikes.mul_(theta)
+        if events is not None:
+            sim.recorder.publish_events(out, events)
+        return out
+
+    def _count_spikes(self, index: int, per_step: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+        """Notes a sleep stack's activity and records the stack's spikes; returns the events at each position,
+        summed over channels (``[rows, positions]``), for the synapses this output feeds (None: not recording)."""
+        sim = self.sim
         recorder = sim.recorder
         magnitude = per_step.abs() if recorder is None else torch.abs(per_step, out=recorder.scratch(per_step))
         if not sim.record:
             sim.note_activity(magnitude.flatten(2).sum(2).flatten() > 0)
-            return spikes if theta == 1.0 else spikes.mul_(theta)
-        if magnitude.dim() == 2:  # one value per sample: a single position
-            magnitude = magnitude.unsqueeze(2)
+            return None
         # Spikes at each position, summed over channels: the counts per (step, sample) follow, and so do the
-        # synaptic operations of a synapse fed by this output (published below, so it need not count them again).
+        # synaptic operations of a synapse fed by this output (so it need not pass over the output again).
         per_position = count_sum(magnitude, 2)
         counts = _per_sample(per_position)  # events per (step, sample); a burst of n is n events
         if sim.sleeping:
             sim.note_activity((counts > 0).flatten())
-        site = self.site(index)
         if sim.sleeping and sim.burst > 1:  # a neuron may emit several spikes in this step
             peak = magnitude.flatten(2).amax(2)
             events = count_sum(torch.ne(magnitude, 0, out=magnitude), 2)  # neurons that fired, per position
-            recorder.record_spikes(site, counts, shape.numel(), peak=peak, active=_per_sample(events))
+            recorder.record_spikes(self.site(index), counts, shape.numel(), peak=peak, active=_per_sample(events))
         else:  # at most one spike per neuron: every spiking neuron is one event
             events = per_position
-            recorder.record_spikes(site, counts, shape.numel())
-        out = spikes if theta == 1.0 else spikes.mul_(theta)
-        recorder.publish_events(out, events.view(steps * sim.batch, -1))
-        return out
+            recorder.record_spikes(self.site(index), counts, shape.numel())
+        return events.view(sim.steps * sim.batch, -1)
 
     def _step(self, state: list, current, theta, k, sleep) -> torch.Tensor:
         if state:

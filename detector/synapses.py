@@ -160,8 +160,6 @@ class Synapse(CallSiteModule):
             computed = torch.full((x.shape[0],), float(per_row_macs), device=x.device, dtype=torch.float64)
             ops, analog = None, (computed if active is None else computed * active).view(steps, -1)
         else:
-            events = recorder.events_of(x)
-            if events is None:
-                events = self.events_per_position(x, recorder.scratch(x))
-            ops, analog = self.synaptic_ops(x, events).view(steps, -1), None
+            ops = self.synaptic_ops(x, recorder.events_of(x), recorder.scratch(x)).view(steps, -1)
+            analog = None
         recorder.record_synapse(self.site_name, per_row_macs, ops, analog, skipped_rows=skipped)
