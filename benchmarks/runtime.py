@@ -121,24 +121,31 @@ def measure(batch: int, imgsz: int, clock: Clock, repeats: int, model: str | Non
     qann_s = timed(lambda: detector.qann_raw(x), repeats, clock)
     rows = []
     for mode in ("step", "multistep"):
+        wake_s = {record: timed(lambda: snn.run(x, wake=4, sleep=0, mode=mode, record=record), repeats, clock) / 4
+                  for record in (False, True)}
+        runs = {False: [], True: []}  # the timed runs' results (the last one's steps are reported)
+
+        def run(record: bool):
+            return lambda: runs[record].append(snn.run(x, wake=4, sleep="auto", mode=mode, record=record, burst=burst))
+
+        # The ANN and both SNN runs in the same alternating rounds: the recording cost (on / off) and each ratio to
+        # the ANN are measured under the same machine load.
+        times = timed_alternating({"ann": lambda: ann(x), "off": run(False), "on": run(True)}, repeats, clock)
         for record in (False, True):
-            wake_s = timed(lambda: snn.run(x, wake=4, sleep=0, mode=mode, record=record), repeats, clock) / 4
-            runs = []  # the timed runs' results (the last one's steps are reported)
-            both = timed_alternating({"ann": lambda: ann(x), "snn": lambda: runs.append(snn.run(
-                x, wake=4, sleep="auto", mode=mode, record=record, burst=burst))}, repeats, clock)
-            ann_s, total_s = both["ann"], both["snn"]
-            used = runs[-1].steps
+            total_s = times["on" if record else "off"]
+            used = runs[record][-1].steps
             steps = int(used.max())
             sleep_steps = steps - 4
-            sleep_s = (total_s - 4 * wake_s) / sleep_steps if sleep_steps else 0.0
+            sleep_s = (total_s - 4 * wake_s[record]) / sleep_steps if sleep_steps else 0.0
             rows.append({
                 "batch": batch, "imgsz": imgsz, "mode": mode, "record": record, "model": model,
                 "burst": burst if burst is not None else 4,
-                "ann_forward_s": ann_s, "qann_forward_s": qann_s,
-                "snn_wake_step_s": wake_s, "snn_sleep_step_s": sleep_s,
+                "ann_forward_s": times["ann"], "qann_forward_s": qann_s,
+                "snn_wake_step_s": wake_s[record], "snn_sleep_step_s": sleep_s,
                 "steps_auto_mean": float(used.double().mean()), "steps_auto_max": steps,
-                "snn_total_s": total_s, "ratio_snn_over_T_ann": total_s / (steps * ann_s),
-                "sleep_over_wake": sleep_s / wake_s,
+                "snn_total_s": total_s, "ratio_snn_over_T_ann": total_s / (steps * times["ann"]),
+                "sleep_over_wake": sleep_s / wake_s[record],
+                "recording_cost": times["on"] / times["off"] - 1,
             })
     return rows
 
@@ -253,6 +260,10 @@ def main() -> None:
               f"| {r['qann_forward_s'] * 1e3:.1f} | {r['snn_wake_step_s'] * 1e3:.1f} | {r['snn_sleep_step_s'] * 1e3:.1f} "
               f"| {r['steps_auto_mean']:.1f}/{r['steps_auto_max']} | {r['snn_total_s'] * 1e3:.0f} "
               f"| {r['ratio_snn_over_T_ann']:.2f} | {r['sleep_over_wake']:.2f} |")
+    for r in rows:
+        if r["record"] and "recording_cost" in r:
+            print(f"recording (batch {r['batch']}, {r['mode']}): adds {100 * r['recording_cost']:+.1f} % to a run "
+                  f"(on / off, same rounds); a recorded run takes {r['ratio_snn_over_T_ann']:.2f} x T ANN forwards")
     operations = None
     if not two_stage:
         _, qann, trained_imgsz, images = networks(args.model)

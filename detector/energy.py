@@ -19,6 +19,7 @@ import math
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -113,29 +114,40 @@ def count_macs(model: nn.Module, *inputs) -> int:
     return counter.macs
 
 
+class Events(NamedTuple):
+    """A neuron output's input events for the synapses it feeds (``StatsRecorder.publish_events``): at each
+    position summed over channels (``[rows, positions]``, ``Synapse.events_per_position``'s count), and per row in
+    float64 (``[rows]``)."""
+
+    per_position: torch.Tensor
+    per_row: torch.Tensor
+
+
 class StatsRecorder:
-    """Collects per-layer counts while the network runs; tensors stay on the device until `summary`."""
+    """Collects per-layer counts while the network runs; tensors stay on the device until `summary`.
+
+    A layer call records its counts as they come (a few tensors, no arithmetic); each stack's records are
+    combined once, in ``end_stack``, into one tensor per kind (all layers), and the per-layer totals once, in
+    ``summary``: at batch 1 the cost of recording is the count of small tensor operations per layer call, not the
+    passes over data (``benchmarks/runtime.py`` counts them)."""
 
     def __init__(self, batch: int, device: torch.device | str = "cpu"):
         self.batch = batch
         self.device = torch.device(device)  # the run's: a stack in which nothing counted gets zeros there
         self.stack_index = -1
-        self.spikes: dict[str, list[torch.Tensor]] = defaultdict(list)  # each [steps, batch]
         self.elements: dict[str, int] = defaultdict(int)  # neurons per sample, all call sites
-        self.sops: dict[str, list[torch.Tensor]] = defaultdict(list)
-        self.analog_macs: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.forward_macs: dict[str, int] = defaultdict(int)  # MACs per sample of one ANN forward
         self.island_macs: dict[str, int] = defaultdict(int)
-        self.skipped_rows: list[torch.Tensor] = []
-        self._skipped_macs: list[torch.Tensor] = []
+        self.skipped_rows = 0  # sleep-step rows a synapse skipped (no input event), and their dense MACs
+        self.skipped_macs = 0
         self.steps_recorded = 0
-        # One [batch] row per time step, all layers (a layer called n times per step adds to one row).
-        self.spikes_per_step: list[torch.Tensor] = []
-        self.energy_pj_per_step: list[torch.Tensor] = []
-        self.peak_per_step: list[torch.Tensor] = []  # most spikes any one neuron emitted in the step
-        self.active_per_step: list[torch.Tensor] = []  # neurons with a non-zero output
-        self.sops_per_step: list[torch.Tensor] = []
-        self.macs_per_step: list[torch.Tensor] = []  # dense MACs (analog inputs, islands)
+        # Per stack: the sites and their [sites, steps, batch] counts, for the per-layer totals.
+        self._spikes_by_site: list[tuple[list[str], torch.Tensor]] = []
+        self._sops_by_site: list[tuple[list[str], torch.Tensor]] = []
+        # Per stack, [steps, batch] each, all layers (a layer called n times per step adds to one row).
+        self._per_step: dict[str, list[torch.Tensor]] = {
+            "spikes": [], "energy_pj": [], "peak": [], "active": [], "sops": [], "macs": []}
+        self._scales: dict[tuple, torch.Tensor] = {}
         self._scratch: torch.Tensor | None = None
         self._scratch_views: dict[tuple, torch.Tensor] = {}
         self._events: dict[int, tuple] = {}  # see publish_events
@@ -143,22 +155,23 @@ class StatsRecorder:
     def begin_stack(self, steps: int) -> None:
         self.stack_index += 1
         self.steps_recorded += steps
-        # What each call recorded in this stack, each [steps, batch]; summed once in end_stack, because a
-        # handful of small tensor ops per layer call cost more than the counting itself.
-        self._stack = {"spikes": [], "binary": [], "peak": [], "active": [], "sops": [], "macs": []}
         self._stack_steps = steps
+        self._spikes, self._spike_sites = [], []
+        self._binary, self._peak, self._active = [], [], []
+        self._sops, self._sop_scales, self._sop_sites = [], [], []
+        self._dense_macs = 0.0  # per row, from calls that computed every row
+        self._dense_masks, self._dense_masked_macs = [], []  # calls that computed some rows (a sleep step)
         self._events = {}
 
-    def publish_events(self, output: torch.Tensor, events: torch.Tensor) -> None:
-        """A neuron's output and its events at each position, summed over channels (``[rows, positions]``, what
-        ``Synapse.events_per_position`` would count): a synapse that receives this very tensor, unchanged since,
-        counts its synaptic operations from them instead of passing over the tensor again. Kept for one stack; not
-        for a tensor made under ``torch.inference_mode``, which keeps no version counter."""
+    def publish_events(self, output: torch.Tensor, events: Events) -> None:
+        """A neuron's output and its events: a synapse that receives this very tensor, unchanged since, counts its
+        synaptic operations from them instead of passing over the tensor again. Kept for one stack; not for a
+        tensor made under ``torch.inference_mode``, which keeps no version counter."""
         if output.is_inference():  # no version counter to tell an in-place change by: counted from the tensor
             return
         self._events[id(output)] = (weakref.ref(output), output._version, events)
 
-    def events_of(self, x: torch.Tensor) -> torch.Tensor | None:
+    def events_of(self, x: torch.Tensor) -> Events | None:
         """What ``publish_events`` published for ``x``; None for any other tensor, or once ``x`` was changed in
         place (its version counter moved), or when the published tensor is gone and its id reused."""
         entry = self._events.get(id(x))
@@ -183,114 +196,144 @@ class StatsRecorder:
     def first_stack(self) -> bool:
         return self.stack_index == 0
 
-    def _per_sample(self, site: str, values: torch.Tensor) -> torch.Tensor:
-        """[steps, rows] as [steps, batch]: rows must be the network's samples."""
-        if values.shape[1] != self.batch:
-            raise RuntimeError(f"{site}: {values.shape[1]} rows per step where the network input has {self.batch} "
-                               "samples; a forward that mixes samples on the batch axis cannot be simulated")
-        return values
+    def _check_rows(self, site: str, rows: int) -> None:
+        """``rows`` values per stack must be the network's samples at each step."""
+        if rows != self._stack_steps * self.batch:
+            raise RuntimeError(f"{site}: {rows // self._stack_steps} rows per step where the network input has "
+                               f"{self.batch} samples; a forward that mixes samples on the batch axis cannot be simulated")
 
     def record_spikes(self, site: str, counts: torch.Tensor, elements_per_row: int,
                       peak: torch.Tensor | None = None, active: torch.Tensor | None = None) -> None:
-        """[steps, rows] each: spike events, the most spikes one neuron emitted, neurons with a non-zero output.
-        Without ``peak`` and ``active`` no neuron emitted more than one spike: every event is one active
+        """[steps * rows] each (or [steps, rows]), float64: spike events, the most spikes one neuron emitted, neurons
+        with a non-zero output. Without ``peak`` and ``active`` no neuron emitted more than one spike: every event is one active
         neuron, and the peak is 1 wherever some neuron spiked (worked out once per stack, in end_stack)."""
-        counts = self._per_sample(site, counts)
-        self.spikes[site].append(counts)
-        self._stack["spikes"].append(counts)
+        self._check_rows(site, counts.numel())
+        self._spikes.append(counts)
+        self._spike_sites.append(site)
         if peak is None:
-            self._stack["binary"].append(counts)
+            self._binary.append(counts)
         else:
-            self._stack["peak"].append(peak)
-            self._stack["active"].append(active)
-        if self.first_stack and len(self.spikes[site]) == 1:
-            self.elements[site] += elements_per_row
+            self._peak.append(peak)
+            self._active.append(active)
+        if self.first_stack and site not in self.elements:
+            self.elements[site] = elements_per_row
 
-    def record_synapse(self, site, macs_per_row, ops, analog_macs, skipped_rows) -> None:
-        """``ops`` (SOPs) or ``analog_macs`` (dense MACs), [steps, rows] in float64: counts above 2**24 are not
-        exact in float32."""
+    def record_synapse(self, site: str, macs_per_row: int, sops: torch.Tensor | None = None, sops_scale: float = 1.0,
+                       computed_rows: torch.Tensor | None = None, skipped_rows: int = 0) -> None:
+        """One synapse call. On spikes: ``sops`` ([steps * rows], float64) times ``sops_scale`` are its synaptic
+        operations per row (event counts and a uniform fan-out, or the operations themselves and 1). On an analog
+        input (``sops`` None): ``macs_per_row`` dense MACs on every row, or only on ``computed_rows`` (a bool
+        mask: a sleep step skipped the others)."""
         if self.first_stack:
             self.forward_macs[site] += macs_per_row
-        if ops is not None:
-            ops = self._per_sample(site, ops)
-            self.sops[site].append(ops)
-            self._stack["sops"].append(ops)
-        if analog_macs is not None:
-            analog_macs = self._per_sample(site, analog_macs)
-            self.analog_macs[site].append(analog_macs)
-            self._stack["macs"].append(analog_macs)
-        if not isinstance(skipped_rows, int):  # a tensor: this was a sleep stack
-            self.skipped_rows.append(skipped_rows)
-            self._skipped_macs.append(skipped_rows * macs_per_row)
+        if sops is not None:
+            self._check_rows(site, sops.numel())
+            self._sops.append(sops)
+            self._sop_scales.append(sops_scale)
+            self._sop_sites.append(site)
+        elif computed_rows is None:
+            self._dense_macs += macs_per_row
+        else:
+            self._dense_masks.append(computed_rows)
+            self._dense_masked_macs.append(float(macs_per_row))
+        self.skipped_rows += skipped_rows
+        self.skipped_macs += skipped_rows * macs_per_row
 
     def record_island(self, site: str, macs: int, steps: int) -> None:
         """``macs``: everything the island computed in this stack (all steps, all rows)."""
         if self.first_stack:
             self.island_macs[site] += macs // (steps * self.batch)
-        macs_per_row = torch.full((steps, self.batch), macs / (steps * self.batch), dtype=torch.float64,
-                                  device=self.device)
-        self.analog_macs[site].append(macs_per_row)
-        self._stack["macs"].append(macs_per_row)
+        self._dense_macs += macs / (steps * self.batch)
 
-    def end_stack(self) -> None:
-        """One row per step of this stack (zeros for a step in which no layer computed anything)."""
-        def combined(name: str, reduce=torch.sum) -> torch.Tensor:
-            parts = self._stack[name]
-            if not parts:
-                return torch.zeros(self._stack_steps, self.batch, dtype=torch.float64, device=self.device)
-            return reduce(torch.stack(parts), 0).double()  # stack promotes mixed dtypes (all on one device)
+    def _scale_vector(self, scales: list[float]) -> torch.Tensor:
+        key = tuple(scales)
+        vector = self._scales.get(key)
+        if vector is None:
+            vector = self._scales[key] = torch.tensor(scales, dtype=torch.float64, device=self.device).view(-1, 1, 1)
+        return vector
 
-        sops, macs = combined("sops"), combined("macs")
-        binary = combined("binary", torch.amax)  # one spike at most: the peak is 1 where a neuron spiked
-        peak = torch.maximum(combined("peak", torch.amax), (binary > 0).to(binary.dtype))
-        active = combined("active") + combined("binary")
-        for acc, rows in ((combined("spikes"), self.spikes_per_step), (sops * PJ_PER_SOP + macs * PJ_PER_MAC,
-                          self.energy_pj_per_step), (peak, self.peak_per_step), (active, self.active_per_step),
-                          (sops, self.sops_per_step), (macs, self.macs_per_step)):
-            rows.extend(acc.unbind(0))
+    def end_stack(self) -> torch.Tensor:
+        """This stack's records as one tensor per kind: per site, and one row per step (zeros for a step in which
+        no layer computed anything). Returns the stack's spikes per (step, sample)."""
+        shape = (self._stack_steps, self.batch)
+        zeros = torch.zeros(shape, dtype=torch.float64, device=self.device)
+
+        def stacked(parts: list[torch.Tensor]) -> torch.Tensor | None:
+            return torch.stack(parts).view(len(parts), *shape) if parts else None
+
+        spikes = stacked(self._spikes)
+        sops = stacked(self._sops)
+        if sops is not None:
+            sops = sops * self._scale_vector(self._sop_scales)
+            self._sops_by_site.append((self._sop_sites, sops))
+        if spikes is not None:
+            self._spikes_by_site.append((self._spike_sites, spikes))
+        macs = torch.full(shape, self._dense_macs, dtype=torch.float64, device=self.device)
+        if self._dense_masks:
+            masked = torch.tensor(self._dense_masked_macs, dtype=torch.float64, device=self.device)
+            macs += (masked @ torch.stack(self._dense_masks).to(torch.float64)).view(shape)
+        binary = stacked(self._binary)
+        # one spike at most: the peak is 1 where a neuron spiked, and every event is an active neuron
+        peak = zeros if binary is None else (binary.amax(0) > 0).to(torch.float64)
+        active = zeros if binary is None else binary.sum(0)
+        if self._peak:
+            peak = torch.maximum(peak, stacked(self._peak).amax(0))
+            active = active + stacked(self._active).sum(0)
+        spikes_step = zeros if spikes is None else spikes.sum(0)
+        sops_step = zeros if sops is None else sops.sum(0)
+        for name, rows in (("spikes", spikes_step), ("energy_pj", sops_step * PJ_PER_SOP + macs * PJ_PER_MAC),
+                           ("peak", peak), ("active", active), ("sops", sops_step), ("macs", macs)):
+            self._per_step[name].append(rows)
+        return spikes_step
+
+    def last_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spikes and energy (pJ) per sample of the last step recorded."""
+        return self._per_step["spikes"][-1][-1], self._per_step["energy_pj"][-1][-1]
+
+    @staticmethod
+    def _site_totals(by_stack: list[tuple[list[str], torch.Tensor]]) -> tuple[dict[str, float], torch.Tensor | None]:
+        """Per-site totals over steps and samples, and the per-sample total over sites and steps."""
+        totals: dict[str, float] = defaultdict(float)
+        per_sample = None
+        for sites, counts in by_stack:
+            for site, value in zip(sites, counts.sum((1, 2)).tolist()):
+                totals[site] += value
+            stack_total = counts.sum((0, 1))
+            per_sample = stack_total if per_sample is None else per_sample + stack_total
+        return dict(totals), per_sample
 
     def summary(self, wake: int, steps_used: torch.Tensor) -> "RunStats":
-        def total(parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-            return {k: torch.cat(v).double().sum(0).cpu() for k, v in parts.items()}
-
         # Multistep sleep stacks may run past the step at which the last sample fell silent; those
         # steps changed nothing and are not part of the run.
         steps = int(steps_used.max()) if steps_used.numel() else self.steps_recorded
-
-        def rows(per_step: list[torch.Tensor]) -> torch.Tensor:
-            kept = per_step[:steps]
-            return torch.stack([r.cpu() for r in kept]) if kept else empty
-
-        spikes = total(self.spikes)
-        sops = total(self.sops)
-        analog = total(self.analog_macs)
+        per_step = {name: torch.cat(rows).cpu() if rows else torch.zeros(0, self.batch, dtype=torch.float64)
+                    for name, rows in self._per_step.items()}
         zeros = torch.zeros(self.batch, dtype=torch.float64)
-        empty = torch.zeros(0, self.batch, dtype=torch.float64)
-        firing = {
-            site: float(s.sum()) / (self.elements[site] * self.batch * steps)
-            for site, s in spikes.items() if self.elements[site]
-        }
+        spikes_per_layer, spikes = self._site_totals(self._spikes_by_site)
+        sops_per_layer, sops = self._site_totals(self._sops_by_site)
+        firing = {site: total / (self.elements[site] * self.batch * steps)
+                  for site, total in spikes_per_layer.items() if self.elements[site]}
         ann = sum(self.forward_macs.values()) + sum(self.island_macs.values())
         return RunStats(
             wake=wake,
             steps=steps_used.cpu(),
-            spikes=sum(spikes.values(), zeros),
-            sops=sum(sops.values(), zeros),
-            analog_macs=sum(analog.values(), zeros),
+            spikes=zeros if spikes is None else spikes.cpu(),
+            sops=zeros if sops is None else sops.cpu(),
+            analog_macs=per_step["macs"].sum(0),
             ann_macs=ann,
             island_macs=sum(self.island_macs.values()),
-            spikes_per_layer={k: v.sum().item() for k, v in spikes.items()},
-            sops_per_layer={k: v.sum().item() for k, v in sops.items()},
+            spikes_per_layer=spikes_per_layer,
+            sops_per_layer=sops_per_layer,
             firing_rates=firing,
-            spikes_per_step=rows(self.spikes_per_step),
-            energy_pj_per_step=rows(self.energy_pj_per_step),
-            peak_spikes_per_step=rows(self.peak_per_step),
-            active_per_step=rows(self.active_per_step),
-            sops_per_step=rows(self.sops_per_step),
-            macs_per_step=rows(self.macs_per_step),
+            spikes_per_step=per_step["spikes"][:steps],
+            energy_pj_per_step=per_step["energy_pj"][:steps],
+            peak_spikes_per_step=per_step["peak"][:steps],
+            active_per_step=per_step["active"][:steps],
+            sops_per_step=per_step["sops"][:steps],
+            macs_per_step=per_step["macs"][:steps],
             neurons=sum(self.elements.values()),
-            skipped_rows=float(torch.stack(self.skipped_rows).double().sum()) if self.skipped_rows else 0.0,
-            skipped_macs=float(torch.stack(self._skipped_macs).double().sum()) if self._skipped_macs else 0.0,
+            skipped_rows=float(self.skipped_rows),
+            skipped_macs=float(self.skipped_macs),
         )
 
 

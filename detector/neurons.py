@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .energy import count_sum
+from .energy import Events, count_sum
 from .state import CallSiteModule
-
-
-def _per_sample(per_position: torch.Tensor) -> torch.Tensor:
-    """[steps, batch, *positions] summed to [steps, batch]."""
-    return per_position.flatten(2).sum(2) if per_position.dim() > 2 else per_position
 
 
 class Neuron(CallSiteModule):
@@ -38,43 +33,42 @@ class Neuron(CallSiteModule):
         theta = self.threshold_at(index)
         if steps == 1:  # step mode: the stack is the step itself, no per-step views
             spikes = self._step(state, x, theta, sim.wake_counts[0], sim.sleeping)
-            per_step = spikes.unsqueeze(0)
         else:
             current = x.unflatten(0, (steps, sim.batch))
             per_step = torch.empty_like(current)
             for t in range(steps):
                 per_step[t] = self._step(state, current[t], theta, sim.wake_counts[t], sim.sleeping)
             spikes = per_step.flatten(0, 1)
-        # Wake steps need no activity map (only a silent sleep step settles) and, unrecorded, no counts.
-        events = self._count_spikes(index, per_step, shape) if sim.sleeping or sim.record else None
+        if sim.record:
+            events = self._count_spikes(index, spikes, shape)
+        elif sim.sleeping:  # only a silent sleep step settles: wake steps need no activity map
+            sim.note_activity(spikes.abs().sum(tuple(range(1, spikes.dim()))) > 0)
         out = spikes if theta == 1.0 else spikes.mul_(theta)
-        if events is not None:
+        if sim.record:
             sim.recorder.publish_events(out, events)
         return out
 
-    def _count_spikes(self, index: int, per_step: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
-        """Notes a sleep stack's activity and records the stack's spikes; returns the events at each position,
-        summed over channels (``[rows, positions]``), for the synapses this output feeds (None: not recording)."""
+    def _count_spikes(self, index: int, spikes: torch.Tensor, shape: torch.Size) -> Events:
+        """Records the stack's spikes (``spikes``: ``[steps * batch, channels, *positions]``); returns the events
+        for the synapses this output feeds. (A recorded stack's activity map comes from these counts, once per
+        stack: ``SpikingNetwork.forward_stack``.)"""
         sim = self.sim
         recorder = sim.recorder
-        magnitude = per_step.abs() if recorder is None else torch.abs(per_step, out=recorder.scratch(per_step))
-        if not sim.record:
-            sim.note_activity(magnitude.flatten(2).sum(2).flatten() > 0)
-            return None
+        rows = len(spikes)
+        magnitude = torch.abs(spikes, out=recorder.scratch(spikes))
         # Spikes at each position, summed over channels: the counts per (step, sample) follow, and so do the
         # synaptic operations of a synapse fed by this output (so it need not pass over the output again).
-        per_position = count_sum(magnitude, 2)
-        counts = _per_sample(per_position)  # events per (step, sample); a burst of n is n events
-        if sim.sleeping:
-            sim.note_activity((counts > 0).flatten())
+        per_position = count_sum(magnitude, 1).view(rows, -1)
+        counts = per_position.sum(1, dtype=torch.float64)  # events per row; a burst of n is n events
         if sim.sleeping and sim.burst > 1:  # a neuron may emit several spikes in this step
-            peak = magnitude.flatten(2).amax(2)
-            events = count_sum(torch.ne(magnitude, 0, out=magnitude), 2)  # neurons that fired, per position
-            recorder.record_spikes(self.site(index), counts, shape.numel(), peak=peak, active=_per_sample(events))
+            peak = magnitude.view(rows, -1).amax(1)
+            per_position = count_sum(torch.ne(magnitude, 0, out=magnitude), 1).view(rows, -1)  # neurons that fired
+            per_row = per_position.sum(1, dtype=torch.float64)
+            recorder.record_spikes(self.site(index), counts, shape.numel(), peak=peak, active=per_row)
         else:  # at most one spike per neuron: every spiking neuron is one event
-            events = per_position
+            per_row = counts
             recorder.record_spikes(self.site(index), counts, shape.numel())
-        return events.view(sim.steps * sim.batch, -1)
+        return Events(per_position, per_row)
 
     def _step(self, state: list, current, theta, k, sleep) -> torch.Tensor:
         if state:
@@ -167,8 +161,11 @@ class CIFNeuron(Neuron):
         gamma = self.most_spikes(sleep)
         if self.negative_spikes and self.spike_cap:
             # Clamping s to [-gamma, gamma] and then C + s to [0, cap] keeps at most gamma spikes, never below 0
-            # or above the cap in total, with scalar bounds only and in place: the new count, then s from it.
-            s.clamp_(-gamma, gamma).add_(count).clamp_(self.lowest_count(k), self.cap(k)).sub_(count)
+            # or above the cap in total, with scalar bounds only and in place: that is the new count, which
+            # replaces the state's (no addition back into it), and the spikes are what it adds.
+            total = s.clamp_(-gamma, gamma).add_(count).clamp_(self.lowest_count(k), self.cap(k))
+            s = total - count
+            state[1] = total
         else:  # the ablations: one bound dropped, so the exactness tests can tell the method from a near miss
             s.clamp_(-gamma, gamma)
             if self.spike_cap:
@@ -178,7 +175,7 @@ class CIFNeuron(Neuron):
                 s.clamp_(min=0)
             elif lowest is not None:
                 s.clamp_(min=lowest - count)
-        count.add_(s)
+            count.add_(s)
         m.sub_(s, alpha=theta)
         return s
 

@@ -186,7 +186,9 @@ class SpikingNetwork(nn.Module):
         else:
             out = self.model(x)
         if recorder is not None:
-            recorder.end_stack()
+            spikes = recorder.end_stack()
+            if sleeping:  # recording neurons leave their activity to the stack's counts: one comparison, not one each
+                self.sim.note_activity(spikes > 0)
         return out if steps == 1 else tree_map(lambda t: t.unflatten(0, (steps, -1)).sum(0), out)
 
     def _schedule(self, x, wake, sleep, mode, burst, max_sleep, sleep_chunk, record, cancel, every_step):
@@ -252,7 +254,7 @@ class TorchStepEngine:
         recorder = self.net.sim.recorder
         if recorder is None:
             return None, None
-        return recorder.spikes_per_step[-1], recorder.energy_pj_per_step[-1]
+        return recorder.last_step()
 
     def finish(self, wake_steps: int, steps: torch.Tensor) -> RunStats | None:
         recorder, self.net.sim.recorder = self.net.sim.recorder, None

@@ -47,7 +47,7 @@ class SimulationState:
         return self.batch
 
     def note_activity(self, per_row: torch.Tensor) -> None:
-        """OR a per-row activity flag [steps * batch] into the per-(step, sample) map."""
+        """OR an activity flag per row ([steps * batch] or [steps, batch]) into the per-(step, sample) map."""
         self.activity |= per_row.view(self.steps, self.batch)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .energy import count_sum, layer_macs
+from .energy import Events, count_sum, layer_macs
 from .state import CallSiteModule
 
 
@@ -76,12 +76,12 @@ class Synapse(CallSiteModule):
         sim = self.sim
         index, _ = self.next_state(lambda: None)
         spike_input = index < len(self.input_kinds) and self.input_kinds[index]  # untraced: count dense MACs
+        active, n_active = None, x.shape[0]  # every row computed
         if not sim.sleeping:
             y = self.apply_layer(x, bias=True)
             self._out_shapes[x.shape[1:]] = y.shape[1:]
-            active = None
         elif not sim.event_driven:
-            y, active = self.apply_layer(x, bias=False), None
+            y = self.apply_layer(x, bias=False)
         else:
             active = x.flatten(1).abs().sum(1) > 0  # faster than any() on CPU
             n_active = int(active.sum())
@@ -93,7 +93,7 @@ class Synapse(CallSiteModule):
                     index = active.nonzero().squeeze(1)
                     y.index_copy_(0, index, self.apply_layer(x.index_select(0, index), bias=False))
         if sim.record:
-            self._record(x, y, active, spike_input)
+            self._record(x, y, active, n_active, spike_input)
         return y
 
     # --- work counting -------------------------------------------------------------------
@@ -134,32 +134,46 @@ class Synapse(CallSiteModule):
         events = torch.ne(x, 0, out=torch.empty_like(x) if scratch is None else scratch)
         return count_sum(events, 1).view(len(x), -1)
 
-    def synaptic_ops(self, x: torch.Tensor, events: torch.Tensor | None = None,
+    @staticmethod
+    def events_per_row(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Input events of each row, ``[rows]``: in float32 where a row holds fewer than 2**24 elements (a sum of
+        that many zeros and ones is exact in it), else in float64."""
+        events = torch.ne(x, 0, out=torch.empty_like(x) if scratch is None else scratch)
+        if x.shape[1:].numel() < 1 << 24:
+            return events.sum(tuple(range(1, x.dim())), dtype=torch.float32)
+        return count_sum(events, 1).view(len(x), -1).sum(1, dtype=torch.float64)
+
+    def _sop_terms(self, x: torch.Tensor, published: Events | None,
+                   scratch: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """``(values, scale)``, values in float64 ``[rows]``: the synaptic operations per row are ``values * scale``,
+        events per row and the uniform fan-out where the fan-out is uniform (the product waits for the stack's
+        other layers, ``StatsRecorder.end_stack``), else the operations themselves and 1."""
+        targets_at, targets = self._counting_plan(x)
+        if targets_at is None:
+            return (published.per_row if published is not None else self.events_per_row(x, scratch)), targets
+        events = published.per_position if published is not None else self.events_per_position(x, scratch)
+        return events.double() @ targets_at, 1.0
+
+    def synaptic_ops(self, x: torch.Tensor, published: Events | None = None,
                      scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Events arriving in each row times the number of targets each one reaches, in float64 (counts above
         2**24 are not exact in float32).
 
-        ``events``: ``events_per_position(x)`` where it is already known (a neuron publishes it for its output,
-        ``StatsRecorder.events_of``); otherwise it is counted here."""
-        if events is None:
-            events = self.events_per_position(x, scratch)
-        targets_at, targets = self._counting_plan(x)
-        if targets_at is not None:
-            return events.double() @ targets_at
-        return events.sum(1, dtype=torch.float64).mul_(targets)
+        ``published``: the events of ``x`` where they are already known (a neuron publishes them for its output,
+        ``StatsRecorder.events_of``); otherwise they are counted here."""
+        values, scale = self._sop_terms(x, published, scratch)
+        return values * scale
 
-    def _record(self, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, spike_input: bool) -> None:
-        sim = self.sim
-        recorder = sim.recorder
-        steps = sim.steps
+    def _record(self, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, n_active: int,
+                spike_input: bool) -> None:
+        recorder = self.sim.recorder
         per_row_macs = self._macs_per_row.get(x.shape[1:])
         if per_row_macs is None:
             per_row_macs = self._macs_per_row[x.shape[1:]] = layer_macs(self.layer, y) // max(y.shape[0], 1)
-        skipped = 0 if active is None else x.shape[0] - active.sum()
+        skipped = x.shape[0] - n_active
         if not spike_input:
-            computed = torch.full((x.shape[0],), float(per_row_macs), device=x.device, dtype=torch.float64)
-            ops, analog = None, (computed if active is None else computed * active).view(steps, -1)
-        else:
-            ops = self.synaptic_ops(x, recorder.events_of(x), recorder.scratch(x)).view(steps, -1)
-            analog = None
-        recorder.record_synapse(self.site_name, per_row_macs, ops, analog, skipped_rows=skipped)
+            recorder.record_synapse(self.site_name, per_row_macs, computed_rows=active if skipped else None,
+                                    skipped_rows=skipped)
+            return
+        values, scale = self._sop_terms(x, recorder.events_of(x), recorder.scratch(x))
+        recorder.record_synapse(self.site_name, per_row_macs, sops=values, sops_scale=scale, skipped_rows=skipped)

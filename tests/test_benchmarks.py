@@ -54,3 +54,15 @@ def test_the_runtime_counts_more_tensor_operations_with_recording():
     counts = runtime.tensor_operations(snn, torch.rand(1, 3, 8, 8))
     assert counts["mode"] == "step" and counts["batch"] == 1
     assert 0 < counts["off"] < counts["on"]  # recording counts with tensor operations of its own
+
+
+def test_the_runtime_times_recording_on_and_off_in_the_same_rounds():
+    """Each mode's two rows (recording off, on) share one ANN time, and the recording cost printed is their ratio."""
+    runtime = _benchmark("runtime")
+    rows = runtime.measure(1, 64, runtime.Clock(torch.device("cpu"), cpu_time=True), 1, None)
+    assert [(r["mode"], r["record"]) for r in rows] == [("step", False), ("step", True), ("multistep", False),
+                                                        ("multistep", True)]
+    for off, on in (rows[0:2], rows[2:4]):
+        assert off["ann_forward_s"] == on["ann_forward_s"] > 0
+        assert on["recording_cost"] == pytest.approx(on["snn_total_s"] / off["snn_total_s"] - 1)
+        assert on["steps_auto_max"] == off["steps_auto_max"] >= 4  # recording changes no step of the schedule

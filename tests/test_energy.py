@@ -11,11 +11,19 @@ from detector.synapses import Synapse
 
 
 class Recorder:
-    def __init__(self):
-        self.calls = []
+    def __init__(self, rows=1):
+        self.calls, self.rows = [], rows
 
-    def record_synapse(self, site, macs_per_row, ops, analog, skipped_rows):
-        self.calls.append((macs_per_row, ops, analog, skipped_rows))
+    def record_synapse(self, site, macs_per_row, sops=None, sops_scale=1.0, computed_rows=None, skipped_rows=0):
+        """Kept as (MACs per row, SOPs per row, dense MACs per row, rows skipped), as the real recorder sums them."""
+        ops = None if sops is None else sops * sops_scale
+        if sops is not None:
+            dense = None
+        elif computed_rows is None:
+            dense = torch.full((self.rows,), float(macs_per_row), dtype=torch.float64)
+        else:
+            dense = computed_rows.double() * macs_per_row
+        self.calls.append((macs_per_row, ops, dense, skipped_rows))
 
     def scratch(self, like):
         return torch.full_like(like, float("nan"))  # the counting must overwrite all of it
@@ -58,9 +66,10 @@ def test_linear_ops_and_analog_macs():
     syn(torch.tensor([[0.0, 1.0, 0.0, -1.0, 0.0, 1.0]]))
     assert syn.sim.recorder.calls[0][1].item() == 3 * 3
     analog = synapse_with(nn.Linear(6, 3), analog_input=True)
+    analog.sim.recorder.rows = 2
     analog(torch.rand(2, 6))
     macs_per_row, ops, macs, _ = analog.sim.recorder.calls[0]
-    assert ops is None and macs_per_row == 18 and macs.tolist() == [[18.0, 18.0]]
+    assert ops is None and macs_per_row == 18 and macs.tolist() == [18.0, 18.0]
 
 
 def test_sleep_rows_without_events_are_skipped_and_exactly_zero():
@@ -73,7 +82,7 @@ def test_sleep_rows_without_events_are_skipped_and_exactly_zero():
     y = syn(x)
     assert torch.equal(y[0], torch.zeros(3, 5, 5))  # skipped row: zero, no bias
     torch.testing.assert_close(y[1:], nn.functional.conv2d(x[1:], conv.weight, padding=1))  # bias off
-    assert syn.sim.recorder.calls[-1][3].item() == 1
+    assert syn.sim.recorder.calls[-1][3] == 1
 
 
 def test_run_stats_energy_and_counts():
@@ -311,11 +320,12 @@ def test_synapses_fed_by_a_neuron_count_the_events_it_published_exactly(mode, bu
 
 
 def test_published_events_are_forgotten_once_the_tensor_changes():
-    from detector.energy import StatsRecorder
+    from detector.energy import Events, StatsRecorder
 
     recorder = StatsRecorder(batch=1)
     recorder.begin_stack(1)
-    out, events = torch.ones(1, 2, 3, 3), torch.full((1, 3, 3), 2.0)
+    out = torch.ones(1, 2, 3, 3)
+    events = Events(torch.full((1, 9), 2.0), torch.full((1,), 18.0, dtype=torch.float64))
     recorder.publish_events(out, events)
     assert recorder.events_of(out) is events
     assert recorder.events_of(out.clone()) is None and recorder.events_of(out.view(1, 2, 9)) is None
@@ -337,3 +347,15 @@ def test_a_recorded_run_under_inference_mode_counts_the_same():
     with torch.inference_mode():
         stats = snn.run(x, wake=4, sleep="auto").stats
     assert stats.sops_per_layer == expected.sops_per_layer and torch.equal(stats.sops_per_step, expected.sops_per_step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_events_per_row_count_every_non_zero_input_exactly(dtype):
+    """float32 below 2**24 elements per row, float64 from there (a row of 2**24 + 1 events is not exact in float32)."""
+    x = torch.zeros(3, 4, 5, 6, dtype=dtype)
+    x[0, 1, 2, 3], x[0, 3, 0, 0], x[2, :, 1] = 2.0, -1.0, 1.0
+    assert Synapse.events_per_row(x).tolist() == [2.0, 0.0, 24.0]
+    assert torch.equal(Synapse.events_per_row(x), Synapse.events_per_position(x).sum(1, dtype=torch.float32))
+    big = torch.ones(1, 1, (1 << 24) + 1, dtype=dtype)
+    counted = Synapse.events_per_row(big)
+    assert counted.dtype == torch.float64 and counted.item() == (1 << 24) + 1
