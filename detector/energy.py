@@ -16,10 +16,8 @@ definitions (``neurobench_metrics``).
 from __future__ import annotations
 
 import math
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -114,15 +112,6 @@ def count_macs(model: nn.Module, *inputs) -> int:
     return counter.macs
 
 
-class Events(NamedTuple):
-    """A neuron output's input events for the synapses it feeds (``StatsRecorder.publish_events``): at each
-    position summed over channels (``[rows, positions]``, ``Synapse.events_per_position``'s count), and per row in
-    float64 (``[rows]``)."""
-
-    per_position: torch.Tensor
-    per_row: torch.Tensor
-
-
 class StatsRecorder:
     """Collects per-layer counts while the network runs; tensors stay on the device until `summary`.
 
@@ -150,7 +139,6 @@ class StatsRecorder:
         self._scales: dict[tuple, torch.Tensor] = {}
         self._scratch: torch.Tensor | None = None
         self._scratch_views: dict[tuple, torch.Tensor] = {}
-        self._events: dict[int, tuple] = {}  # see publish_events
 
     def begin_stack(self, steps: int) -> None:
         self.stack_index += 1
@@ -161,23 +149,6 @@ class StatsRecorder:
         self._sops, self._sop_scales, self._sop_sites = [], [], []
         self._dense_macs = 0.0  # per row, from calls that computed every row
         self._dense_masks, self._dense_masked_macs = [], []  # calls that computed some rows (a sleep step)
-        self._events = {}
-
-    def publish_events(self, output: torch.Tensor, events: Events) -> None:
-        """A neuron's output and its events: a synapse that receives this very tensor, unchanged since, counts its
-        synaptic operations from them instead of passing over the tensor again. Kept for one stack; not for a
-        tensor made under ``torch.inference_mode``, which keeps no version counter."""
-        if output.is_inference():  # no version counter to tell an in-place change by: counted from the tensor
-            return
-        self._events[id(output)] = (weakref.ref(output), output._version, events)
-
-    def events_of(self, x: torch.Tensor) -> Events | None:
-        """What ``publish_events`` published for ``x``; None for any other tensor, or once ``x`` was changed in
-        place (its version counter moved), or when the published tensor is gone and its id reused."""
-        entry = self._events.get(id(x))
-        if entry is None or entry[0]() is not x or entry[1] != x._version:
-            return None
-        return entry[2]
 
     def scratch(self, like: torch.Tensor) -> torch.Tensor:
         """A buffer shaped and typed as ``like``, shared by every call (one allocation per run, not per layer);

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .energy import Events, count_sum
-from .state import CallSiteModule
+from .energy import count_sum
+from .state import CallSiteModule, Events
 
 
 class Neuron(CallSiteModule):
@@ -39,13 +39,17 @@ class Neuron(CallSiteModule):
             for t in range(steps):
                 per_step[t] = self._step(state, current[t], theta, sim.wake_counts[t], sim.sleeping)
             spikes = per_step.flatten(0, 1)
+        events = None
         if sim.record:
             events = self._count_spikes(index, spikes, shape)
         elif sim.sleeping:  # only a silent sleep step settles: wake steps need no activity map
-            sim.note_activity(spikes.abs().sum(tuple(range(1, spikes.dim()))) > 0)
+            magnitude = spikes.abs().sum(tuple(range(1, spikes.dim())))
+            sim.note_activity(magnitude > 0)
+            if sim.event_driven:  # the synapses fed by this output skip their silent rows from it
+                events = Events(None, magnitude)
         out = spikes if theta == 1.0 else spikes.mul_(theta)
-        if sim.record:
-            sim.recorder.publish_events(out, events)
+        if events is not None:
+            sim.publish(out, events)
         return out
 
     def _count_spikes(self, index: int, spikes: torch.Tensor, shape: torch.Size) -> Events:

@@ -7,10 +7,22 @@ spiking module reads the schedule of the current stack from one ``SimulationStat
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+
+class Events(NamedTuple):
+    """What a neuron tells the layers its output feeds (``SimulationState.publish``): its events per row
+    (``[rows]``: a recorded count in float64, or, unrecorded in a sleep step, any non-negative value that is zero
+    exactly where the row is silent), and, when recording, at each position summed over channels
+    (``[rows, positions]``, ``Synapse.events_per_position``'s count)."""
+
+    per_position: torch.Tensor | None
+    per_row: torch.Tensor
 
 
 @dataclass
@@ -29,10 +41,28 @@ class SimulationState:
     recorder: object | None = None  # energy.StatsRecorder when record is on
     # Per stack: which (step, sample) saw any neuron or island output; drives sleep="auto".
     activity: torch.Tensor | None = None
+    _published: dict = field(default_factory=dict)  # see publish
 
     def begin_stack(self, sleeping: bool, wake_counts: list[int], batch: int, device) -> None:
         self.steps, self.sleeping, self.wake_counts, self.batch = len(wake_counts), sleeping, wake_counts, batch
         self.activity = torch.zeros(self.steps, batch, dtype=torch.bool, device=device)
+        self._published = {}
+
+    def publish(self, output: torch.Tensor, events: Events) -> None:
+        """A neuron's output and its events: a layer that receives this very tensor, unchanged since, takes them
+        instead of passing over the tensor again (a synapse's skipped rows and synaptic operations). Kept for one
+        stack; not for a tensor made under ``torch.inference_mode``, which keeps no version counter."""
+        if output.is_inference():  # no version counter to tell an in-place change by: counted from the tensor
+            return
+        self._published[id(output)] = (weakref.ref(output), output._version, events)
+
+    def published(self, x: torch.Tensor) -> Events | None:
+        """What ``publish`` published for ``x``; None for any other tensor, or once ``x`` was changed in place (its
+        version counter moved), or when the published tensor is gone and its id reused."""
+        entry = self._published.get(id(x))
+        if entry is None or entry[0]() is not x or entry[1] != x._version:
+            return None
+        return entry[2]
 
     def rows_per_step(self, x: torch.Tensor, site: str) -> int:
         """Rows of one step in a stacked input; refuses a layout that is not step-major by sample.

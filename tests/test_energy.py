@@ -28,9 +28,6 @@ class Recorder:
     def scratch(self, like):
         return torch.full_like(like, float("nan"))  # the counting must overwrite all of it
 
-    def events_of(self, x):
-        return None  # no neuron published this input: the synapse counts its events itself
-
 
 def synapse_with(layer, analog_input=False, sleeping=False):
     syn = Synapse(layer)
@@ -299,41 +296,49 @@ def test_workload_of_a_run_matches_its_counters():
 @pytest.mark.parametrize("mode", ["step", "multistep"])
 @pytest.mark.parametrize("burst", [1, None])
 def test_synapses_fed_by_a_neuron_count_the_events_it_published_exactly(mode, burst, monkeypatch):
-    """A synapse that receives a neuron's output counts its SOPs from what the neuron published; counting them
-    from the tensor itself (as for any other input) must give the same figures, layer by layer and step by step."""
-    from detector.energy import StatsRecorder
+    """A synapse that receives a neuron's output counts its SOPs, and in a sleep step skips its silent rows, from
+    what the neuron published; counting from the tensor itself (as for any other input) must give the same figures,
+    layer by layer and step by step, and the same run, recorded or not."""
     from detector.randnet import random_qann
 
-    events_of, used = StatsRecorder.events_of, []
+    published_of, used = SimulationState.published, []
     for seed, levels in ((3, 2), (11, 4), (19, 8)):  # random nets: pools, SPPF, split / concat, up / concat, residuals
         qann = random_qann(seed, levels=levels, depth=10).double()
         snn = convert(qann)
         x = torch.rand(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 2
-        monkeypatch.setattr(StatsRecorder, "events_of", lambda self, t: used.append(events_of(self, t)) or used[-1])
-        published = snn.run(x, wake=levels, sleep="auto", mode=mode, burst=burst).stats
-        monkeypatch.setattr(StatsRecorder, "events_of", lambda self, t: None)
-        counted = snn.run(x, wake=levels, sleep="auto", mode=mode, burst=burst).stats
-        assert published.sops_per_layer == counted.sops_per_layer
-        assert torch.equal(published.sops_per_step, counted.sops_per_step)
-        assert torch.equal(published.spikes_per_step, counted.spikes_per_step)
-    assert any(e is not None for e in used) and any(e is None for e in used)  # both ways were taken
+        runs = {}
+        for way, lookup in (("published", lambda self, t: used.append(published_of(self, t)) or used[-1]),
+                            ("counted", lambda self, t: None)):
+            monkeypatch.setattr(SimulationState, "published", lookup)
+            runs[way] = [snn.run(x, wake=levels, sleep="auto", mode=mode, burst=burst, record=record)
+                         for record in (True, False)]
+        (published, published_off), (counted, counted_off) = runs["published"], runs["counted"]
+        assert published.stats.sops_per_layer == counted.stats.sops_per_layer
+        assert torch.equal(published.stats.sops_per_step, counted.stats.sops_per_step)
+        assert torch.equal(published.stats.spikes_per_step, counted.stats.spikes_per_step)
+        assert published.stats.skipped_rows == counted.stats.skipped_rows > 0
+        for a, b in ((published, counted), (published_off, counted_off), (published, published_off)):
+            assert torch.equal(a.readout[0], b.readout[0]) and torch.equal(a.steps, b.steps)
+    assert any(e is not None and e.per_position is not None for e in used)  # recorded: counts published
+    assert any(e is not None and e.per_position is None for e in used)  # unrecorded sleep: silent rows published
+    assert any(e is None for e in used)  # and inputs no neuron made as they are (both ways were taken)
 
 
 def test_published_events_are_forgotten_once_the_tensor_changes():
-    from detector.energy import Events, StatsRecorder
+    from detector.state import Events
 
-    recorder = StatsRecorder(batch=1)
-    recorder.begin_stack(1)
+    sim = SimulationState()
+    sim.begin_stack(sleeping=False, wake_counts=[1], batch=1, device="cpu")
     out = torch.ones(1, 2, 3, 3)
     events = Events(torch.full((1, 9), 2.0), torch.full((1,), 18.0, dtype=torch.float64))
-    recorder.publish_events(out, events)
-    assert recorder.events_of(out) is events
-    assert recorder.events_of(out.clone()) is None and recorder.events_of(out.view(1, 2, 9)) is None
+    sim.publish(out, events)
+    assert sim.published(out) is events
+    assert sim.published(out.clone()) is None and sim.published(out.view(1, 2, 9)) is None
     out.mul_(0)  # changed in place: what was published no longer describes it
-    assert recorder.events_of(out) is None
-    recorder.publish_events(out, events)
-    recorder.begin_stack(1)  # kept for one stack only
-    assert recorder.events_of(out) is None
+    assert sim.published(out) is None
+    sim.publish(out, events)
+    sim.begin_stack(sleeping=False, wake_counts=[1], batch=1, device="cpu")  # kept for one stack only
+    assert sim.published(out) is None
 
 
 def test_a_recorded_run_under_inference_mode_counts_the_same():
@@ -351,11 +356,12 @@ def test_a_recorded_run_under_inference_mode_counts_the_same():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_events_per_row_count_every_non_zero_input_exactly(dtype):
-    """float32 below 2**24 elements per row, float64 from there (a row of 2**24 + 1 events is not exact in float32)."""
+    """Summed in float32 below 2**24 elements per row, in float64 from there (a row of 2**24 + 1 events is not
+    exact in float32); float64 either way, as the recorder stacks every layer's counts at once."""
     x = torch.zeros(3, 4, 5, 6, dtype=dtype)
     x[0, 1, 2, 3], x[0, 3, 0, 0], x[2, :, 1] = 2.0, -1.0, 1.0
     assert Synapse.events_per_row(x).tolist() == [2.0, 0.0, 24.0]
-    assert torch.equal(Synapse.events_per_row(x), Synapse.events_per_position(x).sum(1, dtype=torch.float32))
+    assert torch.equal(Synapse.events_per_row(x), Synapse.events_per_position(x).sum(1, dtype=torch.float64))
     big = torch.ones(1, 1, (1 << 24) + 1, dtype=dtype)
     counted = Synapse.events_per_row(big)
     assert counted.dtype == torch.float64 and counted.item() == (1 << 24) + 1
