@@ -69,6 +69,14 @@ def count_sum(counts: torch.Tensor, dim: int) -> torch.Tensor:
     return counts.sum(dim) if counts.dtype in (torch.float32, torch.float64) else counts.sum(dim, dtype=torch.float32)
 
 
+def row_totals(per_position: torch.Tensor, most: int) -> torch.Tensor:
+    """Per-row totals, ``[rows]`` in float64, of counts ``[rows, positions]`` none of whose rows can total more than
+    ``most``: summed in float32 where that is below 2**24 (exact there, and several times faster), else in float64."""
+    if most < 1 << 24 and per_position.dtype == torch.float32:
+        return per_position.sum(1).double()
+    return per_position.sum(1, dtype=torch.float64)
+
+
 def layer_macs(layer: nn.Module, output: torch.Tensor) -> int:
     """MACs of one call for the whole batch, from its output shape (elementwise layers: one each)."""
     if isinstance(layer, nn.Linear):

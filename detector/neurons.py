@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .energy import count_sum
+from .energy import count_sum, row_totals
 from .state import CallSiteModule, Events
 
 
@@ -63,16 +63,21 @@ class Neuron(CallSiteModule):
         # Spikes at each position, summed over channels: the counts per (step, sample) follow, and so do the
         # synaptic operations of a synapse fed by this output (so it need not pass over the output again).
         per_position = count_sum(magnitude, 1).view(rows, -1)
-        counts = per_position.sum(1, dtype=torch.float64)  # events per row; a burst of n is n events
+        neurons = shape.numel()
+        counts = row_totals(per_position, neurons * self.most_spikes(sim.sleeping))  # a burst of n is n events
         if sim.sleeping and sim.burst > 1:  # a neuron may emit several spikes in this step
             peak = magnitude.view(rows, -1).amax(1)
             per_position = count_sum(torch.ne(magnitude, 0, out=magnitude), 1).view(rows, -1)  # neurons that fired
-            per_row = per_position.sum(1, dtype=torch.float64)
-            recorder.record_spikes(self.site(index), counts, shape.numel(), peak=peak, active=per_row)
+            per_row = row_totals(per_position, neurons)
+            recorder.record_spikes(self.site(index), counts, neurons, peak=peak, active=per_row)
         else:  # at most one spike per neuron: every spiking neuron is one event
             per_row = counts
-            recorder.record_spikes(self.site(index), counts, shape.numel())
+            recorder.record_spikes(self.site(index), counts, neurons)
         return Events(per_position, per_row)
+
+    def most_spikes(self, sleep: bool) -> int:
+        """Spikes one neuron may emit in a step (of either sign): one, unless a subclass bursts."""
+        return 1
 
     def _step(self, state: list, current, theta, k, sleep) -> torch.Tensor:
         if state:

@@ -365,3 +365,13 @@ def test_events_per_row_count_every_non_zero_input_exactly(dtype):
     big = torch.ones(1, 1, (1 << 24) + 1, dtype=dtype)
     counted = Synapse.events_per_row(big)
     assert counted.dtype == torch.float64 and counted.item() == (1 << 24) + 1
+
+
+def test_row_totals_are_exact_on_both_sides_of_2_to_the_24():
+    from detector.energy import row_totals
+
+    small = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    assert row_totals(small, most=8).tolist() == [7.0, 1.0] and row_totals(small, most=8).dtype == torch.float64
+    big = torch.tensor([[float(1 << 24), 1.0]])  # 2**24 + 1: float32 rounds it to 2**24
+    assert big.sum(1).item() == 1 << 24
+    assert row_totals(big, most=(1 << 24) + 1).item() == (1 << 24) + 1
