@@ -170,11 +170,10 @@ class CIFNeuron(Neuron):
         gamma = self.most_spikes(sleep)
         if self.negative_spikes and self.spike_cap:
             # Clamping s to [-gamma, gamma] and then C + s to [0, cap] keeps at most gamma spikes, never below 0
-            # or above the cap in total, with scalar bounds only and in place: that is the new count, which
-            # replaces the state's (no addition back into it), and the spikes are what it adds.
-            total = s.clamp_(-gamma, gamma).add_(count).clamp_(self.lowest_count(k), self.cap(k))
-            s = total - count
-            state[1] = total
+            # or above the cap in total, with scalar bounds only and in place: the new count, then s from it.
+            # (Taking the new count as the state instead needs s in a new tensor, or an aliased out= the ONNX
+            # exporter refuses; a new large tensor each step costs more than the addition it saves.)
+            s.clamp_(-gamma, gamma).add_(count).clamp_(self.lowest_count(k), self.cap(k)).sub_(count)
         else:  # the ablations: one bound dropped, so the exactness tests can tell the method from a near miss
             s.clamp_(-gamma, gamma)
             if self.spike_cap:
@@ -184,7 +183,7 @@ class CIFNeuron(Neuron):
                 s.clamp_(min=0)
             elif lowest is not None:
                 s.clamp_(min=lowest - count)
-            count.add_(s)
+        count.add_(s)
         m.sub_(s, alpha=theta)
         return s
 
