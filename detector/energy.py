@@ -71,10 +71,11 @@ def count_sum(counts: torch.Tensor, dim: int) -> torch.Tensor:
 
 def row_totals(per_position: torch.Tensor, most: int) -> torch.Tensor:
     """Per-row totals, ``[rows]`` in float64, of counts ``[rows, positions]`` none of whose rows can total more than
-    ``most``: summed in float32 where that is below 2**24 (exact there, and several times faster), else in float64."""
-    if most < 1 << 24 and per_position.dtype == torch.float32:
-        return per_position.sum(1).double()
-    return per_position.sum(1, dtype=torch.float64)
+    ``most``: summed in float32 where that is below 2**24 (exact there, and several times faster than a float64 sum
+    of a float32 or half tensor), else in float64."""
+    if most >= 1 << 24 or per_position.dtype == torch.float64:
+        return per_position.sum(1, dtype=torch.float64)
+    return per_position.sum(1, dtype=torch.float32).double()
 
 
 def layer_macs(layer: nn.Module, output: torch.Tensor) -> int:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .energy import count_sum, layer_macs
+from .energy import count_sum, layer_macs, row_totals
 from .state import CallSiteModule, Events
 
 
@@ -77,7 +77,7 @@ class Synapse(CallSiteModule):
         index, _ = self.next_state(lambda: None)
         spike_input = index < len(self.input_kinds) and self.input_kinds[index]  # untraced: count dense MACs
         active, n_active = None, x.shape[0]  # every row computed
-        published = sim.published(x) if sim.record or sim.sleeping else None
+        published = sim.published(x) if sim.record or (sim.sleeping and sim.event_driven) else None
         if not sim.sleeping:
             y = self.apply_layer(x, bias=True)
             self._out_shapes[x.shape[1:]] = y.shape[1:]
@@ -128,22 +128,20 @@ class Synapse(CallSiteModule):
         return probe.grad[0, 0]
 
     @staticmethod
-    def events_per_position(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """Input events of each row at each position, summed over channels (axis 1): ``[rows, positions]``.
+    def _event_map(x: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+        """1 where ``x`` carries an event, else 0, in ``scratch`` (a buffer shaped as ``x``, ``StatsRecorder.scratch``:
+        one pass over ``x`` with no allocation) or a new tensor."""
+        return torch.ne(x, 0, out=torch.empty_like(x) if scratch is None else scratch)
 
-        ``scratch``: a buffer shaped as ``x`` for the event map (``StatsRecorder.scratch``), so that the
-        comparison is one pass over ``x`` with no allocation."""
-        events = torch.ne(x, 0, out=torch.empty_like(x) if scratch is None else scratch)
-        return count_sum(events, 1).view(len(x), -1)
+    @classmethod
+    def events_per_position(cls, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Input events of each row at each position, summed over channels (axis 1): ``[rows, positions]``."""
+        return count_sum(cls._event_map(x, scratch), 1).view(len(x), -1)
 
-    @staticmethod
-    def events_per_row(x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """Input events of each row, ``[rows]`` in float64; summed in float32 where a row holds fewer than 2**24
-        elements (a sum of that many zeros and ones is exact in it, and several times faster than in float64)."""
-        events = torch.ne(x, 0, out=torch.empty_like(x) if scratch is None else scratch)
-        if x.shape[1:].numel() < 1 << 24:
-            return events.sum(tuple(range(1, x.dim())), dtype=torch.float32).double()
-        return count_sum(events, 1).view(len(x), -1).sum(1, dtype=torch.float64)
+    @classmethod
+    def events_per_row(cls, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Input events of each row, ``[rows]`` in float64 (``energy.row_totals``: each element counts one at most)."""
+        return row_totals(cls._event_map(x, scratch).reshape(len(x), -1), x.shape[1:].numel())
 
     def _sop_terms(self, x: torch.Tensor, published: Events | None,
                    scratch: torch.Tensor | None) -> tuple[torch.Tensor, float]:
@@ -155,16 +153,6 @@ class Synapse(CallSiteModule):
             return (published.per_row if published is not None else self.events_per_row(x, scratch)), targets
         events = published.per_position if published is not None else self.events_per_position(x, scratch)
         return events.double() @ targets_at, 1.0
-
-    def synaptic_ops(self, x: torch.Tensor, published: Events | None = None,
-                     scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """Events arriving in each row times the number of targets each one reaches, in float64 (counts above
-        2**24 are not exact in float32).
-
-        ``published``: the events of ``x`` where they are already known (a neuron publishes them for its output,
-        ``SimulationState.published``); otherwise they are counted here."""
-        values, scale = self._sop_terms(x, published, scratch)
-        return values * scale
 
     def _record(self, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, n_active: int,
                 spike_input: bool, published: Events | None) -> None:
