@@ -70,12 +70,13 @@ def count_sum(counts: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def row_totals(per_position: torch.Tensor, most: int) -> torch.Tensor:
-    """Per-row totals, ``[rows]`` in float64, of counts ``[rows, positions]`` none of whose rows can total more than
-    ``most``: summed in float32 where that is below 2**24 (exact there, and several times faster than a float64 sum
-    of a float32 or half tensor), else in float64."""
+    """Per-row totals, ``[rows]``, of counts ``[rows, positions]`` none of whose rows can total more than ``most``:
+    in float32 where that is below 2**24 (exact there, and several times faster than a float64 sum of a float32 or
+    half tensor), else in float64. The recorder takes them to float64 once per stack (``StatsRecorder.end_stack``),
+    before any sum over layers or steps."""
     if most >= 1 << 24 or per_position.dtype == torch.float64:
         return per_position.sum(1, dtype=torch.float64)
-    return per_position.sum(1, dtype=torch.float32).double()
+    return per_position.sum(1, dtype=torch.float32)
 
 
 def layer_macs(layer: nn.Module, output: torch.Tensor) -> int:
@@ -148,6 +149,7 @@ class StatsRecorder:
         self._scales: dict[tuple, torch.Tensor] = {}
         self._scratch: torch.Tensor | None = None
         self._scratch_views: dict[tuple, torch.Tensor] = {}
+        self._zero_rows: dict[int, torch.Tensor] = {}
 
     def begin_stack(self, steps: int) -> None:
         self.stack_index += 1
@@ -173,6 +175,20 @@ class StatsRecorder:
         return view
 
     @property
+    def may_sync(self) -> bool:
+        """Whether a layer may read a count back to skip the rest of its counting when it is zero: cheap on the CPU,
+        a stall of the stream on a GPU, which counts everything instead (the figures are the same)."""
+        return self.device.type == "cpu"
+
+    def zero_rows(self, rows: int) -> torch.Tensor:
+        """``[rows]`` zeros in float64: the counts of a layer call with no event (one tensor per size, never
+        written)."""
+        zeros = self._zero_rows.get(rows)
+        if zeros is None:
+            zeros = self._zero_rows[rows] = torch.zeros(rows, dtype=torch.float64, device=self.device)
+        return zeros
+
+    @property
     def first_stack(self) -> bool:
         return self.stack_index == 0
 
@@ -184,9 +200,10 @@ class StatsRecorder:
 
     def record_spikes(self, site: str, counts: torch.Tensor, elements_per_row: int,
                       peak: torch.Tensor | None = None, active: torch.Tensor | None = None) -> None:
-        """[steps * rows] each (or [steps, rows]), float64: spike events, the most spikes one neuron emitted, neurons
-        with a non-zero output. Without ``peak`` and ``active`` no neuron emitted more than one spike: every event is one active
-        neuron, and the peak is 1 wherever some neuron spiked (worked out once per stack, in end_stack)."""
+        """[steps * rows] each (or [steps, rows]), float32 or float64 (exact integers): spike events, the most spikes
+        one neuron emitted, neurons with a non-zero output. Without ``peak`` and ``active`` no neuron emitted more than
+        one spike: every event is one active neuron, and the peak is 1 wherever some neuron spiked (worked out once
+        per stack, in end_stack)."""
         self._check_rows(site, counts.numel())
         self._spikes.append(counts)
         self._spike_sites.append(site)
@@ -200,10 +217,10 @@ class StatsRecorder:
 
     def record_synapse(self, site: str, macs_per_row: int, sops: torch.Tensor | None = None, sops_scale: float = 1.0,
                        computed_rows: torch.Tensor | None = None, skipped_rows: int = 0) -> None:
-        """One synapse call. On spikes: ``sops`` ([steps * rows], float64) times ``sops_scale`` are its synaptic
-        operations per row (event counts and a uniform fan-out, or the operations themselves and 1). On an analog
-        input (``sops`` None): ``macs_per_row`` dense MACs on every row, or only on ``computed_rows`` (a bool
-        mask: a sleep step skipped the others)."""
+        """One synapse call. On spikes: ``sops`` ([steps * rows], float32 or float64, exact integers) times
+        ``sops_scale`` are its synaptic operations per row (event counts and a uniform fan-out, or the operations
+        themselves and 1). On an analog input (``sops`` None): ``macs_per_row`` dense MACs on every row, or only on
+        ``computed_rows`` (a bool mask: a sleep step skipped the others)."""
         if self.first_stack:
             self.forward_macs[site] += macs_per_row
         if sops is not None:
@@ -238,27 +255,40 @@ class StatsRecorder:
         shape = (self._stack_steps, self.batch)
         zeros = torch.zeros(shape, dtype=torch.float64, device=self.device)
 
-        def stacked(parts: list[torch.Tensor]) -> torch.Tensor | None:
-            return torch.stack(parts).view(len(parts), *shape) if parts else None
+        def stacked(parts: list[torch.Tensor], *aligned: list) -> tuple:
+            """The parts as one float64 tensor ``[parts, steps, batch]`` (None if there are none), and ``aligned``
+            (lists with one entry per part) in the order the parts were stacked in. Counts arrive in float32 where
+            that is exact (``row_totals``) and in float64 elsewhere: each dtype is stacked and converted once (a
+            conversion per part, or a stack of mixed dtypes, is several times slower)."""
+            if not parts:
+                return None, *aligned
+            groups: dict[torch.dtype, list[int]] = defaultdict(list)
+            for i, part in enumerate(parts):
+                groups[part.dtype].append(i)
+            if len(groups) == 1:
+                return torch.stack(parts).view(len(parts), *shape).double(), *aligned
+            order = [i for members in groups.values() for i in members]
+            tensor = torch.cat([torch.stack([parts[i] for i in members]).double() for members in groups.values()])
+            return tensor.view(len(parts), *shape), *([entries[i] for i in order] for entries in aligned)
 
-        spikes = stacked(self._spikes)
-        sops = stacked(self._sops)
+        spikes, spike_sites = stacked(self._spikes, self._spike_sites)
+        sops, sop_sites, sop_scales = stacked(self._sops, self._sop_sites, self._sop_scales)
         if sops is not None:
-            sops = sops * self._scale_vector(self._sop_scales)
-            self._sops_by_site.append((self._sop_sites, sops))
+            sops = sops * self._scale_vector(sop_scales)
+            self._sops_by_site.append((sop_sites, sops))
         if spikes is not None:
-            self._spikes_by_site.append((self._spike_sites, spikes))
+            self._spikes_by_site.append((spike_sites, spikes))
         macs = torch.full(shape, self._dense_macs, dtype=torch.float64, device=self.device)
         if self._dense_masks:
             masked = torch.tensor(self._dense_masked_macs, dtype=torch.float64, device=self.device)
             macs += (masked @ torch.stack(self._dense_masks).to(torch.float64)).view(shape)
-        binary = stacked(self._binary)
+        (binary,) = stacked(self._binary)
         # one spike at most: the peak is 1 where a neuron spiked, and every event is an active neuron
         peak = zeros if binary is None else (binary.amax(0) > 0).to(torch.float64)
         active = zeros if binary is None else binary.sum(0)
         if self._peak:
-            peak = torch.maximum(peak, stacked(self._peak).amax(0))
-            active = active + stacked(self._active).sum(0)
+            peak = torch.maximum(peak, stacked(self._peak)[0].amax(0))
+            active = active + stacked(self._active)[0].sum(0)
         spikes_step = zeros if spikes is None else spikes.sum(0)
         sops_step = zeros if sops is None else sops.sum(0)
         for name, rows in (("spikes", spikes_step), ("energy_pj", sops_step * PJ_PER_SOP + macs * PJ_PER_MAC),

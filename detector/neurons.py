@@ -60,13 +60,21 @@ class Neuron(CallSiteModule):
         recorder = sim.recorder
         rows = len(spikes)
         magnitude = torch.abs(spikes, out=recorder.scratch(spikes))
+        neurons = shape.numel()
+        bursting = sim.sleeping and sim.burst > 1  # a neuron may emit several spikes in this step
+        if bursting:
+            peak = magnitude.view(rows, -1).amax(1)
+            if recorder.may_sync and not peak.max():
+                # A silent sleep step (about half the neuron outputs of a YOLO sleep step): nothing to count, and
+                # the synapses it feeds skip it whole (no events at any position: per_position None).
+                silent = recorder.zero_rows(rows)
+                recorder.record_spikes(self.site(index), silent, neurons, peak=peak, active=silent)
+                return Events(None, silent)
         # Spikes at each position, summed over channels: the counts per (step, sample) follow, and so do the
         # synaptic operations of a synapse fed by this output (so it need not pass over the output again).
         per_position = count_sum(magnitude, 1).view(rows, -1)
-        neurons = shape.numel()
         counts = row_totals(per_position, neurons * self.most_spikes(sim.sleeping))  # a burst of n is n events
-        if sim.sleeping and sim.burst > 1:  # a neuron may emit several spikes in this step
-            peak = magnitude.view(rows, -1).amax(1)
+        if bursting:
             per_position = count_sum(torch.ne(magnitude, 0, out=magnitude), 1).view(rows, -1)  # neurons that fired
             per_row = row_totals(per_position, neurons)
             recorder.record_spikes(self.site(index), counts, neurons, peak=peak, active=per_row)

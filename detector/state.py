@@ -17,9 +17,9 @@ from torch import nn
 
 class Events(NamedTuple):
     """What a neuron tells the layers its output feeds (``SimulationState.publish``): its events per row
-    (``[rows]``: a recorded count in float64, or, unrecorded in a sleep step, any non-negative value that is zero
-    exactly where the row is silent), and, when recording, at each position summed over channels
-    (``[rows, positions]``, ``Synapse.events_per_position``'s count)."""
+    (``[rows]``: a recorded count, exact in float32 or float64, or, unrecorded in a sleep step, any non-negative
+    value that is zero exactly where the row is silent), and, when recording, at each position summed over channels
+    (``[rows, positions]``, ``Synapse.events_per_position``'s count; None where every row is silent)."""
 
     per_position: torch.Tensor | None
     per_row: torch.Tensor

@@ -140,15 +140,18 @@ class Synapse(CallSiteModule):
 
     @classmethod
     def events_per_row(cls, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
-        """Input events of each row, ``[rows]`` in float64 (``energy.row_totals``: each element counts one at most)."""
+        """Input events of each row, ``[rows]`` (``energy.row_totals``, float32 where exact: each element counts one at
+        most)."""
         return row_totals(cls._event_map(x, scratch).reshape(len(x), -1), x.shape[1:].numel())
 
     def _sop_terms(self, x: torch.Tensor, published: Events | None,
                    scratch: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-        """``(values, scale)``, values in float64 ``[rows]``: the synaptic operations per row are ``values * scale``,
-        events per row and the uniform fan-out where the fan-out is uniform (the product waits for the stack's
-        other layers, ``StatsRecorder.end_stack``), else the operations themselves and 1."""
+        """``(values, scale)``, values ``[rows]`` (exact integers, float32 or float64): the synaptic operations per
+        row are ``values * scale``, events per row and the uniform fan-out where the fan-out is uniform (the product
+        waits for the stack's other layers, ``StatsRecorder.end_stack``), else the operations themselves and 1."""
         targets_at, targets = self._counting_plan(x)
+        if published is not None and published.per_position is None:  # a silent output: no events anywhere
+            return published.per_row, 1.0
         if targets_at is None:
             return (published.per_row if published is not None else self.events_per_row(x, scratch)), targets
         events = published.per_position if published is not None else self.events_per_position(x, scratch)
@@ -165,5 +168,8 @@ class Synapse(CallSiteModule):
             recorder.record_synapse(self.site_name, per_row_macs, computed_rows=active if skipped else None,
                                     skipped_rows=skipped)
             return
-        values, scale = self._sop_terms(x, published, None if published is not None else recorder.scratch(x))
+        if n_active == 0:  # a sleep step in which no row of the input carries an event: nothing to count
+            values, scale = recorder.zero_rows(len(x)), 1.0
+        else:
+            values, scale = self._sop_terms(x, published, None if published is not None else recorder.scratch(x))
         recorder.record_synapse(self.site_name, per_row_macs, sops=values, sops_scale=scale, skipped_rows=skipped)

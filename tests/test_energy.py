@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from detector import ClipQuan, convert, count_macs
-from detector.energy import PJ_PER_MAC, PJ_PER_SOP
+from detector.energy import PJ_PER_MAC, PJ_PER_SOP, StatsRecorder
 from detector.state import SimulationState
 from detector.synapses import Synapse
 
@@ -356,12 +356,14 @@ def test_a_recorded_run_under_inference_mode_counts_the_same():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_events_per_row_count_every_non_zero_input_exactly(dtype):
-    """Summed in float32 below 2**24 elements per row, in float64 from there (a row of 2**24 + 1 events is not
-    exact in float32); float64 either way, as the recorder stacks every layer's counts at once."""
+    """Summed in float32 below 2**24 elements per row (float64 for a float64 input), in float64 from there (a row of
+    2**24 + 1 events is not exact in float32)."""
     x = torch.zeros(3, 4, 5, 6, dtype=dtype)
     x[0, 1, 2, 3], x[0, 3, 0, 0], x[2, :, 1] = 2.0, -1.0, 1.0
-    assert Synapse.events_per_row(x).tolist() == [2.0, 0.0, 24.0]
-    assert torch.equal(Synapse.events_per_row(x), Synapse.events_per_position(x).sum(1, dtype=torch.float64))
+    counted = Synapse.events_per_row(x)
+    assert counted.tolist() == [2.0, 0.0, 24.0]
+    assert counted.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(counted.double(), Synapse.events_per_position(x).sum(1, dtype=torch.float64))
     big = torch.ones(1, 1, (1 << 24) + 1, dtype=dtype)
     counted = Synapse.events_per_row(big)
     assert counted.dtype == torch.float64 and counted.item() == (1 << 24) + 1
@@ -371,7 +373,58 @@ def test_row_totals_are_exact_on_both_sides_of_2_to_the_24():
     from detector.energy import row_totals
 
     small = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
-    assert row_totals(small, most=8).tolist() == [7.0, 1.0] and row_totals(small, most=8).dtype == torch.float64
+    assert row_totals(small, most=8).tolist() == [7.0, 1.0] and row_totals(small, most=8).dtype == torch.float32
     big = torch.tensor([[float(1 << 24), 1.0]])  # 2**24 + 1: float32 rounds it to 2**24
     assert big.sum(1).item() == 1 << 24
     assert row_totals(big, most=(1 << 24) + 1).item() == (1 << 24) + 1
+
+
+@pytest.mark.parametrize("mode", ["step", "multistep"])
+def test_silent_layers_skipped_without_counting_give_the_figures_of_counting_them(mode, monkeypatch):
+    """On the CPU a sleep-step layer whose output (or input) is silent skips its counting; counting it anyway, as on a
+    GPU (``StatsRecorder.may_sync`` off), must give the same figures step by step and layer by layer."""
+    from detector.randnet import random_qann
+
+    skipped = {True: 0, False: 0}  # layer calls that skipped counting: silent outputs (only with syncs), silent inputs
+    zero_rows = StatsRecorder.zero_rows
+
+    def counted_zero_rows(self, rows):
+        skipped[self.may_sync] += 1
+        return zero_rows(self, rows)
+
+    monkeypatch.setattr(StatsRecorder, "zero_rows", counted_zero_rows)
+    for seed, levels in ((5, 2), (13, 4)):
+        qann = random_qann(seed, levels=levels, depth=10).double()
+        snn = convert(qann)
+        x = torch.rand(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 2
+        runs = []
+        for may_sync in (True, False):
+            monkeypatch.setattr(StatsRecorder, "may_sync", property(lambda self, on=may_sync: on))
+            runs.append(snn.run(x, wake=levels, sleep="auto", mode=mode).stats)
+        skipping, counting = runs
+        for name in ("spikes_per_step", "sops_per_step", "peak_spikes_per_step", "active_per_step",
+                     "energy_pj_per_step", "steps"):
+            assert torch.equal(getattr(skipping, name), getattr(counting, name)), name
+        assert skipping.spikes_per_layer == counting.spikes_per_layer
+        assert skipping.sops_per_layer == counting.sops_per_layer
+        assert skipping.skipped_rows == counting.skipped_rows
+    assert skipped[True] > skipped[False] > 0  # both shortcuts were taken
+
+
+def test_a_stack_of_counts_in_float32_and_float64_keeps_each_layer_its_own_figures():
+    """The recorder stacks each dtype apart (``StatsRecorder.end_stack``); the layers must keep their own counts and
+    scales whatever order that stacks them in."""
+    recorder = StatsRecorder(batch=2)
+    recorder.begin_stack(1)
+    f32, f64 = torch.float32, torch.float64
+    recorder.record_spikes("n1", torch.tensor([1.0, 2.0], dtype=f32), 10)
+    recorder.record_spikes("n2", torch.tensor([30.0, 40.0], dtype=f64), 10)
+    recorder.record_spikes("n3", torch.tensor([500.0, 600.0], dtype=f32), 10)
+    recorder.record_synapse("s1", 0, sops=torch.tensor([1.0, 2.0], dtype=f32), sops_scale=3.0)
+    recorder.record_synapse("s2", 0, sops=torch.tensor([10.0, 20.0], dtype=f64), sops_scale=1.0)
+    recorder.record_synapse("s3", 0, sops=torch.tensor([100.0, 200.0], dtype=f32), sops_scale=5.0)
+    assert recorder.end_stack().tolist() == [[531.0, 642.0]]  # spikes per (step, sample)
+    stats = recorder.summary(wake=1, steps_used=torch.tensor([1, 1]))
+    assert stats.spikes_per_layer == {"n1": 3.0, "n2": 70.0, "n3": 1100.0}
+    assert stats.sops_per_layer == {"s1": 9.0, "s2": 30.0, "s3": 1500.0}
+    assert stats.sops.tolist() == [3.0 + 10.0 + 500.0, 6.0 + 20.0 + 1000.0] and stats.sops.dtype == f64
