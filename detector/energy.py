@@ -150,6 +150,9 @@ class StatsRecorder:
         self._scratch: torch.Tensor | None = None
         self._scratch_views: dict[tuple, torch.Tensor] = {}
         self._zero_rows: dict[int, torch.Tensor] = {}
+        # Whether a layer may read a count back to skip the rest of its counting when it is zero: cheap on the CPU,
+        # a stall of the stream on a GPU, which counts everything instead (the figures are the same).
+        self.may_sync = self.device.type == "cpu"
 
     def begin_stack(self, steps: int) -> None:
         self.stack_index += 1
@@ -173,12 +176,6 @@ class StatsRecorder:
                 self._scratch_views = {}
             view = self._scratch_views[key] = self._scratch[:like.numel()].view(like.shape)
         return view
-
-    @property
-    def may_sync(self) -> bool:
-        """Whether a layer may read a count back to skip the rest of its counting when it is zero: cheap on the CPU,
-        a stall of the stream on a GPU, which counts everything instead (the figures are the same)."""
-        return self.device.type == "cpu"
 
     def zero_rows(self, rows: int) -> torch.Tensor:
         """``[rows]`` zeros in float64: the counts of a layer call with no event (one tensor per size, never

@@ -58,7 +58,7 @@ class Neuron(CallSiteModule):
         stack: ``SpikingNetwork.forward_stack``.)"""
         sim = self.sim
         recorder = sim.recorder
-        rows = len(spikes)
+        rows = spikes.shape[0]  # (len() of a tensor goes through a slower Python wrapper)
         magnitude = torch.abs(spikes, out=recorder.scratch(spikes))
         neurons = shape.numel()
         bursting = sim.sleeping and sim.burst > 1  # a neuron may emit several spikes in this step

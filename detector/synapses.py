@@ -136,13 +136,13 @@ class Synapse(CallSiteModule):
     @classmethod
     def events_per_position(cls, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Input events of each row at each position, summed over channels (axis 1): ``[rows, positions]``."""
-        return count_sum(cls._event_map(x, scratch), 1).view(len(x), -1)
+        return count_sum(cls._event_map(x, scratch), 1).view(x.shape[0], -1)
 
     @classmethod
     def events_per_row(cls, x: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Input events of each row, ``[rows]`` (``energy.row_totals``, float32 where exact: each element counts one at
         most)."""
-        return row_totals(cls._event_map(x, scratch).reshape(len(x), -1), x.shape[1:].numel())
+        return row_totals(cls._event_map(x, scratch).reshape(x.shape[0], -1), x.shape[1:].numel())
 
     def _sop_terms(self, x: torch.Tensor, published: Events | None,
                    scratch: torch.Tensor | None) -> tuple[torch.Tensor, float]:
@@ -169,7 +169,7 @@ class Synapse(CallSiteModule):
                                     skipped_rows=skipped)
             return
         if n_active == 0:  # a sleep step in which no row of the input carries an event: nothing to count
-            values, scale = recorder.zero_rows(len(x)), 1.0
+            values, scale = recorder.zero_rows(x.shape[0]), 1.0
         else:
             values, scale = self._sop_terms(x, published, None if published is not None else recorder.scratch(x))
         recorder.record_synapse(self.site_name, per_row_macs, sops=values, sops_scale=scale, skipped_rows=skipped)

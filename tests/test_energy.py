@@ -386,7 +386,7 @@ def test_silent_layers_skipped_without_counting_give_the_figures_of_counting_the
     from detector.randnet import random_qann
 
     skipped = {True: 0, False: 0}  # layer calls that skipped counting: silent outputs (only with syncs), silent inputs
-    zero_rows = StatsRecorder.zero_rows
+    zero_rows, init = StatsRecorder.zero_rows, StatsRecorder.__init__
 
     def counted_zero_rows(self, rows):
         skipped[self.may_sync] += 1
@@ -399,7 +399,11 @@ def test_silent_layers_skipped_without_counting_give_the_figures_of_counting_the
         x = torch.rand(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * 2
         runs = []
         for may_sync in (True, False):
-            monkeypatch.setattr(StatsRecorder, "may_sync", property(lambda self, on=may_sync: on))
+            def recorder_that_may_sync(self, *args, on=may_sync, **kwargs):
+                init(self, *args, **kwargs)
+                self.may_sync = on
+
+            monkeypatch.setattr(StatsRecorder, "__init__", recorder_that_may_sync)
             runs.append(snn.run(x, wake=levels, sleep="auto", mode=mode).stats)
         skipping, counting = runs
         for name in ("spikes_per_step", "sops_per_step", "peak_spikes_per_step", "active_per_step",
