@@ -150,8 +150,6 @@ class Synapse(CallSiteModule):
         row are ``values * scale``, events per row and the uniform fan-out where the fan-out is uniform (the product
         waits for the stack's other layers, ``StatsRecorder.end_stack``), else the operations themselves and 1."""
         targets_at, targets = self._counting_plan(x)
-        if published is not None and published.per_position is None:  # a silent output: no events anywhere
-            return published.per_row, 1.0
         if targets_at is None:
             return (published.per_row if published is not None else self.events_per_row(x, scratch)), targets
         events = published.per_position if published is not None else self.events_per_position(x, scratch)
@@ -168,7 +166,9 @@ class Synapse(CallSiteModule):
             recorder.record_synapse(self.site_name, per_row_macs, computed_rows=active if skipped else None,
                                     skipped_rows=skipped)
             return
-        if n_active == 0:  # a sleep step in which no row of the input carries an event: nothing to count
+        # Nothing to count where no row of the input carries an event: a sleep step skipped every row, or the neuron
+        # that made the input published it as silent (no per-position events).
+        if n_active == 0 or (published is not None and published.per_position is None):
             values, scale = recorder.zero_rows(x.shape[0]), 1.0
         else:
             values, scale = self._sop_terms(x, published, None if published is not None else recorder.scratch(x))
