@@ -1,7 +1,7 @@
 """This project's checkpoint files: plain tensors and metadata, a digest of their contents, safe loading.
 
 Every checkpoint the project writes goes through ``save``: a dict of tensors and plain Python values,
-written atomically, with ``content_sha256`` -- a digest of every tensor (name, dtype, shape, bytes)
+written atomically as a deflate-compressed archive (``torch.load`` reads it as it reads its own), with ``content_sha256`` -- a digest of every tensor (name, dtype, shape, bytes)
 and every metadata value -- stored beside them. ``load`` reads with ``torch.load(weights_only=True)``
 (no code runs), checks an expected file sha256 when one is given (the manifest's), and recomputes the
 content digest: a file edited after it was written is refused with a clear message. Files written
@@ -11,8 +11,11 @@ before digests existed (no ``content_sha256``) load unchanged.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -55,10 +58,24 @@ def save(payload: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {k: v for k, v in payload.items() if k != DIGEST_KEY}
     body[DIGEST_KEY] = content_digest(body)
+    archive = io.BytesIO()
+    torch.save(body, archive)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(body, tmp)
+    deflate_archive(archive, tmp)
     tmp.replace(path)
     return path
+
+
+def deflate_archive(source: str | Path | BinaryIO, out: str | Path) -> None:
+    """``torch.save``'s archive (``source``: a path or a file object) rewritten to ``out`` with every entry deflated, in the same order.
+
+    torch.save stores its entries uncompressed; fp16 weights deflate by about 8 %, which keeps the bundled
+    ResNet-18 Faster R-CNN files under 25 MiB."""
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(out, "w") as packed:
+        for entry in archive.infolist():
+            member = zipfile.ZipInfo(entry.filename)
+            member.compress_type = zipfile.ZIP_DEFLATED
+            packed.writestr(member, archive.read(entry), compresslevel=9)
 
 
 def file_sha256(path: str | Path) -> str:

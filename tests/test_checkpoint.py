@@ -22,6 +22,20 @@ def test_saved_checkpoints_carry_a_digest_and_load_back_equal(tmp_path):
     assert not (tmp_path / "a.pt.tmp").exists()
 
 
+def test_checkpoints_are_deflated_and_plain_archives_still_load(tmp_path):
+    import zipfile
+    payload = _payload()
+    payload["state_dict"]["zeros"] = torch.zeros(4096, dtype=torch.float16)
+    first = checkpoint.save(payload, tmp_path / "a.pt")
+    with zipfile.ZipFile(first) as archive:
+        assert {entry.compress_type for entry in archive.infolist()} == {zipfile.ZIP_DEFLATED}
+    plain = tmp_path / "plain.pt"
+    torch.save(checkpoint.load(first), plain)  # torch.save's own stored archive
+    assert first.stat().st_size < plain.stat().st_size
+    assert torch.equal(checkpoint.load(plain)["state_dict"]["zeros"], payload["state_dict"]["zeros"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 @pytest.mark.parametrize("edit", ["tensor", "metadata", "new key"])
 def test_a_checkpoint_modified_after_writing_is_refused(tmp_path, edit):
     path = checkpoint.save(_payload(), tmp_path / "a.pt")
