@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml requirements.txt requirements-test.txt
 	$(BIN)/pip install -q --no-deps "ultralytics==8.4.190"
 	# SpikingJelly (cross-check of the IF baseline) without its declared torchaudio/tensorboard stack
 	$(BIN)/pip install -q --no-deps spikingjelly==2.0.0
+	# The recorder's fused spike counter, built now rather than on the first recorded run (it needs a C++
+	# compiler; without one it says so and recording counts with eager PyTorch)
+	$(BIN)/python -m detector.spike_counts
 	touch $@
 
 demo: install

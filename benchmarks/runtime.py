@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -27,6 +28,7 @@ import torch
 from detector import convert
 from detector.models.yolo import SpikingYOLO, YOLOReadoutNet, build_qann
 from detector.randnet import random_qann, randomise_batchnorm
+from detector.spike_counts import DISABLE_ENV, fused_counter
 from detector.weights import resolve
 
 
@@ -129,8 +131,12 @@ def measure(batch: int, imgsz: int, clock: Clock, repeats: int, model: str | Non
             return lambda: runs[record].append(snn.run(x, wake=4, sleep="auto", mode=mode, record=record, burst=burst))
 
         # The ANN and both SNN runs in the same alternating rounds: the recording cost (on / off) and each ratio to
-        # the ANN are measured under the same machine load.
-        times = timed_alternating({"ann": lambda: ann(x), "off": run(False), "on": run(True)}, repeats, clock)
+        # the ANN are measured under the same machine load; and, where the fused spike counter serves, a recorded run
+        # that counts with eager PyTorch instead (CASC_FUSED_COUNTS=0), what recording costs without it.
+        fns = {"ann": lambda: ann(x), "off": run(False), "on": run(True)}
+        if fused_counter() is not None and device.type == "cpu":
+            fns["on_eager"] = lambda: with_eager_counts(run(True))
+        times = timed_alternating(fns, repeats, clock)
         for record in (False, True):
             total_s = times["on" if record else "off"]
             used = runs[record][-1].steps
@@ -146,8 +152,22 @@ def measure(batch: int, imgsz: int, clock: Clock, repeats: int, model: str | Non
                 "snn_total_s": total_s, "ratio_snn_over_T_ann": total_s / (steps * times["ann"]),
                 "sleep_over_wake": sleep_s / wake_s[record],
                 "recording_cost": times["on"] / times["off"] - 1,
+                "recording_cost_eager_counts": times["on_eager"] / times["off"] - 1 if "on_eager" in times else None,
             })
     return rows
+
+
+def with_eager_counts(fn):
+    """``fn()`` with recorders counting in eager PyTorch (``detector.spike_counts``: CASC_FUSED_COUNTS=0)."""
+    saved = os.environ.get(DISABLE_ENV)
+    os.environ[DISABLE_ENV] = "0"
+    try:
+        return fn()
+    finally:
+        if saved is None:
+            del os.environ[DISABLE_ENV]
+        else:
+            os.environ[DISABLE_ENV] = saved
 
 
 @torch.no_grad()
@@ -262,8 +282,12 @@ def main() -> None:
               f"| {r['ratio_snn_over_T_ann']:.2f} | {r['sleep_over_wake']:.2f} |")
     for r in rows:
         if r["record"] and "recording_cost" in r:
+            eager = r.get("recording_cost_eager_counts")
+            counter = (f"fused spike counter; with eager counts {100 * eager:+.1f} %" if eager is not None
+                       else "eager counts: no fused spike counter here")
             print(f"recording (batch {r['batch']}, {r['mode']}): adds {100 * r['recording_cost']:+.1f} % to a run "
-                  f"(on / off, same rounds); a recorded run takes {r['ratio_snn_over_T_ann']:.2f} x T ANN forwards")
+                  f"(on / off, same rounds; {counter}); a recorded run takes {r['ratio_snn_over_T_ann']:.2f} x T ANN "
+                  "forwards")
     operations = None
     if not two_stage:
         _, qann, trained_imgsz, images = networks(args.model)
@@ -272,7 +296,7 @@ def main() -> None:
         operations = [tensor_operations(detector.snn, x, mode) for mode in ("step", "multistep")]
         for o in operations:
             print(f"tensor operations per run ({o['mode']}, batch {o['batch']}): {o['off']} without recording, "
-                  f"{o['on']} with (+{o['on'] - o['off']})")
+                  f"{o['on']} with (+{o['on'] - o['off']}; aten calls, the fused spike counter's are not among them)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "fidelity": check, "rows": rows, "operations": operations}, f, indent=1)

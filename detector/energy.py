@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from .spike_counts import fused_counter
+
 __all__ = [  # the public API (apps import only these)
     "PJ_PER_SOP", "PJ_PER_MAC", "RunStats", "count_macs", "integer_energy", "memory_traffic", "neurobench_metrics",
 ]
@@ -153,6 +155,8 @@ class StatsRecorder:
         # Whether a layer may read a count back to skip the rest of its counting when it is zero: cheap on the CPU,
         # a stall of the stream on a GPU, which counts everything instead (the figures are the same).
         self.may_sync = self.device.type == "cpu"
+        # The fused counter (``spike_counts``) where the kernel is built: CPU float32 outputs, one pass each.
+        self.fused_counter = fused_counter() if self.device.type == "cpu" else None
 
     def begin_stack(self, steps: int) -> None:
         self.stack_index += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .energy import count_sum, row_totals
+from .spike_counts import counter_for
 from .state import CallSiteModule, Events
 
 
@@ -59,9 +60,13 @@ class Neuron(CallSiteModule):
         sim = self.sim
         recorder = sim.recorder
         rows = spikes.shape[0]  # (len() of a tensor goes through a slower Python wrapper)
-        magnitude = torch.abs(spikes, out=recorder.scratch(spikes))
         neurons = shape.numel()
         bursting = sim.sleeping and sim.burst > 1  # a neuron may emit several spikes in this step
+        most = neurons * self.most_spikes(sim.sleeping)
+        fused = counter_for(recorder.fused_counter, spikes, most)
+        if fused is not None:
+            return self._count_fused(fused, index, spikes, rows, neurons, bursting)
+        magnitude = torch.abs(spikes, out=recorder.scratch(spikes))
         if bursting:
             peak = magnitude.view(rows, -1).amax(1)
             if recorder.may_sync and not peak.max():
@@ -73,7 +78,7 @@ class Neuron(CallSiteModule):
         # Spikes at each position, summed over channels: the counts per (step, sample) follow, and so do the
         # synaptic operations of a synapse fed by this output (so it need not pass over the output again).
         per_position = count_sum(magnitude, 1).view(rows, -1)
-        counts = row_totals(per_position, neurons * self.most_spikes(sim.sleeping))  # a burst of n is n events
+        counts = row_totals(per_position, most)  # a burst of n is n events
         if bursting:
             per_position = count_sum(torch.ne(magnitude, 0, out=magnitude), 1).view(rows, -1)  # neurons that fired
             per_row = row_totals(per_position, neurons)
@@ -82,6 +87,22 @@ class Neuron(CallSiteModule):
             per_row = counts
             recorder.record_spikes(self.site(index), counts, neurons)
         return Events(per_position, per_row)
+
+    def _count_fused(self, fused, index: int, spikes: torch.Tensor, rows: int, neurons: int,
+                     bursting: bool) -> Events:
+        """``_count_spikes`` in one pass of the fused counter (``spike_counts``): the same records and events, bit for
+        bit (float32 counts, exact below 2**24, which the caller checked)."""
+        recorder = self.sim.recorder
+        per_position, counts, peak, fired_per_position, fired_per_row, any_spike = fused.count_spikes(spikes, bursting)
+        if not bursting:  # (no peak, no neurons that fired: at most one spike each, every event is one)
+            recorder.record_spikes(self.site(index), counts, neurons)
+            return Events(per_position, counts)
+        if not any_spike:  # a silent sleep step, as in _count_spikes
+            silent = recorder.zero_rows(rows)
+            recorder.record_spikes(self.site(index), silent, neurons, peak=peak, active=silent)
+            return Events(None, silent)
+        recorder.record_spikes(self.site(index), counts, neurons, peak=peak, active=fired_per_row)
+        return Events(fired_per_position, fired_per_row)
 
     def most_spikes(self, sleep: bool) -> int:
         """Spikes one neuron may emit in a step (of either sign): one, unless a subclass bursts."""

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .energy import count_sum, layer_macs, row_totals
+from .spike_counts import counter_for
 from .state import CallSiteModule, Events
 
 
@@ -144,16 +145,28 @@ class Synapse(CallSiteModule):
         most)."""
         return row_totals(cls._event_map(x, scratch).reshape(x.shape[0], -1), x.shape[1:].numel())
 
-    def _sop_terms(self, x: torch.Tensor, published: Events | None,
-                   scratch: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    def _sop_terms(self, x: torch.Tensor, published: Events | None, recorder) -> tuple[torch.Tensor, float]:
         """``(values, scale)``, values ``[rows]`` (exact integers, float32 or float64): the synaptic operations per
         row are ``values * scale``, events per row and the uniform fan-out where the fan-out is uniform (the product
         waits for the stack's other layers, ``StatsRecorder.end_stack``), else the operations themselves and 1."""
         targets_at, targets = self._counting_plan(x)
         if targets_at is None:
-            return (published.per_row if published is not None else self.events_per_row(x, scratch)), targets
-        events = published.per_position if published is not None else self.events_per_position(x, scratch)
+            return (published.per_row if published is not None else self._input_events(x, recorder, False)), targets
+        events = published.per_position if published is not None else self._input_events(x, recorder, True)
+        fused = recorder.fused_counter
+        if fused is not None and events.dtype == torch.float32 and events.is_contiguous():
+            return fused.weighted_totals(events, targets_at), 1.0  # one call, the same float64 figures
         return events.double() @ targets_at, 1.0
+
+    def _input_events(self, x: torch.Tensor, recorder, per_position: bool) -> torch.Tensor:
+        """Events of an input that no neuron published (a concatenation, a pool...): at each position or per row.
+        In one pass by the fused counter where it serves, else with eager PyTorch; the counts are the same."""
+        fused = counter_for(recorder.fused_counter, x, x.shape[1:].numel())
+        if fused is not None:
+            at_position, per_row = fused.count_events(x)
+            return at_position if per_position else per_row
+        scratch = recorder.scratch(x)
+        return self.events_per_position(x, scratch) if per_position else self.events_per_row(x, scratch)
 
     def _record(self, x: torch.Tensor, y: torch.Tensor, active: torch.Tensor | None, n_active: int,
                 spike_input: bool, published: Events | None) -> None:
@@ -171,5 +184,5 @@ class Synapse(CallSiteModule):
         if n_active == 0 or (published is not None and published.per_position is None):
             values, scale = recorder.zero_rows(x.shape[0]), 1.0
         else:
-            values, scale = self._sop_terms(x, published, None if published is not None else recorder.scratch(x))
+            values, scale = self._sop_terms(x, published, recorder)
         recorder.record_synapse(self.site_name, per_row_macs, sops=values, sops_scale=scale, skipped_rows=skipped)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from detector.spike_counts import DISABLE_ENV, fused_counter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,3 +69,14 @@ def test_the_runtime_times_recording_on_and_off_in_the_same_rounds():
         assert off["ann_forward_s"] == on["ann_forward_s"] > 0
         assert on["recording_cost"] == pytest.approx(on["snn_total_s"] / off["snn_total_s"] - 1)
         assert on["steps_auto_max"] == off["steps_auto_max"] >= 4  # recording changes no step of the schedule
+        # the same recorded run counting with eager PyTorch, in the same rounds, where the fused counter serves
+        assert (on["recording_cost_eager_counts"] is None) == (fused_counter() is None)
+
+
+def test_the_runtime_times_eager_counts_with_the_fused_counter_off_and_then_restores_it(monkeypatch):
+    runtime = _benchmark("runtime")
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    assert runtime.with_eager_counts(lambda: os.environ[DISABLE_ENV]) == "0"
+    assert DISABLE_ENV not in os.environ
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    assert runtime.with_eager_counts(fused_counter) is None and os.environ[DISABLE_ENV] == "1"

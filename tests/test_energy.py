@@ -28,6 +28,8 @@ class Recorder:
     def scratch(self, like):
         return torch.full_like(like, float("nan"))  # the counting must overwrite all of it
 
+    fused_counter = None  # eager counts (tests/test_spike_counts.py compares the fused counter with them)
+
 
 def synapse_with(layer, analog_input=False, sleeping=False):
     syn = Synapse(layer)
