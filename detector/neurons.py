@@ -97,7 +97,7 @@ class Neuron(CallSiteModule):
         if not bursting:  # (no peak, no neurons that fired: at most one spike each, every event is one)
             recorder.record_spikes(self.site(index), counts, neurons)
             return Events(per_position, counts)
-        if not any_spike:  # a silent sleep step, as in _count_spikes
+        if recorder.may_sync and not any_spike:  # a silent sleep step, as in _count_spikes
             silent = recorder.zero_rows(rows)
             recorder.record_spikes(self.site(index), silent, neurons, peak=peak, active=silent)
             return Events(None, silent)

@@ -161,3 +161,25 @@ def test_without_the_kernel_recording_falls_back_to_eager_counts_and_says_why(mo
         assert stats.spikes.item() > 0 and stats.sops.item() > 0
     finally:
         spike_counts.built_counter.cache_clear()
+
+
+@needs_compiler
+def test_counting_silent_steps_anyway_gives_the_same_figures_with_the_kernel(counter, monkeypatch):
+    """A recorder that may not read counts back (``may_sync`` off, as on a GPU) counts silent sleep steps instead of
+    skipping them; with the kernel too, the figures are those of skipping them."""
+    init = energy.StatsRecorder.__init__
+    snn = convert(random_qann(13, levels=4, depth=10))
+    x = torch.rand(2, 3, 13, 13, generator=torch.Generator().manual_seed(13)) * 2
+    runs = []
+    for may_sync in (True, False):
+        def recorder(self, *args, on=may_sync, **kwargs):
+            init(self, *args, **kwargs)
+            self.may_sync = on
+            assert self.fused_counter is counter
+
+        monkeypatch.setattr(energy.StatsRecorder, "__init__", recorder)
+        runs.append(snn.run(x, wake=4, sleep="auto").stats)
+    skipping, counting = runs
+    for name in ("spikes_per_step", "sops_per_step", "peak_spikes_per_step", "active_per_step", "steps"):
+        assert torch.equal(getattr(skipping, name), getattr(counting, name)), name
+    assert skipping.sops_per_layer == counting.sops_per_layer and skipping.spikes_per_layer == counting.spikes_per_layer
