@@ -56,53 +56,50 @@ class Neuron(CallSiteModule):
     def _count_spikes(self, index: int, spikes: torch.Tensor, shape: torch.Size) -> Events:
         """Records the stack's spikes (``spikes``: ``[steps * batch, channels, *positions]``); returns the events
         for the synapses this output feeds. (A recorded stack's activity map comes from these counts, once per
-        stack: ``SpikingNetwork.forward_stack``.)"""
+        stack: ``SpikingNetwork.forward_stack``.) The counts come from the fused counter (``spike_counts``) where it
+        serves, else from eager PyTorch (``_eager_counts``): the same figures, bit for bit."""
         sim = self.sim
         recorder = sim.recorder
         rows = spikes.shape[0]  # (len() of a tensor goes through a slower Python wrapper)
         neurons = shape.numel()
         bursting = sim.sleeping and sim.burst > 1  # a neuron may emit several spikes in this step
-        most = neurons * self.most_spikes(sim.sleeping)
+        most = neurons * self.most_spikes(sim.sleeping)  # a burst of n is n events
         fused = counter_for(recorder.fused_counter, spikes, most)
         if fused is not None:
-            return self._count_fused(fused, index, spikes, rows, neurons, bursting)
-        magnitude = torch.abs(spikes, out=recorder.scratch(spikes))
-        if bursting:
-            peak = magnitude.view(rows, -1).amax(1)
-            if recorder.may_sync and not peak.max():
-                # A silent sleep step (about half the neuron outputs of a YOLO sleep step): nothing to count, and
-                # the synapses it feeds skip it whole (no events at any position: per_position None).
-                silent = recorder.zero_rows(rows)
-                recorder.record_spikes(self.site(index), silent, neurons, peak=peak, active=silent)
-                return Events(None, silent)
-        # Spikes at each position, summed over channels: the counts per (step, sample) follow, and so do the
-        # synaptic operations of a synapse fed by this output (so it need not pass over the output again).
-        per_position = count_sum(magnitude, 1).view(rows, -1)
-        counts = row_totals(per_position, most)  # a burst of n is n events
-        if bursting:
-            per_position = count_sum(torch.ne(magnitude, 0, out=magnitude), 1).view(rows, -1)  # neurons that fired
-            per_row = row_totals(per_position, neurons)
-            recorder.record_spikes(self.site(index), counts, neurons, peak=peak, active=per_row)
-        else:  # at most one spike per neuron: every spiking neuron is one event
-            per_row = counts
-            recorder.record_spikes(self.site(index), counts, neurons)
-        return Events(per_position, per_row)
-
-    def _count_fused(self, fused, index: int, spikes: torch.Tensor, rows: int, neurons: int,
-                     bursting: bool) -> Events:
-        """``_count_spikes`` in one pass of the fused counter (``spike_counts``): the same records and events, bit for
-        bit (float32 counts, exact below 2**24, which the caller checked)."""
-        recorder = self.sim.recorder
-        per_position, counts, peak, fired_per_position, fired_per_row, any_spike = fused.count_spikes(spikes, bursting)
-        if not bursting:  # (no peak, no neurons that fired: at most one spike each, every event is one)
+            per_position, counts, peak, fired_at, fired_per_row, any_spike = fused.count_spikes(spikes, bursting)
+        else:
+            per_position, counts, peak, fired_at, fired_per_row, any_spike = self._eager_counts(
+                spikes, rows, neurons, most, bursting)
+        if not bursting:  # at most one spike per neuron: every spiking neuron is one event
             recorder.record_spikes(self.site(index), counts, neurons)
             return Events(per_position, counts)
-        if recorder.may_sync and not any_spike:  # a silent sleep step, as in _count_spikes
+        if recorder.may_sync and not any_spike:
+            # A silent sleep step (about half the neuron outputs of a YOLO sleep step): nothing to count, and the
+            # synapses it feeds skip it whole (no events at any position: per_position None).
             silent = recorder.zero_rows(rows)
             recorder.record_spikes(self.site(index), silent, neurons, peak=peak, active=silent)
             return Events(None, silent)
         recorder.record_spikes(self.site(index), counts, neurons, peak=peak, active=fired_per_row)
-        return Events(fired_per_position, fired_per_row)
+        return Events(fired_at, fired_per_row)
+
+    def _eager_counts(self, spikes: torch.Tensor, rows: int, neurons: int, most: int, bursting: bool) -> tuple:
+        """What ``count_spikes`` of the fused counter returns, with eager PyTorch: ``(per_position, per_row, peak,
+        fired_per_position, fired_per_row, any_spike)``; the last four only when ``bursting`` (else None, None, None,
+        True). Where a silent step can be read back (``StatsRecorder.may_sync``) it stops at the peak."""
+        recorder = self.sim.recorder
+        magnitude = torch.abs(spikes, out=recorder.scratch(spikes))
+        if bursting:
+            peak = magnitude.view(rows, -1).amax(1)
+            if recorder.may_sync and not peak.max():
+                return None, None, peak, None, None, False
+        # Spikes at each position, summed over channels: the counts per (step, sample) follow, and so do the
+        # synaptic operations of a synapse fed by this output (so it need not pass over the output again).
+        per_position = count_sum(magnitude, 1).view(rows, -1)
+        counts = row_totals(per_position, most)
+        if not bursting:
+            return per_position, counts, None, None, None, True
+        fired_at = count_sum(torch.ne(magnitude, 0, out=magnitude), 1).view(rows, -1)  # neurons that fired
+        return per_position, counts, peak, fired_at, row_totals(fired_at, neurons), True
 
     def most_spikes(self, sleep: bool) -> int:
         """Spikes one neuron may emit in a step (of either sign): one, unless a subclass bursts."""

@@ -26,12 +26,15 @@ SOURCE = Path(__file__).with_name("csrc") / "spike_counts.cpp"
 DISABLE_ENV = "CASC_FUSED_COUNTS"
 
 
+def turned_off() -> bool:
+    """Whether ``CASC_FUSED_COUNTS=0`` turns the fused counter off (read at each call: each recorder asks once)."""
+    return os.environ.get(DISABLE_ENV, "1") == "0"
+
+
 def fused_counter():
-    """The compiled kernel's module (``count_spikes(spikes, fired)``), or None where it is turned off (read at each
-    call: each recorder asks once) or cannot be built (the reason is logged once)."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return None
-    return built_counter()
+    """The compiled kernel's module (``count_spikes``, ``count_events``, ``weighted_totals``), or None where it is
+    turned off or cannot be built (the reason is logged once)."""
+    return None if turned_off() else built_counter()
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,10 +64,10 @@ def built_counter():
         return None
 
 
-def counter_for(counter, x, most: int):
+def counter_for(counter, x, most: int = 0):
     """``counter`` (a recorder's ``fused_counter``, or None) where it serves ``x``, else None: a contiguous float32
-    tensor whose counts per row stay below 2**24 (``most``: the largest possible), exact in float32 in any order.
-    (A recorder has a counter on the CPU only.)"""
+    tensor whose counts per row stay below 2**24 (``most``: the largest possible; 0 for an input of the weighted
+    totals, which add in float64), exact in float32 in any order. (A recorder has a counter on the CPU only.)"""
     if counter is not None and x.dtype == torch.float32 and most < 1 << 24 and x.is_contiguous():
         return counter
     return None
@@ -72,7 +75,7 @@ def counter_for(counter, x, most: int):
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if os.environ.get(DISABLE_ENV, "1") == "0":
+    if turned_off():
         print(f"fused spike counter: off ({DISABLE_ENV}=0)")
         return 0
     module = fused_counter()

@@ -153,8 +153,8 @@ class Synapse(CallSiteModule):
         if targets_at is None:
             return (published.per_row if published is not None else self._input_events(x, recorder, False)), targets
         events = published.per_position if published is not None else self._input_events(x, recorder, True)
-        fused = recorder.fused_counter
-        if fused is not None and events.dtype == torch.float32 and events.is_contiguous():
+        fused = counter_for(recorder.fused_counter, events)
+        if fused is not None:
             return fused.weighted_totals(events, targets_at), 1.0  # one call, the same float64 figures
         return events.double() @ targets_at, 1.0
 

@@ -51,21 +51,23 @@ float total(const float* values, int64_t n) {
   return sum;
 }
 
-void check_counts_input(const torch::Tensor& x, const char* name) {
+// Positions per channel of a [rows, channels, positions...] tensor, after checking that it is one the kernel takes.
+int64_t positions_of(const torch::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() >= 2, name,
               " takes a contiguous float32 CPU tensor [rows, channels, ...]");
+  const int64_t rows_by_channels = x.size(0) * x.size(1);
+  return rows_by_channels ? x.numel() / rows_by_channels : 0;
 }
 
 // Fills, per row r, magnitude / fired [rows, positions] and their row totals, and each row's peak (NaN where the
 // magnitudes hold a NaN, as amax gives). Returns whether any row has a non-zero (or NaN) peak.
 template <Counts kWhat>
-bool count_rows(const torch::Tensor& x, float* magnitude, float* magnitude_rows, float* peak_rows, float* fired,
-                float* fired_rows) {
+bool count_rows(const torch::Tensor& x, int64_t positions, float* magnitude, float* magnitude_rows, float* peak_rows,
+                float* fired, float* fired_rows) {
   constexpr bool kMag = kWhat != Counts::kFired;
   constexpr bool kPeak = kWhat == Counts::kMagnitudePeakFired;
   constexpr bool kCountFired = kWhat != Counts::kMagnitude;
   const int64_t rows = x.size(0), channels = x.size(1);
-  const int64_t positions = rows * channels ? x.numel() / (rows * channels) : 0;
   const float* data = x.data_ptr<float>();
   const int64_t blocks = (positions + kBlock - 1) / kBlock;
   std::vector<float> block_peaks(kPeak ? blocks : 0);
@@ -101,40 +103,37 @@ bool count_rows(const torch::Tensor& x, float* magnitude, float* magnitude_rows,
 // fired_per_row and whether any neuron spiked; not bursting: None, None, None, True).
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, bool> count_spikes(
     const torch::Tensor& spikes, bool bursting) {
-  check_counts_input(spikes, "count_spikes");
-  const int64_t rows = spikes.size(0), channels = spikes.size(1);
-  const int64_t positions = rows * channels ? spikes.numel() / (rows * channels) : 0;
+  const int64_t positions = positions_of(spikes, "count_spikes"), rows = spikes.size(0);
   const auto options = spikes.options();
   torch::Tensor per_position = torch::empty({rows, positions}, options), per_row = torch::empty({rows}, options);
-  torch::Tensor peak, fired_per_position, fired_per_row;
-  if (!bursting) {
-    pybind11::gil_scoped_release no_gil;  // plain loops over raw buffers: other Python threads may run
-    count_rows<Counts::kMagnitude>(spikes, per_position.data_ptr<float>(), per_row.data_ptr<float>(), nullptr,
-                                   nullptr, nullptr);
-    return {per_position, per_row, peak, fired_per_position, fired_per_row, true};
+  torch::Tensor peak, fired_per_position, fired_per_row;  // undefined (None) unless bursting
+  if (bursting) {
+    peak = torch::empty({rows}, options);
+    fired_per_position = torch::empty({rows, positions}, options);
+    fired_per_row = torch::empty({rows}, options);
   }
-  peak = torch::empty({rows}, options);
-  fired_per_position = torch::empty({rows, positions}, options);
-  fired_per_row = torch::empty({rows}, options);
-  bool any;
+  bool any = true;
   {
-    pybind11::gil_scoped_release no_gil;
-    any = count_rows<Counts::kMagnitudePeakFired>(spikes, per_position.data_ptr<float>(), per_row.data_ptr<float>(),
-                                                  peak.data_ptr<float>(), fired_per_position.data_ptr<float>(),
-                                                  fired_per_row.data_ptr<float>());
+    pybind11::gil_scoped_release no_gil;  // plain loops over raw buffers: other Python threads may run
+    if (bursting)
+      any = count_rows<Counts::kMagnitudePeakFired>(spikes, positions, per_position.data_ptr<float>(),
+                                                    per_row.data_ptr<float>(), peak.data_ptr<float>(),
+                                                    fired_per_position.data_ptr<float>(),
+                                                    fired_per_row.data_ptr<float>());
+    else
+      count_rows<Counts::kMagnitude>(spikes, positions, per_position.data_ptr<float>(), per_row.data_ptr<float>(),
+                                     nullptr, nullptr, nullptr);
   }
   return {per_position, per_row, peak, fired_per_position, fired_per_row, any};
 }
 
 // Returns (non-zero elements at each position [rows, positions], per row [rows]).
 std::tuple<torch::Tensor, torch::Tensor> count_events(const torch::Tensor& x) {
-  check_counts_input(x, "count_events");
-  const int64_t rows = x.size(0), channels = x.size(1);
-  const int64_t positions = rows * channels ? x.numel() / (rows * channels) : 0;
+  const int64_t positions = positions_of(x, "count_events"), rows = x.size(0);
   torch::Tensor per_position = torch::empty({rows, positions}, x.options()), per_row = torch::empty({rows}, x.options());
   {
     pybind11::gil_scoped_release no_gil;
-    count_rows<Counts::kFired>(x, nullptr, nullptr, nullptr, per_position.data_ptr<float>(),
+    count_rows<Counts::kFired>(x, positions, nullptr, nullptr, nullptr, per_position.data_ptr<float>(),
                                per_row.data_ptr<float>());
   }
   return {per_position, per_row};
